@@ -1,0 +1,162 @@
+"""Backend selection for the fused ops.
+
+Every op has backends ``ref`` (PyTorch, always available), ``triton`` and ``cuda`` (the compiled
+``mdm_fast._C`` extension). Each backend of each op registers a *reason function*: given the
+op's arguments it returns ``None`` when the backend can run them, or a short sentence saying
+why it cannot. ``impl="auto"`` picks the first runnable backend in the op's preference order;
+an explicitly requested backend that cannot run raises :class:`BackendUnavailable` with the
+reason. The choice is overridden globally by ``MDM_FAST_IMPL`` or :func:`use_impl`.
+
+Resolution happens in Python *before* the custom op is called, and the concrete backend name
+is passed to the op as a string argument, so ``torch.compile`` and CUDA graphs see one fixed
+kernel per call site.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+BACKENDS = ("ref", "triton", "cuda")
+_ENV_VAR = "MDM_FAST_IMPL"
+
+ReasonFn = Callable[..., Optional[str]]
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs."""
+
+
+@dataclass
+class OpBackends:
+    name: str
+    preference: List[str]  # auto order, best first
+    reasons: Dict[str, ReasonFn] = field(default_factory=dict)
+
+
+_REGISTRY: Dict[str, OpBackends] = {}
+_local = threading.local()
+
+
+def register(op_name: str, reasons: Dict[str, ReasonFn], preference: Sequence[str]) -> None:
+    """Declare the backends of ``op_name``: a reason function per backend, and the auto order."""
+    for b in reasons:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r} for op {op_name}; expected one of {BACKENDS}")
+    if "ref" not in reasons:
+        raise ValueError(f"op {op_name} must have a 'ref' backend")
+    _REGISTRY[op_name] = OpBackends(op_name, list(preference), dict(reasons))
+
+
+def registered_ops() -> Dict[str, OpBackends]:
+    return dict(_REGISTRY)
+
+
+def _check_name(impl: str) -> str:
+    if impl != "auto" and impl not in BACKENDS:
+        raise ValueError(f"impl must be 'auto' or one of {BACKENDS}, got {impl!r}")
+    return impl
+
+
+@contextlib.contextmanager
+def use_impl(impl: str) -> Iterator[None]:
+    """Force ``impl`` for every op called inside the block (``"auto"`` restores automatic choice)."""
+    _check_name(impl)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(impl)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_impl(impl: str = "auto") -> str:
+    """The backend asked for: the call's ``impl``, else :func:`use_impl`, else ``MDM_FAST_IMPL``."""
+    _check_name(impl)
+    if impl != "auto":
+        return impl
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_name(os.environ.get(_ENV_VAR, "auto") or "auto")
+
+
+def why_not(op_name: str, backend: str, *args, **kwargs) -> Optional[str]:
+    """None if ``backend`` can run ``op_name`` on these arguments, else the reason."""
+    op = _REGISTRY[op_name]
+    fn = op.reasons.get(backend)
+    if fn is None:
+        return f"op {op_name} has no {backend} backend"
+    return fn(*args, **kwargs)
+
+
+def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
+    """The concrete backend that will run ``op_name`` on these arguments."""
+    want = requested_impl(impl)
+    op = _REGISTRY[op_name]
+    if want != "auto":
+        reason = why_not(op_name, want, *args, **kwargs)
+        if reason is not None:
+            raise BackendUnavailable(f"{op_name}: backend {want!r} cannot run: {reason}")
+        return want
+    for backend in op.preference:
+        if backend in op.reasons and why_not(op_name, backend, *args, **kwargs) is None:
+            return backend
+    return "ref"
+
+
+# ---- common reasons shared by the ops ------------------------------------------------------
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and triton_interpreting():
+            continue
+        return (f"tensor on {t.device.type} (triton needs CUDA, or CPU with TRITON_INTERPRET=1 "
+                "set before triton is imported)")
+    return None
+
+
+def cuda_ext_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """The compiled extension runs CUDA tensors once ``mdm_fast._C`` is built."""
+    from mdm_fast import _ext
+
+    if _ext.ext is None:
+        return f"the CUDA extension mdm_fast._C is not built ({_ext.load_error})"
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            return f"tensor on {t.device.type} (the cuda backend needs CUDA tensors)"
+    return None
+
+
+def dtype_reason(allowed: Sequence[torch.dtype], *tensors: Optional[torch.Tensor]) -> Optional[str]:
+    for t in tensors:
+        if t is not None and t.dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            return f"dtype {str(t.dtype).replace('torch.', '')} not supported (supported: {names})"
+    return None
+
+
+def first_reason(*reasons: Optional[str]) -> Optional[str]:
+    for r in reasons:
+        if r is not None:
+            return r
+    return None
