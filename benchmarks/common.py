@@ -1,0 +1,138 @@
+"""Shared pieces of the benchmark suites: timing, the card's measured ceilings, markdown tables.
+
+Every suite measures its variants side by side in one process and reports ratios, plus GB/s or
+TFLOP/s against the ceilings measured on the same card in the same run (never datasheet values).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def card_name() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name()
+
+
+def card_slug() -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", card_name()).strip("-").lower()
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU, the host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        import time
+
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float  # device-to-device copy, bytes read + written
+    bf16_tflops: float  # large bf16 matmul
+
+
+_CEILINGS: Optional[Ceilings] = None
+
+
+def ceilings() -> Ceilings:
+    """Measure (once per process) the copy bandwidth and bf16 matmul rate of this card."""
+    global _CEILINGS
+    if _CEILINGS is not None:
+        return _CEILINGS
+    if not torch.cuda.is_available():
+        _CEILINGS = Ceilings(float("nan"), float("nan"))
+        return _CEILINGS
+    n = 1 << 30  # 1 GiB, far above L2
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, iters=10)
+    copy = 2 * n / ms / 1e6
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=3, iters=10)
+    tflops = 2 * m**3 / ms / 1e9
+    _CEILINGS = Ceilings(copy, tflops)
+    return _CEILINGS
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / ms / 1e9
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            if v != v:  # nan
+                return "-"
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] = None) -> Path:
+    """Write ``<out_dir>/<suite>-<card>.md`` with a header naming the card, versions and ceilings."""
+    out_dir = Path(out_dir or os.environ.get("MDM_FAST_BENCH_OUT", RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = ceilings()
+    head = [
+        f"# {suite} on {card_name()}",
+        "",
+        f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}"
+        + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")
+        + f". Ceilings measured in the same run: copy {c.copy_gbps:.0f} GB/s (read + write), "
+        f"bf16 matmul {c.bf16_tflops:.0f} TFLOP/s. Times are medians (CUDA events).",
+        "",
+    ]
+    body = []
+    for title, table in sections.items():
+        body += [f"## {title}", "", table, ""]
+    path = out_dir / f"{suite}-{card_slug()}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(head + body))
+    tmp.replace(path)
+    print(path.read_text())
+    return path
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--suite", choices=["quick", "full"], default="quick")
+    p.add_argument("--out", type=Path, default=None, help="folder for the markdown table")
+    return p
