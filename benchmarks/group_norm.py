@@ -1,0 +1,137 @@
+"""group_norm_act at the model's shapes: ref eager, torch.compile of the ref, triton, cuda; forward and backward.
+
+    python -m benchmarks.group_norm --suite quick|full [--out DIR]
+
+Shapes are the GroupNorm inputs of the public models (32 groups, bf16): the 256x256 model's outer levels
+(64/128/256 channels at 256/128/64 px) and inner levels (256/512/768 channels at 64/32/16 px), the 1024x1024
+model's outer levels (32/32/64 channels at 1024/512/256 px), at training batch (16 / 4) and sampling batch
+(32 / 8). GB/s counts one read of x and one write of y (forward), reads of x and dy and one write of dx
+(backward); "% copy" is that over the copy bandwidth measured in the same run. The quick suite times the
+sampling batch of four shapes and compiles one case (forward only); the full suite runs everything.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from benchmarks.common import ceilings, gbps, markdown_table, parser, time_ms, write_report
+from mdm_fast.ops import dispatch
+from mdm_fast.ops.group_norm_act import OP, group_norm_act, reference
+
+GROUPS = 32
+M256_OUTER = [(64, 256), (128, 128), (256, 64)]  # (channels, pixels)
+M256_INNER = [(256, 64), (512, 32), (768, 16)]
+M1024_OUTER = [(32, 1024), (32, 512), (64, 256)]
+QUICK = [(32, 128, 128), (32, 256, 64), (32, 768, 16), (8, 32, 1024)]  # (batch, channels, pixels)
+FAST = ("triton", "cuda")
+DEVICE = "cuda"
+
+
+def shapes(suite: str) -> List[Tuple[int, int, int]]:
+    if suite == "quick":
+        return QUICK
+    out = []
+    for batch in (16, 32):
+        out += [(batch, c, p) for c, p in M256_OUTER + M256_INNER[1:]]  # (256, 64) is in both levels
+    for batch in (4, 8):
+        out += [(batch, c, p) for c, p in M1024_OUTER]
+    return out
+
+
+def _inputs(b: int, c: int, p: int, channels_last: bool, scale_shift: bool):
+    dev, dt = DEVICE, torch.bfloat16
+    x = torch.randn(b, c, p, p, device=dev, dtype=dt)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, bias = torch.randn(c, device=dev, dtype=dt), torch.randn(c, device=dev, dtype=dt)
+    sc = torch.randn(b, c, device=dev, dtype=dt) * 0.1 if scale_shift else None
+    sh = torch.randn(b, c, device=dev, dtype=dt) if scale_shift else None
+    return x, w, bias, sc, sh
+
+
+def _fn(impl: str) -> Callable:
+    if impl == "ref":
+        return lambda *a: reference(*a)
+    if impl == "compile":
+        return torch.compile(lambda *a: reference(*a), dynamic=False)
+    return lambda x, g, w, b, eps, sc, sh: group_norm_act(x, g, w, b, eps, sc, sh, impl=impl)
+
+
+def _time_pair(impl: str, args, backward: bool = True) -> Tuple[float, float]:
+    """(forward ms, backward ms); backward replays the autograd graph of one forward."""
+    x, w, b, sc, sh = args
+    f = _fn(impl)
+    with torch.no_grad():
+        fwd = time_ms(lambda: f(x, GROUPS, w, b, 1e-5, sc, sh))
+    if not backward:
+        return fwd, float("nan")
+    leaves = [t.requires_grad_() for t in (x, w, b, sc, sh) if t is not None]
+    y = f(x, GROUPS, w, b, 1e-5, sc, sh)
+    dy = torch.randn_like(y)
+    bwd = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
+    for t in leaves:
+        t.requires_grad_(False)
+    return fwd, bwd
+
+
+def _available(impl: str, args) -> Optional[str]:
+    if impl in ("ref", "compile"):
+        return None
+    return dispatch.why_not(OP, impl, *args)
+
+
+def run(suite: str) -> Dict[str, str]:
+    copy = ceilings().copy_gbps
+    compile_budget = 1 if suite == "quick" else math.inf
+    sections: Dict[str, str] = {}
+    notes: List[str] = []
+    for scale_shift in ((True,) if suite == "quick" else (True, False)):
+        rows = []
+        for b, c, p in shapes(suite):
+            for cl in (False, True):
+                args = _inputs(b, c, p, cl, scale_shift)
+                nbytes = args[0].numel() * args[0].element_size()
+                ms: Dict[str, Tuple[float, float]] = {}
+                for impl in ("ref", "compile") + FAST:
+                    if impl == "compile":
+                        if compile_budget <= 0:
+                            continue
+                        compile_budget -= 1
+                    reason = _available(impl, args)
+                    if reason is not None:
+                        notes.append(f"{impl}: {reason}")
+                        continue
+                    ms[impl] = _time_pair(impl, args, backward=impl != "compile" or suite == "full")
+                for d, name, traffic in ((0, "fwd", 2), (1, "bwd", 3)):
+                    t = {k: v[d] for k, v in ms.items()}
+                    nan = float("nan")
+                    row = [f"({b}, {c}, {p}, {p})", "NHWC" if cl else "NCHW", name]
+                    row += [t.get(k, nan) for k in ("ref", "compile") + FAST]
+                    for k in FAST:
+                        bw = gbps(traffic * nbytes, t[k]) if k in t else nan
+                        row += [bw, 100 * bw / copy]
+                    best = min((t[k] for k in FAST if k in t), default=nan)
+                    row.append(t["ref"] / best)
+                    rows.append(row)
+                del args
+                torch.cuda.empty_cache()
+        header = ["shape", "layout", "pass", "ref ms", "compile ms", "triton ms", "cuda ms", "triton GB/s",
+                  "triton % copy", "cuda GB/s", "cuda % copy", "ref / best fast"]
+        title = "act(group_norm(x) * (1 + scale) + shift), bf16" if scale_shift else "act(group_norm(x)), bf16"
+        sections[title] = markdown_table(header, rows)
+    if notes:
+        sections["Backends skipped"] = "\n".join(f"- {n}" for n in sorted(set(notes)))
+    return sections
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.group_norm needs a CUDA device")
+    write_report(f"group_norm-{args.suite}", run(args.suite), args.out)
+
+
+if __name__ == "__main__":
+    main()

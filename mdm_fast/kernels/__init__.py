@@ -1,0 +1,1 @@
+"""Triton kernels of the fused ops, one file per kernel family."""

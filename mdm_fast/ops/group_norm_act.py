@@ -1,0 +1,335 @@
+"""GroupNorm + per-sample scale-shift + SiLU as one op:
+
+    group_norm_act(x, G, weight, bias, eps, scale, shift, act) = act(group_norm(x) * (1 + scale) + shift)
+
+the three call sites of MDM: ``silu(norm1(x))`` and ``silu(norm_out(x))`` (no scale/shift) and the
+ResNet's ``silu(norm2(h) * (1 + ta) + tb)``. ``scale``/``shift`` are (B, C), broadcast over space.
+
+Input: (B, C, H, W) or (B, C, T, H, W), NCHW-contiguous or channels_last(_3d); the output keeps
+the input's memory format (any other strides are made contiguous first). 5-D input is normalised
+per (sample, group) over T, H and W together, as ``F.group_norm`` does; the public model folds
+video frames into the batch, (B*T, C, H, W), for per-frame statistics, and callers that want the
+model's behaviour pass that 4-D view. Statistics and arithmetic are fp32 for every input dtype.
+
+Backends: ``triton`` (:mod:`mdm_fast.kernels.group_norm`), ``cuda`` (``csrc/group_norm.cu``
+through ``mdm_fast._C``) and ``ref`` (the public PyTorch formulation; its backward is autograd
+through it). The forward saves only x and the (B, G) fp32 mean and rstd.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mdm_fast.ops import dispatch
+
+OP = "group_norm_act"
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = _FAST_DTYPES + (torch.float64,)  # the ref backend also runs fp64 (test oracle)
+_ACTS = ("silu", None)
+
+
+# ---- the public formulation ----------------------------------------------------------------
+
+
+def reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+              scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, act: Optional[str] = "silu") -> Tensor:
+    """The public code's ops, unfused: ``F.silu(F.group_norm(x) * (1 + scale) + shift)``."""
+    h = F.group_norm(x, num_groups, weight, bias, eps)
+    spatial = (...,) + (None,) * (x.dim() - 2)  # (B, C) -> (B, C, 1, 1[, 1])
+    if scale is not None:
+        h = h * (1 + scale[spatial])
+    if shift is not None:
+        h = h + shift[spatial]
+    return F.silu(h) if act == "silu" else h
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+
+def _channels_last_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """True for a channels_last(_3d)-dense tensor that is not also NCHW-contiguous."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=_channels_last_format(x))
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    return _channels_last_format(x) if _is_channels_last(x) else torch.contiguous_format
+
+
+def _group_stats(x: Tensor, num_groups: int, eps: float) -> Tuple[Tensor, Tensor]:
+    var, mean = torch.var_mean(x.float().reshape(x.shape[0], num_groups, -1), dim=-1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)  # (B, G) fp32
+
+
+# ---- backends: forward -> (y, mean, rstd); backward -> (dx, dweight, dbias, dscale, dshift) fp32 params
+
+
+def _ref_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+    y = reference(x, num_groups, weight, bias, eps, scale, shift, "silu" if silu else None)
+    return (y.contiguous(memory_format=_format(x)), *_group_stats(x, num_groups, eps))
+
+
+def _ref_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+    """The analytic gradient in PyTorch ops (autograd is not available inside a custom op's backward)."""
+    B, C = x.shape[:2]
+    ct = torch.promote_types(x.dtype, torch.float32)
+    gain = 1 + scale.to(ct) if scale is not None else x.new_ones((B, C), dtype=ct)  # (B, C)
+    k = gain * weight.to(ct) if weight is not None else gain  # z = xhat * k + d
+    d = gain * bias.to(ct) if bias is not None else torch.zeros_like(gain)
+    if shift is not None:
+        d = d + shift.to(ct)
+    xhat = (x.to(ct).reshape(B, num_groups, -1) - mean[..., None]) * rstd[..., None]
+    xhat = xhat.reshape(B, C, -1)  # (B, C, S)
+    dz = dy.to(ct).reshape(B, C, -1)
+    if silu:
+        z = xhat * k[..., None] + d[..., None]
+        sg = torch.sigmoid(z)
+        dz = dz * sg * (1 + z * (1 - sg))
+    s1, s2 = dz.sum(-1), (dz * xhat).sum(-1)  # (B, C)
+    n = xhat.shape[-1] * (C // num_groups)
+    c1 = (k * s1).reshape(B, num_groups, -1).sum(-1) / n  # (B, G)
+    c2 = (k * s2).reshape(B, num_groups, -1).sum(-1) / n
+    expand = lambda t: t.repeat_interleave(C // num_groups, dim=1)[..., None]  # (B, G) -> (B, C, 1)
+    dx = expand(rstd) * (dz * k[..., None] - expand(c1) - xhat * expand(c2))
+    dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=_format(x))
+    return (dx, *(g.float() for g in _param_grads(s1, s2, weight, bias, scale)))
+
+
+def _param_grads(s1: Tensor, s2: Tensor, weight, bias, scale) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dweight, dbias (C,) and dscale, dshift (B, C) from s1 = sum_s dz, s2 = sum_s dz * xhat (B, C)."""
+    dscale = s2 * weight.float() if weight is not None else s2.clone()
+    if bias is not None:
+        dscale = dscale + s1 * bias.float()
+    gain = 1 + scale.float() if scale is not None else 1.0  # (B, C)
+    return (gain * s2).sum(0), (gain * s1).sum(0), dscale, s1
+
+
+def _small(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+    from mdm_fast.kernels import group_norm as kern
+
+    return kern.forward(x, _small(weight), _small(bias), _small(scale), _small(shift), num_groups, eps, silu,
+                        _is_channels_last(x))
+
+
+def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+    from mdm_fast.kernels import group_norm as kern
+
+    w, b, sc, sh = (_small(t) for t in (weight, bias, scale, shift))
+    dy = dy.contiguous(memory_format=_format(x))
+    dx, s1, s2 = kern.backward(dy, x, w, b, sc, sh, mean, rstd, num_groups, silu, _is_channels_last(x))
+    return (dx, *_param_grads(s1, s2, weight, bias, scale))
+
+
+# -- cuda (mdm_fast._C): raw pointers, fp32 parameters, the caller's stream
+
+_CUDA_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CUDA_COEF_STRIDE = 8  # floats per (sample, channel) of the coefficient workspace (kCoefStride)
+
+
+def _f32_ptr(t: Optional[Tensor]) -> Tuple[int, Optional[Tensor]]:
+    if t is None:
+        return 0, None
+    t = t.float().contiguous()
+    return t.data_ptr(), t  # keep the converted tensor alive across the launch
+
+
+def _cuda_rows(S: int, channels_last: bool) -> int:
+    return min(S, 1024 if channels_last else 4096)  # rows per partial-statistics block
+
+
+def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+    from mdm_fast._ext import ext
+
+    B, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+    cl = _is_channels_last(x)
+    rows = _cuda_rows(S, cl)
+    nchunk = -(-S // rows)
+    y = torch.empty_like(x)
+    mean = torch.empty(B, num_groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    pmean = torch.empty(B, nchunk, C, device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    coef = torch.empty(B, C, _CUDA_COEF_STRIDE, device=x.device, dtype=torch.float32)
+    params = [_f32_ptr(t) for t in (weight, bias, scale, shift)]
+    ext.group_norm_fwd(x.data_ptr(), y.data_ptr(), *(p for p, _ in params), mean.data_ptr(), rstd.data_ptr(),
+                       pmean.data_ptr(), pm2.data_ptr(), coef.data_ptr(), B, C, S, num_groups, rows, cl, float(eps),
+                       silu, _CUDA_DTYPE[x.dtype], torch.cuda.current_stream(x.device).cuda_stream)
+    return y, mean, rstd
+
+
+def _cuda_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+    from mdm_fast._ext import ext
+
+    B, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+    cl = _is_channels_last(x)
+    dy = dy.contiguous(memory_format=_format(x))
+    rows = _cuda_rows(S, cl)
+    nchunk = -(-S // rows)
+    dx = torch.empty_like(x)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    ps1, ps2 = torch.empty(B, nchunk, C, **f32), torch.empty(B, nchunk, C, **f32)
+    s1, s2 = torch.empty(B, C, **f32), torch.empty(B, C, **f32)
+    coef = torch.empty(B, C, _CUDA_COEF_STRIDE, **f32)
+    params = [_f32_ptr(t) for t in (weight, bias, scale, shift)]
+    ext.group_norm_bwd(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), *(p for p, _ in params),
+                       mean.data_ptr(), rstd.data_ptr(), ps1.data_ptr(), ps2.data_ptr(), s1.data_ptr(),
+                       s2.data_ptr(), coef.data_ptr(), B, C, S, num_groups, rows, cl, silu,
+                       _CUDA_DTYPE[x.dtype], torch.cuda.current_stream(x.device).cuda_stream)
+    return (dx, *_param_grads(s1, s2, weight, bias, scale))
+
+
+_FORWARD: Dict[str, Callable] = {"ref": _ref_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD: Dict[str, Callable] = {"ref": _ref_backward, "triton": _triton_backward, "cuda": _cuda_backward}
+
+
+# ---- custom ops ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mdm_fast::group_norm_act_fwd", mutates_args=())
+def group_norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+                       shift: Optional[Tensor], num_groups: int, eps: float, act: str,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): y in x's dtype and memory format, mean/rstd (B, G) fp32. act: "silu" or "none"."""
+    return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, eps, act == "silu")
+
+
+@group_norm_act_fwd.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, act, backend):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("mdm_fast::group_norm_act_bwd", mutates_args=())
+def group_norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                       num_groups: int, eps: float, act: str,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); the parameter gradients are fp32, (C,) and (B, C), zeros when absent."""
+    return _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act == "silu")
+
+
+@group_norm_act_bwd.register_fake
+def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backend):
+    B, C = x.shape[:2]
+    per_c = x.new_empty((C,), dtype=torch.float32)
+    per_bc = x.new_empty((B, C), dtype=torch.float32)
+    return (torch.empty_like(x), per_c, torch.empty_like(per_c), per_bc, torch.empty_like(per_bc))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.config = (num_groups, eps, act, backend)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    grads = group_norm_act_bwd(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config)
+    dx, params = grads[0], grads[1:]
+    wanted = (weight, bias, scale, shift)
+    return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(params, wanted)), None, None, None, None)
+
+
+torch.library.register_autograd("mdm_fast::group_norm_act_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- validation and backend reasons --------------------------------------------------------
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _check_param(name: str, t: Optional[Tensor], shape: Tuple[int, ...], x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise ValueError(f"group_norm_act: {name} must be a Tensor of shape {shape} or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"group_norm_act: {name} must have shape {shape} (x is {tuple(x.shape)}), "
+                         f"got {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"group_norm_act: {name} must be float16, bfloat16, float32 or float64, "
+                         f"got {_dtype_name(t.dtype)}")
+    if t.device != x.device:
+        raise ValueError(f"group_norm_act: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
+    if not isinstance(x, Tensor) or x.dim() not in (4, 5):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"group_norm_act: x must be (B, C, H, W) or (B, C, T, H, W), got {got}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"group_norm_act: x must be float16, bfloat16 or float32, got {_dtype_name(x.dtype)}")
+    B, C = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"group_norm_act: num_groups must be a positive int dividing the {C} channels, "
+                         f"got {num_groups!r}")
+    if x.numel() == 0:
+        raise ValueError(f"group_norm_act: x must not be empty, got shape {tuple(x.shape)}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"group_norm_act: eps must be a non-negative float, got {eps!r}")
+    if act not in _ACTS:
+        raise ValueError(f"group_norm_act: act must be 'silu' or None, got {act!r}")
+    _check_param("weight", weight, (C,), x)
+    _check_param("bias", bias, (C,), x)
+    _check_param("scale", scale, (B, C), x)
+    _check_param("shift", shift, (B, C), x)
+
+
+def _ref_reason(x, *params) -> Optional[str]:
+    return None
+
+
+def _triton_reason(x, *params) -> Optional[str]:
+    return dispatch.first_reason(dispatch.triton_reason(x, *params),
+                                 dispatch.dtype_reason(_FAST_DTYPES, x, *params))
+
+
+def _cuda_reason(x, *params) -> Optional[str]:
+    if x.device.type != "cuda":
+        return f"no CUDA device: x is on {x.device.type} (the cuda backend needs CUDA tensors)"
+    from mdm_fast import _ext
+
+    if _ext.ext is not None and not hasattr(_ext.ext, "group_norm_fwd"):
+        return "mdm_fast._C was built without the group_norm kernels; reinstall the package"
+    return dispatch.first_reason(dispatch.cuda_ext_reason(x, *params),
+                                 dispatch.dtype_reason(_FAST_DTYPES, x, *params))
+
+
+# Preference: triton first (its fused single-pass path covers most of the model's groups in one launch);
+# the cuda backend always runs the split three-pass path. Revisit with benchmarks/group_norm.py.
+dispatch.register(OP, {"ref": _ref_reason, "triton": _triton_reason, "cuda": _cuda_reason},
+                  preference=["triton", "cuda", "ref"])
+
+
+# ---- the public function -------------------------------------------------------------------
+
+
+def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                   act: Optional[str] = "silu", impl: str = "auto") -> Tensor:
+    """``act(group_norm(x, num_groups, weight, bias, eps) * (1 + scale) + shift)``.
+
+    x: (B, C, H, W) or (B, C, T, H, W) fp16/bf16/fp32, NCHW or channels_last (kept in the output).
+    weight, bias: (C,) or None. scale, shift: (B, C) or None. act: "silu" or None.
+    impl: "auto", "ref", "triton" or "cuda" (see :mod:`mdm_fast.ops.dispatch`).
+    """
+    _check(x, num_groups, weight, bias, eps, scale, shift, act)
+    if not (x.is_contiguous() or _is_channels_last(x)):
+        x = x.contiguous()
+    backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
+    y, _, _ = group_norm_act_fwd(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)
+    return y

@@ -1,0 +1,288 @@
+"""group_norm_act: the Triton kernels (interpreted on CPU) and the CUDA kernels (GPU) against the public formulation.
+
+CPU tests compare the triton backend with an fp64 evaluation of the reference on the same inputs, forward and
+every gradient. GPU tests bound each backend's error by twice PyTorch's own error in the input precision
+(the reference run in that precision vs fp64), plus a small atol, as flash-attention's tests do.
+"""
+import math
+from typing import List
+
+import pytest
+import torch
+
+from mdm_fast.kernels import group_norm as kern
+from mdm_fast.ops import BackendUnavailable, dispatch, group_norm_act, use_impl
+from mdm_fast.ops.group_norm_act import reference
+
+OP = "group_norm_act"
+# Per dtype: (forward, backward) tolerance, relative to max(1, max |reference|).
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+
+
+def _inputs(shape, G, dtype, channels_last=False, scale_shift=True, affine=True, device="cpu"):
+    B, C = shape[:2]
+    x = torch.randn(shape, device=device) * 1.5 + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    w = torch.randn(C, device=device) if affine else None
+    b = torch.randn(C, device=device) if affine else None
+    sc = 0.5 * torch.randn(B, C, device=device) if scale_shift else None
+    sh = torch.randn(B, C, device=device) if scale_shift else None
+    return [None if t is None else t.to(dtype) for t in (x, w, b, sc, sh)]  # all in the input precision
+
+
+def _run(inputs, G, act, impl, dy, dtype=None) -> List[torch.Tensor]:
+    """Output and the gradients of (x, weight, bias, scale, shift) that exist; dtype casts everything first."""
+    leaves = [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
+              for t in inputs]
+    x, w, b, sc, sh = leaves
+    if impl == "public":
+        y = reference(x, G, w, b, 1e-5, sc, sh, act)
+    else:
+        y = group_norm_act(x, G, w, b, 1e-5, sc, sh, act=act, impl=impl)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype))
+    return [y.detach(), *grads]
+
+
+def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def _check_against_fp64(inputs, G, act, impl):
+    x = inputs[0]
+    dy = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    got = _run(inputs, G, act, impl, dy)
+    want = _run(inputs, G, act, "public", dy, dtype=torch.float64)
+    tol_f, tol_b = TOL[x.dtype]
+    names = ["y", "dx"] + [n for n, t in zip(["dweight", "dbias", "dscale", "dshift"], inputs[1:]) if t is not None]
+    for name, g, r in zip(names, got, want):
+        tol = tol_f if name == "y" else tol_b
+        scale = max(1.0, r.abs().max().item())
+        assert g.shape == r.shape, name
+        assert _max_err(g, r) <= tol * scale, f"{name}: err {_max_err(g, r):.3g} > {tol * scale:.3g}"
+    assert got[0].stride() == x.stride() and got[1].stride() == x.stride(), "output must keep x's memory format"
+
+
+# shape, groups, dtype, channels_last, scale_shift, affine, act
+CASES = [
+    ((2, 8, 5, 7), 4, torch.float32, False, True, True, "silu"),
+    ((2, 8, 5, 7), 4, torch.float32, True, True, True, "silu"),
+    ((1, 6, 9, 11), 3, torch.float32, False, False, True, None),  # batch 1, odd H and W
+    ((2, 48, 3, 5), 16, torch.float32, True, True, True, "silu"),  # C not a multiple of 32
+    ((2, 6, 4, 3), 6, torch.float32, False, True, False, "silu"),  # one channel per group, affine off
+    ((2, 12, 5, 3), 1, torch.float32, True, False, True, "silu"),  # one group
+    ((2, 8, 6, 6), 4, torch.float16, False, True, True, "silu"),
+    ((2, 8, 6, 6), 4, torch.float16, True, True, True, None),
+    ((2, 8, 6, 6), 2, torch.bfloat16, False, True, True, "silu"),
+    ((2, 8, 6, 6), 2, torch.bfloat16, True, False, True, "silu"),
+    ((2, 8, 3, 4, 5), 4, torch.float32, False, True, True, "silu"),  # 5-D (B, C, T, H, W)
+    ((2, 8, 3, 4, 5), 2, torch.float32, True, True, True, "silu"),  # channels_last_3d
+]
+
+
+@pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", CASES)
+def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
+    B, C = shape[:2]
+    assert kern.plan(B, C, math.prod(shape[2:]), G, cl).fused
+    _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
+
+
+@pytest.fixture
+def split_path(monkeypatch):
+    """Force the split reduction on small tensors: several chunks per group, several tiles per chunk."""
+    monkeypatch.setattr(kern, "FUSED_MAX", 0)
+    monkeypatch.setattr(kern, "SPLIT_TILE", 32)
+    monkeypatch.setattr(kern, "SPLIT_MAX_ITERS", 2)
+    monkeypatch.setattr(kern, "SPLIT_MIN_PROGRAMS", 1)
+
+
+SPLIT_CASES = [
+    ((2, 8, 9, 13), 4, torch.float32, False, True, True, "silu"),
+    ((2, 8, 9, 13), 4, torch.float32, True, True, True, "silu"),
+    ((1, 6, 7, 5), 6, torch.float32, False, False, False, None),
+    ((2, 48, 3, 5), 16, torch.float32, True, True, True, "silu"),
+    ((2, 4, 8, 8), 2, torch.float16, True, True, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", SPLIT_CASES)
+def test_triton_split_matches_reference(split_path, shape, G, dtype, cl, ss, affine, act):
+    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
+    assert not p.fused and p.nchunk > 1
+    _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
+
+
+def test_split_plan_loops_over_tiles(split_path):
+    p = kern.plan(2, 8, 9 * 13, 4, False)
+    assert p.rows == 2 * p.block_s and p.nchunk == -(-117 // p.rows)
+
+
+def test_large_mean_is_stable():
+    """Statistics in fp32 with a mean far from zero (Welford-style merging, no E[x^2] - E[x]^2)."""
+    inputs = _inputs((2, 8, 6, 6), 4, torch.float32, scale_shift=False)
+    inputs[0] = inputs[0] + 300.0
+    _check_against_fp64(inputs, 4, "silu", "triton")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[10]])
+def test_ref_backend_gradients(case):
+    shape, G, dtype, cl, ss, affine, act = case
+    _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "ref")
+
+
+def test_non_dense_input_is_made_contiguous():
+    x = torch.randn(2, 8, 6, 12)[..., ::2]
+    y = group_norm_act(x, 4, None, None, impl="triton")
+    torch.testing.assert_close(y, reference(x, 4, None, None), atol=2e-5, rtol=1e-5)
+
+
+def test_ref_backend_is_the_public_formulation():
+    x, w, b, sc, sh = _inputs((2, 8, 5, 7), 4, torch.float32)
+    y = group_norm_act(x, 4, w, b, 1e-5, sc, sh, impl="ref")
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, w, b, 1e-5) * (1 + sc[..., None, None])
+                                    + sh[..., None, None])
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_opcheck(backend):
+    x, w, b, sc, sh = _inputs((2, 4, 3, 5), 2, torch.float32, channels_last=True)
+    x.requires_grad_()
+    w.requires_grad_()
+    sc.requires_grad_()
+    torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_fwd.default, (x, w, b, sc, sh, 2, 1e-5, "silu", backend))
+    y, mean, rstd = torch.ops.mdm_fast.group_norm_act_fwd(x.detach(), w, b, sc, sh, 2, 1e-5, "silu", backend)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_bwd.default,
+                          (dy, x.detach(), w.detach(), b, sc.detach(), sh, mean, rstd, 2, 1e-5, "silu", backend))
+
+
+def test_compiles_without_graph_breaks():
+    x, w, b, sc, sh = _inputs((2, 8, 5, 7), 4, torch.float32)
+    f = torch.compile(lambda *a: group_norm_act(*a, impl="ref"), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(x, 4, w, b, 1e-5, sc, sh), reference(x, 4, w, b, 1e-5, sc, sh))
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+
+def _resolve(x, impl="auto"):
+    return dispatch.resolve(OP, impl, x, None, None, None, None)
+
+
+def test_auto_leaves_the_interpreter_to_explicit_requests(monkeypatch):
+    x = torch.randn(2, 4, 3, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _resolve(x) == "ref"
+    assert _resolve(x, impl="triton") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _resolve(x) == "ref"
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        _resolve(x, impl="triton")
+    assert _resolve(x.double()) == "ref"
+
+
+def test_overrides(monkeypatch):
+    x = torch.randn(2, 4, 3, 3)
+    monkeypatch.setenv("MDM_FAST_IMPL", "ref")
+    assert _resolve(x) == "ref"
+    monkeypatch.delenv("MDM_FAST_IMPL")
+    with use_impl("ref"):
+        assert _resolve(x) == "ref"
+    assert _resolve(x, impl="ref") == "ref"
+
+
+def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        group_norm_act(x, 2, None, None, impl="cuda")
+    with pytest.raises(BackendUnavailable, match="float64"):
+        group_norm_act(x.double(), 2, None, None, impl="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        group_norm_act(x, 2, None, None, impl="triton")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=torch.randn(2, 4, 9)), r"\(B, C, H, W\)"),
+    (dict(x=torch.randint(0, 3, (2, 4, 3, 3))), "float16, bfloat16 or float32"),
+    (dict(num_groups=3), "dividing the 4 channels"),
+    (dict(num_groups=0), "positive int"),
+    (dict(weight=torch.randn(3)), r"weight must have shape \(4,\)"),
+    (dict(bias=torch.randn(4, 1)), r"bias must have shape \(4,\)"),
+    (dict(scale=torch.randn(4)), r"scale must have shape \(2, 4\)"),
+    (dict(shift=torch.randn(2, 4, 1, 1)), r"shift must have shape \(2, 4\)"),
+    (dict(act="relu"), "act must be 'silu' or None"),
+    (dict(eps=-1.0), "eps"),
+])
+def test_bad_inputs_raise_value_error(kwargs, match):
+    args = dict(x=torch.randn(2, 4, 3, 3), num_groups=2, weight=None, bias=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        group_norm_act(**args)
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+
+def _check_against_pytorch_error(inputs, G, act, impl, atol=1e-5):
+    """err(backend) <= 2 * err(PyTorch in the input precision) + atol, both vs fp64, for y and every gradient."""
+    x = inputs[0]
+    dy = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    got = _run(inputs, G, act, impl, dy)
+    torch_lp = _run(inputs, G, act, "public", dy)
+    want = _run(inputs, G, act, "public", dy, dtype=torch.float64)
+    for i, (g, t, r) in enumerate(zip(got, torch_lp, want)):
+        scale = max(1.0, r.abs().max().item())
+        bound = 2 * _max_err(t, r) + atol * scale
+        assert _max_err(g, r) <= bound, f"output {i}: err {_max_err(g, r):.3g} > {bound:.3g}"
+
+
+GPU_CASES = [
+    ((4, 64, 33, 31), 32),  # odd H, W; 2 channels per group
+    ((2, 48, 16, 16), 16),  # C not a multiple of 32
+    ((2, 32, 40, 40), 32),  # one channel per group
+    ((2, 24, 8, 8), 1),  # one group
+    ((2, 768, 64, 64), 32),  # a very large group (24 channels x 4096 pixels)
+    ((2, 64, 4, 16, 16), 32),  # 5-D
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape,G", GPU_CASES)
+@pytest.mark.parametrize("ss", [True, False])
+def test_gpu_matches_reference(impl, dtype, cl, shape, G, ss):
+    inputs = _inputs(shape, G, dtype, cl, scale_shift=ss, device="cuda")
+    _check_against_pytorch_error(inputs, G, "silu" if ss else None, impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(4, 32, 1024, 1024), (16, 64, 256, 256), (16, 256, 64, 64), (16, 768, 16, 16)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_gpu_model_shapes(impl, shape, cl):
+    inputs = _inputs(shape, 32, torch.bfloat16, cl, device="cuda")
+    _check_against_pytorch_error(inputs, 32, "silu", impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_weight_none_and_split_path(impl, monkeypatch):
+    monkeypatch.setattr(kern, "FUSED_MAX", 0)
+    inputs = _inputs((2, 16, 37, 29), 4, torch.float32, affine=False, device="cuda")
+    _check_against_pytorch_error(inputs, 4, "silu", impl)
+
+
+@pytest.mark.gpu
+def test_gpu_runs_on_the_current_stream():
+    x, w, b, sc, sh = _inputs((2, 64, 32, 32), 32, torch.bfloat16, device="cuda")
+    want = group_norm_act(x, 32, w, b, 1e-5, sc, sh, impl="ref")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = group_norm_act(x, 32, w, b, 1e-5, sc, sh, impl="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    assert _max_err(got, want) < 0.05
