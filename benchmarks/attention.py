@@ -1,0 +1,120 @@
+"""Attention of the NestedUNet's inner levels: reference einsum vs SDPA pair vs fused Triton.
+
+    python -m benchmarks.attention --suite quick|full [--out DIR]
+
+Shapes are the public models' attention levels (the 64, 256 and 1024 models share them): level 1
+is 32x32 = 1024 tokens, 512 channels, 8 heads of 64; level 2 is 16x16 = 256 tokens, 768 channels,
+8 heads of 96; 128 text tokens, half of them masked. Sampling batch 32 (forward), training batch
+16 (forward and backward).
+
+FLOPs counted: forward 4*B*L^2*C (self) + 4*B*L*T*C (cross, all T tokens, masked ones included);
+backward 2.5x the forward (five matmuls of the same sizes instead of two; recomputation not
+counted). TFLOP/s is compared with the bf16 matmul rate measured on the same card in the same run.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+from benchmarks import common
+from mdm_fast.ops import attention, attention_from_qkv
+
+LEVELS = {  # name: (tokens L, channels C, heads)
+    "level 1 (32x32, 512 ch, d=64)": (1024, 512, 8),
+    "level 2 (16x16, 768 ch, d=96)": (256, 768, 8),
+}
+TEXT_TOKENS = 128
+
+
+def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    d = C // heads
+    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype)  # the qkv conv output
+    kv_cond = torch.randn(B, TEXT_TOKENS, 2 * C, device="cuda", dtype=dtype)  # the kv_cond Linear output
+    mask = torch.zeros(B, TEXT_TOKENS, device="cuda", dtype=torch.bool)
+    mask[:, : TEXT_TOKENS // 2] = True
+    heads_first = dict(  # contiguous (B, heads, tokens, d), the layout SDPA prefers
+        q=torch.randn(B, heads, L, d, device="cuda", dtype=dtype),
+        k=torch.randn(B, heads, L, d, device="cuda", dtype=dtype),
+        v=torch.randn(B, heads, L, d, device="cuda", dtype=dtype),
+        k_cond=torch.randn(B, heads, TEXT_TOKENS, d, device="cuda", dtype=dtype),
+        v_cond=torch.randn(B, heads, TEXT_TOKENS, d, device="cuda", dtype=dtype),
+    )
+    return dict(qkv=qkv, kv_cond=kv_cond, mask=mask, **heads_first)
+
+
+def _variants(x: Dict[str, torch.Tensor], heads: int) -> Dict[str, Callable[[], torch.Tensor]]:
+    def heads_first(impl):
+        return lambda: attention(x["q"], x["k"], x["v"], x["k_cond"], x["v_cond"], x["mask"], impl=impl)
+
+    def from_qkv(impl):
+        return lambda: attention_from_qkv(x["qkv"], x["kv_cond"], x["mask"], heads, impl=impl)
+
+    return {
+        "reference einsum (public layout)": from_qkv("ref"),
+        "SDPA pair (B,h,L,d)": heads_first("sdpa"),
+        "SDPA pair (public layout)": from_qkv("sdpa"),
+        "triton fused (B,h,L,d)": heads_first("triton"),
+        "triton fused (public layout)": from_qkv("triton"),
+    }
+
+
+def _leaves(x: Dict[str, torch.Tensor], name: str) -> List[torch.Tensor]:
+    keys = ("qkv", "kv_cond") if "public layout" in name else ("q", "k", "v", "k_cond", "v_cond")
+    return [x[k] for k in keys]
+
+
+def _time_backward(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], iters: int) -> float:
+    for t in leaves:
+        t.requires_grad_(True)
+    out = fn()
+    g = torch.randn_like(out)
+    ms = common.time_ms(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True), iters=iters)
+    for t in leaves:
+        t.requires_grad_(False)
+    return ms
+
+
+def _section(level: str, B: int, dtype: torch.dtype, backward: bool, iters: int) -> str:
+    L, C, heads = LEVELS[level]
+    x = _inputs(B, L, C, heads, dtype)
+    flops = 4 * B * L * L * C + 4 * B * L * TEXT_TOKENS * C
+    ceiling = common.ceilings().bf16_tflops
+    rows, base = [], {}
+    for name, fn in _variants(x, heads).items():
+        fwd = common.time_ms(fn, iters=iters)
+        bwd = _time_backward(fn, _leaves(x, name), iters) if backward else float("nan")
+        if name.startswith("SDPA pair (B"):
+            base = {"fwd": fwd, "bwd": bwd}
+        rows.append([name, fwd, common.tflops(flops, fwd), bwd, common.tflops(2.5 * flops, bwd)])
+        torch.cuda.empty_cache()
+    table = []
+    for name, fwd, tf_f, bwd, tf_b in rows:
+        table.append([name, fwd, tf_f, 100 * tf_f / ceiling, base["fwd"] / fwd,
+                      bwd, tf_b, 100 * tf_b / ceiling, base["bwd"] / bwd])
+    header = ["variant", "fwd ms", "fwd TFLOP/s", "fwd % bf16 mm", "fwd x vs SDPA pair",
+              "bwd ms", "bwd TFLOP/s", "bwd % bf16 mm", "bwd x vs SDPA pair"]
+    return common.markdown_table(header, table)
+
+
+def main() -> None:
+    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.attention needs a CUDA device")
+    dtypes = [torch.bfloat16] if args.suite == "quick" else [torch.bfloat16, torch.float16]
+    iters = 20 if args.suite == "quick" else 50
+    sections = {}
+    for dtype in dtypes:
+        for level in LEVELS:
+            dt = str(dtype).replace("torch.", "")
+            sections[f"{level}, sampling batch 32, {dt}, forward"] = _section(level, 32, dtype, False, iters)
+            sections[f"{level}, training batch 16, {dt}, forward + backward"] = _section(level, 16, dtype, True, iters)
+    sections["Notes"] = (__doc__.split("\n\n", 2)[2].strip()
+                         + "\n\nSpeedups are relative to the SDPA pair on contiguous (B, h, L, d) tensors; "
+                         "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) "
+                         "and write (B, C, L).")
+    common.write_report("attention", sections, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""mdm_fast.ops.attention: self + masked cross attention, every backend against an fp64 oracle.
+
+CPU: the Triton kernel runs under TRITON_INTERPRET=1 (fp32 and fp16 dots only: the interpreter
+computes bf16 dots wrongly) at tiny odd shapes so every tile has tails. GPU tests (marked) bound
+each backend's error by twice PyTorch's own low-precision error, as flash-attention's tests do.
+"""
+import math
+
+import pytest
+import torch
+
+from mdm_fast.ops import BackendUnavailable, attention, attention_from_qkv, use_impl
+from mdm_fast.ops import dispatch
+
+BACKENDS = ("triton", "sdpa", "ref")
+# (forward, backward) absolute = relative tolerance vs the fp64 oracle on the same rounded inputs
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 2e-2), torch.bfloat16: (3e-2, 1e-1)}
+
+
+def oracle_branch(q, k, v, keep, scale):
+    """fp64 softmax(q k^T * scale) v with masked keys; all-masked rows give 0 (finite gradients)."""
+    s = torch.einsum("bhld,bhsd->bhls", q.double(), k.double()) * scale
+    e = torch.exp(s - s.amax(-1, keepdim=True))  # (B, H, L, S); shift by unmasked max: exact softmax
+    if keep is not None:
+        e = e * (keep != 0)[:, None, None, :]
+    p = e / e.sum(-1, keepdim=True).clamp_min(1e-300)
+    return torch.einsum("bhls,bhsd->bhld", p, v.double())
+
+
+def oracle(q, k, v, kc=None, vc=None, cond_mask=None, scale=None, self_mask=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = oracle_branch(q, k, v, self_mask, scale)
+    if kc is not None:
+        out = out + oracle_branch(q, kc, vc, cond_mask, scale)
+    return out
+
+
+def make_inputs(B, H, L, T, d, dtype, device="cpu", S=None):
+    q, k, v = (torch.randn(B, H, n, d, device=device).to(dtype) for n in (L, S or L, S or L))
+    kc, vc = (torch.randn(B, H, T, d, device=device).to(dtype) for _ in range(2)) if T else (None, None)
+    return q, k, v, kc, vc
+
+
+def padded_mask(B, T, device="cpu", all_masked=None):
+    """(B, T) float mask: batch i keeps its first T - i tokens; batch ``all_masked`` keeps none."""
+    m = (torch.arange(T, device=device)[None, :] < (T - torch.arange(B, device=device))[:, None]).float()
+    if all_masked is not None:
+        m[all_masked] = 0
+    return m
+
+
+def grads(out, tensors, g):
+    present = [t for t in tensors if t is not None]
+    return torch.autograd.grad(out, present, g)
+
+
+def check_against_oracle(impl, q, k, v, kc, vc, mask, scale=None, self_mask=None):
+    tol_f, tol_b = TOL[q.dtype]
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, kc, vc)]
+    out = attention(*leaves, cond_mask=mask, scale=scale, impl=impl, self_mask=self_mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, kc, vc)]
+    ref = oracle(*ref_leaves, cond_mask=mask, scale=scale, self_mask=self_mask)
+    torch.testing.assert_close(out.double(), ref, atol=tol_f, rtol=tol_f)
+    g = torch.randn_like(ref)
+    for got, want in zip(grads(out, leaves, g.to(out.dtype)), grads(ref, ref_leaves, g)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, atol=tol_b * max(1.0, want.abs().max().item()), rtol=tol_b)
+
+
+CASES = {
+    # name: (B, H, L, T, mask kind)
+    "odd-padded": (2, 2, 37, 5, "padded"),
+    "fully-masked-row": (2, 1, 19, 7, "all"),
+    "batch-one": (1, 2, 17, 3, None),
+    "no-text": (2, 1, 21, 0, None),
+}
+
+
+def _mask_for(kind, B, T):
+    if kind is None:
+        return None
+    return padded_mask(B, T, all_masked=1 if kind == "all" else None)
+
+
+# fp16 only through the kernel here: CPU fp16 matmuls of the PyTorch backends are not what runs on a GPU
+ORACLE_RUNS = [(impl, dtype, d) for impl in BACKENDS for dtype, d in [(torch.float32, 16), (torch.float32, 96)]]
+ORACLE_RUNS += [("triton", torch.float16, 64), ("triton", torch.float16, 96)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("impl,dtype,d", ORACLE_RUNS)
+def test_matches_oracle(impl, dtype, d, case):
+    B, H, L, T, kind = CASES[case]
+    check_against_oracle(impl, *make_inputs(B, H, L, T, d, dtype), _mask_for(kind, B, T))
+
+
+def test_bf16_torch_backends_cpu():
+    # bf16 through the PyTorch backends on CPU (the interpreter cannot do bf16 dots)
+    inputs = make_inputs(2, 2, 13, 5, 32, torch.bfloat16)
+    for impl in ("ref", "sdpa"):
+        check_against_oracle(impl, *inputs, padded_mask(2, 5))
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_head_dim_64_cross_lengths_and_scale(impl):
+    # keys longer than queries, a custom scale, int mask whose first key block (16 wide under the
+    # interpreter) is entirely masked and second partly kept: the kernels skip the first block
+    q, k, v, kc, vc = make_inputs(1, 2, 9, 20, 64, torch.float32, S=23)
+    mask = torch.zeros(1, 20, dtype=torch.int64)
+    mask[:, 17:19] = 1
+    check_against_oracle(impl, q, k, v, kc, vc, mask, scale=0.3)
+
+
+def test_fully_masked_row_is_zero_and_grads_finite():
+    q, k, v, kc, vc = make_inputs(2, 2, 11, 4, 16, torch.float32)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    kc, vc = kc.requires_grad_(), vc.requires_grad_()
+    for impl in BACKENDS:
+        out = attention(q, k, v, kc, vc, mask, impl=impl)
+        self_only = attention(q, k, v, impl=impl)
+        torch.testing.assert_close(out[1], self_only[1], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(out[0], self_only[0])
+        dkc, dvc = torch.autograd.grad(out.sum(), (kc, vc))
+        assert torch.isfinite(dkc).all() and torch.isfinite(dvc).all()
+        assert dkc[1].abs().max() == 0 and dvc[1].abs().max() == 0  # batch 1 has no text influence
+        assert dvc[0, :, 1].abs().max() == 0  # a masked key gets no gradient
+
+
+def _public_attention(q, k, v, heads, mask=None):
+    """The public SelfAttention.attention on (B, C, L) tensors (its formula, for the layout test)."""
+    bs, width, length = q.shape
+    ch = width // heads
+    s = 1 / math.sqrt(math.sqrt(ch))
+    w = torch.einsum("bct,bcs->bts", (q * s).reshape(bs * heads, ch, length), (k * s).reshape(bs * heads, ch, -1))
+    if mask is not None:
+        w = w.masked_fill(mask.view(bs, 1, 1, -1).repeat(1, heads, 1, 1).flatten(0, 1) == 0, float("-inf"))
+    w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+    return torch.einsum("bts,bcs->bct", w, v.reshape(bs * heads, ch, -1)).reshape(bs, -1, length)
+
+
+def _public_block(qkv, kv_lin, mask, heads):
+    """SelfAttention.forward's attention part from the qkv conv (B, 3C, L) and kv_cond Linear (B, T, 2C)."""
+    q, k, v = qkv.chunk(3, dim=1)
+    h = _public_attention(q, k, v, heads)
+    if kv_lin is not None:
+        k_cond, v_cond = kv_lin.transpose(-2, -1).chunk(2, dim=1)
+        h = h + _public_attention(q, k_cond, v_cond, heads, mask)
+    return h
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_layout_fused_matches_public_block(impl, with_text):
+    B, heads, d, L, T = 2, 2, 16, 15, 6
+    C = heads * d
+    qkv = torch.randn(B, 3 * C, L, dtype=torch.float64).requires_grad_()
+    kv_lin = torch.randn(B, T, 2 * C, dtype=torch.float64).requires_grad_() if with_text else None
+    mask = padded_mask(B, T) if with_text else None
+    want = _public_block(qkv, kv_lin, mask, heads)
+    leaves = [qkv] + ([kv_lin] if with_text else [])
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, g)
+    x = [t.detach().float().requires_grad_() for t in leaves]
+    out = attention_from_qkv(x[0], x[1] if with_text else None, mask, heads, impl=impl)
+    assert out.shape == (B, C, L) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    for got, w in zip(torch.autograd.grad(out, x, g.float()), want_grads):
+        assert got.shape == w.shape
+        torch.testing.assert_close(got.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_layout_fused_equals_attention_on_views():
+    B, heads, d, L, T = 1, 3, 16, 10, 4
+    C = heads * d
+    qkv = torch.randn(B, 3 * C, L)
+    kv_lin = torch.randn(B, T, 2 * C)
+    mask = torch.tensor([[1, 1, 0, 1]])
+    q, k, v = (t.reshape(B, heads, d, L).transpose(2, 3) for t in qkv.chunk(3, dim=1))
+    kc, vc = (t.reshape(B, T, heads, d).transpose(1, 2) for t in kv_lin.chunk(2, dim=-1))
+    want = attention(q, k, v, kc, vc, mask, impl="triton")  # strided views straight into the op
+    got = attention_from_qkv(qkv, kv_lin, mask, heads, impl="triton")
+    torch.testing.assert_close(got, want.transpose(2, 3).reshape(B, C, L), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_1d_attention_with_key_mask(impl):
+    """SelfAttention1D (LM head / temporal blocks): (B, L, heads*d), key mask on the self branch."""
+    B, L, heads, d = 2, 9, 2, 16
+    x = torch.randn(B, L, 3 * heads * d, dtype=torch.float64)
+    mask = padded_mask(B, L)
+    q, k, v = x.chunk(3, dim=-1)
+    s = 1 / math.sqrt(math.sqrt(d))
+    w = torch.einsum("bthc,bshc->bhts", q.reshape(B, L, heads, d) * s, k.reshape(B, L, heads, d) * s)
+    w = torch.softmax(w.masked_fill(mask.view(B, 1, 1, L) == 0, float("-inf")), dim=-1)
+    want = torch.einsum("bhts,bshc->bthc", w, v.reshape(B, L, heads, d)).reshape(B, L, -1)
+    qh, kh, vh = (t.float().reshape(B, L, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d) views
+    got = attention(qh, kh, vh, self_mask=mask, impl=impl).transpose(1, 2).reshape(B, L, -1)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_opcheck_custom_ops():
+    q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(1, 1, 5, 3, 16, torch.float32))
+    mask = torch.tensor([[True, False, True]])
+    torch.library.opcheck(torch.ops.mdm_fast.attention_fwd.default, (q, k, v, kc, vc, mask, None, 0.25))
+    torch.library.opcheck(torch.ops.mdm_fast.attention_fwd.default, (q, k, v, None, None, None, mask, 0.25))
+    qkv = torch.randn(1, 3 * 32, 6, requires_grad=True)
+    kv = torch.randn(1, 3, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.mdm_fast.attention_qkv_fwd.default, (qkv, kv, mask, 2, 0.25))
+
+
+# ---- dispatch and validation -------------------------------------------------------------------
+
+
+def test_dispatch_rules(monkeypatch):
+    q, k, v, kc, vc = make_inputs(1, 1, 4, 2, 16, torch.float32)
+    assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "sdpa"  # the interpreter only by name
+    assert dispatch.resolve("attention", "triton", q, k, v, kc, vc) == "triton"
+    with use_impl("sdpa"):
+        assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "sdpa"
+    monkeypatch.setenv("MDM_FAST_IMPL", "ref")
+    assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "ref"
+    big = torch.randn(1, 1, 4, 160)
+    assert dispatch.resolve("attention", "sdpa", big, big, big) == "sdpa"
+    with pytest.raises(BackendUnavailable, match="head dim 160"):
+        attention(big, big, big, impl="triton")
+    with pytest.raises(BackendUnavailable, match="no cuda backend"):
+        attention(q, k, v, impl="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in dispatch.why_not("attention", "triton", q, k, v)
+    monkeypatch.delenv("MDM_FAST_IMPL")
+    assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "sdpa"
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(k=torch.randn(2, 2, 5, 8)), r"k must have shape \(B, heads, S, d\)"),
+    (dict(v=torch.randn(2, 2, 6, 16)), r"v must have shape"),
+    (dict(k_cond=torch.randn(2, 2, 3, 16)), "given together"),
+    (dict(k_cond=torch.randn(2, 2, 3, 16), v_cond=torch.randn(2, 2, 4, 16)), "v_cond must have shape"),
+    (dict(k_cond=torch.randn(2, 2, 3, 16), v_cond=torch.randn(2, 2, 3, 16), cond_mask=torch.ones(2, 4)),
+     r"cond_mask must have shape \(B, T\)"),
+    (dict(cond_mask=torch.ones(2, 3)), "cond_mask given without"),
+    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), "float16, bfloat16 or float32"),
+    (dict(self_mask=torch.ones(2, 4)), r"self_mask must have shape \(B, S\)"),
+])
+def test_bad_inputs_raise(bad, match):
+    args = dict(q=torch.randn(2, 2, 5, 16), k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        attention(**args, impl="ref")
+
+
+def test_bad_layout_inputs_raise():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        attention_from_qkv(torch.randn(1, 3 * 10, 4), None, None, heads=3)
+    with pytest.raises(ValueError, match=r"kv_cond must have shape \(B, T, 2\*C\)"):
+        attention_from_qkv(torch.randn(1, 3 * 8, 4), torch.randn(1, 2, 8), None, heads=2)
+    with pytest.raises(ValueError, match="qkv must be"):
+        attention_from_qkv(torch.randn(1, 24), None, None, heads=2)
+
+
+# ---- GPU: every backend at the model's shapes --------------------------------------------------
+
+GPU_SHAPES = {"level1-d64": (2, 8, 1024, 64), "level2-d96": (2, 8, 256, 96), "d128-odd": (1, 4, 333, 128)}
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_gpu_error_bounded_by_torch_lowprec(impl, shape, dtype):
+    B, H, L, d = GPU_SHAPES[shape]
+    T = 77 if shape == "d128-odd" else 128
+    q, k, v, kc, vc = make_inputs(B, H, L, T, d, dtype, device="cuda")
+    mask = (torch.arange(T, device="cuda")[None] < torch.tensor([T // 2, 0][:B], device="cuda")[:, None]).int()
+    leaves = [t.requires_grad_() for t in (q, k, v, kc, vc)]
+    ref = oracle(*leaves, cond_mask=mask)  # fp64
+    low = attention(*leaves, cond_mask=mask, impl="ref")  # PyTorch's einsum formulation at this dtype
+    out = attention(*leaves, cond_mask=mask, impl=impl)
+    g = torch.randn_like(ref)
+    assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
+    for name, got, lo, want in zip("q k v kc vc".split(), grads(out, leaves, g.to(dtype)),
+                                   grads(low, leaves, g.to(dtype)), grads(ref, leaves, g)):
+        assert torch.isfinite(got).all(), name
+        assert _max_err(got, want) <= 2 * _max_err(lo, want) + 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_layout_fused(dtype):
+    B, heads, d, L, T = 2, 8, 64, 1024, 128
+    C = heads * d
+    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype, requires_grad=True)
+    kv_lin = torch.randn(B, T, 2 * C, device="cuda", dtype=dtype, requires_grad=True)
+    mask = padded_mask(B, T, device="cuda")
+    want = _public_block(qkv.double(), kv_lin.double(), mask, heads)
+    low = _public_block(qkv, kv_lin, mask, heads)
+    out = attention_from_qkv(qkv, kv_lin, mask, heads, impl="triton")
+    g = torch.randn_like(want)
+    assert _max_err(out, want) <= 2 * _max_err(low, want) + 1e-3
+    for got, lo, w in zip(torch.autograd.grad(out, (qkv, kv_lin), g.to(dtype)),
+                          torch.autograd.grad(low, (qkv, kv_lin), g.to(dtype)),
+                          torch.autograd.grad(want, (qkv, kv_lin), g)):
+        assert _max_err(got, w) <= 2 * _max_err(lo, w) + 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_compile_and_cuda_graph():
+    q, k, v, kc, vc = make_inputs(2, 8, 256, 128, 64, torch.bfloat16, device="cuda")
+    mask = padded_mask(2, 128, device="cuda")
+    eager = attention(q, k, v, kc, vc, mask, impl="triton")
+    compiled = torch.compile(lambda *a: attention(*a, impl="triton"))
+    torch.testing.assert_close(compiled(q, k, v, kc, vc, mask), eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention(q, k, v, kc, vc, mask, impl="triton")
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
