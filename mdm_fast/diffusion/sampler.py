@@ -1,0 +1,160 @@
+"""Samplers over all resolutions jointly: ancestral DDPM and DDIM, any number of steps, CFG.
+
+The loop is plain Python over a ``denoise(x_t_list, model_times) -> predictions`` callable (so a
+CUDA-graph replay can stand in for it) and one :func:`mdm_fast.ops.diffusion_step.sampler_update`
+per step for every level at once. Public semantics (``samplers.py``): model time t - 1 at schedule
+step t, the public inference spacing, x0 thresholding in image units (x0 * signal scale), the final
+sample clipped to [-1, 1]. A step that ends at s = 0 injects no noise (its variance is zero anyway).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mdm_fast.diffusion.config import ThresholdType
+from mdm_fast.ops import diffusion_step as ops
+from mdm_fast.ops.resample import resize
+
+Denoise = Callable[[List[Tensor], Tensor], List[Tensor]]
+
+
+def inference_timesteps(num_diffusion_steps: int, num_inference_steps: int) -> List[int]:
+    """The public ``set_timesteps``: round(k (N+1)/(n+1)) for k = n..0, e.g. N = n: N, N-1, ..., 0."""
+    N, n = int(num_diffusion_steps), int(num_inference_steps)
+    if not 1 <= n <= N:
+        raise ValueError(f"num_inference_steps must be in [1, {N}] (num_diffusion_steps), got {num_inference_steps}")
+    ratio = (N + 1) / (n + 1)
+    return (np.arange(0, n + 1) * ratio).round()[::-1].astype(np.int64).tolist()
+
+
+def _double_micros(micros: Optional[dict], batch: int) -> dict:
+    out = {}
+    for k, v in (micros or {}).items():
+        out[k] = torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+    return out
+
+
+def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Tensor], guidance_scale: float = 1.0,
+                 micros: Optional[dict] = None, uncond_conditioning: Optional[Tensor] = None,
+                 uncond_mask: Optional[Tensor] = None) -> Denoise:
+    """``denoise(x_t_list, model_times)`` of ``model`` under ``diffusion`` (a NestedDiffusion).
+
+    guidance_scale != 1: classifier-free guidance as the public code does it: one model call on the
+    doubled batch [uncond; cond], then uncond + scale (cond - uncond). The null rows come from
+    ``uncond_conditioning``/``uncond_mask`` (B rows, or 1 row broadcast), else ``conditioning`` must
+    already hold 2B rows in that order (the public layout).
+    """
+    scale = float(guidance_scale)
+    cond, mask = conditioning, cond_mask
+    if scale != 1 and uncond_conditioning is not None:
+        n = conditioning.shape[0]
+        null = uncond_conditioning.expand(n, *uncond_conditioning.shape[1:])
+        cond = torch.cat([null, conditioning])
+        if cond_mask is not None:
+            null_mask = uncond_mask if uncond_mask is not None else torch.ones_like(cond_mask[:1])
+            mask = torch.cat([null_mask.expand(n, *cond_mask.shape[1:]).to(cond_mask.dtype), cond_mask])
+
+    def denoise(x_t: List[Tensor], model_times: Tensor) -> List[Tensor]:
+        B = x_t[0].shape[0]
+        if scale == 1:
+            return diffusion.predict(model, x_t, model_times, cond, mask, micros)
+        if cond.shape[0] != 2 * B:
+            raise ValueError(f"classifier-free guidance needs 2 x {B} conditioning rows ([uncond; cond]) or "
+                             f"uncond_conditioning; got {cond.shape[0]} rows")
+        preds = diffusion.predict(model, [torch.cat([x, x]) for x in x_t], torch.cat([model_times, model_times]),
+                                  cond, mask, _double_micros(micros, B))
+        out = []
+        for p in preds:
+            uncond, cnd = p.chunk(2)
+            out.append(uncond + scale * (cnd - uncond))
+        return out
+
+    return denoise
+
+
+@dataclass
+class SamplerStep:
+    """One step t -> s; x0 and x_s in level units, one tensor per level (top first)."""
+
+    t: int
+    s: int
+    x0: List[Tensor]
+    x_s: List[Tensor]
+
+
+class Sampler:
+    """Ancestral DDPM (``ddim_eta=None``) or DDIM (eta >= 0) over every level of ``diffusion``."""
+
+    def __init__(self, diffusion, num_inference_steps: Optional[int] = None, ddim_eta: Optional[float] = None,
+                 threshold: Union[None, str, ThresholdType] = None, impl: str = "auto"):
+        self.diffusion = diffusion
+        N = diffusion.schedule.num_steps
+        self.timesteps = inference_timesteps(N, num_inference_steps or N)
+        if ddim_eta is not None and ddim_eta < 0:
+            raise ValueError(f"ddim_eta must be None (ancestral DDPM) or >= 0, got {ddim_eta}")
+        self.ddim_eta = ddim_eta
+        kind = ThresholdType.parse(threshold if threshold is not None
+                                   else diffusion.config.sampler_config.threshold_function)
+        self.threshold = kind.name.lower()
+        self.impl = impl
+
+    def initial_noise(self, batch: int, channels: int, image_size, generator: Optional[torch.Generator] = None,
+                      device=None, dtype: torch.dtype = torch.float32) -> List[Tensor]:
+        """Pure noise for every level (top first), drawn in level order as the public sampler does."""
+        return [torch.randn(batch, channels, h, w, generator=generator, device=device, dtype=dtype)
+                for h, w in self.diffusion.level_sizes(image_size)]
+
+    def noised_start(self, images: Tensor, t: int, generator: Optional[torch.Generator] = None) -> List[Tensor]:
+        """The pyramid of ``images`` ((B, C, H, W) in [-1, 1]) noised to schedule step t (partial diffusion)."""
+        if not 1 <= t <= self.diffusion.schedule.num_steps:
+            raise ValueError(f"start step must be in [1, {self.diffusion.schedule.num_steps}], got {t}")
+        times = torch.full((images.shape[0],), t - 1, dtype=torch.long, device=images.device)
+        return self.diffusion.pyramid(images, times, generator)[1]
+
+    def _gammas(self, step: int, batch: int, device) -> Tensor:
+        return self.diffusion.schedule.table(device)[:, step, None].expand(-1, batch)  # (L, B)
+
+    def steps(self, denoise: Denoise, x_t: Sequence[Tensor], start_t: Optional[int] = None,
+              generator: Optional[torch.Generator] = None) -> Iterator[SamplerStep]:
+        """Run the loop from x_t (at the first timestep, or at ``start_t``), yielding every step."""
+        ts = [t for t in self.timesteps if start_t is None or t <= start_t]
+        if start_t is not None and ts[0] != start_t:
+            ts = [int(start_t)] + ts
+        x_t = list(x_t)
+        B, device = x_t[0].shape[0], x_t[0].device
+        noisy = self.ddim_eta is None or self.ddim_eta > 0
+        for t, s in zip(ts[:-1], ts[1:]):
+            with torch.no_grad():
+                times = torch.full((B,), t - 1, dtype=torch.long, device=device)
+                preds = denoise(x_t, times)
+                noise = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in x_t] \
+                    if noisy and s > 0 else None
+                x0, x_t, _ = ops.sampler_update(x_t, preds, self._gammas(t, B, device), self._gammas(s, B, device),
+                                                noise, self.diffusion.signal_scales, self.diffusion.kind,
+                                                self.ddim_eta, self.threshold, impl=self.impl)
+            yield SamplerStep(t, s, x0, x_t)
+
+    def to_images(self, levels: Sequence[Tensor], clip: bool = True) -> List[Tensor]:
+        """Level units -> image units (x * signal scale), clipped to [-1, 1]."""
+        out = [x * s for x, s in zip(levels, self.diffusion.signal_scales)]
+        return [x.clamp(-1, 1) for x in out] if clip else out
+
+    def sample(self, denoise: Denoise, x_t: Sequence[Tensor], start_t: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> List[Tensor]:
+        """The final images of every level, in [-1, 1] (top first)."""
+        last = list(x_t)
+        for st in self.steps(denoise, x_t, start_t, generator):
+            last = st.x_s
+        return self.to_images(last)
+
+
+def tile_levels(levels: Sequence[Tensor], mode: str = "bilinear") -> Tensor:
+    """Every level upsampled to the top size, side by side (lowest first, as the public output_inner):
+    (B, C, H, L * W)."""
+    H, W = levels[0].shape[-2:]
+    return torch.cat([x if x.shape[-2:] == (H, W) else resize(x, size=(H, W), mode=mode)
+                      for x in reversed(list(levels))], dim=-1)

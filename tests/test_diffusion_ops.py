@@ -1,0 +1,212 @@
+"""The fused diffusion ops: ref against an independent derivation, triton against ref (interpreter on CPU)."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdm_fast.ops import BackendUnavailable, use_impl
+from mdm_fast.ops import diffusion_step as ds
+from mdm_fast.ops.diffusion_step import noisy_pyramid, sampler_update
+
+GOLDEN = Path("/work/shared/reference/golden/sampler_steps.pt")
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gammas(levels, batch, device="cpu"):
+    return torch.rand(levels, batch, device=device) * 0.98 + 0.01  # (L, B) away from 0 and 1
+
+
+def _pyramid_inputs(ratios, B, C, H, W, dtype=torch.float32, device="cpu"):
+    img = (torch.rand(B, C, H, W, device=device) * 2 - 1).to(dtype)
+    noises = [torch.randn(B, C, H // r, W // r, device=device).to(dtype) for r in ratios]
+    g = _gammas(len(ratios), B, device)
+    return img, (g.double() if dtype == torch.float64 else g), noises
+
+
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_pyramid_ref_matches_direct_derivation(target):
+    ratios, scales = [1, 4, 16], [16.0, 4.0, 1.0]
+    img, g, noises = _pyramid_inputs(ratios, 2, 3, 32, 48, torch.float64)
+    x0, xt, tgt = noisy_pyramid(img, ratios, g, noises, scales, target, impl="ref")
+    for i, (r, s) in enumerate(zip(ratios, scales)):
+        want_x0 = F.avg_pool2d(img, r) / s  # pooling the top directly equals the public level-by-level pooling
+        gi = g[i].view(-1, 1, 1, 1)
+        want_xt = gi.sqrt() * want_x0 + (1 - gi).sqrt() * noises[i]
+        want_t = {"eps": noises[i], "v": gi.sqrt() * noises[i] - (1 - gi).sqrt() * want_x0, "x0": want_x0}[target]
+        torch.testing.assert_close(x0[i], want_x0, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(xt[i], want_xt, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(tgt[i], want_t, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ratios,H,W", [([1, 2], 6, 10), ([1, 4], 32, 24), ([1, 4, 16], 32, 48),
+                                        ([1, 2, 4, 8], 16, 8), ([1], 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pyramid_triton_matches_ref(ratios, H, W, dtype):
+    img, g, noises = _pyramid_inputs(ratios, 2, 3, H, W, dtype, DEV)
+    scales = [float(ratios[-1] // r) for r in ratios]
+    for target in ("eps", "v"):
+        ref = noisy_pyramid(img, ratios, g, noises, scales, target, impl="ref")
+        tri = noisy_pyramid(img, ratios, g, noises, scales, target, impl="triton")
+        for a_list, b_list in zip(ref, tri):
+            assert len(a_list) == len(b_list) == len(ratios)
+            for a, b in zip(a_list, b_list):
+                assert a.dtype == b.dtype == dtype
+                torch.testing.assert_close(b.float(), a.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_pyramid_eps_target_is_the_noise_and_x0_target_is_a_copy():
+    img, g, noises = _pyramid_inputs([1, 2], 1, 1, 4, 4)
+    _, _, tgt = noisy_pyramid(img, [1, 2], g, noises, impl="ref")
+    assert all(t is n for t, n in zip(tgt, noises))
+    x0, _, tgt = noisy_pyramid(img, [1, 2], g, noises, target="x0", impl="ref")
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(x0, tgt))
+
+
+def test_pyramid_validation():
+    img, g, noises = _pyramid_inputs([1, 4], 2, 3, 16, 16)
+    with pytest.raises(ValueError, match="start with 1"):
+        noisy_pyramid(img, [2, 4], g, noises)
+    with pytest.raises(ValueError, match=r"\(2, 2\)"):
+        noisy_pyramid(img, [1, 4], g[:1], noises)
+    with pytest.raises(ValueError, match="noise of ratio 4"):
+        noisy_pyramid(img, [1, 4], g, [noises[0], noises[0]])
+    with pytest.raises(ValueError, match="divisible"):
+        noisy_pyramid(img[..., :14], [1, 4], g, noises)
+    with pytest.raises(ValueError, match="target"):
+        noisy_pyramid(img, [1, 4], g, noises, target="score")
+    img3, g3, n3 = _pyramid_inputs([1, 3], 1, 1, 6, 6)
+    with pytest.raises(BackendUnavailable, match="powers of two"):
+        with use_impl("triton"):
+            noisy_pyramid(img3, [1, 3], g3, n3)
+    assert len(noisy_pyramid(img3, [1, 3], g3, n3, impl="auto")[0]) == 2  # auto falls back to ref
+
+
+def _update_inputs(shapes, dtype=torch.float32, device="cpu", last=False):
+    x = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    p = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    n = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    L, B = len(shapes), shapes[0][0]
+    g_s = _gammas(L, B, device).clamp(0.2, 0.99)
+    g_t = g_s * (torch.rand(L, B, device=device) * 0.9 + 0.05)  # g_t < g_s
+    if last:
+        g_s[:, 0] = 1.0
+    return x, p, n, g_t, g_s
+
+
+def _public_step(x_t, pred, g, gl, kind, eta, noise, scale, clip):
+    """The public get_prediction_xt_last, spelled out independently (eps/v, CLIP or none)."""
+    x0 = (x_t - pred * (1 - g).sqrt()) / g.sqrt() if kind == "eps" else x_t * g.sqrt() - pred * (1 - g).sqrt()
+    if clip:
+        x0 = (x0 * scale).clip(-1, 1) / scale
+    alpha = g / gl
+    beta = 1 - alpha
+    bt = beta * (1 - gl) / (1 - g)
+    if eta is None:
+        xs = x0 * beta * gl.sqrt() / (1 - g) + x_t * alpha.sqrt() * (1 - gl) / (1 - g)
+    else:
+        e = (x_t - x0 * g.sqrt()) / (1 - g).sqrt()
+        bt = eta**2 * bt
+        xs = x0 * gl.sqrt() + e * (1 - gl - bt).sqrt()
+        if eta == 0:
+            noise = None
+    if noise is not None:
+        xs = xs + bt.sqrt() * noise
+    return x0, xs, (xs - gl.sqrt() * x0) / (1 - gl).sqrt()
+
+
+@pytest.mark.parametrize("kind", ["eps", "v"])
+@pytest.mark.parametrize("eta", [None, 0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+def test_update_ref_matches_public_formulas(kind, eta, clip):
+    shapes = [(2, 3, 8, 12), (2, 3, 4, 6)]
+    x, p, n, g_t, g_s = _update_inputs(shapes, torch.float64)
+    g_t, g_s = g_t.double(), g_s.double()
+    scales = [2.0, 1.0]
+    x0, xs, eps = sampler_update(x, p, g_t, g_s, n, scales, kind, eta, "clip" if clip else "none", impl="ref")
+    for i in range(2):
+        want = _public_step(x[i], p[i], g_t[i].view(-1, 1, 1, 1), g_s[i].view(-1, 1, 1, 1), kind, eta, n[i],
+                            scales[i], clip)
+        for a, b in zip((x0[i], xs[i], eps[i]), want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="golden files not present")
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_update_golden_public_steps(impl):
+    for case in torch.load(GOLDEN, weights_only=True):
+        kind = {"DDPM": "eps", "V_PREDICTION": "v"}[case["prediction_type"]]
+        g_t, g_s = case["g_t"][:, 0, 0, 0][None], case["g_s"][:, 0, 0, 0][None]  # (1, B): one level
+        assert torch.equal(case["g_t"], g_t[0].view(-1, 1, 1, 1).expand_as(case["g_t"]))
+        x0, xs, eps = sampler_update([case["x_t"].to(DEV)], [case["pred"].to(DEV)], g_t.to(DEV), g_s.to(DEV),
+                                     [case["noise"].to(DEV)], None, kind, case["ddim_eta"], "clip", impl=impl)
+        for got, key in ((x0, "x0"), (xs, "x_s"), (eps, "eps")):
+            torch.testing.assert_close(got[0].cpu(), case[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,eta,thresh,noisy", [("eps", None, "clip", True), ("v", 0.0, "none", True),
+                                                   ("v", 0.7, "clip", True), ("x0", None, "none", False)])
+def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy):
+    shapes = [(2, 3, 16, 12), (2, 3, 4, 3), (2, 3, 2, 3)]  # three levels, odd sizes
+    x, p, n, g_t, g_s = _update_inputs(shapes, dtype, DEV, last=True)
+    args = (x, p, g_t, g_s, n if noisy else None, [4.0, 2.0, 1.0], kind, eta, thresh)
+    ref, tri = sampler_update(*args, impl="ref"), sampler_update(*args, impl="triton")
+    for a_list, b_list in zip(ref, tri):
+        for a, b in zip(a_list, b_list):
+            assert b.dtype == dtype and torch.isfinite(b.float()).all()
+            torch.testing.assert_close(b.float(), a.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+def test_update_last_step_is_finite_and_noise_free():
+    x, p, n, g_t, g_s = _update_inputs([(1, 2, 4, 4)], last=True)
+    x0, xs, eps = sampler_update(x, p, g_t, g_s, n, kind="eps", impl="ref")
+    torch.testing.assert_close(xs[0], x0[0])  # g_s = 1: x_s is x0, no noise
+    assert torch.isfinite(eps[0]).all()
+
+
+def test_dynamic_threshold_matches_imagen_definition():
+    x0 = torch.randn(3, 2, 5, 5) * 3
+    got = ds.threshold(x0, "dynamic", 2.0)
+    flat = (x0 * 2).reshape(3, -1)
+    s = flat.abs().quantile(0.995, dim=1).clamp(1, 100).view(3, 1, 1, 1)
+    torch.testing.assert_close(got, ((x0 * 2).clamp(-s, s) / s) / 2)
+    with pytest.raises(BackendUnavailable, match="quantile"):
+        x, p, n, g_t, g_s = _update_inputs([(1, 1, 2, 2)])
+        sampler_update(x, p, g_t, g_s, None, thresh="dynamic", impl="triton")
+
+
+def test_update_validation():
+    x, p, n, g_t, g_s = _update_inputs([(2, 3, 4, 4), (2, 3, 2, 2)])
+    with pytest.raises(ValueError, match="one entry per level"):
+        sampler_update(x, p[:1], g_t, g_s)
+    with pytest.raises(ValueError, match=r"pred\[1\]"):
+        sampler_update(x, [p[0], p[0]], g_t, g_s)
+    with pytest.raises(ValueError, match="g_s"):
+        sampler_update(x, p, g_t, g_s[:, :1])
+    with pytest.raises(ValueError, match="eta"):
+        sampler_update(x, p, g_t, g_s, eta=-1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        sampler_update(x, p, g_t, g_s, thresh="soft")
+    with pytest.raises(BackendUnavailable, match="some levels"):
+        sampler_update(x, p, g_t, g_s, [n[0], None], impl="triton")
+
+
+def test_custom_ops_opcheck():
+    img, g, noises = _pyramid_inputs([1, 2], 1, 2, 4, 4)
+    torch.library.opcheck(ds._noisy_pyramid_op, (img, [1, 2], g, noises, [2.0, 1.0], "v", "ref"))
+    x, p, n, g_t, g_s = _update_inputs([(1, 2, 4, 4), (1, 2, 2, 2)])
+    torch.library.opcheck(ds._sampler_update_op, (x, p, g_t, g_s, n, [2.0, 1.0], "v", None, "clip", "ref"))
+
+
+@pytest.mark.gpu
+def test_gpu_ops_at_model_shapes():
+    img, g, noises = _pyramid_inputs([1, 4, 16], 2, 3, 256, 256, torch.bfloat16, "cuda")
+    ref = noisy_pyramid(img.float(), [1, 4, 16], g, [n.float() for n in noises], target="v", impl="ref")
+    tri = noisy_pyramid(img, [1, 4, 16], g, noises, target="v", impl="triton")
+    low = noisy_pyramid(img, [1, 4, 16], g, noises, target="v", impl="ref")  # torch's own bf16 error
+    for r, t, lo in zip(ref[1] + ref[2], tri[1] + tri[2], low[1] + low[2]):
+        err_t, err_lo = (t.float() - r).abs().max().item(), (lo.float() - r).abs().max().item()
+        assert err_t <= 2 * err_lo + 1e-3

@@ -1,0 +1,181 @@
+"""The nested training loss against a direct re-derivation of the public NestedDiffusion.get_loss."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mdm_fast.diffusion import DiffusionConfig, NestedDiffusion, NestedDiffusionConfig, SamplerConfig
+from mdm_fast.diffusion.schedules import gamma_table, shift_gammas, vdm_loss_weights
+
+GOLDEN = Path("/work/shared/reference/golden")
+N = 50
+
+
+class Stand(nn.Module):
+    def __init__(self, levels, nest_ratio=(), is_temporal=()):
+        super().__init__()
+        if nest_ratio:
+            self.nest_ratio, self.is_temporal = list(nest_ratio), list(is_temporal)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 3, padding=1) for _ in range(levels)])
+        self.seen = None
+
+    def forward(self, x_t, times, conditioning, cond_mask, micros={}):
+        single = torch.is_tensor(x_t)
+        xs = [x_t] if single else x_t
+        self.seen = [x.detach().clone() for x in xs]
+        out = [c(x) + times[: x.shape[0]].view(-1, 1, 1, 1) / N for c, x in zip(self.convs, xs)]
+        return out[0] if single else out
+
+
+def _cfg(shifted=True, pred="V_PREDICTION", target="DDPM", **kw):
+    sc = dict(num_diffusion_steps=N, schedule_type="DEEPFLOYD", prediction_type=pred, loss_target_type=target,
+              schedule_shifted=shifted, schedule_shifted_power=2)
+    return NestedDiffusionConfig.from_dict(dict(sampler_config=sc, **kw))
+
+
+def _public_loss(model, images, cfg, scales, gen, mixed=None):
+    """NestedDiffusion.get_loss of the public code, re-derived step by step (no temporal levels)."""
+    sc = cfg.sampler_config
+    B = images.shape[0]
+    times = torch.randint(0, N, (B,), generator=gen)
+    imgs = [images]
+    for i in range(1, len(scales)):
+        imgs.append(F.avg_pool2d(imgs[-1], scales[i - 1] // scales[i]))
+    eps = [torch.randn(x.shape, generator=gen) for x in imgs]
+    base = gamma_table(sc)
+    g = [(shift_gammas(base, s, 2) if sc.schedule_shifted else base)[times + 1].view(-1, 1, 1, 1) for s in scales]
+    x0 = [x / s if not sc.schedule_shifted else x for x, s in zip(imgs, scales)]
+    x_t = [gi.sqrt() * x + (1 - gi).sqrt() * e for gi, x, e in zip(g, x0, eps)]
+    keep = [B] * len(scales) if mixed is None else [int(m * B) for m in mixed]
+    out = model([x[:k] for x, k in zip(x_t, keep)], times, None, None, {})
+    out = [torch.cat([p, p.new_zeros(B - p.shape[0], *p.shape[1:])]) for p in out]
+    w = [float(v) for v in cfg.multi_res_weights.split(":")] if cfg.multi_res_weights else [1.0] * len(scales)
+    total = 0
+    for i, (x, p, gi, e, xi0) in enumerate(zip(x_t, out, g, eps, x0)):
+        xpred = x * gi.sqrt() - p * (1 - gi).sqrt()  # V -> x0
+        p = (x - xpred * gi.sqrt()) / (1 - gi).sqrt()  # x0 -> eps (loss target DDPM)
+        if i == 0 or cfg.use_double_loss:
+            per = ((p - e) ** 2).mean(dim=(1, 2, 3))
+            if mixed is not None:
+                per = per / mixed[i]
+                per[keep[i]:] = 0
+        else:
+            per = p.mean() * 0
+        total = total + per * w[i]
+    if cfg.use_vdm_loss_weights:
+        vw = vdm_loss_weights(base)[times + 1]
+        return (total * vw).sum() / vw.sum()
+    return total.mean()
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+@pytest.mark.parametrize("double,weights,vdm", [(True, "16:4:1", False), (False, None, True)])
+def test_loss_matches_public_derivation_three_levels(shifted, double, weights, vdm):
+    cfg = _cfg(shifted, use_double_loss=double, multi_res_weights=weights, no_use_residual=True,
+               use_vdm_loss_weights=vdm)
+    model = Stand(3, [16, 4], [False, False])
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    diff = NestedDiffusion.for_model(cfg, model)
+    loss, stats = diff.loss(model, images, None, None, generator=torch.Generator().manual_seed(5))
+    want = _public_loss(model, images, cfg, [16, 4, 1], torch.Generator().manual_seed(5))
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    assert set(stats) == {"times", "loss_level0"} | ({"loss_level1", "loss_level2"} if double else set())
+    loss.backward()
+    assert all(c.weight.grad is not None for c in model.convs)
+
+
+def test_mixed_ratio_trains_fewer_high_res_samples():
+    cfg = _cfg(use_double_loss=True, no_use_residual=True, mixed_ratio="2:1", use_vdm_loss_weights=False)
+    model = Stand(2, [4], [False])
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    loss, _ = NestedDiffusion.for_model(cfg, model).loss(model, images, None, None,
+                                                         generator=torch.Generator().manual_seed(1))
+    assert [x.shape[0] for x in model.seen] == [4, 6]
+    want = _public_loss(model, images, cfg, [4, 1], torch.Generator().manual_seed(1), mixed=[2 / 3, 1.0])
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_unet_loss():
+    cfg = DiffusionConfig(sampler_config=SamplerConfig(num_diffusion_steps=N, prediction_type="V_PREDICTION",
+                                                       rescale_signal=2.0), use_vdm_loss_weights=False)
+    model = Stand(1)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    t = torch.tensor([3, 40])
+    diff = NestedDiffusion(cfg)
+    loss, stats = diff.loss(model, images, None, None, times=t, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = gamma_table(cfg.sampler_config)[t + 1].view(-1, 1, 1, 1)
+    x0 = images / 2.0  # rescale_signal, in x_t and in the v target alike
+    x_t = g.sqrt() * x0 + (1 - g).sqrt() * eps
+    torch.testing.assert_close(model.seen[0], x_t)
+    v = g.sqrt() * eps - (1 - g).sqrt() * x0
+    torch.testing.assert_close(loss, ((model(x_t, t, None, None) - v) ** 2).mean(), atol=1e-6, rtol=1e-6)
+
+
+def test_temporal_levels_take_every_fourth_frame():
+    cfg = _cfg(no_use_residual=True)
+    model = Stand(2, [2], [True])
+    diff = NestedDiffusion.for_model(cfg, model)  # frames_per_side=4, as the public loss
+    frames = torch.rand(1, 16, 3, 4, 4) * 2 - 1  # 16 frames of 4x4 tiled 4x4 -> 16x16
+    images = torch.zeros(1, 3, 16, 16)
+    for k in range(16):
+        images[0, :, (k // 4) * 4:(k // 4) * 4 + 4, (k % 4) * 4:(k % 4) * 4 + 4] = frames[0, k]
+    x0, x_t, _, _ = diff.pyramid(images, torch.tensor([10]))
+    want = torch.zeros(1, 3, 8, 8)
+    for j, k in enumerate([0, 4, 8, 12]):  # x[:, ::4] of the 16 frames, re-tiled 2x2
+        want[0, :, (j // 2) * 4:(j // 2) * 4 + 4, (j % 2) * 4:(j % 2) * 4 + 4] = frames[0, k]
+    torch.testing.assert_close(x0[1], want)
+    loss, _ = diff.loss(model, images, None, None)
+    assert torch.isfinite(loss)
+
+
+def test_residual_from_low_resolution():
+    cfg = _cfg(shifted=False, pred="DDPM", target="DDPM", no_use_residual=False)
+    model = Stand(2, [4], [False])
+    diff = NestedDiffusion.for_model(cfg, model)
+    x = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)]
+    t = torch.tensor([5, 30])
+    got = diff.predict(model, x, t, None, None)
+    raw = model(x, t, None, None)
+    g = diff.schedule.gammas[:, t + 1]
+    g_hi, g_lo = g[0].view(-1, 1, 1, 1), g[1].view(-1, 1, 1, 1)
+    x0_lo = ((x[1] - raw[1] * (1 - g_lo).sqrt()) / g_lo.sqrt()).clamp(-1, 1)  # low level: signal scale 1
+    up = F.interpolate(x0_lo, scale_factor=4, mode="bicubic") / 4  # back to the top level's units
+    torch.testing.assert_close(got[0], raw[0] + (x[0] - up * g_hi.sqrt()) / (1 - g_hi).sqrt())
+    torch.testing.assert_close(got[1], raw[1])
+
+
+def test_bad_configs_and_inputs():
+    model = Stand(2, [4], [False])
+    with pytest.raises(ValueError, match="NestedDiffusionConfig"):
+        NestedDiffusion.for_model(DiffusionConfig(), model)
+    with pytest.raises(ValueError, match="temporal"):
+        NestedDiffusion(_cfg(), [2], [True])  # residual on by default
+    with pytest.raises(ValueError, match="nest_ratio"):
+        NestedDiffusion(_cfg(no_use_residual=True), [4, 8])
+    diff = NestedDiffusion(_cfg(no_use_residual=True), [4])
+    with pytest.raises(ValueError, match="divisible"):
+        diff.loss(model, torch.rand(2, 3, 18, 18), None, None)
+    with pytest.raises(ValueError, match="multi_res_weights"):
+        NestedDiffusion(_cfg(use_double_loss=True, multi_res_weights="4:1", no_use_residual=True), [16, 4])
+
+
+@pytest.mark.skipif(not (GOLDEN / "nested2_tiny.pt").exists(), reason="golden files not present")
+def test_reference_model_trains_and_samples():
+    from mdm_fast.reference import build_model
+
+    case = torch.load(GOLDEN / "nested2_tiny.pt", weights_only=True)
+    model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
+    model.load_state_dict(case["state_dict"])
+    cfg = _cfg(use_double_loss=True, multi_res_weights="16:4:1", no_use_residual=True)
+    diff = NestedDiffusion.for_model(cfg, model)
+    assert diff.ratios == [1, 2, 4]
+    cond, mask = case["inputs"]["conditioning"], case["inputs"]["cond_mask"]
+    loss, stats = diff.loss(model, torch.rand(2, 3, 32, 32) * 2 - 1, cond, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and len([k for k in stats if k.startswith("loss_level")]) == 3
+    out = diff.sample(model, cond, mask, 32, num_inference_steps=2, guidance_scale=2.0,
+                      uncond_conditioning=torch.zeros_like(cond[:1]))
+    assert [tuple(o.shape) for o in out] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]

@@ -1,0 +1,128 @@
+"""The joint sampler loop, CFG, partial starts and the side-by-side output, with stand-in models."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig, SamplerConfig, inference_timesteps, tile_levels
+
+
+class TinyNested(nn.Module):
+    """Stand-in with the model interface: one 1x1 conv per level, conditioning mean as a bias."""
+
+    nest_ratio = [4]
+    is_temporal = [False]
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 1) for _ in range(2)])
+        self.calls = []
+
+    def forward(self, x_t, times, conditioning, cond_mask, micros={}):
+        self.calls.append((times.clone(), [x.shape for x in x_t], conditioning.shape[0]))
+        bias = conditioning.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return [c(x) * 0.5 + bias[: x.shape[0]] for c, x in zip(self.convs, x_t)]
+
+
+def _diffusion(steps=20, shifted=True, kind="V_PREDICTION", **kw):
+    sc = SamplerConfig(num_diffusion_steps=steps, schedule_type="DEEPFLOYD", prediction_type=kind,
+                       schedule_shifted=shifted, schedule_shifted_power=2)
+    return NestedDiffusion(NestedDiffusionConfig(sampler_config=sc, no_use_residual=True, **kw), [4], [False])
+
+
+def _public_update(x_t, pred, g, gl, scale, noise):
+    """Public NestedSampler step for V_PREDICTION, CLIP, DDPM posterior, written out."""
+    x0 = ((x_t * g.sqrt() - pred * (1 - g).sqrt()) * scale).clip(-1, 1) / scale
+    alpha = g / gl
+    beta = 1 - alpha
+    xs = x0 * beta * gl.sqrt() / (1 - g) + x_t * alpha.sqrt() * (1 - gl) / (1 - g)
+    return xs + (beta * (1 - gl) / (1 - g)).sqrt() * noise if noise is not None else xs
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_loop_matches_public_sequence(shifted):
+    torch.manual_seed(0)
+    diff, model = _diffusion(shifted=shifted), TinyNested()
+    cond, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
+    sampler = diff.sampler(num_inference_steps=4)
+    gen = torch.Generator().manual_seed(3)
+    x = sampler.initial_noise(2, 3, 16, generator=gen)
+    out = sampler.sample(diff.make_denoise(model, cond, mask), x, generator=gen)
+    # the public loop, by hand, with the same random stream
+    gen = torch.Generator().manual_seed(3)
+    x = [torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)]
+    ts = inference_timesteps(20, 4)
+    table = diff.schedule.gammas
+    scales = [1.0, 1.0] if shifted else [4.0, 1.0]
+    for t, s in zip(ts[:-1], ts[1:]):
+        pred = model(x, torch.full((2,), t - 1), cond, mask)
+        noise = [torch.randn(xi.shape, generator=gen) for xi in x] if s > 0 else [None, None]
+        x = [_public_update(x[i], pred[i], table[i, t], table[i, s], scales[i], noise[i]) for i in range(2)]
+    for got, want, sc in zip(out, x, scales):
+        torch.testing.assert_close(got, (want * sc).clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    times = [c[0][0].item() for c in model.calls[:4]]
+    assert times == [t - 1 for t in ts[:-1]]  # one model call per step, at model time t - 1
+
+
+def test_steps_yield_intermediates_and_ddim_is_deterministic():
+    diff, model = _diffusion(), TinyNested()
+    cond = torch.randn(2, 5, 8)
+    sampler = diff.sampler(num_inference_steps=5, ddim_eta=0.0)
+    x = sampler.initial_noise(2, 3, 16)
+    steps = list(sampler.steps(diff.make_denoise(model, cond, None), x))
+    assert [(st.t, st.s) for st in steps] == list(zip(sampler.timesteps[:-1], sampler.timesteps[1:]))
+    assert [tuple(v.shape) for v in steps[-1].x0] == [(2, 3, 16, 16), (2, 3, 4, 4)]
+    a = sampler.sample(diff.make_denoise(model, cond, None), x, generator=torch.Generator().manual_seed(1))
+    b = sampler.sample(diff.make_denoise(model, cond, None), x, generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    anc = diff.sampler(num_inference_steps=5)
+    c = anc.sample(diff.make_denoise(model, cond, None), x, generator=torch.Generator().manual_seed(1))
+    d = anc.sample(diff.make_denoise(model, cond, None), x, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(c[0], d[0])
+    assert all(v.abs().max() <= 1 for v in c)
+
+
+def test_classifier_free_guidance():
+    diff, model = _diffusion(), TinyNested()
+    cond, null = torch.randn(2, 5, 8), torch.zeros(1, 5, 8)
+    x, times = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)], torch.tensor([7, 7])
+    got = diff.make_denoise(model, cond, torch.ones(2, 5), 3.0, uncond_conditioning=null)(x, times)
+    assert model.calls[-1][2] == 4  # one call on the doubled batch
+    c = diff.predict(model, x, times, cond, None)
+    u = diff.predict(model, x, times, null.expand(2, 5, 8), None)
+    for g, ci, ui in zip(got, c, u):
+        torch.testing.assert_close(g, ui + 3.0 * (ci - ui))
+    stacked = diff.make_denoise(model, torch.cat([null.expand(2, 5, 8), cond]), None, 3.0)(x, times)
+    assert all(torch.allclose(a, b) for a, b in zip(got, stacked))  # the public [uncond; cond] layout
+    with pytest.raises(ValueError, match="2 x 2"):
+        diff.make_denoise(model, cond, None, 3.0)(x, times)
+
+
+def test_partial_start_and_step_counts():
+    diff, model = _diffusion(), TinyNested()
+    sampler = diff.sampler(num_inference_steps=10)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    start = sampler.noised_start(images, 7, torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in start] == [(2, 3, 16, 16), (2, 3, 4, 4)]
+    steps = list(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), start, start_t=7))
+    assert steps[0].t == 7 and steps[-1].s == 0 and all(st.t <= 7 for st in steps)
+    with pytest.raises(ValueError, match="start step"):
+        sampler.noised_start(images, 0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        diff.sampler(num_inference_steps=21)
+    with pytest.raises(ValueError, match="ddim_eta"):
+        diff.sampler(ddim_eta=-0.5)
+
+
+def test_dynamic_threshold_sampler_runs():
+    diff, model = _diffusion(), TinyNested()
+    out = diff.sample(model, torch.randn(2, 5, 8), None, 16, num_inference_steps=3, threshold="dynamic_if")
+    assert all(v.abs().max() <= 1 for v in out)
+
+
+def test_tile_levels_side_by_side():
+    top, low = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 2, 2)
+    grid = tile_levels([top, low], mode="nearest")
+    assert grid.shape == (2, 3, 8, 16)
+    torch.testing.assert_close(grid[..., 8:], top)  # lowest level first, as the public output_inner
+    torch.testing.assert_close(grid[..., :8], F.interpolate(low, size=(8, 8), mode="nearest"))
