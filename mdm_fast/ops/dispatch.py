@@ -3,7 +3,8 @@
 Every op has backends ``ref`` (PyTorch, always available), ``triton`` and ``cuda`` (the compiled
 ``mdm_fast._C`` extension). Each backend of each op registers a *reason function*: given the
 op's arguments it returns ``None`` when the backend can run them, or a short sentence saying
-why it cannot. ``impl="auto"`` picks the first runnable backend in the op's preference order;
+why it cannot. ``impl="auto"`` picks the first runnable backend in the op's preference order (Triton's CPU
+interpreter only runs when asked for by name);
 an explicitly requested backend that cannot run raises :class:`BackendUnavailable` with the
 reason. The choice is overridden globally by ``MDM_FAST_IMPL`` or :func:`use_impl`.
 
@@ -22,7 +23,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-BACKENDS = ("ref", "triton", "cuda")
+BACKENDS = ("ref", "triton", "cuda", "sdpa", "torch")
+# sdpa: PyTorch scaled_dot_product_attention (attention); torch: a faster pure-PyTorch formulation
+# (cuDNN does the work, e.g. the sub-pixel upsample-conv as one transposed conv)
 _ENV_VAR = "MDM_FAST_IMPL"
 
 ReasonFn = Callable[..., Optional[str]]
@@ -97,6 +100,13 @@ def why_not(op_name: str, backend: str, *args, **kwargs) -> Optional[str]:
     return fn(*args, **kwargs)
 
 
+def impl_for(op_name: str, impl: str) -> str:
+    """``impl`` if ``op_name`` has that backend, else "auto": a model-wide preference (say "triton")
+    applies to the ops that have it and leaves the others to automatic choice."""
+    _check_name(impl)
+    return impl if impl in _REGISTRY[op_name].reasons else "auto"
+
+
 def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
     """The concrete backend that will run ``op_name`` on these arguments."""
     want = requested_impl(impl)
@@ -107,9 +117,16 @@ def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
             raise BackendUnavailable(f"{op_name}: backend {want!r} cannot run: {reason}")
         return want
     for backend in op.preference:
+        if backend == "triton" and _on_interpreter(args, kwargs):
+            continue  # the interpreter is for testing kernels: it runs only when asked for by name
         if backend in op.reasons and why_not(op_name, backend, *args, **kwargs) is None:
             return backend
     return "ref"
+
+
+def _on_interpreter(args, kwargs) -> bool:
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    return triton_interpreting() and not any(t.device.type == "cuda" for t in tensors)
 
 
 # ---- common reasons shared by the ops ------------------------------------------------------
