@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one script a session runs on a lent GPU (H100/H200): install with the machine's torch,
+# build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
+#
+#   bash benchmarks/device_check.sh [ops|models|all]     (default: all)
+#
+# Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
+# says which stages passed. Tables land in $OUT (benchmarks/results/ by default), every stage's full
+# output in $OUT/log.txt (the device tool returns at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MDM_FAST_BENCH_OUT="$OUT"
+PY=${PYTHON:-python3}
+declare -a SUMMARY
+
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${secs}s)"
+  echo "=== $name" >>"$OUT/log.txt"
+  timeout --kill-after=10 "$secs" "$@" >/tmp/stage.log 2>&1
+  local rc=$?
+  cat /tmp/stage.log >>"$OUT/log.txt"
+  tail -n 25 /tmp/stage.log
+  SUMMARY+=("$name: rc=$rc $((SECONDS - t0))s")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+stage install 100 $PY -m pip install --no-build-isolation --no-deps -e .
+$PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.load_error or '')"
+
+if [[ $WHAT == ops || $WHAT == all ]]; then
+  stage gpu-tests-ops 150 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
+    tests/test_attention.py tests/test_resample_ops.py tests/test_diffusion_ops.py
+  stage bench-group-norm 45 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
+  stage bench-attention 50 $PY -m benchmarks.attention --suite quick --out "$OUT"
+  stage bench-resample 40 $PY -m benchmarks.resample --suite quick --out "$OUT"
+  stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
+fi
+if [[ $WHAT == models || $WHAT == all ]]; then
+  stage gpu-tests-models 120 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py
+  stage bench-models 240 $PY -m benchmarks.models --suite quick --out "$OUT"
+fi
+echo "=== summary"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
