@@ -230,11 +230,15 @@ class UNet(nn.Module):
         x = self.forward_input_layer(x_t)
         if x_feat is not None:
             x = x + x_feat
+        x_out, x = self.forward_body(x, temb, conditioning, cond_mask)
+        return (x_out, x) if self.config.nesting else x_out
+
+    def forward_body(self, x, temb, conditioning, cond_mask):
+        """Everything after the input layer: (output image, last features)."""
         x, skips = self.forward_downsample(x, temb, conditioning, cond_mask)
         x = self.forward_mid(x, temb, conditioning, cond_mask)
         x = self.forward_upsample(x, temb, conditioning, cond_mask, skips)
-        x_out = self.forward_output_layer(x)
-        return (x_out, x) if self.config.nesting else x_out
+        return self.forward_output_layer(x), x
 
     def forward(self, x_t, times, conditioning=None, cond_mask=None, micros=None):
         self.check_inputs(x_t, times, conditioning, cond_mask)

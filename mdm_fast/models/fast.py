@@ -1,0 +1,225 @@
+"""The fast NestedUNet: the reference modules with forwards built from the fused ops.
+
+Each fast class subclasses its reference class and only overrides ``forward`` (or one stage), so a
+fast model has exactly the reference's parameters, buffers and state_dict: public checkpoints
+load unchanged, and :func:`optimize` converts a reference model in place by swapping classes.
+
+What changes on the hot path:
+- ``silu(group_norm(x))``, ``silu(group_norm(h) * (1 + a) + b)`` and the attention/FFN norms are
+  one fused op each (:func:`mdm_fast.ops.group_norm_act`);
+- all ResNet time projections of a level are one GEMM per step: the level's time embedding is
+  replaced by the concatenated projections ``P = silu(temb) @ W_cat^T + b_cat`` (B, sum 2C), and
+  each ResNet reads its (scale, shift) columns; blocks that only need the batch size of ``temb``
+  (temporal attention) see the same batch;
+- attention reads q, k, v straight from the qkv conv's output and writes what proj_out reads
+  (:func:`mdm_fast.ops.attention_from_qkv`); a query whose text keys are all masked gets zero from
+  the text branch where the public code gives NaN;
+- nearest-2x upsampling + 3x3 conv is the sub-pixel conv (:func:`mdm_fast.ops.upsample_conv3x3`);
+- the nesting adapters are fused steps without materialised zero padding.
+There is no host synchronisation in ``forward``: checks use shapes only.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mdm_fast import ops
+from mdm_fast.ops.dispatch import impl_for
+from mdm_fast.ops.time_proj import TimeProjections
+from mdm_fast.reference.layers import ResNet, ResNetBlock, SelfAttention, repeat_to_batch
+from mdm_fast.reference.unet import NestedUNet, UNet
+
+
+def _w(p: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A parameter in the activation's dtype (autocast does this for torch ops, not custom ops)."""
+    return None if p is None else p.to(like.dtype)
+
+
+def _impl(module: nn.Module, op: str) -> str:
+    """The module's backend preference for ``op`` (see :func:`mdm_fast.ops.dispatch.impl_for`)."""
+    return impl_for(op, getattr(module, "impl", "auto"))
+
+
+class FastResNet(ResNet):
+    proj_offset: int  # first column of this block's (scale, shift) in the level's projections
+
+    def forward(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        impl = _impl(self, "group_norm_act")
+        n1, n2 = self.norm1, self.norm2
+        h = self.conv1(ops.group_norm_act(x, n1.num_groups, n1.weight, n1.bias, n1.eps, impl=impl))
+        c = self.config.output_channels
+        ta = repeat_to_batch(proj[:, self.proj_offset:self.proj_offset + c], h.size(0))  # (B, C)
+        tb = repeat_to_batch(proj[:, self.proj_offset + c:self.proj_offset + 2 * c], h.size(0))
+        h = ops.group_norm_act(h, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=ta, shift=tb, impl=impl)
+        h = self.conv2(self.dropout(h))
+        if self.config.output_channels != self.config.num_channels:
+            x = self.conv3(x)
+        return h + x
+
+
+class FastSelfAttention(SelfAttention):
+    def forward(self, x, cond=None, cond_mask=None):
+        impl = _impl(self, "group_norm_act")
+        b, c, h, w = x.shape
+        n = self.norm
+        y = ops.group_norm_act(x, n.num_groups, n.weight, n.bias, n.eps, act=None, impl=impl)
+        qkv = self.qkv(y)  # (B, 3C, H, W)
+        kv_cond = self.kv_cond(self.norm_cond(cond)).to(qkv.dtype) if self.has_cross else None  # (B, T, 2C)
+        mask = cond_mask if self.has_cross else None
+        out = ops.attention_from_qkv(qkv.flatten(2), kv_cond, mask, self.num_heads,
+                                     impl=_impl(self, "attention"))  # (B, C, L)
+        x = x + self.proj_out(out.reshape(b, c, h, w))
+        if self.ffn is not None:
+            norm, conv1, _, conv2 = self.ffn
+            y = ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act=None, impl=impl)
+            x = conv2(F.gelu(conv1(y))) + x
+        return x
+
+
+class FastResNetBlock(ResNetBlock):
+    checkpointing = False  # recompute this block's activations in backward (set_activation_checkpointing)
+
+    def forward(self, x, temb, skip_activations=None, return_activations=False, conditioning=None,
+                cond_mask=None):
+        run = super().forward
+        if not (self.checkpointing and torch.is_grad_enabled()):
+            return run(x, temb, skip_activations, return_activations, conditioning, cond_mask)
+        has_skips = skip_activations is not None
+
+        def body(x, temb, conditioning, cond_mask, *skips):  # the recomputation gets a fresh skip list
+            return run(x, temb, list(skips) if has_skips else None, return_activations, conditioning, cond_mask)
+
+        return checkpoint(body, x, temb, conditioning, cond_mask, *(skip_activations or []), use_reentrant=False)
+
+    def _resample(self, x, temb):
+        if self.upsample_output and not self.resamples_frames:
+            w, b = _w(self.resample.weight, x), _w(self.resample.bias, x)
+            return ops.upsample_conv3x3(x, w, b, impl=_impl(self, "upsample_conv3x3"))
+        return super()._resample(x, temb)
+
+
+class FastUNetMixin:
+    """Stage overrides shared by the fast UNet and NestedUNet."""
+
+    def _time_projections(self) -> TimeProjections:
+        tp = self.__dict__.get("_tp")
+        if tp is None:
+            own = [m for m in _own_modules(self) if isinstance(m, ResNet)]
+            tp = TimeProjections([m.time_layer for m in own])
+            offset = 0
+            for m, size in zip(own, tp.sizes):
+                m.proj_offset = offset
+                offset += size
+            self.__dict__["_tp"] = tp
+        return tp
+
+    def time_embedding(self, times, cond_emb, micros):
+        temb = super().time_embedding(times, cond_emb, micros)  # (B, temporal_dim)
+        w, b = self._time_projections().weight_bias()
+        return F.linear(F.silu(temb), w.to(temb.dtype), b.to(temb.dtype))  # (B, sum 2C): every ResNet's (a, b)
+
+    def forward_output_layer(self, x):
+        n_in, n_out = self._frame_grid("output")
+        if n_in != 1 or n_out != 1:
+            return super().forward_output_layer(x)
+        n = self.norm_out
+        return self.conv_out(ops.group_norm_act(x, n.num_groups, n.weight, n.bias, n.eps,
+                                                impl=_impl(self, "group_norm_act")))
+
+
+class FastUNet(FastUNetMixin, UNet):
+    """The fast UNet (also the innermost level of a fast NestedUNet)."""
+
+
+class FastNestedUNet(FastUNetMixin, NestedUNet):
+    def _fused_adapters(self) -> bool:
+        inner = self.inner_unet
+        return type(inner) is FastUNet and not inner.config.temporal_mode and not self.config.temporal_mode
+
+    def forward_denoising(self, x_t, times, cond_emb=None, conditioning=None, cond_mask=None, micros=None):
+        if not self._fused_adapters():
+            return super().forward_denoising(x_t, times, cond_emb, conditioning, cond_mask, micros)
+        micros = micros or {}
+        proj = self.time_embedding(times, cond_emb, micros)
+        x_feat = None
+        if self.config.nesting:
+            x_t, x_feat = x_t
+        bh = x_t[0].size(0)
+        x = self.forward_input_layer(x_t[0], normalize=not self.config.skip_normalization)
+        if x_feat is not None:
+            x = x + x_feat
+        text_h = conditioning[:bh] if conditioning is not None else None
+        mask_h = cond_mask[:bh] if cond_mask is not None else None
+        x, skips = self.forward_downsample(x, proj[:bh], text_h, mask_h)
+
+        inner = self.inner_unet
+        ad = self.in_adapter
+        x_low = x_t[1].to(x.dtype)
+        x_in = ops.nested_inner_input(x_low, _w(inner.conv_in.weight, x), _w(inner.conv_in.bias, x),
+                                      x if ad is not None else None, _w(ad.weight, x) if ad is not None else None,
+                                      _w(ad.bias, x) if ad is not None else None,
+                                      impl=_impl(self, "nested_inner_input"))
+        low_out, inner_x = inner.forward_body(x_in, inner.time_embedding(times, cond_emb, micros), conditioning,
+                                              cond_mask)
+        oa = self.out_adapter
+        x = ops.nested_outer_merge(x, inner_x, _w(oa.weight, x), _w(oa.bias, x),
+                                   impl=_impl(self, "nested_outer_merge"))
+
+        x = self.forward_upsample(x, proj[:bh], text_h, mask_h, skips)
+        out = [self.forward_output_layer(x), low_out]
+        return (out, x) if self.config.nesting else out
+
+
+FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
+    ResNet: FastResNet,
+    SelfAttention: FastSelfAttention,
+    ResNetBlock: FastResNetBlock,
+    UNet: FastUNet,
+    NestedUNet: FastNestedUNet,
+}
+
+
+def _own_modules(level: nn.Module):
+    """Modules of a UNet level, the inner UNet excluded, in registration order."""
+    inner = getattr(level, "inner_unet", None)
+    skip = set(id(m) for m in inner.modules()) if inner is not None else set()
+    return [m for m in level.modules() if id(m) not in skip]
+
+
+def convert(model: nn.Module, impl: str = "auto") -> nn.Module:
+    """Swap every reference module of ``model`` for its fast class, in place."""
+    ops.dispatch.requested_impl(impl)  # validates the name
+    for m in model.modules():
+        fast = FAST_CLASSES.get(type(m))
+        if fast is not None:
+            m.__class__ = fast
+        if isinstance(m, tuple(FAST_CLASSES.values())):
+            m.impl = impl
+            m.__dict__.pop("_tp", None)
+    return model
+
+
+def set_activation_checkpointing(model: nn.Module, levels=None, enabled: bool = True) -> None:
+    """Recompute activations in backward, block by block, for the nesting ``levels`` given (0 = the
+    outermost; None = all): trades about one extra forward for the activation memory of those levels."""
+    level_modules = [model]
+    while hasattr(level_modules[-1], "inner_unet"):
+        level_modules.append(level_modules[-1].inner_unet)
+    chosen = range(len(level_modules)) if levels is None else levels
+    for i in chosen:
+        for m in _own_modules(level_modules[i]):
+            if isinstance(m, FastResNetBlock):
+                m.checkpointing = enabled
+
+
+def is_fast(model: nn.Module) -> bool:
+    return isinstance(model, (FastUNet, FastNestedUNet))
+
+
+def copy_fast(model: nn.Module, impl: str = "auto") -> nn.Module:
+    return convert(copy.deepcopy(model), impl)

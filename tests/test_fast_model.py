@@ -1,0 +1,182 @@
+"""The fast NestedUNet against the reference: golden cases, random configs, gradients, conversion."""
+import copy
+
+import pytest
+import torch
+
+import mdm_fast
+from mdm_fast.models import set_activation_checkpointing
+from mdm_fast.models.fast import FastNestedUNet, FastUNet
+from mdm_fast.reference import build_model as build_reference
+from test_reference import CASES, as_list, golden_model, load_case, model_inputs
+
+# max |fast - reference| allowed, per backend, in float32 (the fused ops reorder fp32 sums)
+FP32_ATOL = {"ref": 1e-5, "triton": 2e-5}
+
+
+def fast_golden(name, impl):
+    case = load_case(name)
+    model = mdm_fast.build_model(case["model"], case["unet_config"], case["input_channels"],
+                                 case["output_channels"], impl=impl)
+    model.load_state_dict(case["state_dict"], strict=True)
+    return case, model.eval()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_outputs_ref_backends(name):
+    case, model = fast_golden(name, "auto")
+    with torch.no_grad():
+        out = as_list(model(*model_inputs(case), {}))
+    for got, want in zip(out, case["outputs"]):
+        assert (got - want).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def tiny_nested_config():
+    """A nested model small enough for the Triton interpreter: 16px outer, 8px inner with attention."""
+    inner = dict(resolution_channels=[32, 32], num_resnets_per_resolution=[1, 1], attention_levels=[1],
+                 num_attention_layers=[0, 1], conditioning_feature_proj_dim=-1, num_lm_head_layers=0,
+                 skip_mid_blocks=True, micro_conditioning=None, nesting=True, temporal_dim=64,
+                 resnet_config=dict(num_groups_norm=16, use_attention_ffn=True))
+    return dict(resolution_channels=[32, 32], num_resnets_per_resolution=[1, 1], attention_levels=[],
+                num_attention_layers=[0, 0], conditioning_feature_dim=24, temporal_dim=64,
+                micro_conditioning="scale:16", resnet_config=dict(num_groups_norm=16), inner_config=inner)
+
+
+def randomize(model, std=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def tiny_inputs(batch=2, low_batch=None):
+    low_batch = low_batch or batch
+    x = [torch.randn(batch, 3, 16, 16), torch.randn(low_batch, 3, 8, 8)]
+    mask = torch.ones(low_batch, 5)
+    mask[:, 3:] = 0
+    return x, torch.randint(0, 1000, (low_batch,)), torch.randn(low_batch, 5, 24), mask
+
+
+@pytest.mark.parametrize("low_batch", [3])  # a mixed batch: the harder path, and the interpreter is slow
+def test_triton_backends_match_reference_forward_and_gradients(low_batch):
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.build_model("nested_unet", tiny_nested_config(), impl="triton")
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    args = tiny_inputs(2, low_batch)
+    outs = []
+    for model in (ref, fast):
+        out = model(*args)
+        sum((o ** 2).mean() for o in out).backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out_r, grad_r), (out_f, grad_f) = outs
+    for a, b in zip(out_r, out_f):
+        assert (a - b).abs().max().item() <= FP32_ATOL["triton"]
+    for n, g in grad_r.items():
+        tol = 1e-4 * max(1.0, g.abs().max().item())
+        assert (grad_f[n] - g).abs().max().item() <= tol, n
+
+
+def test_random_configs_match_reference():
+    for trial in range(3):
+        cfg = tiny_nested_config()
+        cfg["inner_config"]["masked_cross_attention"] = trial % 2
+        cfg["skip_normalization"] = bool(trial % 2)
+        cfg["inner_config"]["num_lm_head_layers"] = trial % 2
+        ref = randomize(build_reference("nested_unet", cfg))
+        fast = mdm_fast.optimize(copy.deepcopy(ref))
+        args = tiny_inputs(1 + trial % 2, 2)
+        with torch.no_grad():
+            for a, b in zip(ref(*args), fast(*args)):
+                assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def test_optimize_converts_in_place_and_keeps_the_state_dict():
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    params = list(ref.parameters())
+    keys = list(ref.state_dict())
+    args = tiny_inputs()
+    with torch.no_grad():
+        want = ref(*args)
+    fast = mdm_fast.optimize(ref)
+    assert fast is ref and isinstance(fast, FastNestedUNet) and isinstance(fast.inner_unet, FastUNet)
+    assert all(a is b for a, b in zip(params, fast.parameters())) and list(fast.state_dict()) == keys
+    with torch.no_grad():
+        for a, b in zip(want, fast(*args)):
+            assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def test_optimize_rejects_other_modules():
+    with pytest.raises(ValueError, match="UNet"):
+        mdm_fast.optimize(torch.nn.Linear(2, 2))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config()))
+    args = tiny_inputs(2, 3)
+    grads = []
+    for enabled in (False, True):
+        set_activation_checkpointing(model, enabled=enabled)
+        model.zero_grad()
+        sum((o ** 2).mean() for o in model(*args)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fast_model_has_no_graph_breaks_under_compile():
+    import torch._dynamo
+
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).eval()
+    args = tiny_inputs()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+
+def public_256_small_batch(device):
+    from test_reference import public_yaml_unet_config
+
+    name, cfg = public_yaml_unet_config("256x256")
+    with torch.device(device):
+        ref = randomize(build_reference(name, cfg), 0.02)
+    return name, cfg, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_golden_fp32(name):
+    case, model = fast_golden(name, "auto")
+    model.cuda()
+    x_t, t, c, m = model_inputs(case)
+    to = lambda v: [x.cuda() for x in v] if isinstance(v, list) else v.cuda()  # noqa: E731
+    with torch.no_grad():
+        out = as_list(model(to(x_t), to(t), to(c), to(m), {}))
+    for got, want in zip(out, case["outputs"]):
+        assert (got.cpu() - want).abs().max().item() <= 1e-3  # tf32-free fp32 kernels; cuDNN may use tf32
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_error_bounded_by_reference_bf16_error():
+    torch.manual_seed(0)
+    ref = randomize(build_reference("nested_unet", tiny_nested_config())).cuda()
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    args = [a.cuda() if isinstance(a, torch.Tensor) else [x.cuda() for x in a] for a in tiny_inputs(4, 4)]
+    with torch.no_grad():
+        exact = [o.double() for o in ref.double()(*[_dbl(a) for a in args])]
+        ref.float()
+        with torch.autocast("cuda", torch.bfloat16):
+            ref_bf16 = ref(*args)
+            fast_bf16 = fast(*args)
+    for e, r, f in zip(exact, ref_bf16, fast_bf16):
+        ref_err = (r.double() - e).abs().max().item()
+        fast_err = (f.double() - e).abs().max().item()
+        assert fast_err <= 2 * ref_err + 1e-3
+
+
+def _dbl(a):
+    if isinstance(a, list):
+        return [x.double() for x in a]
+    return a.double() if a.is_floating_point() else a
