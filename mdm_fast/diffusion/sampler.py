@@ -9,7 +9,7 @@ sample clipped to [-1, 1]. A step that ends at s = 0 injects no noise (its varia
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -118,9 +118,24 @@ class Sampler:
     def _gammas(self, step: int, batch: int, device) -> Tensor:
         return self.diffusion.schedule.table(device)[:, step, None].expand(-1, batch)  # (L, B)
 
+    def step(self, denoise: Denoise, x_t: List[Tensor], times: Tensor, g_t: Tensor, g_s: Tensor,
+             noise: Optional[List[Tensor]]) -> Tuple[List[Tensor], List[Tensor]]:
+        """One step of every level: (x0, x_s). Tensors only, no host sync: a CUDA graph can capture it
+        (noise at the last step, where the posterior std is 0, may be given as zeros)."""
+        preds = denoise(x_t, times)
+        x0, x_s, _ = ops.sampler_update(x_t, preds, g_t, g_s, noise, self.diffusion.signal_scales,
+                                        self.diffusion.kind, self.ddim_eta, self.threshold, impl=self.impl)
+        return x0, x_s
+
     def steps(self, denoise: Denoise, x_t: Sequence[Tensor], start_t: Optional[int] = None,
-              generator: Optional[torch.Generator] = None) -> Iterator[SamplerStep]:
-        """Run the loop from x_t (at the first timestep, or at ``start_t``), yielding every step."""
+              generator: Optional[torch.Generator] = None, step_fn: Optional[Callable] = None
+              ) -> Iterator[SamplerStep]:
+        """Run the loop from x_t (at the first timestep, or at ``start_t``), yielding every step.
+
+        ``step_fn(x_t, times, g_t, g_s, noise) -> (x0, x_s)`` replaces :meth:`step` (with ``denoise``
+        bound), e.g. by its CUDA-graph replay (:class:`mdm_fast.engine.GraphedCallable`); it then
+        always gets a noise tensor, zeros where none is injected.
+        """
         ts = [t for t in self.timesteps if start_t is None or t <= start_t]
         if start_t is not None and ts[0] != start_t:
             ts = [int(start_t)] + ts
@@ -130,12 +145,13 @@ class Sampler:
         for t, s in zip(ts[:-1], ts[1:]):
             with torch.no_grad():
                 times = torch.full((B,), t - 1, dtype=torch.long, device=device)
-                preds = denoise(x_t, times)
                 noise = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in x_t] \
                     if noisy and s > 0 else None
-                x0, x_t, _ = ops.sampler_update(x_t, preds, self._gammas(t, B, device), self._gammas(s, B, device),
-                                                noise, self.diffusion.signal_scales, self.diffusion.kind,
-                                                self.ddim_eta, self.threshold, impl=self.impl)
+                g_t, g_s = self._gammas(t, B, device), self._gammas(s, B, device)
+                if step_fn is None:
+                    x0, x_t = self.step(denoise, x_t, times, g_t, g_s, noise)
+                else:
+                    x0, x_t = step_fn(x_t, times, g_t, g_s, noise or [torch.zeros_like(x) for x in x_t])
             yield SamplerStep(t, s, x0, x_t)
 
     def to_images(self, levels: Sequence[Tensor], clip: bool = True) -> List[Tensor]:

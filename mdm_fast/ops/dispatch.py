@@ -19,7 +19,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -38,22 +38,28 @@ class BackendUnavailable(RuntimeError):
 @dataclass
 class OpBackends:
     name: str
-    preference: List[str]  # auto order, best first
+    preference: Union[List[str], Callable[..., Sequence[str]]]  # auto order, best first (or per inputs)
     reasons: Dict[str, ReasonFn] = field(default_factory=dict)
+
+    def order(self, *args, **kwargs) -> Sequence[str]:
+        return self.preference(*args, **kwargs) if callable(self.preference) else self.preference
 
 
 _REGISTRY: Dict[str, OpBackends] = {}
 _local = threading.local()
 
 
-def register(op_name: str, reasons: Dict[str, ReasonFn], preference: Sequence[str]) -> None:
-    """Declare the backends of ``op_name``: a reason function per backend, and the auto order."""
+def register(op_name: str, reasons: Dict[str, ReasonFn],
+             preference: Union[Sequence[str], Callable[..., Sequence[str]]]) -> None:
+    """Declare the backends of ``op_name``: a reason function per backend, and the auto order, or
+    a function of the op's arguments giving it (where the fastest backend depends on the shape)."""
     for b in reasons:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r} for op {op_name}; expected one of {BACKENDS}")
     if "ref" not in reasons:
         raise ValueError(f"op {op_name} must have a 'ref' backend")
-    _REGISTRY[op_name] = OpBackends(op_name, list(preference), dict(reasons))
+    _REGISTRY[op_name] = OpBackends(op_name, preference if callable(preference) else list(preference),
+                                    dict(reasons))
 
 
 def registered_ops() -> Dict[str, OpBackends]:
@@ -116,7 +122,7 @@ def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
         if reason is not None:
             raise BackendUnavailable(f"{op_name}: backend {want!r} cannot run: {reason}")
         return want
-    for backend in op.preference:
+    for backend in op.order(*args, **kwargs):
         if backend == "triton" and _on_interpreter(args, kwargs):
             continue  # the interpreter is for testing kernels: it runs only when asked for by name
         if backend in op.reasons and why_not(op_name, backend, *args, **kwargs) is None:

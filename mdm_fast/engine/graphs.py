@@ -1,0 +1,193 @@
+"""CUDA-graph runners: capture a step once per input signature, then replay it.
+
+:class:`GraphedCallable` captures any function of tensors (nested lists/tuples allowed) into a CUDA
+graph per input signature (shapes, dtypes, devices, and where the Nones are), with static input
+buffers that each call copies into. The sampler's whole step (every resolution, guidance, the
+sampler update) runs through it via ``Sampler.steps(..., step_fn=...)``: see :func:`graphed_sampler_step`.
+
+:class:`GraphedTrainStep` captures forward + backward + optimizer step of a training step.
+
+Without CUDA (or with ``capture=False``) both run the same static-buffer logic eagerly, so it is
+testable on a CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+
+def _signature(leaves) -> Tuple:
+    return tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else ("const", x)
+                 for x in leaves)
+
+
+@dataclass
+class _Entry:
+    inputs: List[Any]  # static leaves (tensors are the buffers each call copies into)
+    spec: Any
+    outputs: Any = None
+    graph: Optional[torch.cuda.CUDAGraph] = None
+    fn_args: Any = field(default=None)
+
+
+class GraphedCallable:
+    """``fn(*args)`` with tensor arguments, replayed from a CUDA graph.
+
+    The first call with a new signature warms ``fn`` up on a side stream (``warmup`` runs, whose
+    results are discarded: ``fn`` must not have side effects other than its outputs), captures it,
+    and replays. Outputs are cloned unless ``clone_outputs=False`` (then they are the graph's static
+    buffers, overwritten by the next replay). ``capture=False`` runs ``fn`` eagerly on the static
+    buffers (the default on CPU).
+    """
+
+    def __init__(self, fn: Callable, warmup: int = 2, capture: Optional[bool] = None, clone_outputs: bool = True,
+                 pool=None):
+        self.fn = fn
+        self.warmup = warmup
+        self.capture = torch.cuda.is_available() if capture is None else capture
+        self.clone_outputs = clone_outputs
+        self.pool = pool
+        self._entries: Dict[Tuple, _Entry] = {}
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._entries)
+
+    def __call__(self, *args):
+        leaves, spec = tree_flatten(args)
+        key = (str(spec), _signature(leaves))
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._build(leaves, spec)
+        else:
+            for static, x in zip(entry.inputs, leaves):
+                if isinstance(x, torch.Tensor):
+                    static.copy_(x)
+        if entry.graph is not None:
+            entry.graph.replay()
+            out = entry.outputs
+        else:
+            out = self.fn(*tree_unflatten(entry.inputs, entry.spec))
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out) if self.clone_outputs else out
+
+    def _build(self, leaves, spec) -> _Entry:
+        static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        entry = _Entry(static, spec)
+        if not self.capture:
+            return entry
+        args = tree_unflatten(static, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(entry.graph, pool=self.pool):
+            entry.outputs = self.fn(*args)
+        return entry
+
+
+def graphed_sampler_step(sampler, denoise: Callable, capture: Optional[bool] = None) -> GraphedCallable:
+    """``step_fn`` for ``sampler.steps(denoise, x_t, step_fn=...)``: the whole denoising step of every
+    level (model, guidance, sampler update) captured once per batch shape and replayed."""
+    def step(x_t, times, g_t, g_s, noise):
+        with torch.no_grad():
+            return sampler.step(denoise, x_t, times, g_t, g_s, noise)
+
+    return GraphedCallable(step, capture=capture)
+
+
+class GraphedTrainStep:
+    """forward + backward + optimizer step of ``loss_fn(*batch) -> scalar loss``, as one CUDA graph.
+
+    ``optimizer`` must be an Adam/AdamW with ``capturable=True`` and a tensor learning rate (set it
+    with :meth:`set_lr`, which a scheduler's value can feed). Before capture, ``warmup`` steps run
+    with the learning rate at 0 and the optimizer's moments are reset afterwards, so the parameters
+    are untouched: replay k is training step k. ``max_grad_norm`` clips inside the graph (no host
+    sync). Random numbers drawn inside ``loss_fn`` come from the default CUDA generator, advanced at
+    every replay. ``capture=False`` runs the same steps eagerly.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                 max_grad_norm: Optional[float] = None, warmup: int = 3, capture: Optional[bool] = None):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.max_grad_norm = max_grad_norm
+        self.warmup = warmup
+        self.capture = torch.cuda.is_available() if capture is None else capture
+        if self.capture:
+            self._check_optimizer()
+        self._static: Optional[List[Any]] = None
+        self._spec = None
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._loss: Optional[torch.Tensor] = None
+
+    def _check_optimizer(self) -> None:
+        if not isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(f"GraphedTrainStep: expected torch.optim.Adam/AdamW, got {type(self.optimizer).__name__}")
+        for group in self.optimizer.param_groups:
+            if not group.get("capturable") or not isinstance(group["lr"], torch.Tensor):
+                raise ValueError("GraphedTrainStep: the optimizer needs capturable=True and lr=torch.tensor(...) "
+                                 "(e.g. AdamW(params, lr=torch.tensor(1e-4, device='cuda'), capturable=True))")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _step(self) -> torch.Tensor:
+        loss = self.loss_fn(*tree_unflatten(self._static, self._spec))
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, *batch) -> torch.Tensor:
+        leaves, spec = tree_flatten(batch)
+        if self._static is None:
+            self._static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+            self._spec = spec
+            if self.capture:
+                self._capture()
+        elif str(spec) != str(self._spec) or _signature(leaves) != _signature(self._static):
+            raise ValueError("GraphedTrainStep: every batch must have the shapes, dtypes and devices of the first "
+                             f"({_signature(self._static)}), got {_signature(leaves)}")
+        for static, x in zip(self._static, leaves):
+            if isinstance(x, torch.Tensor):
+                static.copy_(x)
+        if self._graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step()
+        self._graph.replay()
+        return self._loss.clone()
+
+    def _capture(self) -> None:
+        lrs = [g["lr"].clone() for g in self.optimizer.param_groups]
+        self.set_lr(0.0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"].copy_(lr)
+        self._reset_optimizer_state()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._loss = self._step()
+
+    def _reset_optimizer_state(self) -> None:
+        """Undo the warm-up's effect on the moments and step counts (the parameters did not move)."""
+        for state in self.optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
