@@ -2,7 +2,7 @@
 # The one script a session runs on a lent GPU (H100/H200): install with the machine's torch,
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
-#   bash benchmarks/device_check.sh [ops|models|all]     (default: all)
+#   bash benchmarks/device_check.sh [all|models|ops|more]     (default: all = models + ops)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. Tables land in $OUT (benchmarks/results/ by default), every stage's full
@@ -29,20 +29,23 @@ stage() {  # stage NAME SECONDS CMD...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stage install 100 $PY -m pip install --no-build-isolation --no-deps -e .
+stage install 80 $PY -m pip install --no-build-isolation --no-deps -e .
 $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.load_error or '')"
 
+# Most important first: a stage cut by the lease still leaves the earlier tables.
+if [[ $WHAT == models || $WHAT == all ]]; then
+  stage gpu-tests-models 60 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py
+  stage bench-models 215 $PY -m benchmarks.models --suite quick --out "$OUT"
+fi
 if [[ $WHAT == ops || $WHAT == all ]]; then
-  stage gpu-tests-ops 150 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
+  stage bench-attention 45 $PY -m benchmarks.attention --suite quick --out "$OUT"
+  stage bench-group-norm 40 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
+  stage gpu-tests-ops 100 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
     tests/test_attention.py tests/test_resample_ops.py tests/test_diffusion_ops.py
-  stage bench-group-norm 45 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
-  stage bench-attention 50 $PY -m benchmarks.attention --suite quick --out "$OUT"
+fi
+if [[ $WHAT == more ]]; then  # the op suites measured in an earlier lease
   stage bench-resample 40 $PY -m benchmarks.resample --suite quick --out "$OUT"
   stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
-fi
-if [[ $WHAT == models || $WHAT == all ]]; then
-  stage gpu-tests-models 120 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py
-  stage bench-models 240 $PY -m benchmarks.models --suite quick --out "$OUT"
 fi
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

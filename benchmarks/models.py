@@ -1,0 +1,253 @@
+"""The public models, side by side in one process: reference eager, reference + torch.compile,
+mdm_fast eager, mdm_fast + CUDA graphs (and + torch.compile in the full suite).
+
+    python -m benchmarks.models --suite quick|full [--out DIR]
+
+Workloads (bf16 autocast as the public trainer, text width 2048, 128 tokens half masked):
+256x256 forward batch 32 and batch 2, train step batch 16; 1024x1024 forward batch 8, train step
+batch 4. "train step" = forward of every resolution + MSE on every output + backward + AdamW step
+(the definition of shared/reference/BASELINE.md). Reports ms, speed-ups over reference eager and
+compiled, TFLOP/s and MFU against the bf16 matmul rate measured in the same run, peak memory and
+time to the first step. The quick suite skips torch.compile (2-4 minutes per model).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from benchmarks.common import ceilings, markdown_table, parser, time_ms, write_report
+
+try:  # process start, for the time to the first step
+    import psutil
+
+    PROCESS_START = psutil.Process().create_time()
+except ImportError:
+    PROCESS_START = time.time()
+
+CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "ml-mdm-configs"
+TEXT_WIDTH, TEXT_TOKENS = 2048, 128
+
+
+@dataclass
+class Workload:
+    model: str  # "256x256" | "1024x1024"
+    kind: str  # "forward" | "train"
+    batch: int
+
+
+QUICK = [Workload("256x256", "forward", 32), Workload("256x256", "forward", 2), Workload("256x256", "train", 16),
+         Workload("1024x1024", "forward", 8), Workload("1024x1024", "train", 4)]
+
+
+def public_config(stem: str):
+    y = yaml.safe_load((CONFIGS / f"cc12m_{stem}.yaml").read_text())
+    cfg = dict(y["unet_config"], conditioning_feature_dim=TEXT_WIDTH)
+    cfg["initialize_inner_with_pretrained"] = None
+    return y["model"], cfg, int(stem.split("x")[0])
+
+
+def build(stem: str, fast: bool):
+    from mdm_fast import build_model as build_fast
+    from mdm_fast.reference import build_model as build_ref
+
+    name, cfg, _ = public_config(stem)
+    torch.manual_seed(0)
+    with torch.device("cuda"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = (build_fast if fast else build_ref)(name, cfg)
+    with torch.no_grad():  # no zero weights: real data, not the zero-init shortcut
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def time_to_first_step() -> float:
+    """Seconds from process start to the first mdm_fast 256x256 forward (batch 2) done: imports, model
+    build on the GPU, Triton compilation (cold or from its disk cache), first step."""
+    fast = build("256x256", fast=True)
+    forward_fn(fast, inputs(fast, 256, 2))()
+    torch.cuda.synchronize()
+    return time.time() - PROCESS_START
+
+
+def forward_flops_per_image(model, size: int) -> float:
+    from mdm_fast.reference.summary import summarize
+
+    return sum(level.flops for level in summarize(model, size))
+
+
+def inputs(model, size: int, batch: int):
+    x_t = [torch.randn(batch, 3, size // r, size // r, device="cuda") for r in model.resolution_ratios()]
+    times = torch.randint(0, 1000, (batch,), device="cuda")
+    cond = torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, device="cuda")
+    mask = torch.ones(batch, TEXT_TOKENS, device="cuda")
+    mask[:, TEXT_TOKENS // 2:] = 0
+    return x_t, times, cond, mask
+
+
+def forward_fn(model, args) -> Callable[[], object]:
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            return model(*args)
+    return run
+
+
+def graphed_forward_fn(model, args) -> Callable[[], object]:
+    from mdm_fast.engine import GraphedCallable
+
+    def fwd(x_t, times, cond, mask):
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            return model(x_t, times, cond, mask)
+
+    graphed = GraphedCallable(fwd, clone_outputs=False)
+    return lambda: graphed(*args)
+
+
+def train_loss(model):
+    def loss_fn(x_t, times, cond, mask, targets):
+        with torch.autocast("cuda", torch.bfloat16):
+            out = model(x_t, times, cond, mask)
+        return sum(F.mse_loss(o.float(), t) for o, t in zip(out, targets))
+    return loss_fn
+
+
+def train_fn(model, args, graphed: bool) -> Callable[[], object]:
+    from mdm_fast.engine import GraphedTrainStep
+
+    targets = [torch.randn_like(x) for x in args[0]]
+    loss_fn = train_loss(model)
+    if graphed:
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-5, device="cuda"), capturable=True,
+                                fused=True)
+        step = GraphedTrainStep(model, opt, loss_fn)
+        return lambda: step(*args, targets)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(*args, targets)
+        loss.backward()
+        opt.step()
+        return loss
+    return run
+
+
+@dataclass
+class Result:
+    workload: Workload
+    variant: str
+    ms: float
+    peak_gb: float
+    first_step_s: float
+
+
+def measure(wl: Workload, variant: str, make: Callable[[], Callable[[], object]], iters: int) -> Result:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn = make()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    ms = time_ms(fn, warmup=2, iters=iters)
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    print(f"{wl.model} {wl.kind} B={wl.batch} {variant}: {ms:.2f} ms, peak {peak:.1f} GB, first step {first:.1f} s",
+          flush=True)
+    return Result(wl, variant, ms, peak, first)
+
+
+def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callable[[], Callable[[], object]]]:
+    """name -> a maker of the step function (built inside measure, so its set-up is timed)."""
+    args = inputs(ref, size, wl.batch)
+    out: Dict[str, Callable] = {}
+    if wl.kind == "forward":
+        out["reference eager"] = lambda: forward_fn(ref, args)
+        if suite == "full":
+            out["reference + torch.compile"] = lambda: forward_fn(torch.compile(ref), args)
+        out["mdm_fast eager"] = lambda: forward_fn(fast, args)
+        out["mdm_fast + CUDA graphs"] = lambda: graphed_forward_fn(fast, args)
+        if suite == "full":
+            out["mdm_fast + torch.compile"] = lambda: forward_fn(torch.compile(fast), args)
+    else:
+        out["reference eager"] = lambda: train_fn(ref, args, graphed=False)
+        if suite == "full":
+            out["reference + torch.compile"] = lambda: train_fn(torch.compile(ref), args, graphed=False)
+        out["mdm_fast eager"] = lambda: train_fn(fast, args, graphed=False)
+        out["mdm_fast + CUDA graphs"] = lambda: train_fn(fast, args, graphed=True)
+    return out
+
+
+def run(suite: str) -> Tuple[List[Result], Dict[str, float]]:
+    from mdm_fast import optimize
+
+    results: List[Result] = []
+    flops: Dict[str, float] = {}
+    for stem in ("256x256", "1024x1024"):
+        wls = [w for w in QUICK if w.model == stem]
+        t0 = time.perf_counter()
+        ref = build(stem, fast=False)
+        fast = optimize(copy.deepcopy(ref))
+        print(f"built {stem} twice in {time.perf_counter() - t0:.1f} s", flush=True)
+        size = public_config(stem)[2]
+        flops[stem] = forward_flops_per_image(ref, size)
+        for wl in wls:
+            for name, make in variants(suite, ref, fast, wl, size).items():
+                try:
+                    results.append(measure(wl, name, make, iters=10 if wl.kind == "train" else 20))
+                except Exception as e:  # a failing variant is reported, the others still run
+                    print(f"{wl} {name} FAILED: {type(e).__name__}: {e}", flush=True)
+        del ref, fast
+        gc.collect()
+        torch.cuda.empty_cache()
+    return results, flops
+
+
+def report(results: List[Result], flops: Dict[str, float], first_step_s: float, out_dir: Optional[Path]) -> None:
+    peak = ceilings().bf16_tflops
+    rows = []
+    for r in results:
+        wl = r.workload
+        same = [x for x in results if x.workload == wl]
+        base = next((x.ms for x in same if x.variant == "reference eager"), float("nan"))
+        comp = next((x.ms for x in same if x.variant == "reference + torch.compile"), float("nan"))
+        work = flops[wl.model] * wl.batch * (3 if wl.kind == "train" else 1)
+        tf = work / r.ms / 1e9
+        rows.append([f"{wl.model} {wl.kind} B={wl.batch}", r.variant, r.ms, base / r.ms, comp / r.ms, tf,
+                     f"{100 * tf / peak:.0f}%", r.peak_gb, r.first_step_s])
+    table = markdown_table(["workload", "variant", "ms", "x vs ref eager", "x vs ref compiled", "TFLOP/s", "MFU",
+                            "peak GB", "first step s"], rows)
+    notes = ("FLOPs: the forward FLOPs per image counted with torch's FlopCounterMode (610.6 GFLOP for 256x256, "
+             "1040.1 for 1024x1024), x batch, x3 for a train step. MFU is against the bf16 matmul rate measured "
+             "in this run. 'first step' is the wall time of the first call including set-up (graph capture, "
+             "Triton compilation, torch.compile) after the model is built. '-' = not measured in this suite.\n\n"
+             f"Time from process start to the first mdm_fast step (256x256, batch 2, eager, no torch.compile): "
+             f"{first_step_s:.1f} s.")
+    write_report("models", {"Models": table, "Notes": notes}, out_dir)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.models needs a CUDA device")
+    try:
+        first = time_to_first_step()
+    except Exception as e:  # reported, the side-by-side runs still go on
+        print(f"time to first step FAILED: {type(e).__name__}: {e}", flush=True)
+        first = float("nan")
+    print(f"process start -> first mdm_fast step: {first:.1f} s", flush=True)
+    results, flops = run(args.suite)
+    report(results, flops, first, args.out)
+
+
+if __name__ == "__main__":
+    main()
