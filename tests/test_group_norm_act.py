@@ -83,17 +83,17 @@ CASES = [
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", CASES)
 def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
     B, C = shape[:2]
-    assert kern.plan(B, C, math.prod(shape[2:]), G, cl).fused
+    assert kern.plan(B, C, math.prod(shape[2:]), G, cl).single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
 @pytest.fixture
 def split_path(monkeypatch):
-    """Force the split reduction on small tensors: several chunks per group, several tiles per chunk."""
-    monkeypatch.setattr(kern, "FUSED_MAX", 0)
-    monkeypatch.setattr(kern, "SPLIT_TILE", 32)
-    monkeypatch.setattr(kern, "SPLIT_MAX_ITERS", 2)
-    monkeypatch.setattr(kern, "SPLIT_MIN_PROGRAMS", 1)
+    """Force the split reduction on small tensors: several parts per group, several tiles per part."""
+    monkeypatch.setattr(kern, "TILE", 32)
+    monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kern, "MAX_SPLIT", 4)
 
 
 SPLIT_CASES = [
@@ -108,17 +108,35 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", SPLIT_CASES)
 def test_triton_split_matches_reference(split_path, shape, G, dtype, cl, ss, affine, act):
     p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
-    assert not p.fused and p.nchunk > 1
+    assert not p.fused and p.nsplit > 1
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
 def test_split_plan_loops_over_tiles(split_path):
     p = kern.plan(2, 8, 9 * 13, 4, False)
-    assert p.rows == 2 * p.block_s and p.nchunk == -(-117 // p.rows)
+    assert p.nsplit == 4 and p.rows == 2 * p.block_s and p.nsplit == -(-117 // p.rows)
 
 
-def test_large_mean_is_stable():
-    """Statistics in fp32 with a mean far from zero (Welford-style merging, no E[x^2] - E[x]^2)."""
+@pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", [SPLIT_CASES[0], SPLIT_CASES[1], SPLIT_CASES[3]])
+def test_triton_fused_looping_matches_reference(monkeypatch, shape, G, dtype, cl, ss, affine, act):
+    """The fused path with groups larger than one tile: statistics pass, then a second pass over the group."""
+    monkeypatch.setattr(kern, "TILE", 32)
+    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
+    assert p.fused and not p.single
+    _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
+
+
+def test_channels_last_programs_take_several_groups():
+    assert kern.plan(8, 32, 1 << 20, 32, True).gpb == 32  # one channel per group: 32 groups, 64 B rows
+    assert kern.plan(8, 32, 1 << 20, 32, False).gpb == 1
+    assert kern.plan(2, 48, 15, 16, True).gpb == 1  # 3 channels per group: not a power of two
+
+
+@pytest.mark.parametrize("tile", [None, 32])  # one tile in registers; shifted sums over several tiles
+def test_large_mean_is_stable(monkeypatch, tile):
+    """Statistics in fp32 with a mean far from zero (no plain E[x^2] - E[x]^2)."""
+    if tile:
+        monkeypatch.setattr(kern, "TILE", tile)
     inputs = _inputs((2, 8, 6, 6), 4, torch.float32, scale_shift=False)
     inputs[0] = inputs[0] + 300.0
     _check_against_fp64(inputs, 4, "silu", "triton")
@@ -134,6 +152,16 @@ def test_non_dense_input_is_made_contiguous():
     x = torch.randn(2, 8, 6, 12)[..., ::2]
     y = group_norm_act(x, 4, None, None, impl="triton")
     torch.testing.assert_close(y, reference(x, 4, None, None), atol=2e-5, rtol=1e-5)
+
+
+def test_inference_skips_the_custom_op_only_without_autograd_or_tracing():
+    x, w, b, sc, sh = _inputs((2, 8, 5, 7), 4, torch.float32)
+    with torch.no_grad():
+        y = group_norm_act(x, 4, w, b, 1e-5, sc, sh, impl="triton")
+    torch.testing.assert_close(y, reference(x, 4, w, b, 1e-5, sc, sh), atol=2e-5, rtol=1e-5)
+    assert y.grad_fn is None
+    y = group_norm_act(x, 4, w.requires_grad_(), b, 1e-5, sc, sh, impl="triton")
+    assert y.grad_fn is not None
 
 
 def test_ref_backend_is_the_public_formulation():
@@ -271,7 +299,8 @@ def test_gpu_model_shapes(impl, shape, cl):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
 def test_gpu_weight_none_and_split_path(impl, monkeypatch):
-    monkeypatch.setattr(kern, "FUSED_MAX", 0)
+    monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
     inputs = _inputs((2, 16, 37, 29), 4, torch.float32, affine=False, device="cuda")
     _check_against_pytorch_error(inputs, 4, "silu", impl)
 

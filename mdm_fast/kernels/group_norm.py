@@ -1,24 +1,43 @@
 """Triton kernels of group_norm_act: ``act(group_norm(x) * (1 + scale) + shift)``, forward and backward.
 
+Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
+  bytes: x is 32*128*128*128*2 = 134 MB; forward moves 268 MB (read x, write y), backward 403 MB (read x
+  and dy, write dx). Floor at the H200's measured 4190 GB/s copy rate: 0.064 ms forward, 0.096 ms backward.
+  First H200 measurement (previous design: groups up to 16384 elements in registers, otherwise a 3-launch
+  split path with per-channel partials, a finalize launch and a separate apply launch): forward 0.269 ms
+  (999 GB/s), backward 1.013 ms (397 GB/s); the (32, 768, 16, 16) rows (12.6 MB, 0.256 / 0.938 ms) show that
+  about 0.25 ms of each call was host overhead (Python, custom-op dispatch, 3-4 launches, small torch ops).
+  This design:
+  * fused path (the model's shapes except the 1024 model's outer levels): ONE launch, one program per
+    (sample, block of GPB groups) that loops over its rows in tiles of ~TILE elements twice: pass 1 sums
+    x - K and (x - K)^2 per channel in fp32 lane accumulators (K = the channel's mean over the first tile,
+    so no cancellation for offset data), pass 2 re-reads x (the program's group, 128 KB here, times the
+    ~2-3 programs resident per SM is ~20-50 MB: served from L2), normalises, applies scale/shift/SiLU and
+    writes. Groups that fit one tile (768 ch at 16 px) are read once and kept in registers. Backward: one
+    launch, pass 1 the per-channel sums of dz and dz * xhat (written once per (sample, channel): no
+    atomics), pass 2 dx.
+  * split path, only where B*G/GPB programs cannot fill the card and groups are large (the 1024 model:
+    8 x 32 groups of 1M pixels): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
+    part, channel) partial moments, launch 2 merges a group's partials in its prologue (Chan's formula, no
+    finalize launch) and applies, visiting parts in reverse so that the last-read data is still in L2.
+  * channels_last: a program takes GPB whole groups (32 channels when C/G is a power of two) so that each
+    row of its tile is >= 64 contiguous bytes, instead of 2-8-byte pieces.
+  Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2, once host
+  overhead is below kernel time), backward 3 transfers (~80% of copy); the 1024 model's split path needs
+  3 (forward) and 5 (backward) transfers minus what L2 keeps: ~60% / ~55% of copy in the reported units.
+
 The input is seen as (B, C, S) with S the flattened spatial size (H*W or T*H*W) and one of two
 layouts, addressed through strides without copies:
   NCHW (contiguous):      offset = b*C*S + c*S + s   (stride_c = S, stride_s = 1)
   NHWC (channels_last):   offset = b*C*S + s*C + c   (stride_c = 1, stride_s = C)
-
-Two paths:
-  fused  one program per (sample, group) holds the whole group in registers: one read of x and
-         one write of y (backward: one read of x and dy, one write of dx).
-  split  for groups too large for one program: (1) per-channel partial statistics over chunks of
-         rows, (2) a small per-(sample, group) finalize, (3) an element-wise apply pass.
-         Forward partials are chunk-local (mean, M2) merged with Chan's formula; backward
-         partials are the sums of dz and dz * xhat.
-
-Everything is computed in fp32. The backward also returns, per (sample, channel),
+Tiles are (BLOCK_S rows, BLOCK_C channels); BLOCK_C = GPB * next_pow2(C/G) (GPB > 1 only when C/G is a
+power of two). Everything is computed in fp32. The backward also returns, per (sample, channel),
   s1 = sum_s dz        s2 = sum_s dz * xhat     (dz = dL/d(pre-activation))
 from which the parameter gradients follow (see ``mdm_fast.ops.group_norm_act``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -26,14 +45,19 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest padded group tile (elements) held by one program on the fused path. Tests lower it to
-# force the split path on small tensors.
-FUSED_MAX = 16384
-# Elements per tile of the split path, and the most tiles one partial-statistics program loops over.
-SPLIT_TILE = 4096
-SPLIT_MAX_ITERS = 8
-# A partial-statistics program loops over more tiles only while the grid keeps this many programs.
-SPLIT_MIN_PROGRAMS = 2048
+# Elements per loaded tile (8 warps: 32 per thread). Tests lower it to force several tiles per program.
+TILE = 8192
+# The fused path is used when there are at least this many programs per SM, or when a program's groups
+# hold at most SPLIT_MIN_ELEMENTS elements; otherwise groups are split over about SPLIT_PROGRAMS_PER_SM
+# programs per SM, at most MAX_SPLIT parts per group. Tests change these to force the split path.
+FUSED_MIN_PROGRAMS_PER_SM = 2
+SPLIT_MIN_ELEMENTS = 1 << 16
+SPLIT_PROGRAMS_PER_SM = 4
+MAX_SPLIT = 64
+# Largest (parts x channels) tile of partials merged in the prologue of a split-path apply program.
+MERGE_MAX = 8192
+# Channels a channels_last program covers at least (when C/G is a power of two): 64 B rows in bf16.
+NHWC_MIN_CHANNELS = 32
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -70,246 +94,268 @@ def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
     return w * g1, bias * g1 + sh
 
 
+@triton.jit
+def _group_total(v, GPB: tl.constexpr, CGP: tl.constexpr):
+    """(BLOCK_C,) per channel -> the sum over each channel's group, broadcast back to (BLOCK_C,)."""
+    if GPB == 1:
+        out = v * 0.0 + tl.sum(v, axis=0)
+    else:
+        t = tl.sum(tl.reshape(v, [GPB, CGP]), axis=1)  # (GPB,)
+        out = tl.reshape(tl.broadcast_to(t[:, None], [GPB, CGP]), [GPB * CGP])
+    return out
+
+
+@triton.jit
+def _program_channels(C, S, G, CG, GPB: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample b, its channels c (BLOCK_C,), their mask, group ids and the sample's offset."""
+    pid = tl.program_id(0)  # (sample, block of GPB groups)
+    ngb = G // GPB
+    b = pid // ngb
+    cl = tl.arange(0, BLOCK_C)
+    cmask = cl < GPB * CG
+    c = (pid % ngb) * (GPB * CG) + cl
+    grp = b * G + c // CG
+    return b, c, cmask, grp, b.to(tl.int64) * C * S
+
+
+@triton.jit
+def _rows(S, ROWS, REVERSE: tl.constexpr):
+    """Row range [lo, hi) of this program's part of its groups (axis 1 of the grid)."""
+    part = tl.program_id(1)
+    if REVERSE:  # visit the parts last written by the statistics launch first (still in L2)
+        part = tl.num_programs(1) - 1 - part
+    lo = part * ROWS
+    return part, lo, tl.minimum(S, lo + ROWS)
+
+
+@triton.jit
+def _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S: tl.constexpr):
+    s = r + tl.arange(0, BLOCK_S)
+    mask = (s < hi)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_C)
+    return base + s[:, None] * stride_s + c[None, :] * stride_c, mask
+
+
+@triton.jit
+def _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB: tl.constexpr, CGP: tl.constexpr):
+    """Per-channel mean and M2 over n_c rows each -> the group mean and rstd, broadcast per channel."""
+    mean = _group_total(tl.where(cmask, mean_c, 0.0), GPB, CGP) / CG
+    dm = tl.where(cmask, mean_c - mean, 0.0)
+    m2 = _group_total(tl.where(cmask, m2_c + n_c * dm * dm, 0.0), GPB, CGP)
+    return mean, tl.rsqrt(m2 / (n_c * CG) + eps)
+
+
 # ---- forward -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel mean and M2 of rows [lo, hi): fp32 lane sums of x - K, K = the channel's first-tile mean."""
+    offs, mask = _tile(base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    k = tl.sum(x, axis=0) / tl.minimum(hi - lo, BLOCK_S).to(tl.float32)
+    a1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    a2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for r in range(lo, hi, BLOCK_S):
+        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k[None, :], 0.0)
+        a1 += d
+        a2 += d * d
+    n = (hi - lo).to(tl.float32)
+    t1 = tl.sum(a1, axis=0)
+    return k + t1 / n, tl.maximum(tl.sum(a2, axis=0) - t1 * t1 / n, 0.0)
+
+
+@triton.jit
+def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    for r in range(lo, hi, BLOCK_S):
+        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * A[None, :] + D[None, :]
+        if ACT:
+            z = _silu(z)
+        tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fwd_fused(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG, stride_c, stride_s, eps,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-               ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr):
-    pid = tl.program_id(0)  # one (sample, group)
-    b = pid // G
-    g = pid % G
-    s = tl.arange(0, BLOCK_S)
-    cl = tl.arange(0, BLOCK_CG)
-    c = g * CG + cl
-    cmask = cl < CG
-    mask = (s < S)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_CG)
-    offs = b.to(tl.int64) * C * S + s[:, None] * stride_s + c[None, :] * stride_c
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    n = CG * S
-    mean = tl.sum(x) / n
-    d = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(d * d) / n + eps)
-    k, dd = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
-    z = d * (rstd * k)[None, :] + dd[None, :]
-    if ACT:
-        z = _silu(z)
-    tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, rstd)
+               ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
+               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
+    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    n_c = (S * 1.0)
+    if SINGLE:  # the whole group is one tile: read once, keep it in registers
+        offs, mask = _tile(base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean_c = tl.sum(x, axis=0) / n_c
+        dx = tl.where(mask, x - mean_c[None, :], 0.0)
+        mean, rstd = _group_moments(mean_c, tl.sum(dx * dx, axis=0), cmask, n_c, CG, eps, GPB, CGP)
+        a = rstd * k
+        z = x * a[None, :] + (d - mean * a)[None, :]
+        if ACT:
+            z = _silu(z)
+        tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
+    else:  # pass 1 statistics, pass 2 re-reads the group (from L2) and writes
+        mean_c, m2_c = _chan_moments(X, base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S, BLOCK_C)
+        mean, rstd = _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB, CGP)
+        a = rstd * k
+        _fwd_apply_rows(X, Y, base, c, cmask, 0, S, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
+    tl.store(MEAN + grp, mean, mask=cmask)  # lanes of one group store the same value
+    tl.store(RSTD + grp, rstd, mask=cmask)
 
 
 @triton.jit
-def _fwd_partial(X, PMEAN, PM2, C, S, stride_c, stride_s, NCHUNK, ROWS,
-                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)  # (sample, chunk of ROWS rows)
-    b = pid // NCHUNK
-    k = pid % NCHUNK
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    base = X + b.to(tl.int64) * C * S
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    n = 0.0
-    for r in range(0, ROWS, BLOCK_S):
-        s = k * ROWS + r + tl.arange(0, BLOCK_S)
-        smask = s < S
-        mask = smask[:, None] & cmask[None, :]
-        x = tl.load(base + s[:, None] * stride_s + c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
-        nt = tl.sum(smask.to(tl.float32))
-        tmean = tl.sum(x, axis=0) / tl.maximum(nt, 1.0)
-        dt = tl.where(mask, x - tmean[None, :], 0.0)
-        tm2 = tl.sum(dt * dt, axis=0)
-        nn = n + nt
-        delta = tmean - mean
-        frac = nt / tl.maximum(nn, 1.0)
-        mean += delta * frac
-        m2 += tm2 + delta * delta * n * frac
-        n = nn
-    out = (b * NCHUNK + k) * C + c
-    tl.store(PMEAN + out, mean, mask=cmask)
-    tl.store(PM2 + out, m2, mask=cmask)
+def _fwd_partial(X, PMEAN, PM2, C, S, G, CG, stride_c, stride_s, ROWS,
+                 GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
+    part, lo, hi = _rows(S, ROWS, False)
+    mean_c, m2_c = _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S, BLOCK_C)
+    out = (b * tl.num_programs(1) + part) * C + c
+    tl.store(PMEAN + out, mean_c, mask=cmask)
+    tl.store(PM2 + out, m2_c, mask=cmask)
 
 
 @triton.jit
-def _fwd_finalize(PMEAN, PM2, MEAN, RSTD, C, S, G, CG, NCHUNK, ROWS, eps,
-                  BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
-    pid = tl.program_id(0)  # one (sample, group)
-    b = pid // G
-    g = pid % G
-    n = CG * S
-    total = tl.zeros([BLOCK_K, BLOCK_CG], tl.float32)
-    for k0 in range(0, NCHUNK, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        nk = tl.where(k < NCHUNK, tl.minimum(ROWS, S - k * ROWS), 0).to(tl.float32)
-        for c0 in range(0, CG, BLOCK_CG):
-            cl = c0 + tl.arange(0, BLOCK_CG)
-            mask = (k < NCHUNK)[:, None] & (cl < CG)[None, :]
-            idx = (b * NCHUNK + k)[:, None] * C + (g * CG + cl)[None, :]
-            total += tl.load(PMEAN + idx, mask=mask, other=0.0) * nk[:, None]
-    mean = tl.sum(total) / n
-    m2 = tl.zeros([BLOCK_K, BLOCK_CG], tl.float32)
-    for k0 in range(0, NCHUNK, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        nk = tl.where(k < NCHUNK, tl.minimum(ROWS, S - k * ROWS), 0).to(tl.float32)
-        for c0 in range(0, CG, BLOCK_CG):
-            cl = c0 + tl.arange(0, BLOCK_CG)
-            mask = (k < NCHUNK)[:, None] & (cl < CG)[None, :]
-            idx = (b * NCHUNK + k)[:, None] * C + (g * CG + cl)[None, :]
-            pm = tl.load(PMEAN + idx, mask=mask, other=0.0)
-            dm = tl.where(mask, pm - mean, 0.0)
-            m2 += tl.load(PM2 + idx, mask=mask, other=0.0) + nk[:, None] * dm * dm
-    tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, tl.rsqrt(tl.sum(m2) / n + eps))
-
-
-@triton.jit
-def _fwd_apply(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG, stride_c, stride_s, NSB,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-               ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)  # (sample, block of rows)
-    b = pid // NSB
-    s = (pid % NSB) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = (s < S)[:, None] & cmask[None, :]
-    grp = b * G + c // CG
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    k, dd = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
-    offs = b.to(tl.int64) * C * S + s[:, None] * stride_s + c[None, :] * stride_c
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    z = (x - mean[None, :]) * (rstd * k)[None, :] + dd[None, :]
-    if ACT:
-        z = _silu(z)
-    tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
+def _fwd_split_apply(X, Y, W, Bi, SC, SH, PMEAN, PM2, MEAN, RSTD, C, S, G, CG, stride_c, stride_s, ROWS, eps,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                     ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
+    part, lo, hi = _rows(S, ROWS, True)
+    nsplit = tl.num_programs(1)
+    # merge the partial moments of all parts (Chan): part j holds min(ROWS, S - j*ROWS) rows
+    j = tl.arange(0, BLOCK_K)
+    jmask = j < nsplit
+    m = jmask[:, None] & cmask[None, :]  # (BLOCK_K, BLOCK_C)
+    idx = (b * nsplit + j)[:, None] * C + c[None, :]
+    pm = tl.load(PMEAN + idx, mask=m, other=0.0)
+    nj = tl.where(jmask, tl.minimum(ROWS, S - j * ROWS), 0).to(tl.float32)
+    n_c = (S * 1.0)
+    mean_c = tl.sum(pm * nj[:, None], axis=0) / n_c
+    dm = tl.where(m, pm - mean_c[None, :], 0.0)
+    m2_c = tl.sum(tl.load(PM2 + idx, mask=m, other=0.0) + nj[:, None] * dm * dm, axis=0)
+    mean, rstd = _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB, CGP)
+    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    a = rstd * k
+    _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
+    first = cmask & (part == 0)
+    tl.store(MEAN + grp, mean, mask=first)
+    tl.store(RSTD + grp, rstd, mask=first)
 
 
 # ---- backward ------------------------------------------------------------------------------
 
 
 @triton.jit
-def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG, stride_c, stride_s,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-               ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr):
-    pid = tl.program_id(0)  # one (sample, group)
-    b = pid // G
-    g = pid % G
-    s = tl.arange(0, BLOCK_S)
-    cl = tl.arange(0, BLOCK_CG)
-    c = g * CG + cl
-    cmask = cl < CG
-    mask = (s < S)[:, None] & cmask[None, :]
-    offs = b.to(tl.int64) * C * S + s[:, None] * stride_s + c[None, :] * stride_c
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + pid)
-    rstd = tl.load(RSTD + pid)
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    k, dd = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+def _dz(x, dy, mask, mean, rstd, k, d, ACT: tl.constexpr):
+    """xhat and dL/dz of one tile (zero outside the mask)."""
+    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+    dz = dy
     if ACT:
-        dz = dz * _dsilu(xhat * k[None, :] + dd[None, :])
-    s1 = tl.sum(dz, axis=0)  # (BLOCK_CG,)
-    s2 = tl.sum(dz * xhat, axis=0)
-    tl.store(S1 + b * C + c, s1, mask=cmask)
-    tl.store(S2 + b * C + c, s2, mask=cmask)
-    n = CG * S
-    c1 = tl.sum(k * s1) / n
-    c2 = tl.sum(k * s2) / n
-    dx = rstd * (dz * k[None, :] - c1 - xhat * c2)
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dz = dz * _dsilu(xhat * k[None, :] + d[None, :])
+    return xhat, dz
 
 
 @triton.jit
-def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG, stride_c, stride_s, NCHUNK, ROWS,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                 ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)  # (sample, chunk of ROWS rows)
-    b = pid // NCHUNK
-    kc = pid % NCHUNK
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    grp = b * G + c // CG
+def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel sum dz and sum dz * xhat over rows [lo, hi)."""
+    a1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    a2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for r in range(lo, hi, BLOCK_S):
+        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
+        a1 += dz
+        a2 += dz * xhat
+    return tl.sum(a1, axis=0), tl.sum(a2, axis=0)
+
+
+@triton.jit
+def _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2,
+                    ACT: tl.constexpr, BLOCK_S: tl.constexpr):
+    for r in range(lo, hi, BLOCK_S):
+        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
+        dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG, stride_c, stride_s,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+               ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
+               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    k, dd = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
-    base = b.to(tl.int64) * C * S
-    s1 = tl.zeros([BLOCK_C], tl.float32)
-    s2 = tl.zeros([BLOCK_C], tl.float32)
-    for r in range(0, ROWS, BLOCK_S):
-        s = kc * ROWS + r + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None] & cmask[None, :]
-        offs = base + s[:, None] * stride_s + c[None, :] * stride_c
+    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    n = (S * 1.0) * CG
+    if SINGLE:  # one tile: read x and dy once
+        offs, mask = _tile(base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-        if ACT:
-            dz = dz * _dsilu(xhat * k[None, :] + dd[None, :])
-        s1 += tl.sum(dz, axis=0)
-        s2 += tl.sum(dz * xhat, axis=0)
-    out = (b * NCHUNK + kc) * C + c
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
+        s1 = tl.sum(dz, axis=0)
+        s2 = tl.sum(dz * xhat, axis=0)
+        c1 = _group_total(k * s1, GPB, CGP) / n
+        c2 = _group_total(k * s2, GPB, CGP) / n
+        dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        s1, s2 = _chan_grad_sums(X, DY, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, ACT,
+                                 BLOCK_S, BLOCK_C)
+        c1 = _group_total(k * s1, GPB, CGP) / n
+        c2 = _group_total(k * s2, GPB, CGP) / n
+        _bwd_apply_rows(X, DY, DX, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT,
+                        BLOCK_S)
+    tl.store(S1 + b * C + c, s1, mask=cmask)
+    tl.store(S2 + b * C + c, s2, mask=cmask)
+
+
+@triton.jit
+def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG, stride_c, stride_s, ROWS,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                 ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
+    part, lo, hi = _rows(S, ROWS, False)
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    s1, s2 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
+                             BLOCK_S, BLOCK_C)
+    out = (b * tl.num_programs(1) + part) * C + c
     tl.store(PS1 + out, s1, mask=cmask)
     tl.store(PS2 + out, s2, mask=cmask)
 
 
 @triton.jit
-def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, S1, S2, C1, C2, C, S, G, CG, NCHUNK,
-                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
-    pid = tl.program_id(0)  # one (sample, group)
-    b = pid // G
-    g = pid % G
-    t1 = tl.zeros([BLOCK_CG], tl.float32)
-    t2 = tl.zeros([BLOCK_CG], tl.float32)
-    for c0 in range(0, CG, BLOCK_CG):
-        cl = c0 + tl.arange(0, BLOCK_CG)
-        cmask = cl < CG
-        c = g * CG + cl
-        a1 = tl.zeros([BLOCK_K, BLOCK_CG], tl.float32)
-        a2 = tl.zeros([BLOCK_K, BLOCK_CG], tl.float32)
-        for k0 in range(0, NCHUNK, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mask = (k < NCHUNK)[:, None] & cmask[None, :]
-            idx = (b * NCHUNK + k)[:, None] * C + c[None, :]
-            a1 += tl.load(PS1 + idx, mask=mask, other=0.0)
-            a2 += tl.load(PS2 + idx, mask=mask, other=0.0)
-        s1 = tl.sum(a1, axis=0)
-        s2 = tl.sum(a2, axis=0)
-        tl.store(S1 + b * C + c, s1, mask=cmask)
-        tl.store(S2 + b * C + c, s2, mask=cmask)
-        kk, _ = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
-        t1 += kk * s1
-        t2 += kk * s2
-    n = CG * S
-    tl.store(C1 + pid, tl.sum(t1) / n)
-    tl.store(C2 + pid, tl.sum(t2) / n)
-
-
-@triton.jit
-def _bwd_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, C1, C2, C, S, G, CG, stride_c, stride_s, NSB,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-               ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)  # (sample, block of rows)
-    b = pid // NSB
-    s = (pid % NSB) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = (s < S)[:, None] & cmask[None, :]
-    grp = b * G + c // CG
+def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, S, G, CG, stride_c, stride_s,
+                     ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                     ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
+    part, lo, hi = _rows(S, ROWS, True)
+    nsplit = tl.num_programs(1)
+    j = tl.arange(0, BLOCK_K)
+    m = (j < nsplit)[:, None] & cmask[None, :]  # (BLOCK_K, BLOCK_C)
+    idx = (b * nsplit + j)[:, None] * C + c[None, :]
+    s1 = tl.sum(tl.load(PS1 + idx, mask=m, other=0.0), axis=0)
+    s2 = tl.sum(tl.load(PS2 + idx, mask=m, other=0.0), axis=0)
     mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
-    c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
-    k, dd = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
-    offs = b.to(tl.int64) * C * S + s[:, None] * stride_s + c[None, :] * stride_c
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = (x - mean[None, :]) * rstd[None, :]
-    if ACT:
-        dz = dz * _dsilu(xhat * k[None, :] + dd[None, :])
-    dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    n = (S * 1.0) * CG
+    c1 = _group_total(k * s1, GPB, CGP) / n
+    c2 = _group_total(k * s2, GPB, CGP) / n
+    _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT, BLOCK_S)
+    first = cmask & (part == 0)
+    tl.store(S1 + b * C + c, s1, mask=first)
+    tl.store(S2 + b * C + c, s2, mask=first)
 
 
 # ---- launch plans and entry points ---------------------------------------------------------
@@ -317,38 +363,66 @@ def _bwd_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, C1, C2, C, S, G, CG, stride
 
 @dataclass(frozen=True)
 class Plan:
-    """How one (B, C, S, G, layout) problem is cut into programs."""
+    """How one (B, C, S, G, layout) problem is cut into programs: grid (B * G // gpb, nsplit)."""
 
-    fused: bool
+    gpb: int  # groups per program (> 1 only for channels_last with C/G a power of two)
     block_s: int  # rows per tile
-    block_c: int  # channels per tile (fused: next_pow2(C // G))
-    rows: int  # rows per partial-statistics chunk (a multiple of block_s)
-    nchunk: int
+    block_c: int  # channels per tile: gpb * next_pow2(C // G)
+    rows: int  # rows per program (a multiple of block_s; >= S on the fused path)
+    nsplit: int  # programs per group block (1: the fused path)
     num_warps: int
 
+    @property
+    def fused(self) -> bool:
+        return self.nsplit == 1
 
-def plan(B: int, C: int, S: int, G: int, channels_last: bool) -> Plan:
+    @property
+    def single(self) -> bool:  # the fused path's groups fit one tile
+        return self.fused and self.rows <= self.block_s
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: Optional[int]) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 132  # the interpreter: plan as for an H100/H200
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _groups_per_program(G: int, cg: int, channels_last: bool) -> int:
+    if not channels_last or cg & (cg - 1):
+        return 1
+    gpb = 1
+    while gpb * cg < NHWC_MIN_CHANNELS and G % (2 * gpb) == 0:
+        gpb *= 2
+    return gpb
+
+
+def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132) -> Plan:
     cg = C // G
-    bcg = triton.next_power_of_2(cg)
-    bs = triton.next_power_of_2(S)
-    if bcg * bs <= FUSED_MAX:
-        tile = bcg * bs
-        warps = 16 if tile >= 8192 else 8 if tile >= 2048 else 4
-        return Plan(True, bs, bcg, S, 1, warps)
-    # NCHW: rows are contiguous, so tiles are tall and narrow; NHWC: channels are contiguous.
-    block_c = min(triton.next_power_of_2(C), 64 if channels_last else 2)
-    block_s = max(1, min(SPLIT_TILE // block_c, triton.next_power_of_2(S)))
-    tiles = B * triton.cdiv(S, block_s) * triton.cdiv(C, block_c)
-    iters = max(1, min(SPLIT_MAX_ITERS, tiles // SPLIT_MIN_PROGRAMS))
-    rows = block_s * iters
-    warps = 8 if block_s * block_c >= 2048 else 4
-    return Plan(False, block_s, block_c, rows, triton.cdiv(S, rows), warps)
+    cgp = triton.next_power_of_2(cg)
+    gpb = _groups_per_program(G, cg, channels_last)
+    block_c = gpb * cgp
+    block_s = max(1, min(triton.next_power_of_2(S), TILE // block_c))
+    programs = B * G // gpb
+    nsplit = 1
+    if programs < FUSED_MIN_PROGRAMS_PER_SM * sms and gpb * cg * S > SPLIT_MIN_ELEMENTS:
+        nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), triton.cdiv(S, block_s), MAX_SPLIT,
+                     max(1, MERGE_MAX // block_c))
+    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
+    tile = block_s * block_c
+    warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2
+    return Plan(gpb, block_s, block_c, rows, triton.cdiv(S, rows), warps)
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, int]:
     B, C = x.shape[:2]
     S = x[0, 0].numel()
     return B, C, S, (1 if channels_last else S), (C if channels_last else 1)
+
+
+def _plan_for(x: torch.Tensor, G: int, channels_last: bool) -> Plan:
+    B, C = x.shape[:2]
+    return plan(B, C, x[0, 0].numel(), G, channels_last, _num_sms(x.device.index if x.is_cuda else None))
 
 
 def _params(weight, bias, scale, shift, dummy):
@@ -364,26 +438,23 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     """y (x's layout), mean and rstd (B, G) fp32. x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous."""
     B, C, S, stride_c, stride_s = _layout(x, channels_last)
     G = num_groups
-    cg = C // G
     y = torch.empty_like(x)
     mean = torch.empty(B, G, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     ptrs, flags = _params(weight, bias, scale, shift, x)
-    p = plan(B, C, S, G, channels_last)
+    p = _plan_for(x, G, channels_last)
+    blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
+    grid = (B * G // p.gpb, p.nsplit)
     if p.fused:
-        _fwd_fused[(B * G,)](x, y, *ptrs, mean, rstd, C, S, G, cg, stride_c, stride_s, eps, **flags, ACT=silu,
-                             BLOCK_S=p.block_s, BLOCK_CG=p.block_c, num_warps=p.num_warps)
+        _fwd_fused[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, eps, **flags, ACT=silu,
+                         CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
         return y, mean, rstd
-    pmean = torch.empty(B, p.nchunk, C, device=x.device, dtype=torch.float32)
-    pm2 = torch.empty_like(pmean)
-    ncb = triton.cdiv(C, p.block_c)
-    _fwd_partial[(B * p.nchunk, ncb)](x, pmean, pm2, C, S, stride_c, stride_s, p.nchunk, p.rows,
-                                      BLOCK_S=p.block_s, BLOCK_C=p.block_c, num_warps=p.num_warps)
-    bk, bcg = _finalize_blocks(p.nchunk, cg)
-    _fwd_finalize[(B * G,)](pmean, pm2, mean, rstd, C, S, G, cg, p.nchunk, p.rows, eps, BLOCK_K=bk, BLOCK_CG=bcg)
-    nsb = triton.cdiv(S, p.block_s)
-    _fwd_apply[(B * nsb, ncb)](x, y, *ptrs, mean, rstd, C, S, G, cg, stride_c, stride_s, nsb, **flags, ACT=silu,
-                               BLOCK_S=p.block_s, BLOCK_C=p.block_c, num_warps=p.num_warps)
+    part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial mean, M2
+    _fwd_partial[grid](x, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows, **blocks,
+                       num_warps=p.num_warps)
+    _fwd_split_apply[grid](x, y, *ptrs, part[0], part[1], mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows,
+                           eps, **flags, ACT=silu, CGP=p.block_c // p.gpb,
+                           BLOCK_K=triton.next_power_of_2(p.nsplit), **blocks, num_warps=p.num_warps)
     return y, mean, rstd
 
 
@@ -393,34 +464,21 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     """dx (x's layout), s1 = sum_s dz and s2 = sum_s dz * xhat, both (B, C) fp32. dy has x's layout."""
     B, C, S, stride_c, stride_s = _layout(x, channels_last)
     G = num_groups
-    cg = C // G
     dx = torch.empty_like(x)
     s1 = torch.empty(B, C, device=x.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
     ptrs, flags = _params(weight, bias, scale, shift, x)
-    p = plan(B, C, S, G, channels_last)
+    p = _plan_for(x, G, channels_last)
+    blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
+    grid = (B * G // p.gpb, p.nsplit)
     if p.fused:
-        _bwd_fused[(B * G,)](x, dy, dx, *ptrs, mean, rstd, s1, s2, C, S, G, cg, stride_c, stride_s, **flags,
-                             ACT=silu, BLOCK_S=p.block_s, BLOCK_CG=p.block_c, num_warps=p.num_warps)
+        _bwd_fused[grid](x, dy, dx, *ptrs, mean, rstd, s1, s2, C, S, G, C // G, stride_c, stride_s, **flags,
+                         ACT=silu, CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
         return dx, s1, s2
-    ps1 = torch.empty(B, p.nchunk, C, device=x.device, dtype=torch.float32)
-    ps2 = torch.empty_like(ps1)
-    ncb = triton.cdiv(C, p.block_c)
-    _bwd_partial[(B * p.nchunk, ncb)](x, dy, *ptrs, mean, rstd, ps1, ps2, C, S, G, cg, stride_c, stride_s,
-                                      p.nchunk, p.rows, **flags, ACT=silu, BLOCK_S=p.block_s, BLOCK_C=p.block_c,
-                                      num_warps=p.num_warps)
-    c1 = torch.empty(B, G, device=x.device, dtype=torch.float32)
-    c2 = torch.empty_like(c1)
-    bk, bcg = _finalize_blocks(p.nchunk, cg)
-    _bwd_finalize[(B * G,)](ps1, ps2, *ptrs, s1, s2, c1, c2, C, S, G, cg, p.nchunk, **flags,
-                            BLOCK_K=bk, BLOCK_CG=bcg)
-    nsb = triton.cdiv(S, p.block_s)
-    _bwd_apply[(B * nsb, ncb)](x, dy, dx, *ptrs, mean, rstd, c1, c2, C, S, G, cg, stride_c, stride_s, nsb,
-                               **flags, ACT=silu, BLOCK_S=p.block_s, BLOCK_C=p.block_c, num_warps=p.num_warps)
+    part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial s1, s2
+    _bwd_partial[grid](x, dy, *ptrs, mean, rstd, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows,
+                       **flags, ACT=silu, **blocks, num_warps=p.num_warps)
+    _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, part[0], part[1], s1, s2, C, S, G, C // G, stride_c,
+                           stride_s, p.rows, **flags, ACT=silu, CGP=p.block_c // p.gpb,
+                           BLOCK_K=triton.next_power_of_2(p.nsplit), **blocks, num_warps=p.num_warps)
     return dx, s1, s2
-
-
-def _finalize_blocks(nchunk: int, cg: int) -> Tuple[int, int]:
-    bcg = min(triton.next_power_of_2(cg), 64)
-    bk = max(1, min(triton.next_power_of_2(nchunk), 2048 // bcg))
-    return bk, bcg

@@ -318,6 +318,14 @@ dispatch.register(OP, {"ref": _ref_reason, "triton": _triton_reason, "cuda": _cu
 # ---- the public function -------------------------------------------------------------------
 
 
+def _eager_inference(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors, no gradient wanted, not under torch.compile / export (FakeTensors are subclasses)."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                    act: Optional[str] = "silu", impl: str = "auto") -> Tensor:
@@ -331,5 +339,9 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     if not (x.is_contiguous() or _is_channels_last(x)):
         x = x.contiguous()
     backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
+    if _eager_inference(x, weight, bias, scale, shift):
+        # no autograd and no tracing: call the backend directly, skipping the custom op's dispatch (~20-30 us
+        # of host time, comparable to a whole kernel at the model's shapes)
+        return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, float(eps), act == "silu")[0]
     y, _, _ = group_norm_act_fwd(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)
     return y
