@@ -43,20 +43,21 @@ def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype) -> Dict[str,
     return dict(qkv=qkv, kv_cond=kv_cond, mask=mask, **heads_first)
 
 
-def _variants(x: Dict[str, torch.Tensor], heads: int) -> Dict[str, Callable[[], torch.Tensor]]:
+def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str, with_ref: bool) -> Dict[str, Callable[[], torch.Tensor]]:
     def heads_first(impl):
         return lambda: attention(x["q"], x["k"], x["v"], x["k_cond"], x["v_cond"], x["mask"], impl=impl)
 
     def from_qkv(impl):
         return lambda: attention_from_qkv(x["qkv"], x["kv_cond"], x["mask"], heads, impl=impl)
 
-    return {
-        "reference einsum (public layout)": from_qkv("ref"),
-        "SDPA pair (B,h,L,d)": heads_first("sdpa"),
-        "SDPA pair (public layout)": from_qkv("sdpa"),
-        "triton fused (B,h,L,d)": heads_first("triton"),
-        "triton fused (public layout)": from_qkv("triton"),
-    }
+    variants = {"SDPA pair (B,h,L,d)": heads_first("sdpa")}  # first: the baseline of the ratios
+    if with_ref:
+        variants["reference einsum (public layout)"] = from_qkv("ref")
+    if suite == "full":
+        variants["SDPA pair (public layout)"] = from_qkv("sdpa")
+        variants["triton fused (B,h,L,d)"] = heads_first("triton")
+    variants["triton fused (public layout)"] = from_qkv("triton")
+    return variants
 
 
 def _leaves(x: Dict[str, torch.Tensor], name: str) -> List[torch.Tensor]:
@@ -75,44 +76,65 @@ def _time_backward(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], i
     return ms
 
 
-def _section(level: str, B: int, dtype: torch.dtype, backward: bool, iters: int) -> str:
+HEADER = ["variant", "fwd ms", "fwd TFLOP/s", "fwd % bf16 mm", "fwd x vs SDPA pair",
+          "bwd ms", "bwd TFLOP/s", "bwd % bf16 mm", "bwd x vs SDPA pair"]
+
+
+def _section(title: str, level: str, B: int, dtype: torch.dtype, backward: bool, iters: int, suite: str,
+             with_ref: bool) -> str:
+    """Time every variant of one shape; each row is printed (flushed) as soon as it is measured."""
     L, C, heads = LEVELS[level]
     x = _inputs(B, L, C, heads, dtype)
     flops = 4 * B * L * L * C + 4 * B * L * TEXT_TOKENS * C
     ceiling = common.ceilings().bf16_tflops
-    rows, base = [], {}
-    for name, fn in _variants(x, heads).items():
+    print(f"\n## {title}\n" + common.markdown_table(HEADER, []), flush=True)
+    table, base = [], {}
+    for name, fn in _variants(x, heads, suite, with_ref).items():
         fwd = common.time_ms(fn, iters=iters)
         bwd = _time_backward(fn, _leaves(x, name), iters) if backward else float("nan")
-        if name.startswith("SDPA pair (B"):
-            base = {"fwd": fwd, "bwd": bwd}
-        rows.append([name, fwd, common.tflops(flops, fwd), bwd, common.tflops(2.5 * flops, bwd)])
-        torch.cuda.empty_cache()
-    table = []
-    for name, fwd, tf_f, bwd, tf_b in rows:
+        base = base or {"fwd": fwd, "bwd": bwd}  # the SDPA pair, measured first
+        tf_f, tf_b = common.tflops(flops, fwd), common.tflops(2.5 * flops, bwd)
         table.append([name, fwd, tf_f, 100 * tf_f / ceiling, base["fwd"] / fwd,
                       bwd, tf_b, 100 * tf_b / ceiling, base["bwd"] / bwd])
-    header = ["variant", "fwd ms", "fwd TFLOP/s", "fwd % bf16 mm", "fwd x vs SDPA pair",
-              "bwd ms", "bwd TFLOP/s", "bwd % bf16 mm", "bwd x vs SDPA pair"]
-    return common.markdown_table(header, table)
+        print(common.markdown_table(HEADER, table[-1:]).splitlines()[-1], flush=True)
+        torch.cuda.empty_cache()
+    return common.markdown_table(HEADER, table)
+
+
+def _fwd_configs() -> str:
+    """The forward config the autotuner picked per shape (it has two candidates per head dim)."""
+    from mdm_fast.kernels import attention as kernels
+
+    picked = getattr(kernels._fwd_kernel, "cache", {})
+    return "; ".join(f"LQ={k[0]}, d<={k[3]}: {v}" for k, v in picked.items()) or "none recorded"
 
 
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention needs a CUDA device")
-    dtypes = [torch.bfloat16] if args.suite == "quick" else [torch.bfloat16, torch.float16]
-    iters = 20 if args.suite == "quick" else 50
+    quick = args.suite == "quick"
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    iters = 20 if quick else 50
+    c = common.ceilings()
+    print(f"{common.card_name()}: bf16 matmul {c.bf16_tflops:.0f} TFLOP/s, copy {c.copy_gbps:.0f} GB/s", flush=True)
     sections = {}
     for dtype in dtypes:
-        for level in LEVELS:
-            dt = str(dtype).replace("torch.", "")
-            sections[f"{level}, sampling batch 32, {dt}, forward"] = _section(level, 32, dtype, False, iters)
-            sections[f"{level}, training batch 16, {dt}, forward + backward"] = _section(level, 16, dtype, True, iters)
+        dt = str(dtype).replace("torch.", "")
+        for i, level in enumerate(LEVELS):
+            title = f"{level}, sampling batch 32, {dt}, forward"
+            sections[title] = _section(title, level, 32, dtype, False, iters, args.suite,
+                                       with_ref=not quick or i == 0)
+        for i, level in enumerate(LEVELS):
+            if quick and i > 0:
+                continue  # quick: forward + backward on level 1 only
+            title = f"{level}, training batch 16, {dt}, forward + backward"
+            sections[title] = _section(title, level, 16, dtype, True, iters, args.suite, with_ref=not quick)
     sections["Notes"] = (__doc__.split("\n\n", 2)[2].strip()
                          + "\n\nSpeedups are relative to the SDPA pair on contiguous (B, h, L, d) tensors; "
                          "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) "
-                         "and write (B, C, L).")
+                         "and write (B, C, L). Quick suite: reference einsum on level 1 forward only, "
+                         "backward on level 1 only. Triton forward configs picked: " + _fwd_configs() + ".")
     common.write_report("attention", sections, args.out)
 
 

@@ -223,10 +223,15 @@ def _triton_reason(q, k, v, k_cond=None, v_cond=None) -> Optional[str]:
     )
 
 
+def _auto_order(q, *args) -> Tuple[str, ...]:
+    """Triton first for fp16/bf16; fp32 Triton tiles spill registers, so PyTorch's SDPA first there."""
+    return ("sdpa", "triton", "ref") if q.dtype == torch.float32 else ("triton", "sdpa", "ref")
+
+
 dispatch.register(
     OP,
     {"ref": lambda *a: None, "sdpa": lambda *a: None, "triton": _triton_reason},
-    preference=("triton", "sdpa", "ref"),
+    preference=_auto_order,
 )
 
 
