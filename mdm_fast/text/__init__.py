@@ -1,0 +1,3 @@
+"""Text and class conditioning encoders (see :mod:`mdm_fast.text.encoders`)."""
+from mdm_fast.text.encoders import (ClassLabelEncoder, HFTextEncoder, PrecomputedEncoder, TextEncoder,  # noqa: F401
+                                    build_text_encoder, encode_prompts, minilm_encoder, minilm_path)

