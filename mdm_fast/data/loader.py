@@ -1,0 +1,89 @@
+"""Deterministic, resumable, sharded loading.
+
+The sample order is a pure function of (seed, position): epoch ``e`` is ``randperm(N)`` seeded with
+``seed + e``. At optimizer step ``k`` the global batch is positions ``[k*G, (k+1)*G)`` with
+``G = batch_size * world_size * accumulations``, cut into ``world_size * accumulations`` shards of
+``batch_size``; shard ``rank * accumulations + micro`` goes to that rank's micro-batch. So the data
+position is just the step number (resume = start the sampler at that step), and one process with
+``accumulations = world_size * A`` reads exactly the shards that ``world_size`` processes read.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from mdm_fast.data.datasets import SampleDataset
+
+
+class ShardedSampler(Sampler):
+    """Yields ``(index, seed)`` items in the order one rank consumes them, from ``start_step`` on."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 accumulations: int = 1, seed: int = 0, start_step: int = 0, num_steps: int = -1):
+        if num_samples < 1:
+            raise ValueError("dataset is empty")
+        self.n, self.b, self.rank, self.world, self.acc = num_samples, batch_size, rank, world_size, accumulations
+        self.seed, self.start_step, self.num_steps = seed, start_step, num_steps
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[position % self.n]
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        global_batch = self.b * self.world * self.acc
+        step = self.start_step
+        while self.num_steps < 0 or step < self.start_step + self.num_steps:
+            for micro in range(self.acc):
+                first = step * global_batch + (self.rank * self.acc + micro) * self.b
+                for pos in range(first, first + self.b):
+                    yield self._index(pos), (self.seed * 1_000_003 + pos) % (1 << 63)
+            step += 1
+
+    def __len__(self):
+        return self.num_steps * self.b * self.acc if self.num_steps >= 0 else 1 << 62
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack images (uint8 (B, H, W, 3)), labels (B,), captions (list), text embeddings padded to the
+    longest with a mask; ``_skipped`` sums the unreadable samples that were replaced."""
+    shapes = {s["image"].shape for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"images of different shapes in one batch: {sorted(shapes)}; set reader_config.image_size")
+    out: Dict[str, Any] = {"image": torch.from_numpy(np.stack([s["image"] for s in samples]))}
+    out["_skipped"] = sum(int(s.get("_skipped", 0)) for s in samples)
+    if all("label" in s for s in samples):
+        out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    if all("caption" in s for s in samples):
+        out["caption"] = [s["caption"] for s in samples]
+    if all("text_embedding" in s for s in samples):
+        embs = [np.asarray(s["text_embedding"], np.float32).reshape(-1, np.shape(s["text_embedding"])[-1])
+                for s in samples]
+        t = max(e.shape[0] for e in embs)
+        emb = torch.zeros(len(embs), t, embs[0].shape[1])
+        mask = torch.zeros(len(embs), t)
+        for i, e in enumerate(embs):
+            emb[i, : e.shape[0]] = torch.from_numpy(e)
+            mask[i, : e.shape[0]] = 1
+        out["text_embedding"], out["text_mask"] = emb, mask
+    return out
+
+
+def make_loader(dataset: SampleDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                accumulations: int = 1, seed: int = 0, start_step: int = 0, num_steps: int = -1,
+                num_workers: int = 0, pin_memory: bool = False, prefetch_batches: int = 4) -> DataLoader:
+    """A DataLoader of micro-batches in training order (``num_steps`` optimizer steps, -1: endless)."""
+    sampler = ShardedSampler(len(dataset), batch_size, rank, world_size, accumulations, seed, start_step, num_steps)
+    workers = max(0, min(num_workers, (os.cpu_count() or 1)))
+    kwargs: Dict[str, Any] = {}
+    if workers > 0:
+        kwargs = {"persistent_workers": True, "prefetch_factor": max(2, min(8, prefetch_batches // workers))}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=False, **kwargs)

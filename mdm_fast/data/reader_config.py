@@ -1,0 +1,25 @@
+"""The public reader config (apple/ml-mdm ``reader.ReaderConfig``): same field names and defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ReaderConfig:
+    smaller_side_size: int = -1  # the smaller side is resized to this (default: image_size)
+    max_caption_length: int = -1  # captions are cut to this many characters (-1: no limit)
+    max_token_length: int = -1  # token sequences are cut/padded to this length (-1: no limit)
+    image_size: int = -1  # the top resolution: images are resized and cropped to it
+    random_crop: bool = False  # random instead of centre crop
+    num_kept_files: int = -1
+    num_readers: int = 16  # loader worker processes (capped by the CPU count)
+    shuffle_buffer_size: int = 9600
+    reader_buffer_size: int = 9600  # batches prefetched in all (spread over the workers)
+    endpoint_url: str = ""
+    bucket: str = "mlx"
+    prepad_caption_with_space: bool = True
+    use_tokenizer_scores: bool = True
+    prepad_bos: bool = False
+    append_eos: bool = True
+    padding_token: str = "<pad>"
+    pad_to_max_length: bool = False

@@ -1,0 +1,194 @@
+"""Datasets and loading: every source form, corrupt images skipped and counted, video tiling,
+deterministic resumable sharding."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mdm_fast.data import (ReaderConfig, ShardedSampler, build_dataset, collate, make_loader, resize_crop,
+                           tile_frames, to_model_range)
+from mdm_fast.data.datasets import expand_braces
+
+R = ReaderConfig(image_size=16, num_readers=0)
+
+
+def _png(color, size=(20, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _folder(tmp_path, table="tsv", corrupt=()):
+    for i in range(5):
+        data = b"not an image" if i in corrupt else _png((40 * i, 10, 200))
+        (tmp_path / f"img{i}.png").write_bytes(data)
+    if table == "tsv":
+        rows = ["file\tcaption\tlabel"] + [f"img{i}.png\tcaption {i}\t{i}" for i in range(5)]
+        (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    else:
+        with open(tmp_path / "captions.jsonl", "w") as f:
+            for i in range(5):
+                f.write(json.dumps({"file": f"img{i}.png", "caption": f"caption {i}", "label": i}) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("table", ["tsv", "jsonl"])
+def test_caption_folder(tmp_path, table):
+    ds = build_dataset(str(_folder(tmp_path, table)), R)
+    s = ds[(2, 0)]
+    assert s["image"].shape == (16, 16, 3) and s["image"].dtype == np.uint8
+    assert s["caption"] == "caption 2" and s["label"] == 2 and s["_skipped"] == 0
+    assert tuple(s["image"][8, 8]) == (80, 10, 200)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    ds = build_dataset(str(_folder(tmp_path, corrupt=(1, 3))), R)
+    loader = make_loader(ds, batch_size=5, num_steps=1, seed=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (5, 16, 16, 3)  # the batch is still full
+    assert batch["_skipped"] == 2
+    assert 1 not in batch["label"].tolist() and 3 not in batch["label"].tolist()
+
+
+def test_everything_corrupt_is_a_clear_error(tmp_path):
+    ds = build_dataset(str(_folder(tmp_path, corrupt=range(5))), R)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        ds[(0, 0)]
+
+
+def _public_shard(tmp_path):
+    with tarfile.open(tmp_path / "images_00000.tar", "w") as tf:
+        for i in range(3):
+            data = _png((10 * i, 20, 30))
+            info = tarfile.TarInfo(f"{i:010d}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    rows = ["tar\tfile\tcaption"] + [f"shards/images_00000.tar\t{i:010d}.png\tpicture {i}" for i in range(3)]
+    (tmp_path / "images_00000.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "training_0.tsv").write_text("filename\nimages_00000.tsv\n")
+    return tmp_path
+
+
+def test_public_tar_shards(tmp_path):
+    _public_shard(tmp_path)
+    for spec in ("training_0.tsv", "images_00000.tsv"):  # the file list, or one index file
+        ds = build_dataset(str(tmp_path / spec), R)
+        assert len(ds) == 3
+        s = ds[(1, 0)]
+        assert s["caption"] == "picture 1" and s["image"].shape == (16, 16, 3)
+        assert tuple(s["image"][0, 0]) == (10, 20, 30)
+
+
+def test_public_test_files_read_like_the_public_reader():
+    from pathlib import Path
+
+    files = Path("/tmp/pub/ml-mdm-matryoshka/tests/test_files/sample_training_0.tsv")
+    if not files.exists():
+        pytest.skip("public test files not unpacked here")
+    ds = build_dataset(str(files), ReaderConfig(image_size=40))
+    s = ds[(0, 0)]
+    assert s["image"].shape == (40, 40, 3) and s["caption"].startswith("Manager in store")
+
+
+def test_webdataset_shards_with_brace_expansion(tmp_path):
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"wds-{shard:03d}.tar", "w") as tf:
+            for i in range(2):
+                key = f"s{shard}_{i}"
+                for ext, data in ((".jpg", _png((shard * 100, i * 100, 0))), (".txt", f"text {key}".encode()),
+                                  (".cls", str(shard * 2 + i).encode())):
+                    info = tarfile.TarInfo(key + ext)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    names = expand_braces(str(tmp_path / "wds-{000..001}.tar"))
+    assert [n[-11:] for n in names] == ["wds-000.tar", "wds-001.tar"]
+    ds = build_dataset(str(tmp_path / "wds-{000..001}.tar"), R)
+    assert len(ds) == 4
+    s = ds[(3, 0)]
+    assert s["caption"] == "text s1_1" and s["label"] == 3
+
+
+def test_arrays_and_digits(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.random.randint(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+             labels=np.arange(6))
+    ds = build_dataset(str(tmp_path / "a.npz"), R)
+    assert ds[(4, 0)]["label"] == 4 and ds[(4, 0)]["image"].shape == (16, 16, 3)
+    digits = build_dataset("sklearn:digits", ReaderConfig(image_size=32))
+    assert len(digits) == 1797 and digits[(0, 0)]["image"].shape == (32, 32, 3)
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no training data"):
+        build_dataset("", R)
+    with pytest.raises(ValueError, match="not a known dataset form"):
+        build_dataset(str(tmp_path / "nothing.bin"), R)
+    with pytest.raises(ValueError, match="captions.tsv"):
+        build_dataset(str(tmp_path), R)
+    (tmp_path / "t.tsv").write_text("name\tcaption\nx.png\thello\n")
+    with pytest.raises(ValueError, match="file column"):
+        build_dataset(str(tmp_path / "t.tsv"), R)
+
+
+def test_video_frames_tile_into_the_temporal_grid(tmp_path):
+    clip = tmp_path / "clip0"
+    clip.mkdir()
+    for f in range(8):  # 8 frames on disk, 4 sampled evenly: 0, 2, 5, 7
+        Image.new("RGB", (10, 10), (f * 30, 0, 0)).save(clip / f"{f:03d}.png")
+    (tmp_path / "captions.tsv").write_text("file\tcaption\nclip0\ta red ramp\n")
+    ds = build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)
+    s = ds[(0, 0)]
+    img = s["image"]
+    assert img.shape == (16, 16, 3) and s["caption"] == "a red ramp"
+    # frame i*n + j sits at grid cell (i, j): the layout `b c (n h) (m w) -> b (n m) c h w` reads back
+    frames = torch.from_numpy(img).permute(2, 0, 1)[None].reshape(1, 3, 2, 8, 2, 8).permute(0, 2, 4, 1, 3, 5)
+    reds = frames.reshape(1, 4, 3, 8, 8)[0, :, 0, 4, 4].tolist()
+    assert reds == [0, 60, 150, 210]
+    with pytest.raises(ValueError, match="square"):
+        build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=3)
+    t = tile_frames(np.arange(4 * 2 * 2 * 1).reshape(4, 2, 2, 1))
+    assert t[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_sharded_sampler_is_a_pure_function_of_the_step():
+    one = list(ShardedSampler(10, 2, accumulations=2, seed=3, num_steps=3))
+    two = [list(ShardedSampler(10, 2, rank=r, world_size=2, seed=3, num_steps=3)) for r in range(2)]
+    # one process with 2 accumulations reads, per step, rank 0's shard then rank 1's shard
+    merged = [x for k in range(3) for r in range(2) for x in two[r][2 * k:2 * k + 2]]
+    assert one == merged
+    resumed = list(ShardedSampler(10, 2, accumulations=2, seed=3, start_step=1, num_steps=2))
+    assert resumed == one[4:]
+    assert sorted(i for i, _ in list(ShardedSampler(10, 5, seed=1, num_steps=2))) == list(range(10))  # an epoch
+
+
+def test_resize_crop_and_range():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    assert resize_crop(img, 16).shape == (16, 16, 3)
+    x = to_model_range(torch.tensor([[[[0, 127, 255]]]], dtype=torch.uint8))
+    assert x.shape == (1, 3, 1, 1) and torch.allclose(x.flatten(), torch.tensor([-127 / 128, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="different shapes"):
+        collate([{"image": np.zeros((4, 4, 3), np.uint8)}, {"image": np.zeros((5, 5, 3), np.uint8)}])
+
+
+def test_workers_give_the_same_batches(tmp_path):
+    ds = build_dataset(str(_folder(tmp_path)), ReaderConfig(image_size=16, random_crop=True))
+    a = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=0)]
+    b = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=2)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 3
+
+
+def test_precomputed_text_embeddings_are_padded_with_a_mask(tmp_path):
+    _folder(tmp_path)
+    rows = ["file\tcaption\ttext_embedding"]
+    for i in range(2):
+        np.save(tmp_path / f"e{i}.npy", np.full((2 + i, 6), i + 1, np.float32))
+        rows.append(f"img{i}.png\tc{i}\te{i}.npy")
+    (tmp_path / "emb.tsv").write_text("\n".join(rows) + "\n")
+    ds = build_dataset(str(tmp_path / "emb.tsv"), R)
+    batch = collate([ds[(0, 0)], ds[(1, 0)]])
+    assert batch["text_embedding"].shape == (2, 3, 6)
+    assert batch["text_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["text_embedding"][0, 2].abs().sum() == 0 and batch["text_embedding"][1, 2, 0] == 2
