@@ -1,0 +1,127 @@
+"""Atomic, verified checkpoints compatible with the public code.
+
+A checkpoint is one ``torch.save`` file whose top level holds ``state_dict`` (the model, loadable with
+``strict=True`` into the public model and ours) plus our extras (EMA, optimizer, scheduler, RNG
+states, step). It is written to a temporary file in the same folder, flushed and fsynced, then
+``os.replace``-d into place, so a crash leaves either the old file or the new one, never half of one.
+The newest ``keep`` checkpoints are kept; :func:`load_latest` verifies each candidate, newest first,
+and falls back to the previous good one, saying why, when a file is truncated or corrupt.
+Everything stored loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+FORMAT = "mdm_fast.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is truncated, corrupt or not a checkpoint."""
+
+
+class CheckpointPickleError(CheckpointError):
+    """A complete file that pickles Python objects besides tensors (public files pickle their args)."""
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
+    """(step, path) of the checkpoints in ``folder``, newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / p) for p in os.listdir(folder) if (m := _NAME.match(p))]
+    return sorted(found, reverse=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Dict[str, Any], path: Path) -> Path:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a torch.load error (the unpickler's own, not its boilerplate)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load and verify one checkpoint; CheckpointError (naming the file) if it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # garbage bytes fail here too
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_reason(e)})") from e
+        raise CheckpointPickleError(
+            f"checkpoint {path} pickles Python objects besides tensors (a public checkpoint's 'args'?); "
+            f"if you trust it, convert it once: mdm-fast convert {path} OUT.pt --to ours --trust-pickle") from e
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_reason(e)}; "
+                              f"size {path.stat().st_size} bytes)") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {path} has no 'state_dict' mapping at the top level")
+    return ckpt
+
+
+def load_latest(folder: Path, map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest checkpoint in ``folder`` that loads; bad ones are reported and skipped."""
+    for _, path in list_checkpoints(folder):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            log.warning("%s; falling back to the previous checkpoint", e)
+    return None
+
+
+def save_rotating(obj: Dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
+    """Write ``ckpt_<step>.pt`` atomically, then drop all but the newest ``keep`` (>= 2: the previous
+    good one is always kept)."""
+    path = save_atomic(obj, checkpoint_path(folder, step))
+    for _, old in list_checkpoints(folder)[max(2, keep):]:
+        old.unlink(missing_ok=True)
+    return path

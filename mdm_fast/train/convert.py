@@ -1,0 +1,93 @@
+"""Checkpoint conversion between the public format and ours, without touching a single weight.
+
+- public: ``{"state_dict": weights, ...}`` (the public trainer adds ``batch_num``, losses and a pickled
+  ``args``), one file per EMA / non-EMA model;
+- ours: the same ``state_dict`` at the top level plus ``ema_state_dict``, optimizer, scheduler, RNG,
+  ``step`` and the config (see :mod:`mdm_fast.train.checkpoint`).
+Weights are copied as they are (same keys, order, dtypes and bits), so public -> ours -> public
+reproduces the public file's ``state_dict`` exactly, and ours -> public -> ours keeps the weights.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from mdm_fast.train.checkpoint import FORMAT, CheckpointError, CheckpointPickleError, load_checkpoint, save_atomic
+
+_NUMERIC_EXTRAS = ("batch_num", "loss", "best_avg_loss", "exp_avg_loss", "exp_avg_loss_var")
+
+
+class _Stub:
+    """Stands in for a class of the public code that is not installed (its pickled ``args``)."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("torch", "collections", "builtins", "numpy", "_codecs"):
+            return super().find_class(module, name)
+        return _Stub
+
+
+class _StubPickle:
+    Unpickler = _StubUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "stub_pickle"
+
+
+def _load_any(path: Path, trust_pickle: bool) -> Dict[str, Any]:
+    try:
+        return load_checkpoint(path)
+    except CheckpointPickleError:
+        if not trust_pickle:
+            raise
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StubPickle)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: no 'state_dict' at the top level")
+    return ckpt
+
+
+def convert(src: str, dst: str, to: str, use_ema: bool = False, config: Optional[str] = None,
+            trust_pickle: bool = False) -> Dict[str, Any]:
+    """Convert ``src`` to format ``to`` ("ours" or "public") at ``dst``; returns a short report."""
+    if to not in ("ours", "public"):
+        raise ValueError(f"convert: --to must be 'ours' or 'public', got {to!r}")
+    try:
+        ckpt = _load_any(Path(src), trust_pickle)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from e
+    if to == "public":
+        if use_ema and "ema_state_dict" not in ckpt:
+            raise ValueError(f"{src} has no EMA weights (ema_state_dict); drop --ema")
+        state = ckpt["ema_state_dict"] if use_ema else ckpt["state_dict"]
+        out: Dict[str, Any] = {"state_dict": state}
+        if "step" in ckpt or "batch_num" in ckpt:
+            out["batch_num"] = int(ckpt.get("batch_num", ckpt.get("step", 0)))
+    else:
+        out = {"state_dict": ckpt["state_dict"], "format": FORMAT}
+        for k in _NUMERIC_EXTRAS:
+            if isinstance(ckpt.get(k), (int, float)):
+                out[k] = ckpt[k]
+        out["step"] = int(ckpt.get("step", ckpt.get("batch_num", 0)))
+        for k in ("ema_state_dict", "ema", "config", "model", "text_dim", "seed"):
+            if k in ckpt:
+                out[k] = ckpt[k]
+        if config:
+            from mdm_fast.config import load_experiment
+
+            cfg = load_experiment(config)
+            out["config"], out["model"] = cfg.to_yaml(), cfg.model
+    save_atomic(out, Path(dst))
+    return {"input": str(src), "output": str(dst), "to": to, "tensors": len(out["state_dict"]),
+            "ema": bool(use_ema)}

@@ -1,0 +1,112 @@
+"""torch.distributed set-up for torchrun (single node or multi-node): DDP, or FSDP for big models."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR); one process
+    without them. NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module:
+    """DDP (every rank holds the whole model) or FSDP (FSDP2 ``fully_shard``: parameters, gradients and
+    optimizer state sharded; each down/mid/up block of every level is one unit, gathered when it runs)."""
+    if info.world_size <= 1:
+        return model
+    device_ids = [info.local_rank] if torch.cuda.is_available() else None
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in fsdp_units(model):
+            fully_shard(block)
+        fully_shard(model)  # the root unit: stems, embeddings, adapters
+        return model
+    raise ValueError(f"distributed: expected 'ddp' or 'fsdp', got {mode!r}")
+
+
+FSDP_BLOCK_LISTS = ("down_blocks", "mid_blocks", "up_blocks")
+
+
+def fsdp_units(model: nn.Module):
+    """The blocks sharded one by one: every entry of a level's down/mid/up block lists (the bulk of
+    the parameters, each called as a module so FSDP can gather it just in time), at every level."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in FSDP_BLOCK_LISTS and isinstance(module, nn.ModuleList):
+            yield from module
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps (DDP no_sync / FSDP2 equivalent)."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_model_state(model: nn.Module) -> Dict[str, Any]:
+    """The whole model's state dict (gathered on every rank's CPU under FSDP; a collective there)."""
+    model = unwrap(model)
+    if not _is_sharded(model):
+        return model.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> Dict[str, Any]:
+    """The optimizer state keyed by parameter name, whole (gathered under FSDP), so any world size
+    and either wrapper can resume from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True))

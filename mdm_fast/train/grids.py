@@ -1,0 +1,103 @@
+"""Sampling for people to look at: generate images for prompts/labels and lay them out in a grid
+(one row per prompt, every resolution of each sample side by side, lowest first)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), the inverse of the reader's (x - 127) / 128."""
+    x = (x.detach().float().cpu().clamp(-1, 1) * 128.0 + 127.0).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def side_by_side(levels: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Levels (highest first, (B, C, H_l, W_l)) -> (B, C, H, L*W + gaps), lowest first, each level
+    enlarged to the top size with nearest neighbours so its pixels stay visible; gaps are white."""
+    top = levels[0].shape[-1]
+    tiles = []
+    for lvl in reversed(list(levels)):
+        tiles.append(F.interpolate(lvl.float(), size=(top, top), mode="nearest"))
+        tiles.append(torch.ones(*lvl.shape[:2], top, gap))
+    return torch.cat(tiles[:-1], dim=-1)
+
+
+def grid_image(levels: Sequence[torch.Tensor], rows: int, row_labels: Optional[List[str]] = None,
+               scale: int = 1, pad: int = 4) -> Image.Image:
+    """All samples (B = rows * cols, row-major) as one image; each cell shows every resolution."""
+    cells = to_uint8(side_by_side([lvl.cpu() for lvl in levels]))  # (B, H, W', C)
+    b, h, w, c = cells.shape
+    if b % rows:
+        raise ValueError(f"grid: {b} samples do not fill {rows} rows")
+    cols = b // rows
+    label_w = 0
+    if row_labels:
+        label_w = 8 + 7 * max(len(s) for s in row_labels)
+    H, W = rows * (h * scale + pad) + pad, label_w + cols * (w * scale + pad) + pad
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(b):
+        r, col = divmod(i, cols)
+        tile = Image.fromarray(cells[i].squeeze(-1) if c == 1 else cells[i])
+        if scale != 1:
+            tile = tile.resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(tile, (label_w + pad + col * (w * scale + pad), pad + r * (h * scale + pad)))
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, pad + r * (h * scale + pad) + h * scale // 2 - 5), text, fill=(0, 0, 0))
+    return canvas
+
+
+@torch.no_grad()
+def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int, image_size: int,
+             device: torch.device, *, steps: int = 50, guidance: float = 1.0, seed: int = 0,
+             ddim_eta: Optional[float] = None, progress: bool = False) -> List[torch.Tensor]:
+    """Samples for every prompt (``per_prompt`` each, prompt-major): the list of levels, highest first."""
+    from mdm_fast.text import encode_prompts
+
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    cond, mask = encode_prompts(encoder, expanded, device)
+    kwargs = {}
+    if guidance != 1.0:
+        uncond, umask = encoder.null(len(expanded), device)
+        kwargs = {"uncond_conditioning": uncond, "uncond_mask": umask}
+    generator = torch.Generator(device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        sampler = diffusion.sampler(num_inference_steps=steps, ddim_eta=ddim_eta)
+        denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=guidance, **kwargs)
+        x_t = sampler.initial_noise(len(expanded), _channels(model), image_size, generator=generator, device=device)
+        levels = x_t
+        bar = tqdm(total=len(sampler.timesteps), desc="sampling", disable=not progress, leave=False)
+        for step in sampler.steps(denoise, x_t, generator=generator):
+            levels = step.x_s
+            bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+    return sampler.to_images(levels)
+
+
+def _channels(model) -> int:
+    from mdm_fast.train.distributed import unwrap
+
+    m = unwrap(model)
+    for name in ("input_channels", "in_channels"):
+        if isinstance(getattr(m, name, None), int):
+            return getattr(m, name)
+    return 3
+
+
+def save_grid(levels: Sequence[torch.Tensor], path: Path, rows: int, row_labels: Optional[List[str]] = None,
+              scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(levels, rows, row_labels, scale).save(path)
+    return path

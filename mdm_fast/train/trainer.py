@@ -1,0 +1,328 @@
+"""The training loop (the public ``trainer.train_batch`` + ``clis/train_parallel.py`` semantics).
+
+AdamW (weight decay 0, eps 1e-8) or Adam, linear warm-up then a constant rate (the public
+``LRScaler``), gradient accumulation, gradient-norm clipping, bf16 autocast on CUDA when ``fp16``
+is set, EMA, JSONL/PNG logging, periodic sample grids, atomic checkpoints, exact resume, and
+torchrun DDP/FSDP. Every random draw of a training step comes from a generator seeded by
+(seed, step, shard), so a resumed run, or a run split over more processes with the same shards,
+computes the same numbers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from mdm_fast.config import ExperimentConfig
+from mdm_fast.data import build_dataset, make_loader, to_model_range
+from mdm_fast.text import build_text_encoder
+from mdm_fast.train import checkpoint as ckpt_io
+from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
+                                        init_distributed, unwrap, wrap_model)
+from mdm_fast.train.ema import ModelEma
+from mdm_fast.train.metrics import MetricsLog, plot_loss
+
+log = logging.getLogger(__name__)
+
+
+def build_network(cfg: ExperimentConfig, text_dim: int, device: Optional[torch.device] = None) -> nn.Module:
+    """The denoising model of ``cfg`` (``impl``: "reference" = the pure-PyTorch oracle; other values go
+    to the fast model's ``mdm_fast.build_model(..., impl=...)``)."""
+    unet = cfg.unet_dict(text_dim)
+    if cfg.impl in ("reference", "ref"):
+        from mdm_fast.reference import build_model
+        model = build_model(cfg.model, unet)
+    else:
+        import mdm_fast
+
+        if not hasattr(mdm_fast, "build_model"):
+            raise ValueError(f"impl={cfg.impl!r}: the fast model is not available in this build; use impl=reference")
+        model = mdm_fast.build_model(cfg.model, unet, impl=cfg.impl)
+    return model.to(device) if device is not None else model
+
+
+def build_diffusion(cfg: ExperimentConfig, model: nn.Module):
+    from mdm_fast.diffusion import NestedDiffusion
+
+    return NestedDiffusion.for_model(cfg.diffusion_config, unwrap(model))
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """The public LRScaler: linear from 1/warmup to 1 over ``warmup_steps``, then constant."""
+    def f(step: int) -> float:
+        step = max(1, step)
+        return step / max(1, warmup_steps) if step < warmup_steps else 1.0
+    return f
+
+
+def step_seed(seed: int, step: int, shard: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + shard) % (1 << 62)
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": _py_state(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _py_state():
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """``Trainer(cfg).train()`` trains ``cfg`` in ``cfg.output_dir``, resuming from its newest good
+    checkpoint. ``train(stop_after=N)`` stops after N steps of this call (for tests and budgets)."""
+
+    def __init__(self, cfg: ExperimentConfig, device: Optional[torch.device] = None, quiet: bool = False):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed()
+        if device is None:
+            device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":  # as the public trainer
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.quiet = quiet or not self.dist.is_main
+        self.out = Path(cfg.output_dir)
+        self.dataset = build_dataset(cfg.file_list, cfg.reader_config, cfg.video_frames)  # fail fast on bad data
+        self.skipped = 0
+        self.seed = cfg.seed if cfg.seed >= 0 else self._shared_time_seed()
+        resume = ckpt_io.load_latest(self.out)
+        if resume is not None:
+            self.seed = int(resume[1].get("seed", self.seed))
+        torch.manual_seed(self.seed)
+        self.encoder = build_text_encoder(cfg, self.device)
+        self.model = build_network(cfg, self.encoder.embed_dim, self.device)
+        self.diffusion = build_diffusion(cfg, self.model)
+        self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
+        self.step = 0
+        if resume is not None:
+            self._restore_weights(*resume)
+        # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
+        self.wrapped = wrap_model(self.model, self.dist, cfg.distributed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters (is every level frozen?)")
+        opt_cls = torch.optim.AdamW if cfg.use_adamw else torch.optim.Adam
+        opt_kwargs = {"weight_decay": 0.0} if cfg.use_adamw else {}
+        self.optimizer = opt_cls(params, lr=cfg.lr, eps=1e-8, **opt_kwargs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
+        if resume is not None:
+            self._restore_training_state(*resume)
+
+    def _shared_time_seed(self) -> int:
+        """seed: -1 (public): a seed from the clock, the same on every rank."""
+        seed = torch.tensor([int(time.time()) % 10000], device=self.device)  # NCCL needs device tensors
+        if self.dist.world_size > 1:
+            torch.distributed.broadcast(seed, src=0)
+        return int(seed.item())
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint_dict(self) -> Dict[str, Any]:
+        """The checkpoint (a collective under FSDP: call it on every rank; full on rank 0)."""
+        return {
+            "state_dict": full_model_state(self.model),  # public: torch.load(f)["state_dict"]
+            "ema_state_dict": self.ema.module.state_dict(),
+            "ema": self.ema.extra_state(),
+            "optimizer": full_optimizer_state(self.model, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "batch_num": self.step,  # the public name of the step counter
+            "step": self.step,
+            "seed": self.seed,
+            "rng": rng_state(),
+            "model": self.cfg.model,
+            "config": self.cfg.to_yaml(),
+            "text_dim": self.encoder.embed_dim,
+            "format": ckpt_io.FORMAT,
+        }
+
+    def save(self) -> Optional[Path]:
+        state, path = self.checkpoint_dict(), None
+        if self.dist.is_main:
+            path = ckpt_io.save_rotating(state, self.out, self.step, self.cfg.keep_checkpoints)
+        barrier(self.dist)
+        return path
+
+    def _restore_weights(self, path: Path, ckpt: Dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["state_dict"], strict=True)
+        if "ema_state_dict" in ckpt:
+            self.ema.module.load_state_dict(ckpt["ema_state_dict"], strict=True)
+            self.ema.counter = int(ckpt.get("ema", {}).get("counter", 0))
+        self.step = int(ckpt.get("step", ckpt.get("batch_num", 0)))
+
+    def _restore_training_state(self, path: Path, ckpt: Dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if "optimizer" in ckpt:
+            set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        if "scheduler" in ckpt:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        if not self.quiet:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.fp16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _conditioning(self, batch, generator):
+        cond, mask = self.encoder.encode_batch(batch, self.device)
+        p = self.cfg.cond_drop_prob
+        if p > 0:  # classifier-free guidance training: some samples see the null conditioning
+            drop = (torch.rand(cond.shape[0], generator=generator, device=self.device) < p)
+            keep = (~drop).float()
+            cond = cond * keep[:, None, None]
+            first = torch.zeros_like(mask)
+            first[:, 0] = 1
+            mask = torch.where(drop[:, None], first, mask)
+        return cond, mask
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.dist.world_size > 1:  # every rank must agree, or DDP's all-reduce would hang
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    def train_step(self, batches) -> Dict[str, float]:
+        cfg, acc = self.cfg, self.cfg.num_gradient_accumulations
+        self.wrapped.train()
+        totals: Dict[str, float] = {}
+        for micro, batch in enumerate(batches):
+            shard = self.dist.rank * acc + micro
+            gen = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.step, shard))
+            images = to_model_range(batch["image"]).to(self.device, non_blocking=True)
+            with torch.no_grad(), self._autocast():
+                cond, mask = self._conditioning(batch, gen)
+            with grad_sync(self.wrapped, micro == acc - 1), self._autocast():
+                loss, stats = self.diffusion.loss(self.wrapped, images, cond, mask, generator=gen)
+                loss = loss * cfg.loss_factor
+            if not self._all_finite(loss):  # as the public trainer: skip the update, keep counting
+                log.warning("step %d: loss is not finite; skipping the update", self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                return {"loss": float("nan")}
+            (loss / acc).backward()
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() / acc
+            for k, v in stats.items():
+                if k.startswith("loss_level"):
+                    totals[k] = totals.get(k, 0.0) + float(v) / acc
+            self.skipped += int(batch.get("_skipped", 0))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
+        totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.step += 1
+        return totals
+
+    def _past(self, deadline: float) -> bool:
+        late = torch.tensor([float(time.time() > deadline)], device=self.device)
+        if self.dist.world_size > 1:  # stop on every rank at the same step
+            torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+        return bool(late.item())
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self, stop_after: Optional[int] = None, sample_fn: Optional[Callable[["Trainer"], None]] = None,
+              deadline: Optional[float] = None) -> Dict[str, Any]:
+        """Train until ``num_training_steps``, or ``stop_after`` more steps, or the wall-clock
+        ``deadline`` (time.time() value; a checkpoint is written where it stops)."""
+        cfg = self.cfg
+        total = cfg.num_training_steps
+        todo = total - self.step
+        if stop_after is not None:
+            todo = min(todo, stop_after)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.is_main else None
+        if todo <= 0:
+            return {"step": self.step}
+        loader = make_loader(self.dataset, cfg.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                             accumulations=cfg.num_gradient_accumulations, seed=self.seed, start_step=self.step,
+                             num_steps=todo, num_workers=cfg.reader_config.num_readers,
+                             pin_memory=self.device.type == "cuda",
+                             prefetch_batches=min(cfg.reader_config.reader_buffer_size, 32))
+        it = iter(loader)
+        bar = tqdm(total=total, initial=self.step, desc="training", disable=self.quiet, dynamic_ncols=True)
+        window: Dict[str, float] = {}
+        n_window, t0, last = 0, time.time(), {}
+        for _ in range(todo):
+            batches = [next(it) for _ in range(cfg.num_gradient_accumulations)]
+            out = self.train_step(batches)
+            last = out
+            if math.isfinite(out["loss"]):
+                for k, v in out.items():
+                    window[k] = window.get(k, 0.0) + v
+                n_window += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if metrics is not None and (self.step % cfg.log_freq == 0 or self.step == total) and n_window:
+                rec = {"step": self.step, **{k: v / n_window for k, v in window.items()},
+                       "skipped_images": self.skipped, "time_s": round(time.time() - t0, 3),
+                       "images_per_s": round(n_window * cfg.batch_size * cfg.num_gradient_accumulations
+                                             * self.dist.world_size / max(1e-9, time.time() - t0), 2)}
+                metrics.write(rec)
+                window, n_window, t0 = {}, 0, time.time()
+            saved = self.step % cfg.save_freq == 0 or self.step == total
+            if saved:
+                self.save()
+            if deadline is not None and self._past(deadline):
+                if not saved:
+                    self.save()
+                break
+            if cfg.sample_freq and self.step % cfg.sample_freq == 0 and self.dist.is_main:
+                (sample_fn or periodic_samples)(self)
+        bar.close()
+        if metrics is not None:
+            plot_loss(metrics.read(), self.out / "loss.png", title=f"{cfg.name or cfg.model}: training loss")
+        barrier(self.dist)
+        return {"step": self.step, "last": last, "skipped_images": self.skipped}
+
+
+def periodic_samples(trainer: "Trainer", per_prompt: int = 4, steps: int = 50) -> Path:
+    """A grid from the EMA model: the first classes (class models) or the first captions of the data."""
+    from mdm_fast.text import ClassLabelEncoder
+    from mdm_fast.train.grids import generate, save_grid
+
+    if isinstance(trainer.encoder, ClassLabelEncoder):
+        prompts = [str(i) for i in range(min(10, trainer.encoder.embed_dim))]
+    else:
+        prompts = [trainer.dataset[(i, i)].get("caption", "") for i in range(min(4, len(trainer.dataset)))]
+    guidance = 2.0 if trainer.cfg.cond_drop_prob > 0 else 1.0
+    levels = generate(trainer.diffusion, trainer.ema.module, trainer.encoder, prompts, per_prompt,
+                      trainer.cfg.image_size, trainer.device, steps=steps, guidance=guidance, seed=0)
+    return save_grid(levels, trainer.out / "samples" / f"step_{trainer.step:08d}.png", len(prompts),
+                     [p[:24] for p in prompts])

@@ -1,0 +1,238 @@
+"""Training: the loss goes down, resume is bit-identical, DDP matches one process, checkpoints are
+atomic and a truncated one is detected, progressive training loads and freezes the inner model."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mdm_fast.config import load_experiment
+from mdm_fast.reference import build_model
+from mdm_fast.train import CheckpointError, ModelEma, Trainer, load_checkpoint, load_latest, save_atomic
+from mdm_fast.train.checkpoint import list_checkpoints
+
+INNER = {"resolution_channels": [16, 32], "num_resnets_per_resolution": [1, 1], "attention_levels": [1],
+         "num_attention_layers": [0, 1], "masked_cross_attention": 0, "temporal_dim": 32, "nesting": True,
+         "conditioning_feature_proj_dim": -1, "resnet_config": {"num_groups_norm": 4}}
+OUTER = {"resolution_channels": [8, 16], "num_resnets_per_resolution": [1, 1], "attention_levels": [],
+         "num_attention_layers": [0, 0], "masked_cross_attention": 0, "temporal_dim": 32, "skip_mid_blocks": True,
+         "conditioning_feature_proj_dim": -1, "resnet_config": {"num_groups_norm": 4}, "inner_config": INNER}
+DIFFUSION = {"sampler_config": {"num_diffusion_steps": 1000, "schedule_type": "DEEPFLOYD",
+                                "prediction_type": "V_PREDICTION", "schedule_shifted": True},
+             "use_vdm_loss_weights": False, "use_double_loss": True, "no_use_residual": True}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models gain nothing from threads; one thread also makes the DDP ranks' arithmetic the same
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(out, **over):
+    d = {"model": "nested_unet", "unet_config": OUTER, "diffusion_config": DIFFUSION, "file_list": "sklearn:digits",
+         "categorical_conditioning": 10, "reader_config": {"image_size": 16, "num_readers": 0},
+         "output_dir": str(out), "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "num_training_steps": 6,
+         "save_freq": 2, "log_freq": 1, "seed": 0, "ema_decay": 0.9, "cond_drop_prob": 0.25}
+    d.update(over)
+    return load_experiment(d)
+
+
+def _eval_loss(trainer, seed=123):
+    import mdm_fast.data as data
+
+    batch = data.collate([trainer.dataset[(i, i)] for i in range(16)])
+    images = data.to_model_range(batch["image"])
+    cond, mask = trainer.encoder.encode_batch(batch, torch.device("cpu"))
+    with torch.no_grad():
+        loss, _ = trainer.diffusion.loss(trainer.model, images, cond, mask,
+                                         generator=torch.Generator().manual_seed(seed))
+    return loss.item()
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    tr = Trainer(tiny(tmp_path, num_training_steps=40, save_freq=40, cond_drop_prob=0.0, sample_freq=40), quiet=True)
+    before = sum(_eval_loss(tr, s) for s in range(3))
+    tr.train()
+    after = sum(_eval_loss(tr, s) for s in range(3))
+    assert after < 0.8 * before, (before, after)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and '"loss_level1"' in lines[0]
+    assert (tmp_path / "samples" / "step_00000040.png").stat().st_size > 0  # the periodic sample grid
+
+
+def _state(path):
+    ck = load_checkpoint(path)
+    return ck
+
+
+def _assert_same(a, b):
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), ("optimizer", i, k)
+    assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"]
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path):
+    Trainer(tiny(tmp_path / "full"), quiet=True).train()
+    crashed = Trainer(tiny(tmp_path / "cut"), quiet=True)
+    crashed.train(stop_after=3)  # "killed" after step 3: only the step-2 checkpoint survives
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2]
+    del crashed
+    resumed = Trainer(tiny(tmp_path / "cut"), quiet=True)
+    assert resumed.step == 2
+    resumed.train()
+    _assert_same(_state(tmp_path / "full" / "ckpt_00000006.pt"), _state(tmp_path / "cut" / "ckpt_00000006.pt"))
+    steps = [int(line.split(",")[0].split(":")[1]) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step 3 was logged once, after the resume
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, caplog):
+    Trainer(tiny(tmp_path, num_training_steps=4), quiet=True).train()
+    newest = tmp_path / "ckpt_00000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"ckpt_00000004.pt is truncated or corrupt"):
+        load_checkpoint(newest)
+    path, ck = load_latest(tmp_path)
+    assert path.name == "ckpt_00000002.pt" and ck["step"] == 2
+    assert "falling back to the previous checkpoint" in caplog.text
+    assert Trainer(tiny(tmp_path, num_training_steps=4), quiet=True).step == 2
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt_00000001.pt"
+    save_atomic({"state_dict": {"w": torch.ones(3)}}, target)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"state_dict": {"w": torch.zeros(3)}}, target)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(target)["state_dict"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt"]  # no temp file left
+
+
+def test_checkpoint_loads_into_the_public_model_layout(tmp_path):
+    cfg = tiny(tmp_path, num_training_steps=2)
+    Trainer(cfg, quiet=True).train()
+    sd = torch.load(tmp_path / "ckpt_00000002.pt", weights_only=True)["state_dict"]
+    model = build_model("nested_unet", cfg.unet_dict(10))
+    model.load_state_dict(sd, strict=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out, mode):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    try:
+        Trainer(tiny(out, num_training_steps=3, save_freq=3, batch_size=2, distributed=mode), quiet=True).train()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, mode):
+    # one process reading both shards of each global batch (2 accumulations) == 2 ranks (gloo, CPU)
+    Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2),
+            quiet=True).train()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), mode), nprocs=2, join=True)
+    one = load_checkpoint(tmp_path / "one" / "ckpt_00000003.pt")
+    ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_00000003.pt")
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert one["state_dict"]["conv_out.weight"].abs().sum() > 0  # trained (it starts at zero)
+
+
+def test_progressive_training_loads_and_freezes_the_inner_model(tmp_path):
+    inner_cfg = tiny(tmp_path / "low", model="unet", unet_config={**INNER, "nesting": False},
+                     diffusion_config={k: v for k, v in DIFFUSION.items() if k not in ("use_double_loss", "no_use_residual")},
+                     reader_config={"image_size": 8, "num_readers": 0}, num_training_steps=2, cond_drop_prob=0.0)
+    Trainer(inner_cfg, quiet=True).train()
+    low = load_checkpoint(tmp_path / "low" / "ckpt_00000002.pt")["state_dict"]
+    outer = {**OUTER, "initialize_inner_with_pretrained": str(tmp_path / "low" / "ckpt_00000002.pt"),
+             "freeze_inner_unet": True}
+    tr = Trainer(tiny(tmp_path / "high", unet_config=outer, num_training_steps=2), quiet=True)
+    inner = tr.model.inner_unet.state_dict()
+    assert all(torch.equal(inner[k], low[k]) for k in low)
+    outer_before = {k: v.clone() for k, v in tr.model.state_dict().items() if not k.startswith("inner_unet.")}
+    tr.train()
+    assert all(torch.equal(tr.model.inner_unet.state_dict()[k], low[k]) for k in low)  # frozen
+    assert any(not torch.equal(tr.model.state_dict()[k], v) for k, v in outer_before.items())  # trained
+
+
+def test_ema_follows_the_public_semantics():
+    model = torch.nn.Linear(2, 2)
+    ema = ModelEma(model, decay=0.5, warmup_steps=1)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update(model)  # during warm-up: a copy
+    assert torch.equal(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2, 2), 3.0))
+    with pytest.raises(ValueError, match="ema_decay"):
+        ModelEma(model, decay=1.5)
+
+
+def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no training data"):
+        Trainer(tiny(tmp_path, file_list=""), quiet=True)
+    with pytest.raises(ValueError, match="num_gradient_accumulations"):
+        tiny(tmp_path, num_gradient_accumulations=0)
+    with pytest.raises(ValueError, match="text_encoder"):
+        Trainer(tiny(tmp_path, text_encoder="bert9000"), quiet=True)
+    with pytest.raises(ValueError, match="distributed"):
+        tiny(tmp_path, distributed="horovod")
+    (tmp_path / "cap.tsv").write_text("file\tcaption\n")
+    with pytest.raises(ValueError, match="no rows"):
+        Trainer(tiny(tmp_path, file_list=str(tmp_path / "cap.tsv")), quiet=True)
+
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny(tmp_path / "killed", num_training_steps=10_000, save_freq=1, keep_checkpoints=3)
+    cfg.to_yaml(tmp_path / "run.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mdm_fast.cli.main", "train", "--config", str(tmp_path / "run.yaml")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while len(list_checkpoints(tmp_path / "killed")) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up, possibly in the middle of a write
+    finally:
+        proc.wait()
+    path, ck = load_latest(tmp_path / "killed")
+    k = ck["step"]
+    assert k >= 2
+    resumed = Trainer(tiny(tmp_path / "killed", num_training_steps=k + 2, save_freq=1), quiet=True)
+    assert resumed.step == k
+    resumed.train()
+    Trainer(tiny(tmp_path / "straight", num_training_steps=k + 2, save_freq=1), quiet=True).train()
+    _assert_same(load_checkpoint(tmp_path / "straight" / f"ckpt_{k + 2:08d}.pt"),
+                 load_checkpoint(tmp_path / "killed" / f"ckpt_{k + 2:08d}.pt"))
