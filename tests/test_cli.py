@@ -1,0 +1,141 @@
+"""The mdm-fast command line: info, convert (lossless both ways), summary, a tiny demo, sample."""
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdm_fast.cli.main import backend_report, main
+from mdm_fast.train import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_config import CONFIGS, needs_configs  # noqa: E402
+from test_train import OUTER, tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in text and "mdm_fast._C:" in text and "devices:" in text
+    report = backend_report()
+    from mdm_fast.ops import dispatch, registered_ops
+
+    assert set(report["ops"]) == set(registered_ops())
+    for name, row in report["ops"].items():
+        assert set(row) <= set(dispatch.BACKENDS) and row["ref"] == "available", (name, row)
+        assert all(v == "available" or v.startswith("unavailable: ") for v in row.values()), (name, row)
+        if not torch.cuda.is_available() and "cuda" in row:
+            assert row["cuda"].startswith("unavailable"), (name, row)
+
+
+def _model_state():
+    from mdm_fast.reference import build_model
+
+    cfg = tiny("unused")
+    return build_model("nested_unet", cfg.unet_dict(10)).state_dict()
+
+
+def test_convert_public_to_ours_and_back_is_lossless(tmp_path, capsys):
+    sd = _model_state()
+    public = tmp_path / "vis_model_000005.pth"
+    torch.save({"state_dict": sd, "batch_num": 5, "loss": 0.25}, public)
+    assert main(["convert", str(public), str(tmp_path / "ours.pt"), "--to", "ours"]) == 0
+    ours = load_checkpoint(tmp_path / "ours.pt")
+    assert ours["step"] == 5 and ours["batch_num"] == 5
+    assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "back.pth"), "--to", "public"]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(back["state_dict"]) == list(sd)  # same keys in the same order
+    for k, v in sd.items():
+        assert back["state_dict"][k].dtype == v.dtype and torch.equal(back["state_dict"][k], v), k
+    assert back["batch_num"] == 5
+
+
+def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
+    from mdm_fast.train import Trainer
+
+    Trainer(tiny(tmp_path / "run", num_training_steps=2), quiet=True).train()
+    src = tmp_path / "run" / "ckpt_00000002.pt"
+    assert main(["convert", str(src), str(tmp_path / "ema.pth"), "--to", "public", "--ema"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "pub.pth"), "--to", "public"]) == 0
+    assert main(["convert", str(tmp_path / "pub.pth"), str(tmp_path / "again.pt"), "--to", "ours"]) == 0
+    a, ema, again = load_checkpoint(src), torch.load(tmp_path / "ema.pth"), load_checkpoint(tmp_path / "again.pt")
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in a["state_dict"].items())
+    assert all(torch.equal(ema["state_dict"][k], v) for k, v in a["ema_state_dict"].items())
+    assert again["step"] == 2
+
+
+def test_convert_public_file_with_pickled_args(tmp_path, capsys):
+    module = tmp_path / "fake_public_args.py"
+    module.write_text("class Args:\n    def __init__(self):\n        self.lr = 1e-4\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import fake_public_args
+
+        torch.save({"state_dict": {"w": torch.arange(4.0)}, "batch_num": 3, "args": fake_public_args.Args()},
+                   tmp_path / "pub.pth")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("fake_public_args", None)
+    assert main(["convert", str(tmp_path / "pub.pth"), str(tmp_path / "o.pt"), "--to", "ours"]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "pub.pth"), str(tmp_path / "o.pt"), "--to", "ours", "--trust-pickle"]) == 0
+    assert torch.equal(load_checkpoint(tmp_path / "o.pt")["state_dict"]["w"], torch.arange(4.0))
+
+
+def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
+    assert main(["convert", str(tmp_path / "bad.pt"), str(tmp_path / "x.pt"), "--to", "ours"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("model: unet\nlearning_rate: 3\n")
+    assert main(["summary", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+@needs_configs
+def test_summary_of_a_public_config(capsys):
+    assert main(["summary", "--config", str(CONFIGS / "cc12m_256x256.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "nested_unet" in out and "256" in out
+
+
+def test_quick_demo_then_sample(tmp_path, capsys):
+    t0 = time.time()
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert time.time() - t0 < 60
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("samples.png", "loss.png", "metrics.jsonl"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "demo" / "samples.png")
+    assert grid.height > 10 * 32  # a row per digit
+    ckpt = sorted((tmp_path / "demo").glob("ckpt_*.pt"))[-1]
+    assert result["steps"] == int(ckpt.stem.split("_")[1])
+    assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "7", "--num-per-prompt", "2", "--steps", "4",
+                 "--guidance", "2", "--batch", "3", "--out", str(tmp_path / "s")]) == 0
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert "grid.png" in files and "000_00_level0_32px.png" in files and "001_01_level1_8px.png" in files
+    assert main(["sample", "--checkpoint", str(ckpt), "--prompts", "a cat", "--out", str(tmp_path / "s2")]) == 2
+
+
+def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):
+    yaml_path = tmp_path / "tiny.yaml"
+    tiny(tmp_path / "unused", num_training_steps=3, save_freq=1).to_yaml(yaml_path)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(out), "--steps", "2", "batch_size=2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(out), "batch_size=2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert "batch_size: 2" in (out / "config.yaml").read_text()
+    assert main(["train", "--config", str(yaml_path), "nonsense_field=1"]) == 2
+    assert "nonsense_field" in capsys.readouterr().err
