@@ -77,7 +77,7 @@ class ExperimentConfig:
     sample_freq: int = 0  # 0: no periodic sample grids
     keep_checkpoints: int = 2
     distributed: str = "ddp"  # ddp | fsdp (used when WORLD_SIZE > 1)
-    impl: str = "reference"  # which model implementation builds the network
+    impl: str = "auto"  # the fast model's backends ("auto", "triton", ...), or "reference" for the oracle
     # ---- sampler / evaluator ----------------------------------------------------------------
     model_file: str = ""
     sample_dir: str = "samples"

@@ -40,21 +40,30 @@ def _w(p: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
     return None if p is None else p.to(like.dtype)
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    """A parameter sharded by FSDP2 (a DTensor)."""
+    return type(p).__name__ == "DTensor"
+
+
 def _impl(module: nn.Module, op: str) -> str:
     """The module's backend preference for ``op`` (see :func:`mdm_fast.ops.dispatch.impl_for`)."""
     return impl_for(op, getattr(module, "impl", "auto"))
 
 
 class FastResNet(ResNet):
-    proj_offset: int  # first column of this block's (scale, shift) in the level's projections
+    # first column of this block's (scale, shift) in the level's batched projections; None: the level
+    # passes the time embedding itself and the block projects it (FSDP-sharded weights)
+    proj_offset: Optional[int] = None
 
     def forward(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
         impl = _impl(self, "group_norm_act")
         n1, n2 = self.norm1, self.norm2
         h = self.conv1(ops.group_norm_act(x, n1.num_groups, n1.weight, n1.bias, n1.eps, impl=impl))
-        c = self.config.output_channels
-        ta = repeat_to_batch(proj[:, self.proj_offset:self.proj_offset + c], h.size(0))  # (B, C)
-        tb = repeat_to_batch(proj[:, self.proj_offset + c:self.proj_offset + 2 * c], h.size(0))
+        c, off = self.config.output_channels, self.proj_offset
+        if off is None:
+            proj, off = self.time_layer(F.silu(proj)), 0
+        ta = repeat_to_batch(proj[:, off:off + c], h.size(0))  # (B, C)
+        tb = repeat_to_batch(proj[:, off + c:off + 2 * c], h.size(0))
         h = ops.group_norm_act(h, n2.num_groups, n2.weight, n2.bias, n2.eps, scale=ta, shift=tb, impl=impl)
         h = self.conv2(self.dropout(h))
         if self.config.output_channels != self.config.num_channels:
@@ -106,21 +115,29 @@ class FastResNetBlock(ResNetBlock):
 class FastUNetMixin:
     """Stage overrides shared by the fast UNet and NestedUNet."""
 
-    def _time_projections(self) -> TimeProjections:
+    def _time_projections(self) -> Optional[TimeProjections]:
+        """The level's batched ResNet time projections, or None while its weights are FSDP-sharded
+        (each block's weights are gathered only inside that block, so the blocks project themselves)."""
         tp = self.__dict__.get("_tp")
         if tp is None:
-            own = [m for m in _own_modules(self) if isinstance(m, ResNet)]
-            tp = TimeProjections([m.time_layer for m in own])
-            offset = 0
-            for m, size in zip(own, tp.sizes):
-                m.proj_offset = offset
-                offset += size
-            self.__dict__["_tp"] = tp
-        return tp
+            tp = self.__dict__["_tp"] = TimeProjections([m.time_layer for m in self._own_resnets()])
+        batched = not _is_sharded(tp.layers[0].weight)
+        if self.__dict__.get("_batched") is not batched:  # (re)assign the blocks' columns on a change only
+            offsets = [sum(tp.sizes[:i]) for i in range(len(tp.sizes))] if batched else [None] * len(tp.sizes)
+            for m, off in zip(self._own_resnets(), offsets):
+                m.proj_offset = off
+            self.__dict__["_batched"] = batched
+        return tp if batched else None
+
+    def _own_resnets(self):
+        return [m for m in _own_modules(self) if isinstance(m, ResNet)]
 
     def time_embedding(self, times, cond_emb, micros):
         temb = super().time_embedding(times, cond_emb, micros)  # (B, temporal_dim)
-        w, b = self._time_projections().weight_bias()
+        tp = self._time_projections()
+        if tp is None:
+            return temb
+        w, b = tp.weight_bias()
         return F.linear(F.silu(temb), w.to(temb.dtype), b.to(temb.dtype))  # (B, sum 2C): every ResNet's (a, b)
 
     def forward_output_layer(self, x):
@@ -201,6 +218,7 @@ def convert(model: nn.Module, impl: str = "auto") -> nn.Module:
         if isinstance(m, tuple(FAST_CLASSES.values())):
             m.impl = impl
             m.__dict__.pop("_tp", None)
+            m.__dict__.pop("_batched", None)
     return model
 
 

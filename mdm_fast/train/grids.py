@@ -57,8 +57,12 @@ def grid_image(levels: Sequence[torch.Tensor], rows: int, row_labels: Optional[L
 @torch.no_grad()
 def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int, image_size: int,
              device: torch.device, *, steps: int = 50, guidance: float = 1.0, seed: int = 0,
-             ddim_eta: Optional[float] = None, progress: bool = False) -> List[torch.Tensor]:
-    """Samples for every prompt (``per_prompt`` each, prompt-major): the list of levels, highest first."""
+             ddim_eta: Optional[float] = None, progress: bool = False, cuda_graphs: bool = False
+             ) -> List[torch.Tensor]:
+    """Samples for every prompt (``per_prompt`` each, prompt-major): the list of levels, highest first.
+
+    ``cuda_graphs``: each denoising step (every level, guidance, sampler update) is captured once and
+    replayed (:func:`mdm_fast.engine.graphed_sampler_step`); needs a CUDA device."""
     from mdm_fast.text import encode_prompts
 
     expanded = [p for p in prompts for _ in range(per_prompt)]
@@ -75,8 +79,15 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
         denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=guidance, **kwargs)
         x_t = sampler.initial_noise(len(expanded), _channels(model), image_size, generator=generator, device=device)
         levels = x_t
+        step_fn = None
+        if cuda_graphs:
+            from mdm_fast.engine import graphed_sampler_step
+
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+            step_fn = graphed_sampler_step(sampler, denoise)
         bar = tqdm(total=len(sampler.timesteps), desc="sampling", disable=not progress, leave=False)
-        for step in sampler.steps(denoise, x_t, generator=generator):
+        for step in sampler.steps(denoise, x_t, generator=generator, step_fn=step_fn):
             levels = step.x_s
             bar.update(1)
         bar.close()

@@ -35,17 +35,15 @@ log = logging.getLogger(__name__)
 
 
 def build_network(cfg: ExperimentConfig, text_dim: int, device: Optional[torch.device] = None) -> nn.Module:
-    """The denoising model of ``cfg`` (``impl``: "reference" = the pure-PyTorch oracle; other values go
-    to the fast model's ``mdm_fast.build_model(..., impl=...)``)."""
+    """The denoising model of ``cfg`` (``impl``: "reference" = the pure-PyTorch oracle; other values are
+    the fast model's backend choice, ``mdm_fast.build_model(..., impl=...)``: same state_dict either way)."""
     unet = cfg.unet_dict(text_dim)
-    if cfg.impl in ("reference", "ref"):
+    if cfg.impl == "reference":
         from mdm_fast.reference import build_model
         model = build_model(cfg.model, unet)
     else:
         import mdm_fast
 
-        if not hasattr(mdm_fast, "build_model"):
-            raise ValueError(f"impl={cfg.impl!r}: the fast model is not available in this build; use impl=reference")
         model = mdm_fast.build_model(cfg.model, unet, impl=cfg.impl)
     return model.to(device) if device is not None else model
 
