@@ -203,7 +203,8 @@ def test_opcheck_custom_ops():
     q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(1, 1, 5, 3, 16, torch.float32))
     mask = torch.tensor([[True, False, True]])
     torch.library.opcheck(torch.ops.mdm_fast.attention_fwd.default, (q, k, v, kc, vc, mask, None, 0.25))
-    torch.library.opcheck(torch.ops.mdm_fast.attention_fwd.default, (q, k, v, None, None, None, mask, 0.25))
+    self_mask = torch.tensor([[True, False, True, True, False]])  # over the 5 pixel keys
+    torch.library.opcheck(torch.ops.mdm_fast.attention_fwd.default, (q, k, v, None, None, None, self_mask, 0.25))
     qkv = torch.randn(1, 3 * 32, 6, requires_grad=True)
     kv = torch.randn(1, 3, 64, requires_grad=True)
     torch.library.opcheck(torch.ops.mdm_fast.attention_qkv_fwd.default, (qkv, kv, mask, 2, 0.25))
