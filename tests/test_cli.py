@@ -4,7 +4,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from mdm_fast.cli.main import backend_report, main
@@ -12,15 +11,7 @@ from mdm_fast.train import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_config import CONFIGS, needs_configs  # noqa: E402
-from test_train import OUTER, tiny  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_train import OUTER, _one_thread, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
 
 
 def test_info_lists_versions_and_backends(capsys):

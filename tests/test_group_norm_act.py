@@ -306,12 +306,13 @@ def test_gpu_weight_none_and_split_path(impl, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_runs_on_the_current_stream():
-    x, w, b, sc, sh = _inputs((2, 64, 32, 32), 32, torch.bfloat16, device="cuda")
-    want = group_norm_act(x, 32, w, b, 1e-5, sc, sh, impl="ref")
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_runs_on_the_current_stream(impl):
+    # The fixed 0.05 bound this replaces failed once for cuda on an H200 (not diagnosed further): outputs
+    # reach ~10 here, where one bf16 ulp is 0.06, so that bound sat below rounding.
+    inputs = _inputs((2, 64, 32, 32), 32, torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = group_norm_act(x, 32, w, b, 1e-5, sc, sh, impl="cuda")
+        _check_against_pytorch_error(inputs, 32, "silu", impl)
     torch.cuda.current_stream().wait_stream(side)
-    assert _max_err(got, want) < 0.05
