@@ -158,7 +158,9 @@ def test_two_processes_match_one_process(tmp_path, mode):
     one = load_checkpoint(tmp_path / "one" / "ckpt_00000003.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_00000003.pt")
     for k, v in one["state_dict"].items():
-        torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+        # fp32 reduction order differs across ranks (FSDP's reduce-scatter): ~2e-7 after 3 steps at lr 3e-3,
+        # while a real mismatch (a wrong shard, scaling or RNG) moves weights by about the learning rate
+        torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert one["state_dict"]["conv_out.weight"].abs().sum() > 0  # trained (it starts at zero)
 
 

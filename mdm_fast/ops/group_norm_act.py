@@ -326,6 +326,16 @@ def _eager_inference(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in tensors)
 
 
+def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act) -> Tensor:
+    """The ref backend outside torch.compile: the public formula in fp32 (fp64 kept) with PyTorch's own
+    kernels and autograd, which on a CPU is faster than the custom op's formula-by-formula backward.
+    Under torch.compile the custom op (same numbers, traceable) runs instead."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    up = [None if t is None else t.to(acc) for t in (x, weight, bias, scale, shift)]
+    y = reference(up[0], num_groups, up[1], up[2], eps, up[3], up[4], act)
+    return y.to(x.dtype).contiguous(memory_format=_format(x))
+
+
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                    act: Optional[str] = "silu", impl: str = "auto") -> Tensor:
@@ -339,6 +349,8 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     if not (x.is_contiguous() or _is_channels_last(x)):
         x = x.contiguous()
     backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
+    if backend == "ref" and not torch.compiler.is_compiling():
+        return _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act)
     if _eager_inference(x, weight, bias, scale, shift):
         # no autograd and no tracing: call the backend directly, skipping the custom op's dispatch (~20-30 us
         # of host time, comparable to a whole kernel at the model's shapes)
