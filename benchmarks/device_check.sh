@@ -5,7 +5,11 @@
 #   bash benchmarks/device_check.sh [all|models|ops|more]     (default: all = models + ops)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
-# says which stages passed. Tables land in $OUT (benchmarks/results/ by default), every stage's full
+# says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
+# folder of the checkout, carry it, and put it back first, e.g.
+#   run(command="mkdir -p /work/shared && cp -r .devshared/reference /work/shared/ && bash benchmarks/device_check.sh",
+#       carry=[".devshared"])   after   cp -r ../shared/reference .devshared/  (.devshared/ in .git/info/exclude)
+# Tables land in $OUT (benchmarks/results/ by default), every stage's full
 # output in $OUT/log.txt (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,13 +38,14 @@ $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.lo
 
 # Most important first: a stage cut by the lease still leaves the earlier tables.
 if [[ $WHAT == models || $WHAT == all ]]; then
-  stage gpu-tests-models 60 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py
-  stage bench-models 215 $PY -m benchmarks.models --suite quick --out "$OUT"
+  stage gpu-tests-models 90 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py
+  stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
+  stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
 fi
 if [[ $WHAT == ops || $WHAT == all ]]; then
   stage bench-attention 45 $PY -m benchmarks.attention --suite quick --out "$OUT"
   stage bench-group-norm 40 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
-  stage gpu-tests-ops 100 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
+  stage gpu-tests-ops 80 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
     tests/test_attention.py tests/test_resample_ops.py tests/test_diffusion_ops.py
 fi
 if [[ $WHAT == more ]]; then  # the op suites measured in an earlier lease
