@@ -425,26 +425,28 @@ def _plan_for(x: torch.Tensor, G: int, channels_last: bool) -> Plan:
     return plan(B, C, x[0, 0].numel(), G, channels_last, _num_sms(x.device.index if x.is_cuda else None))
 
 
-def _params(weight, bias, scale, shift, dummy):
+def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool):
+    """What every launch of a forward or backward shares: B, C, S, the two strides, the parameter pointers
+    (x stands in for absent ones) and their HAS_* flags, the plan, its block sizes and the grid."""
+    B, C, S, stride_c, stride_s = _layout(x, channels_last)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
                  HAS_SH=shift is not None)
-    ptrs = [t if t is not None else dummy for t in (weight, bias, scale, shift)]
-    return ptrs, flags
+    ptrs = [t if t is not None else x for t in (weight, bias, scale, shift)]
+    p = _plan_for(x, num_groups, channels_last)
+    blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
+    return B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, (B * num_groups // p.gpb, p.nsplit)
 
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], num_groups: int, eps: float,
             silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (x's layout), mean and rstd (B, G) fp32. x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous."""
-    B, C, S, stride_c, stride_s = _layout(x, channels_last)
+    B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
+                                                                        channels_last)
     G = num_groups
     y = torch.empty_like(x)
     mean = torch.empty(B, G, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    ptrs, flags = _params(weight, bias, scale, shift, x)
-    p = _plan_for(x, G, channels_last)
-    blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
-    grid = (B * G // p.gpb, p.nsplit)
     if p.fused:
         _fwd_fused[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, eps, **flags, ACT=silu,
                          CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
@@ -462,15 +464,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
              scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
              num_groups: int, silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (x's layout), s1 = sum_s dz and s2 = sum_s dz * xhat, both (B, C) fp32. dy has x's layout."""
-    B, C, S, stride_c, stride_s = _layout(x, channels_last)
+    B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
+                                                                        channels_last)
     G = num_groups
     dx = torch.empty_like(x)
     s1 = torch.empty(B, C, device=x.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
-    ptrs, flags = _params(weight, bias, scale, shift, x)
-    p = _plan_for(x, G, channels_last)
-    blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
-    grid = (B * G // p.gpb, p.nsplit)
     if p.fused:
         _bwd_fused[grid](x, dy, dx, *ptrs, mean, rstd, s1, s2, C, S, G, C // G, stride_c, stride_s, **flags,
                          ACT=silu, CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
