@@ -8,7 +8,7 @@ import mdm_fast
 from mdm_fast.models import set_activation_checkpointing
 from mdm_fast.models.fast import FastNestedUNet, FastUNet
 from mdm_fast.reference import build_model as build_reference
-from test_reference import CASES, as_list, golden_model, load_case, model_inputs
+from test_reference import CASES, as_list, load_case, model_inputs
 
 # max |fast - reference| allowed, per backend, in float32 (the fused ops reorder fp32 sums)
 FP32_ATOL = {"ref": 1e-5, "triton": 2e-5}

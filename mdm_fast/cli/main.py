@@ -133,7 +133,6 @@ def backend_report() -> dict:
 
     report["mdm_fast._C"] = "built" if _ext.ext is not None else f"not built: {_ext.load_error}"
     ops = importlib.import_module("mdm_fast.ops")
-    from mdm_fast.ops import dispatch
 
     probe = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
     report["ops"] = {}
