@@ -176,6 +176,7 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
             out["reference + torch.compile"] = lambda: forward_fn(torch.compile(ref), args)
         out["mdm_fast eager"] = lambda: forward_fn(fast, args)
         out["mdm_fast + CUDA graphs"] = lambda: graphed_forward_fn(fast, args)
+        out["mdm_fast + CUDA graphs, channels_last"] = lambda: graphed_forward_fn(channels_last(fast), args)
         if suite == "full":
             out["mdm_fast + torch.compile"] = lambda: forward_fn(torch.compile(fast), args)
     else:
@@ -184,7 +185,14 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
             out["reference + torch.compile"] = lambda: train_fn(torch.compile(ref), args, graphed=False)
         out["mdm_fast eager"] = lambda: train_fn(fast, args, graphed=False)
         out["mdm_fast + CUDA graphs"] = lambda: train_fn(fast, args, graphed=True)
+        out["mdm_fast + CUDA graphs, channels_last"] = lambda: train_fn(channels_last(fast), args, graphed=True)
     return out
+
+
+def channels_last(model):
+    """A copy of ``model`` with every 4-D weight in channels_last: the convolutions then run NHWC
+    (cuDNN's faster tensor-core kernels) and the fused ops keep that layout."""
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def run(suite: str) -> Tuple[List[Result], Dict[str, float]]:

@@ -105,6 +105,20 @@ def test_optimize_converts_in_place_and_keeps_the_state_dict():
             assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
 
 
+def test_channels_last_model_matches_reference():
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.optimize(copy.deepcopy(ref)).to(memory_format=torch.channels_last)
+    args = tiny_inputs(2, 3)
+    out_r, out_f = ref(*args), fast(*args)
+    for a, b in zip(out_r, out_f):
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+    sum((o ** 2).mean() for o in out_r).backward()
+    sum((o ** 2).mean() for o in out_f).backward()
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
+
+
 def test_optimize_rejects_other_modules():
     with pytest.raises(ValueError, match="UNet"):
         mdm_fast.optimize(torch.nn.Linear(2, 2))
