@@ -158,38 +158,22 @@ class FastNestedUNet(FastUNetMixin, NestedUNet):
         inner = self.inner_unet
         return type(inner) is FastUNet and not inner.config.temporal_mode and not self.config.temporal_mode
 
-    def forward_denoising(self, x_t, times, cond_emb=None, conditioning=None, cond_mask=None, micros=None):
+    def forward_inner(self, x, x_t_low, times, cond_emb, conditioning, cond_mask, micros):
+        """The inner UNet with the adapters fused: conv_in(x_low) + in_adapter(x) as one step (no zero
+        padding for a mixed batch), and x + out_adapter(inner features) as another."""
         if not self._fused_adapters():
-            return super().forward_denoising(x_t, times, cond_emb, conditioning, cond_mask, micros)
-        micros = micros or {}
-        proj = self.time_embedding(times, cond_emb, micros)
-        x_feat = None
-        if self.config.nesting:
-            x_t, x_feat = x_t
-        bh = x_t[0].size(0)
-        x = self.forward_input_layer(x_t[0], normalize=not self.config.skip_normalization)
-        if x_feat is not None:
-            x = x + x_feat
-        text_h = conditioning[:bh] if conditioning is not None else None
-        mask_h = cond_mask[:bh] if cond_mask is not None else None
-        x, skips = self.forward_downsample(x, proj[:bh], text_h, mask_h)
-
-        inner = self.inner_unet
-        ad = self.in_adapter
-        x_low = x_t[1].to(x.dtype)
-        x_in = ops.nested_inner_input(x_low, _w(inner.conv_in.weight, x), _w(inner.conv_in.bias, x),
+            return super().forward_inner(x, x_t_low, times, cond_emb, conditioning, cond_mask, micros)
+        inner, ad, oa = self.inner_unet, self.in_adapter, self.out_adapter
+        (x_low,) = x_t_low
+        x_in = ops.nested_inner_input(x_low.to(x.dtype), _w(inner.conv_in.weight, x), _w(inner.conv_in.bias, x),
                                       x if ad is not None else None, _w(ad.weight, x) if ad is not None else None,
                                       _w(ad.bias, x) if ad is not None else None,
                                       impl=_impl(self, "nested_inner_input"))
         low_out, inner_x = inner.forward_body(x_in, inner.time_embedding(times, cond_emb, micros), conditioning,
                                               cond_mask)
-        oa = self.out_adapter
         x = ops.nested_outer_merge(x, inner_x, _w(oa.weight, x), _w(oa.bias, x),
                                    impl=_impl(self, "nested_outer_merge"))
-
-        x = self.forward_upsample(x, proj[:bh], text_h, mask_h, skips)
-        out = [self.forward_output_layer(x), low_out]
-        return (out, x) if self.config.nesting else out
+        return x, low_out
 
 
 FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {

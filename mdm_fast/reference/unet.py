@@ -322,7 +322,7 @@ class NestedUNet(UNet):
         x_feat = None
         if self.config.nesting:
             x_t, x_feat = x_t
-        bh, bl = x_t[0].size(0), x_t[1].size(0)  # fewer high-resolution samples in a mixed batch
+        bh = x_t[0].size(0)  # a mixed batch has fewer high-resolution samples than low-resolution ones
         x_t_low, x_t = x_t[1:], x_t[0]
         x = self.forward_input_layer(x_t, normalize=not self.config.skip_normalization)
         if x_feat is not None:
@@ -330,7 +330,15 @@ class NestedUNet(UNet):
         text_h = conditioning[:bh] if conditioning is not None else None
         mask_h = cond_mask[:bh] if cond_mask is not None else None
         x, skips = self.forward_downsample(x, temb[:bh], text_h, mask_h)
+        x, x_low = self.forward_inner(x, x_t_low, times, cond_emb, conditioning, cond_mask, micros)
+        x = self.forward_upsample(x, temb[:bh], text_h, mask_h, skips)
+        out = [self.forward_output_layer(x)] + (x_low if isinstance(x_low, list) else [x_low])
+        return (out, x) if self.config.nesting else out
 
+    def forward_inner(self, x, x_t_low, times, cond_emb, conditioning, cond_mask, micros):
+        """The inner UNet between this level's down and up blocks: ``x`` (bh, C, h, w) features in,
+        (``x`` plus the inner UNet's adapted features, the inner outputs) out."""
+        bh, bl = x.size(0), x_t_low[0].size(0)
         x_inner = None
         if self.in_adapter is not None:
             x_inner = self.in_adapter(x)
@@ -338,8 +346,4 @@ class NestedUNet(UNet):
                 x_inner = torch.cat([x_inner, x_inner.new_zeros(bl - bh, *x_inner.shape[1:])], 0)
         x_low, x_inner = self.inner_unet.forward_denoising((x_t_low, x_inner), times, cond_emb, conditioning,
                                                            cond_mask, micros)
-        x = x + self.out_adapter(x_inner)[:bh]
-
-        x = self.forward_upsample(x, temb[:bh], text_h, mask_h, skips)
-        out = [self.forward_output_layer(x)] + (x_low if isinstance(x_low, list) else [x_low])
-        return (out, x) if self.config.nesting else out
+        return x + self.out_adapter(x_inner)[:bh], x_low
