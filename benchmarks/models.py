@@ -94,21 +94,19 @@ def inputs(model, size: int, batch: int):
     return x_t, times, cond, mask
 
 
+def _bf16_forward(model, *args):
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        return model(*args)
+
+
 def forward_fn(model, args) -> Callable[[], object]:
-    def run():
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            return model(*args)
-    return run
+    return lambda: _bf16_forward(model, *args)
 
 
 def graphed_forward_fn(model, args) -> Callable[[], object]:
     from mdm_fast.engine import GraphedCallable
 
-    def fwd(x_t, times, cond, mask):
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            return model(x_t, times, cond, mask)
-
-    graphed = GraphedCallable(fwd, clone_outputs=False)
+    graphed = GraphedCallable(lambda *a: _bf16_forward(model, *a), clone_outputs=False)
     return lambda: graphed(*args)
 
 

@@ -12,7 +12,7 @@ testable on a CPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -30,7 +30,6 @@ class _Entry:
     spec: Any
     outputs: Any = None
     graph: Optional[torch.cuda.CUDAGraph] = None
-    fn_args: Any = field(default=None)
 
 
 class GraphedCallable:

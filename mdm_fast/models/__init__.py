@@ -23,11 +23,6 @@ def build_model(model_name: str, unet_config: Union[Dict[str, Any], UNetConfig],
     return convert(reference.build_model(model_name, unet_config, input_channels, output_channels), impl)
 
 
-def _public_config_dict(config) -> Dict[str, Any]:
-    d = dataclasses.asdict(config)
-    return d
-
-
 def _depth(config) -> int:
     depth = 0
     while getattr(config, "inner_config", None) is not None:
@@ -47,7 +42,7 @@ def optimize(module: nn.Module, impl: str = "auto") -> nn.Module:
     config = getattr(module, "config", None)
     if config is None or not dataclasses.is_dataclass(config) or not hasattr(module, "input_conditioning_feature_dim"):
         raise ValueError(f"optimize: expected an mdm_fast or apple/ml-mdm UNet/NestedUNet, got {type(module).__name__}")
-    cfg = _public_config_dict(config)
+    cfg = dataclasses.asdict(config)
     # the public constructor replaced the text width by the projection width: restore what was passed
     cfg["conditioning_feature_dim"] = module.input_conditioning_feature_dim
     depth = _depth(config)
