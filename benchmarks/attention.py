@@ -70,7 +70,7 @@ def _time_backward(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], i
         t.requires_grad_(True)
     out = fn()
     g = torch.randn_like(out)
-    ms = common.time_ms(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True), iters=iters)
+    ms = common.device_ms(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True), iters=iters)
     for t in leaves:
         t.requires_grad_(False)
     return ms
@@ -90,7 +90,7 @@ def _section(title: str, level: str, B: int, dtype: torch.dtype, backward: bool,
     print(f"\n## {title}\n" + common.markdown_table(HEADER, []), flush=True)
     table, base = [], {}
     for name, fn in _variants(x, heads, suite, with_ref).items():
-        fwd = common.time_ms(fn, iters=iters)
+        fwd = common.device_ms(fn, iters=iters)
         bwd = _time_backward(fn, _leaves(x, name), iters) if backward else float("nan")
         base = base or {"fwd": fwd, "bwd": bwd}  # the SDPA pair, measured first
         tf_f, tf_b = common.tflops(flops, fwd), common.tflops(2.5 * flops, bwd)

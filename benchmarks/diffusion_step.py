@@ -45,7 +45,7 @@ def _row(name, fn, args, nbytes, copy_gbps, iters):
         if reason is not None:
             times[impl] = float("nan")
             continue
-        times[impl] = common.time_ms(lambda: fn(*args, impl=impl), warmup=3, iters=iters)
+        times[impl] = common.device_ms(lambda: fn(*args, impl=impl), warmup=3, iters=iters)
     for impl in ("ref", "triton"):
         gbps = common.gbps(nbytes, times[impl])
         row += [times[impl], gbps, gbps / copy_gbps]

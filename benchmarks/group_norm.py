@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from benchmarks.common import ceilings, gbps, markdown_table, parser, time_ms, write_report
+from benchmarks.common import ceilings, device_ms, gbps, markdown_table, parser, write_report
 from mdm_fast.ops import dispatch
 from mdm_fast.ops.group_norm_act import OP, group_norm_act, reference
 
@@ -67,13 +67,13 @@ def _time_pair(impl: str, args, backward: bool = True) -> Tuple[float, float]:
     x, w, b, sc, sh = args
     f = _fn(impl)
     with torch.no_grad():
-        fwd = time_ms(lambda: f(x, GROUPS, w, b, 1e-5, sc, sh))
+        fwd = device_ms(lambda: f(x, GROUPS, w, b, 1e-5, sc, sh))
     if not backward:
         return fwd, float("nan")
     leaves = [t.requires_grad_() for t in (x, w, b, sc, sh) if t is not None]
     y = f(x, GROUPS, w, b, 1e-5, sc, sh)
     dy = torch.randn_like(y)
-    bwd = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
+    bwd = device_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
     for t in leaves:
         t.requires_grad_(False)
     return fwd, bwd

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from benchmarks.common import ceilings, markdown_table, parser, time_ms, write_report
+from benchmarks.common import WALL_TIMES, ceilings, markdown_table, parser, time_ms, write_report
 
 try:  # process start, for the time to the first step
     import psutil
@@ -238,7 +238,7 @@ def report(results: List[Result], flops: Dict[str, float], first_step_s: float, 
              "Triton compilation, torch.compile) after the model is built. '-' = not measured in this suite.\n\n"
              f"Time from process start to the first mdm_fast step (256x256, batch 2, eager, no torch.compile): "
              f"{first_step_s:.1f} s.")
-    write_report("models", {"Models": table, "Notes": notes}, out_dir)
+    write_report("models", {"Models": table, "Notes": notes}, out_dir, timing=WALL_TIMES)
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ def main() -> None:
     table = markdown_table(["kernel", "calls per step", "ms per step", "share"], rows)
     write_report(f"profile-256-{args.kind}-b{args.batch}",
                  {f"Top kernels, mdm_fast eager, {args.kind} batch {args.batch}, bf16": table,
-                  "Total": f"{total / args.steps / 1e3:.2f} ms of kernel time per step"}, args.out)
+                  "Total": f"{total / args.steps / 1e3:.2f} ms of kernel time per step"}, args.out,
+                 timing="Times are kernel times summed by the PyTorch profiler (CUPTI).")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def _upsample_rows(name: str, B: int, fmt: torch.memory_format, backward: bool, 
         else:
             def fn(impl=impl):
                 upsample_conv3x3(x, w, b, impl=impl)
-        ms = common.time_ms(fn, warmup=3, iters=iters)
+        ms = common.device_ms(fn, warmup=3, iters=iters)
         base = base or ms
         rows.append([label, ms, base / ms, common.tflops(flops, ms),
                      100 * common.tflops(flops, ms) / common.ceilings().bf16_tflops, common.gbps(nbytes, ms)])
@@ -91,8 +91,8 @@ def _adapter_section(iters: int, C: int = 256, h: int = 64, bl: int = SAMPLING_B
         wa, ba = torch.randn(C, C, 3, 3, device=dev, dtype=dtype), torch.randn(C, device=dev, dtype=dtype)
         for op, fn in (("nested_inner_input", lambda i: nested_inner_input(x_low, wi, bi, feat, wa, ba, impl=i)),
                        ("nested_outer_merge", lambda i: nested_outer_merge(feat, inner, wa, ba, impl=i))):
-            ref = common.time_ms(lambda: fn("ref"), iters=iters)
-            fused = common.time_ms(lambda: fn("torch"), iters=iters)
+            ref = common.device_ms(lambda: fn("ref"), iters=iters)
+            fused = common.device_ms(lambda: fn("torch"), iters=iters)
             table.append([op, f"bh={bh}, bl={bl}", ref, fused, ref / fused])
     return common.markdown_table(["op", "batches", "ref ms", "torch ms", "x vs ref"], table)
 
@@ -135,7 +135,7 @@ def main() -> None:
         sections["Upsample-conv, training batches, bf16, forward + backward"] = \
             _upsample_section(0, True, iters, names)
     sections["Nesting adapters (256 model, 64 px, 256 ch), bf16, forward"] = _adapter_section(iters)
-    sections[f"Time projections, batch {SAMPLING_BATCH}, bf16, temb 1024"] = _time_proj_section(iters)
+    sections[f"Time projections, batch {SAMPLING_BATCH}, bf16, temb 1024 (wall time per call, host included)"] = _time_proj_section(iters)
     sections["Notes"] = __doc__.split("\n\n", 1)[1].strip()
     common.write_report("resample", sections, args.out)
 

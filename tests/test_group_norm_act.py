@@ -106,6 +106,7 @@ def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
 def split_path(monkeypatch):
     """Force the split reduction on small tensors: several parts per group, several tiles per part."""
     monkeypatch.setattr(kern, "TILE", 32)
+    monkeypatch.setattr(kern, "SINGLE_TILE", 32)
     monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
     monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kern, "MAX_SPLIT", 4)
@@ -136,6 +137,7 @@ def test_split_plan_loops_over_tiles(split_path):
 def test_triton_fused_looping_matches_reference(monkeypatch, shape, G, dtype, cl, ss, affine, act):
     """The fused path with groups larger than one tile: statistics pass, then a second pass over the group."""
     monkeypatch.setattr(kern, "TILE", 32)
+    monkeypatch.setattr(kern, "SINGLE_TILE", 32)
     p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
     assert p.fused and not p.single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
@@ -152,6 +154,7 @@ def test_large_mean_is_stable(monkeypatch, tile):
     """Statistics in fp32 with a mean far from zero (no plain E[x^2] - E[x]^2)."""
     if tile:
         monkeypatch.setattr(kern, "TILE", tile)
+        monkeypatch.setattr(kern, "SINGLE_TILE", tile)
     inputs = _inputs((2, 8, 6, 6), 4, torch.float32, scale_shift=False)
     inputs[0] = inputs[0] + 300.0
     _check_against_fp64(inputs, 4, "silu", "triton")

@@ -5,10 +5,11 @@ once, writes level 0, then pools the tile in registers (reshape to (h, r, w, r) 
 lower level and writes that level's x0, x_t and target next to its noise: the top image is read
 once for all levels, each level's noise once, and every output written once.
 
-``sampler_update``: every level in one launch over a flattened index space; the program id picks the
-level (block ranges), then an element-wise step: x0 from the prediction, clip, DDPM posterior or
-DDIM, injected noise, equivalent noise. Contiguous NCHW tensors (others are made contiguous);
-arithmetic in fp32.
+``sampler_update``: every level in one launch on a (blocks, sample) grid: axis 0 picks the level
+(consecutive block ranges) and a block of one sample's pixels, axis 1 the sample, so a program's
+gammas are two scalar loads (no per-element division or gather); then an element-wise step: x0 from
+the prediction, clip, DDPM posterior or DDIM, injected noise, equivalent noise. Contiguous NCHW
+tensors (others are made contiguous); arithmetic in fp32.
 """
 from __future__ import annotations
 
@@ -120,14 +121,15 @@ def noisy_pyramid(images: Tensor, ratios: Sequence[int], gammas: Tensor, noises:
 
 
 @triton.jit
-def _update_level(pid, x_ptr, p_ptr, n_ptr, x0_ptr, xs_ptr, eps_ptr, gt_ptr, gs_ptr, numel, per_sample,
+def _update_level(blk, x_ptr, p_ptr, n_ptr, x0_ptr, xs_ptr, eps_ptr, gt_ptr, gs_ptr, per_sample,
                   scale, inv_scale, eta, BLOCK: tl.constexpr, KIND: tl.constexpr, CLIP: tl.constexpr,
                   DDIM: tl.constexpr, NOISE: tl.constexpr):
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    b = offs // per_sample
-    g = tl.load(gt_ptr + b, mask=mask, other=0.5)
-    gs = tl.load(gs_ptr + b, mask=mask, other=0.5)
+    b = tl.program_id(1)  # the sample: its gammas are two scalars
+    within = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = within < per_sample
+    offs = b.to(tl.int64) * per_sample + within
+    g = tl.load(gt_ptr + b)
+    gs = tl.load(gs_ptr + b)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sg, s1g = tl.sqrt(g), tl.sqrt(1.0 - g)
@@ -150,8 +152,10 @@ def _update_level(pid, x_ptr, p_ptr, n_ptr, x0_ptr, xs_ptr, eps_ptr, gt_ptr, gs_
         xs = x0 * beta * tl.sqrt(gs) / (1.0 - g) + x * tl.sqrt(alpha) * (1.0 - gs) / (1.0 - g)
     if NOISE:
         xs += tl.sqrt(var) * tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    last = gs >= 1.0
-    eps = tl.where(last, eps_t, (xs - tl.sqrt(gs) * x0) / tl.sqrt(tl.where(last, 1.0, 1.0 - gs)))
+    if gs >= 1.0:  # the last step: the noise estimate at t
+        eps = eps_t
+    else:
+        eps = (xs - tl.sqrt(gs) * x0) / tl.sqrt(1.0 - gs)
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
     tl.store(xs_ptr + offs, xs.to(xs_ptr.dtype.element_ty), mask=mask)
     tl.store(eps_ptr + offs, eps.to(eps_ptr.dtype.element_ty), mask=mask)
@@ -159,25 +163,25 @@ def _update_level(pid, x_ptr, p_ptr, n_ptr, x0_ptr, xs_ptr, eps_ptr, gt_ptr, gs_
 
 @triton.jit
 def _update_kernel(x0p, x1p, x2p, x3p, p0, p1, p2, p3, n0, n1, n2, n3, o0, o1, o2, o3, q0, q1, q2, q3,
-                   e0, e1, e2, e3, gt_ptr, gs_ptr, B, num0, num1, num2, num3, start1, start2, start3,
+                   e0, e1, e2, e3, gt_ptr, gs_ptr, B, per0, per1, per2, per3, start1, start2, start3,
                    sc0, sc1, sc2, sc3, eta, LEVELS: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr,
                    CLIP: tl.constexpr, DDIM: tl.constexpr, NOISE: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # a block of one sample's pixels; levels own consecutive block ranges
     if pid < start1:
-        _update_level(pid, x0p, p0, n0, o0, q0, e0, gt_ptr, gs_ptr, num0, num0 // B, sc0, 1.0 / sc0, eta,
+        _update_level(pid, x0p, p0, n0, o0, q0, e0, gt_ptr, gs_ptr, per0, sc0, 1.0 / sc0, eta,
                       BLOCK, KIND, CLIP, DDIM, NOISE)
     if LEVELS > 1:
         if (pid >= start1) & (pid < start2):
-            _update_level(pid - start1, x1p, p1, n1, o1, q1, e1, gt_ptr + B, gs_ptr + B, num1, num1 // B,
+            _update_level(pid - start1, x1p, p1, n1, o1, q1, e1, gt_ptr + B, gs_ptr + B, per1,
                           sc1, 1.0 / sc1, eta, BLOCK, KIND, CLIP, DDIM, NOISE)
     if LEVELS > 2:
         if (pid >= start2) & (pid < start3):
-            _update_level(pid - start2, x2p, p2, n2, o2, q2, e2, gt_ptr + 2 * B, gs_ptr + 2 * B, num2,
-                          num2 // B, sc2, 1.0 / sc2, eta, BLOCK, KIND, CLIP, DDIM, NOISE)
+            _update_level(pid - start2, x2p, p2, n2, o2, q2, e2, gt_ptr + 2 * B, gs_ptr + 2 * B, per2,
+                          sc2, 1.0 / sc2, eta, BLOCK, KIND, CLIP, DDIM, NOISE)
     if LEVELS > 3:
         if pid >= start3:
-            _update_level(pid - start3, x3p, p3, n3, o3, q3, e3, gt_ptr + 3 * B, gs_ptr + 3 * B, num3,
-                          num3 // B, sc3, 1.0 / sc3, eta, BLOCK, KIND, CLIP, DDIM, NOISE)
+            _update_level(pid - start3, x3p, p3, n3, o3, q3, e3, gt_ptr + 3 * B, gs_ptr + 3 * B, per3,
+                          sc3, 1.0 / sc3, eta, BLOCK, KIND, CLIP, DDIM, NOISE)
 
 
 _BLOCK = 1024
@@ -193,15 +197,15 @@ def sampler_update(x_t: Sequence[Tensor], pred: Sequence[Tensor], g_t: Tensor, g
     g_t, g_s = g_t.float().contiguous(), g_s.float().contiguous()
     L, B = len(x_t), x_t[0].shape[0]
     outs = [[torch.empty_like(x) for x in x_t] for _ in range(3)]
-    nums = [x.numel() for x in x_t]
+    per_sample = [x[0].numel() for x in x_t]
     starts, acc = [], 0
-    for n in nums:
+    for n in per_sample:
         acc += triton.cdiv(n, _BLOCK)
         starts.append(acc)
     d = x_t[0]
     args = [_pad4(x_t, d), _pad4(pred, d), _pad4(noise, d)] + [_pad4(o, d) for o in outs]
-    _update_kernel[(acc,)](
-        *(p for group in args for p in group), g_t, g_s, B, *_pad4(nums, 0), *_pad4(starts[:-1], acc)[:3],
+    _update_kernel[(acc, B)](
+        *(p for group in args for p in group), g_t, g_s, B, *_pad4(per_sample, 0), *_pad4(starts[:-1], acc)[:3],
         *_pad4([float(s) for s in signal_scales], 1.0), float(eta or 0.0),
         LEVELS=L, BLOCK=_BLOCK, KIND=_KIND[kind], CLIP=thresh == "clip", DDIM=eta is not None, NOISE=use_noise)
     return outs[0], outs[1], outs[2]

@@ -7,24 +7,31 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
   split path with per-channel partials, a finalize launch and a separate apply launch): forward 0.269 ms
   (999 GB/s), backward 1.013 ms (397 GB/s); the (32, 768, 16, 16) rows (12.6 MB, 0.256 / 0.938 ms) show that
   about 0.25 ms of each call was host overhead (Python, custom-op dispatch, 3-4 launches, small torch ops).
+  That measurement also timed the host (a sync after every call); the suites now report GPU time.
   This design:
   * fused path (the model's shapes except the 1024 model's outer levels): ONE launch, one program per
-    (sample, block of GPB groups) that loops over its rows in tiles of ~TILE elements twice: pass 1 sums
-    x - K and (x - K)^2 per channel in fp32 lane accumulators (K = the channel's mean over the first tile,
-    so no cancellation for offset data), pass 2 re-reads x (the program's group, 128 KB here, times the
-    ~2-3 programs resident per SM is ~20-50 MB: served from L2), normalises, applies scale/shift/SiLU and
-    writes. Groups that fit one tile (768 ch at 16 px) are read once and kept in registers. Backward: one
-    launch, pass 1 the per-channel sums of dz and dz * xhat (written once per (sample, channel): no
-    atomics), pass 2 dx.
+    (sample, block of GPB groups) that loops over its rows in tiles of TILE elements twice: pass 1 sums
+    x - K and (x - K)^2 per channel, reducing each tile to per-channel fp32 sums (K = the channel's mean
+    over the first tile, so no cancellation for offset data), pass 2 re-reads x (the program's group, 128
+    KB here, times the programs resident per SM is ~50 MB at most: mostly served from L2), normalises,
+    applies scale/shift/SiLU and writes. Groups of at most SINGLE_TILE elements (768 ch at 16 px) are read
+    once and kept in registers. Backward: one launch, pass 1 the per-channel sums of dz and dz * xhat
+    (written once per (sample, channel): no atomics), pass 2 dx.
+  * every row loop issues the loads of its next tile before it works on the current one, so a program
+    always has a tile in flight; per-tile reductions (instead of tile-sized lane accumulators) keep the
+    forward at 58-76 registers per thread: 3-4 programs of 8 warps per SM, 48-64 KB of loads in flight
+    per SM (what `python -m benchmarks.kernel_report --ops group_norm` reports for sm_90; the previous
+    design held 100-206 registers, 1-2 programs and 16-32 KB). C/G is a compile-time constant, so the
+    channel masks of channels_last tiles with 24 channels per group stay 16-byte vectorised.
   * split path, only where B*G/GPB programs cannot fill the card and groups are large (the 1024 model:
     8 x 32 groups of 1M pixels): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
     part, channel) partial moments, launch 2 merges a group's partials in its prologue (Chan's formula, no
     finalize launch) and applies, visiting parts in reverse so that the last-read data is still in L2.
   * channels_last: a program takes GPB whole groups (32 channels when C/G is a power of two) so that each
     row of its tile is >= 64 contiguous bytes, instead of 2-8-byte pieces.
-  Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2, once host
-  overhead is below kernel time), backward 3 transfers (~80% of copy); the 1024 model's split path needs
-  3 (forward) and 5 (backward) transfers minus what L2 keeps: ~60% / ~55% of copy in the reported units.
+  Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2), backward
+  3 transfers (~80% of copy); the 1024 model's split path needs 3 (forward) and 5 (backward) transfers
+  minus what L2 keeps: ~60% / ~55% of copy in the reported units. Not yet measured on a GPU.
 
 The input is seen as (B, C, S) with S the flattened spatial size (H*W or T*H*W) and one of two
 layouts, addressed through strides without copies:
@@ -45,15 +52,19 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per loaded tile (8 warps: 32 per thread). Tests lower it to force several tiles per program.
-TILE = 8192
+# Elements per loaded tile when a program loops over its rows (8 warps: 16 per thread, so that the
+# prefetched next tile fits in registers at 3-4 programs per SM), and the largest group that is read
+# once and kept in registers. Tests lower both to force several tiles per program.
+TILE = 4096
+SINGLE_TILE = 8192
 # The fused path is used when there are at least this many programs per SM, or when a program's groups
 # hold at most SPLIT_MIN_ELEMENTS elements; otherwise groups are split over about SPLIT_PROGRAMS_PER_SM
-# programs per SM, at most MAX_SPLIT parts per group. Tests change these to force the split path.
+# programs per SM (3-6 are resident at once: several waves keep the last one's idle share small), at most
+# MAX_SPLIT parts per group. Tests change these to force the split path.
 FUSED_MIN_PROGRAMS_PER_SM = 2
 SPLIT_MIN_ELEMENTS = 1 << 16
-SPLIT_PROGRAMS_PER_SM = 4
-MAX_SPLIT = 64
+SPLIT_PROGRAMS_PER_SM = 16
+MAX_SPLIT = 128
 # Largest (parts x channels) tile of partials merged in the prologue of a split-path apply program.
 MERGE_MAX = 8192
 # Channels a channels_last program covers at least (when C/G is a power of two): 64 B rows in bf16.
@@ -148,37 +159,47 @@ def _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB: tl.constexpr, CGP: tl
 
 
 @triton.jit
+def _load_rows(P, base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S: tl.constexpr):
+    """The raw (BLOCK_S, BLOCK_C) tile of rows [r, min(r + BLOCK_S, hi)); rows past hi load nothing."""
+    offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+    return tl.load(P + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel mean and M2 of rows [lo, hi): fp32 lane sums of x - K, K = the channel's first-tile mean."""
-    offs, mask = _tile(base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    k = tl.sum(x, axis=0) / tl.minimum(hi - lo, BLOCK_S).to(tl.float32)
-    a1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    a2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    """Per-channel mean and M2 of rows [lo, hi): fp32 lane sums of x - K, K = the channel's first-tile mean.
+    Each iteration issues the next tile's loads before it reduces the current one (prefetch)."""
+    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
+    k = tl.sum(xn.to(tl.float32), axis=0) / tl.minimum(hi - lo, BLOCK_S).to(tl.float32)
+    t1 = tl.zeros([BLOCK_C], tl.float32)
+    t2 = tl.zeros([BLOCK_C], tl.float32)
     for r in range(lo, hi, BLOCK_S):
-        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x = xn.to(tl.float32)
+        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        _, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
         d = tl.where(mask, x - k[None, :], 0.0)
-        a1 += d
-        a2 += d * d
+        t1 += tl.sum(d, axis=0)
+        t2 += tl.sum(d * d, axis=0)
     n = (hi - lo).to(tl.float32)
-    t1 = tl.sum(a1, axis=0)
-    return k + t1 / n, tl.maximum(tl.sum(a2, axis=0) - t1 * t1 / n, 0.0)
+    return k + t1 / n, tl.maximum(t2 - t1 * t1 / n, 0.0)
 
 
 @triton.jit
 def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT: tl.constexpr,
                     BLOCK_S: tl.constexpr):
+    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
     for r in range(lo, hi, BLOCK_S):
+        x = xn
+        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)  # prefetch
         offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * A[None, :] + D[None, :]
+        z = x.to(tl.float32) * A[None, :] + D[None, :]
         if ACT:
             z = _silu(z)
         tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fwd_fused(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG, stride_c, stride_s, eps,
+def _fwd_fused(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, eps,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -206,7 +227,7 @@ def _fwd_fused(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG, stride_c, stride_s,
 
 
 @triton.jit
-def _fwd_partial(X, PMEAN, PM2, C, S, G, CG, stride_c, stride_s, ROWS,
+def _fwd_partial(X, PMEAN, PM2, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
                  GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
@@ -217,7 +238,7 @@ def _fwd_partial(X, PMEAN, PM2, C, S, G, CG, stride_c, stride_s, ROWS,
 
 
 @triton.jit
-def _fwd_split_apply(X, Y, W, Bi, SC, SH, PMEAN, PM2, MEAN, RSTD, C, S, G, CG, stride_c, stride_s, ROWS, eps,
+def _fwd_split_apply(X, Y, W, Bi, SC, SH, PMEAN, PM2, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS, eps,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                      ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -260,33 +281,39 @@ def _dz(x, dy, mask, mean, rstd, k, d, ACT: tl.constexpr):
 @triton.jit
 def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel sum dz and sum dz * xhat over rows [lo, hi)."""
-    a1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    a2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    """Per-channel sum dz and sum dz * xhat over rows [lo, hi) (next tiles prefetched)."""
+    s1 = tl.zeros([BLOCK_C], tl.float32)
+    s2 = tl.zeros([BLOCK_C], tl.float32)
+    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
+    dyn = _load_rows(DY, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
     for r in range(lo, hi, BLOCK_S):
-        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x, dy = xn.to(tl.float32), dyn.to(tl.float32)
+        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        dyn = _load_rows(DY, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        _, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
-        a1 += dz
-        a2 += dz * xhat
-    return tl.sum(a1, axis=0), tl.sum(a2, axis=0)
+        s1 += tl.sum(dz, axis=0)
+        s2 += tl.sum(dz * xhat, axis=0)
+    return s1, s2
 
 
 @triton.jit
 def _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2,
                     ACT: tl.constexpr, BLOCK_S: tl.constexpr):
+    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
+    dyn = _load_rows(DY, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
     for r in range(lo, hi, BLOCK_S):
+        x, dy = xn.to(tl.float32), dyn.to(tl.float32)
+        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        dyn = _load_rows(DY, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
         offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
         dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG, stride_c, stride_s,
+def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -318,7 +345,7 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG, stride
 
 
 @triton.jit
-def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG, stride_c, stride_s, ROWS,
+def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                  ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
@@ -334,7 +361,7 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG, stride
 
 
 @triton.jit
-def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, S, G, CG, stride_c, stride_s,
+def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                      ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                      ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -403,6 +430,8 @@ def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132) ->
     gpb = _groups_per_program(G, cg, channels_last)
     block_c = gpb * cgp
     block_s = max(1, min(triton.next_power_of_2(S), TILE // block_c))
+    if triton.next_power_of_2(S) * block_c <= SINGLE_TILE:
+        block_s = triton.next_power_of_2(S)  # the whole group in one tile
     programs = B * G // gpb
     nsplit = 1
     if programs < FUSED_MIN_PROGRAMS_PER_SM * sms and gpb * cg * S > SPLIT_MIN_ELEMENTS:

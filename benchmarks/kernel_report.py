@@ -1,0 +1,355 @@
+"""Static report of the Triton kernels at the model's shapes, compiled for an H100/H200 on any machine.
+
+    python -m benchmarks.kernel_report [--ops group_norm,attention,...] [--arch 90] [--out DIR]
+
+No GPU is needed: a compile-only Triton driver (:class:`CompileOnlyDriver`) targets sm_90, compiles
+every kernel our launchers would launch (with the same specialisations: pointer alignment, integer
+divisibility, constexprs, every autotune config) and records the launch instead of running it.
+The cubin is read back with the ``cuobjdump`` that ships with Triton. Per kernel and shape:
+
+- grid, warps, registers per thread, spill (local memory) bytes, shared memory;
+- resident programs per SM (limited by registers, shared memory, threads) and waves over the SMs;
+- the widths of the global loads and stores in the SASS (a 16-byte ``LDG.E.128`` is what a
+  bandwidth-bound kernel wants; 2-byte accesses mean the compiler could not prove contiguity);
+- compile seconds (what the first step of a fresh process pays for that kernel).
+
+What it cannot tell: achieved bandwidth or FLOP/s (a lent GPU and the ``benchmarks`` suites do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# A compile-only report needs the real compiler, not the CPU interpreter.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+
+from benchmarks.common import markdown_table  # noqa: E402
+
+# H100/H200 (sm_90) limits per SM
+SMS = 132
+REGS_PER_SM = 65536
+THREADS_PER_SM = 2048
+SMEM_PER_SM = 228 * 1024
+MAX_SMEM_PER_BLOCK = 227 * 1024
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+@dataclass
+class Binary:
+    """What the cubin says about one compiled kernel."""
+
+    regs: int
+    spill_bytes: int
+    loads: Counter = field(default_factory=Counter)  # access width in bytes -> count (LDG and cp.async)
+    stores: Counter = field(default_factory=Counter)
+
+
+_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _widths(sass: str, op: str) -> Counter:
+    out: Counter = Counter()
+    for m in re.finditer(rf"\b{op}\.E((?:\.[A-Z0-9]+)*)", sass):
+        mods = m.group(1).split(".")[1:]
+        width = next((_WIDTH[x] for x in mods if x in _WIDTH), 4)
+        out[width] += 1
+    return out
+
+
+def inspect_cubin(cubin: bytes) -> Binary:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    return Binary(regs, local, _widths(sass, "LDG") + _widths(sass, "LDGSTS"), _widths(sass, "STG"))
+
+
+@dataclass
+class Launch:
+    case: str
+    kernel: str
+    grid: Tuple[int, int, int]
+    num_warps: int
+    shared: int
+    binary: Binary
+    compile_s: float
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def per_sm(self) -> int:
+        """Resident programs per SM: the tightest of registers, threads and shared memory."""
+        regs_per_warp = -(-max(self.binary.regs, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+        by_regs = REGS_PER_SM // (regs_per_warp * self.num_warps)
+        by_threads = THREADS_PER_SM // (32 * self.num_warps)
+        by_smem = SMEM_PER_SM // self.shared if self.shared else 32
+        return max(0, min(by_regs, by_threads, by_smem, 32))
+
+    @property
+    def waves(self) -> float:
+        return self.programs / max(1, self.per_sm * SMS)
+
+    def summary(self) -> dict:
+        b = self.binary
+        return dict(case=self.case, kernel=self.kernel, grid=self.grid, num_warps=self.num_warps, regs=b.regs,
+                    spill_bytes=b.spill_bytes, shared=self.shared, per_sm=self.per_sm, waves=self.waves,
+                    loads={str(k): v for k, v in b.loads.items()}, stores={str(k): v for k, v in b.stores.items()},
+                    compile_s=self.compile_s)
+
+
+class _Recorder:
+    """Collects launches; the launcher of every compiled kernel reports here instead of launching."""
+
+    def __init__(self):
+        self.case = ""
+        self.launches: List[Launch] = []
+        self.binaries: Dict[str, Binary] = {}
+        self.compile_s: Dict[str, float] = {}
+        self._seen: set = set()
+
+    def record(self, name: str, metadata, grid) -> None:
+        key = (self.case, name, tuple(grid), metadata.hash)
+        if key in self._seen:  # the autotuner's repeated benchmark calls
+            return
+        self._seen.add(key)
+        self.launches.append(Launch(self.case, name, tuple(grid), metadata.num_warps, metadata.shared,
+                                    self.binaries[metadata.hash], self.compile_s.get(metadata.hash, 0.0)))
+
+
+RECORDER = _Recorder()
+
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": MAX_SMEM_PER_BLOCK, "multiprocessor_count": SMS}
+
+
+class CompileOnlyDriver(DriverBase):
+    """A Triton driver that compiles for ``GPUTarget('cuda', arch, 32)`` and records launches."""
+
+    def __init__(self, arch: int = 90):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.utils = _Utils()
+
+    @classmethod
+    def is_active(cls):
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_benchmarker(self):
+        def bench(fn, **kwargs):  # the autotuner "times" every config: compile it, report 1 ms
+            fn()
+            return 1.0
+
+        return bench
+
+    def launcher_cls(self, src, metadata):
+        name = metadata.name
+
+        def launch(gx, gy, gz, *args):
+            RECORDER.record(name, metadata, (gx, gy, gz))
+
+        return launch
+
+
+def _timed_compile(original: Callable) -> Callable:
+    def compile(src, target=None, options=None, **kwargs):
+        t0 = time.perf_counter()
+        kernel = original(src, target=target, options=options, **kwargs)
+        RECORDER.compile_s[kernel.metadata.hash] = time.perf_counter() - t0
+        if kernel.metadata.hash not in RECORDER.binaries:
+            RECORDER.binaries[kernel.metadata.hash] = inspect_cubin(kernel.asm["cubin"])
+        return kernel
+
+    return compile
+
+
+def activate(arch: int = 90) -> None:
+    """Route every later Triton launch in this process to the compile-only driver."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    driver.set_active(CompileOnlyDriver(arch))
+    if not getattr(JITFunction.create_binder, "_compile_only", False):
+        original = JITFunction.create_binder
+
+        def create_binder(self):
+            out = original(self)
+            self.compile = _timed_compile(self.compile)
+            return out
+
+        create_binder._compile_only = True
+        JITFunction.create_binder = create_binder
+
+
+# ---- the cases: the public models' shapes -------------------------------------------------------
+
+
+def _empty(*shape, dtype=torch.bfloat16, channels_last=False):
+    t = torch.empty(*shape, dtype=dtype)
+    return t.to(memory_format=torch.channels_last) if channels_last else t
+
+
+def group_norm_cases():
+    from benchmarks.group_norm import GROUPS, shapes
+    from mdm_fast.kernels import group_norm as kern
+
+    for b, c, p, cl in shapes("full"):
+        x = _empty(b, c, p, p, channels_last=cl)
+        w, bias = _empty(c), _empty(c)
+        sc, sh = _empty(b, c), _empty(b, c)
+        name = f"({b},{c},{p},{p}){' NHWC' if cl else ''}"
+        yield f"fwd {name}", lambda: kern.forward(x, w, bias, sc, sh, GROUPS, 1e-5, True, cl)
+        mean = torch.empty(b, GROUPS)
+        yield f"bwd {name}", lambda: kern.backward(x, x, w, bias, sc, sh, mean, mean, GROUPS, True, cl)
+
+
+def attention_cases():
+    from benchmarks.attention import LEVELS, TEXT_TOKENS
+    from mdm_fast.kernels import attention as kern
+    from mdm_fast.ops.attention import _kv_views, _out_view, _qkv_views
+
+    for level, (L, C, h) in LEVELS.items():
+        for batch, train in ((32, False), (16, True)):
+            qkv = _empty(batch, 3 * C, L)  # the public layout: the qkv conv output
+            q, k, v = _qkv_views(qkv, h)
+            kc, vc = _kv_views(_empty(batch, TEXT_TOKENS, 2 * C), h)
+            mask = torch.empty(batch, TEXT_TOKENS, dtype=torch.bool)
+            out = _out_view(_empty(batch, C, L), h)
+            scale = (C // h) ** -0.5
+            name = f"{level} B={batch}"
+            if not train:
+                yield f"fwd {name}", lambda: kern.forward(q, k, v, kc, vc, mask, None, scale, out)
+                continue
+            lse = torch.empty(2, batch, h, L)
+            yield f"bwd {name}", lambda: kern.backward(out, q, k, v, kc, vc, mask, None, out, lse, scale,
+                                                       q, k, v, kc, vc)
+
+
+def upsample_conv_cases():
+    from benchmarks.resample import SAMPLING_BATCH, UPSAMPLE
+    from mdm_fast.kernels import upsample_conv as kern
+
+    for level, (c, p, _) in UPSAMPLE.items():
+        x = _empty(SAMPLING_BATCH, c, p, p, channels_last=True)
+        out = _empty(SAMPLING_BATCH, c, 2 * p, 2 * p, channels_last=True)
+        pw = _empty(2, 2, 2, 2, c, c)
+        yield f"{level} B={SAMPLING_BATCH} NHWC", lambda: kern.upsample_conv3x3_fwd(x, pw, _empty(c), out)
+
+
+def diffusion_step_cases():
+    from mdm_fast.kernels import diffusion_step as kern
+
+    for name, b, size, ratios in (("256 model", 32, 256, [1, 4]), ("1024 model", 8, 1024, [1, 4, 16])):
+        imgs = torch.empty(b, 3, size, size)
+        noises = [torch.empty(b, 3, size // r, size // r) for r in ratios]
+        g = torch.empty(len(ratios), b)
+        scales = [1.0] * len(ratios)
+        yield f"pyramid {name}", lambda: kern.noisy_pyramid(imgs, ratios, g, noises, scales, "eps")
+        yield f"update {name}", lambda: kern.sampler_update(noises, noises, g, g, noises, scales, "eps", None,
+                                                            "clip")
+
+
+OPS = {"group_norm": group_norm_cases, "attention": attention_cases, "upsample_conv": upsample_conv_cases,
+       "diffusion_step": diffusion_step_cases}
+
+
+def run(ops: List[str], arch: int = 90, only: Sequence[str] = ()) -> List[Launch]:
+    """Compile (not run) every kernel of ``ops`` at the model's shapes; ``only``: the cases whose name
+    contains one of these strings (all when empty)."""
+    activate(arch)
+    RECORDER.launches.clear()
+    for op in ops:
+        for case, call in OPS[op]():
+            if only and not any(o in f"{op} {case}" for o in only):
+                continue
+            RECORDER.case = f"{op} {case}"
+            print(RECORDER.case, file=sys.stderr, flush=True)
+            call()
+    return list(RECORDER.launches)
+
+
+def _fmt_widths(c: Counter) -> str:
+    return " ".join(f"{w}B:{n}" for w, n in sorted(c.items(), reverse=True)) or "-"
+
+
+def report(launches: List[Launch]) -> str:
+    header = ["case", "kernel", "grid", "warps", "regs", "spill B", "smem KB", "per SM", "waves",
+              "loads (width:count)", "stores", "compile s"]
+    rows = [[l.case, l.kernel, "x".join(map(str, l.grid)), l.num_warps, l.binary.regs, l.binary.spill_bytes,
+             round(l.shared / 1024, 1), l.per_sm, round(l.waves, 2), _fmt_widths(l.binary.loads),
+             _fmt_widths(l.binary.stores), round(l.compile_s, 2)] for l in launches]
+    return markdown_table(header, rows)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {list(OPS)}")
+    p.add_argument("--only", default="", help="';'-separated: only the cases whose name contains one of these")
+    p.add_argument("--json", action="store_true", help="print one JSON object per launch instead of a table")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--out", type=Path, default=None, help="write kernel_report-sm<arch>.md here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp())  # cold: honest compile seconds
+    launches = run(args.ops.split(","), args.arch, [o for o in args.only.split(";") if o])
+    if args.json:
+        for launch in launches:
+            print(json.dumps(launch.summary()))
+        return
+    text = (f"# Triton kernels compiled for sm_{args.arch} (triton {triton.__version__}), static report\n\n"
+            f"Occupancy and waves assume {SMS} SMs (H100 SXM / H200). Compile seconds on this host.\n\n"
+            + report(launches) + "\n")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"kernel_report-sm{args.arch}.md"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

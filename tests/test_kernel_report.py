@@ -1,0 +1,58 @@
+"""Static checks of the Triton kernels compiled for sm_90 (H100/H200) at the model's shapes, on any machine.
+
+``benchmarks.kernel_report`` compiles (without running) what the launchers would launch, with the real
+specialisations, and reads registers, spills and global access widths from the cubin. These properties
+decide a bandwidth-bound kernel's speed and can regress silently under the CPU interpreter:
+  * no kernel spills registers to local memory;
+  * every bf16 store of a group-norm / diffusion-step output is a 16-byte vector (no 2-byte stores), and
+    channels_last group-norm tiles load 16-byte vectors only where data is read (no 2-byte loads);
+  * the forward streaming kernels keep at least 3 programs of 8 warps per SM (loads in flight).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ";".join(["(32,128,128,128)", "(32,768,16,16)", "(8,32,1024,1024)", "256 model"])
+
+
+@pytest.fixture(scope="module")
+def launches():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--ops", "group_norm,diffusion_step",
+                          "--only", CASES, "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) >= 20, out.stdout[-2000:]
+    return rows
+
+
+def test_no_kernel_spills(launches):
+    spilled = [(r["case"], r["kernel"], r["spill_bytes"]) for r in launches if r["spill_bytes"]]
+    assert not spilled
+
+
+def test_outputs_are_stored_in_16_byte_vectors(launches):
+    narrow = [(r["case"], r["kernel"], r["stores"]) for r in launches if r["stores"].get("2")]
+    assert not narrow
+
+
+def test_channels_last_group_norm_loads_are_vectorised(launches):
+    rows = [r for r in launches if r["case"].startswith("group_norm") and "NHWC" in r["case"]]
+    assert rows
+    narrow = [(r["case"], r["kernel"], r["loads"]) for r in rows if r["loads"].get("2")]
+    assert not narrow
+
+
+def test_forward_streaming_kernels_keep_three_programs_per_sm(launches):
+    looping = [r for r in launches if r["case"].startswith("group_norm fwd")
+               and r["kernel"] in ("_fwd_partial", "_fwd_split_apply")
+               or (r["kernel"] == "_fwd_fused" and "(32,128,128,128)" in r["case"] and "NHWC" not in r["case"])]
+    assert looping
+    low = [(r["case"], r["kernel"], r["regs"], r["per_sm"]) for r in looping if r["per_sm"] < 3]
+    assert not low
