@@ -1,4 +1,4 @@
-"""Attention of the NestedUNet's inner levels: reference einsum vs SDPA pair vs fused Triton.
+"""Attention of the NestedUNet's inner levels: reference einsum vs SDPA pair vs fused Triton (vs flash_attn, xformers).
 
     python -m benchmarks.attention --suite quick|full [--out DIR]
 
@@ -13,6 +13,7 @@ counted). TFLOP/s is compared with the bf16 matmul rate measured on the same car
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Dict, List
 
 import torch
@@ -57,6 +58,9 @@ def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str, with_ref: bool
         variants["SDPA pair (public layout)"] = from_qkv("sdpa")
         variants["triton fused (B,h,L,d)"] = heads_first("triton")
     variants["triton fused (public layout)"] = from_qkv("triton")
+    for package in ("flash_attn", "xformers"):  # when installed: the library's self branch, SDPA's masked text
+        if importlib.util.find_spec(package) is not None:
+            variants[f"{package} (B,h,L,d)"] = heads_first(package)
     return variants
 
 

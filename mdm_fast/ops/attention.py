@@ -5,8 +5,10 @@
 
 the sum the public ``SelfAttention`` computes (its 1/sqrt(sqrt(d)) on q and k is scale = 1/sqrt(d)).
 Backends: ``triton`` (one fused flash kernel, :mod:`mdm_fast.kernels.attention`), ``sdpa`` (two
-``F.scaled_dot_product_attention`` calls and a sum) and ``ref`` (the public einsum formulation,
-fp32 softmax). ``impl="auto"`` prefers triton, then sdpa, then ref.
+``F.scaled_dot_product_attention`` calls and a sum), ``flash_attn`` / ``xformers`` (that library's
+kernel for the unmasked self branch, SDPA for a key-masked text branch; when installed) and ``ref``
+(the public einsum formulation, fp32 softmax). ``impl="auto"`` follows the measured order in the
+``dispatch.register`` call below.
 
 Masked keys: a query whose keys in a branch are all masked gets ZERO from that branch (the public
 code gives NaN there), with finite gradients.
@@ -55,14 +57,36 @@ def _sdpa_branch(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale:
     return out * any_key[:, None, None, None].to(out.dtype)
 
 
-_BRANCH = {"ref": _ref_branch, "sdpa": _sdpa_branch}
+def _flash_attn_branch(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
+    """flash-attn's ``flash_attn_func`` on (B, L, H, d) views; unmasked keys only (see _LIBRARY_BRANCH)."""
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    return out.transpose(1, 2)  # (B, H, L, d)
+
+
+def _xformers_branch(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
+    """xformers' ``memory_efficient_attention`` on (B, L, H, d) views; unmasked keys only."""
+    from xformers.ops import memory_efficient_attention
+
+    out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)  # (B, H, L, d)
+
+
+_BRANCH = {"ref": _ref_branch, "sdpa": _sdpa_branch, "flash_attn": _flash_attn_branch,
+           "xformers": _xformers_branch}
+# flash_attn / xformers run the unmasked self branch (the L x L one: nearly all the FLOPs); a key-masked
+# branch (the text tokens, <= 128 keys) goes to SDPA: neither library takes a per-sample key padding mask
+# without packing the keys, which synchronises the host and breaks CUDA-graph capture.
+_LIBRARY_BRANCH = ("flash_attn", "xformers")
 
 
 def _torch_attention(backend, q, k, v, k_cond, v_cond, cond_mask, self_mask, scale) -> Tensor:
     branch = _BRANCH[backend]
     out = branch(q, k, v, self_mask, scale)
     if k_cond is not None:
-        out = out + branch(q, k_cond, v_cond, cond_mask, scale)
+        text = _BRANCH["sdpa"] if backend in _LIBRARY_BRANCH and cond_mask is not None else branch
+        out = out + text(q, k_cond, v_cond, cond_mask, scale)
     return out
 
 
@@ -214,7 +238,7 @@ _attention_qkv_fwd.register_autograd(_attention_qkv_grad, setup_context=_attenti
 # ---- dispatch ------------------------------------------------------------------------------
 
 
-def _triton_reason(q, k, v, k_cond=None, v_cond=None) -> Optional[str]:
+def _triton_reason(q, k, v, k_cond=None, v_cond=None, self_mask=None) -> Optional[str]:
     return dispatch.first_reason(
         dispatch.triton_reason(q, k, v, k_cond, v_cond),
         dispatch.dtype_reason(_FLOATS, q),
@@ -223,12 +247,28 @@ def _triton_reason(q, k, v, k_cond=None, v_cond=None) -> Optional[str]:
     )
 
 
+def _library_reason(package: str, dtypes: Tuple[torch.dtype, ...], max_head_dim: int):
+    def reason(q, k=None, v=None, k_cond=None, v_cond=None, self_mask=None) -> Optional[str]:
+        return dispatch.first_reason(
+            dispatch.package_reason(package, q, k, v, k_cond, v_cond),
+            dispatch.dtype_reason(dtypes, q),
+            None if q.shape[-1] <= max_head_dim and q.shape[-1] % 8 == 0
+            else f"head dim {q.shape[-1]} (needs a multiple of 8, at most {max_head_dim})",
+            None if self_mask is None else f"a key mask on the self branch ({package} gets unmasked keys here)",
+        )
+
+    return reason
+
+
 # Measured on an H200 (benchmarks/results/attention-nvidia-h200.md, bf16): the SDPA pair beats the fused
 # Triton kernel (forward 0.64x at 1024 tokens, 0.40x at 256 tokens; backward 0.72x), so auto picks SDPA
-# and the Triton kernel runs when asked for by name until it is faster.
+# and the Triton kernel runs when asked for by name until it is faster. flash_attn and xformers (not
+# installed on any machine measured so far) run when asked for by name.
 dispatch.register(
     OP,
-    {"ref": lambda *a: None, "sdpa": lambda *a: None, "triton": _triton_reason},
+    {"ref": lambda *a, **k: None, "sdpa": lambda *a, **k: None, "triton": _triton_reason,
+     "flash_attn": _library_reason("flash_attn", (torch.float16, torch.bfloat16), 256),
+     "xformers": _library_reason("xformers", _FLOATS, 256)},
     preference=("sdpa", "triton", "ref"),
 )
 
@@ -310,7 +350,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor] = None, 
         raise ValueError("k has no keys (S = 0)")
     keep_cond = _check_cond(q, k_cond, v_cond, cond_mask)
     keep_self = None if self_mask is None else _check_mask("self_mask", self_mask, (B, k.shape[2]), "(B, S)", q)
-    backend = dispatch.resolve(OP, impl, q, k, v, k_cond, v_cond)
+    backend = dispatch.resolve(OP, impl, q, k, v, k_cond, v_cond, self_mask=keep_self)
     if backend != "triton":
         return _torch_attention(backend, q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
     out, _ = _attention_fwd(q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))

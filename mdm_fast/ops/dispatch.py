@@ -23,9 +23,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-BACKENDS = ("ref", "triton", "cuda", "sdpa", "torch")
+BACKENDS = ("ref", "triton", "cuda", "sdpa", "torch", "flash_attn", "xformers")
 # sdpa: PyTorch scaled_dot_product_attention (attention); torch: a faster pure-PyTorch formulation
-# (cuDNN does the work, e.g. the sub-pixel upsample-conv as one transposed conv)
+# (cuDNN does the work, e.g. the sub-pixel upsample-conv as one transposed conv); flash_attn, xformers:
+# those libraries' attention kernels, where they are installed (attention)
 _ENV_VAR = "MDM_FAST_IMPL"
 
 ReasonFn = Callable[..., Optional[str]]
@@ -167,6 +168,16 @@ def cuda_ext_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     for t in tensors:
         if t is not None and t.device.type != "cuda":
             return f"tensor on {t.device.type} (the cuda backend needs CUDA tensors)"
+    return None
+
+
+def package_reason(package: str, *tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """A third-party CUDA library backend: the package must import and the tensors be on CUDA."""
+    if importlib.util.find_spec(package) is None:
+        return f"the {package} package is not installed"
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            return f"tensor on {t.device.type} ({package} needs CUDA tensors)"
     return None
 
 
