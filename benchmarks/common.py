@@ -11,9 +11,10 @@ import functools
 import os
 import re
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,8 +47,6 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float
             end.synchronize()
             times.append(start.elapsed_time(end))
     else:
-        import time
-
         for _ in range(iters):
             t0 = time.perf_counter()
             fn()
@@ -99,6 +98,31 @@ def device_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> flo
     return statistics.median(times)
 
 
+# Every Triton compilation of this process once record_triton_compiles() ran: (kernel name, seconds, kernel).
+# Loads from Triton's disk cache pass through here too (in milliseconds).
+TRITON_COMPILES: List[Tuple[str, float, object]] = []
+
+
+def record_triton_compiles() -> List[Tuple[str, float, object]]:
+    """Start recording Triton compilations into TRITON_COMPILES (idempotent). Call it before the first
+    launch: each kernel looks ``triton.compiler.compile`` up when it first runs on a device."""
+    import triton.compiler as tc
+
+    if getattr(tc.compile, "_recorded", False):
+        return TRITON_COMPILES
+    original = tc.compile
+
+    def compile(src, target=None, options=None, **kwargs):
+        t0 = time.perf_counter()
+        kernel = original(src, target=target, options=options, **kwargs)
+        TRITON_COMPILES.append((kernel.metadata.name, time.perf_counter() - t0, kernel))
+        return kernel
+
+    compile._recorded = True
+    tc.compile = compile
+    return TRITON_COMPILES
+
+
 @dataclass
 class Ceilings:
     copy_gbps: float  # device-to-device copy, bytes read + written
@@ -117,11 +141,11 @@ def ceilings() -> Ceilings:
         _CEILINGS = Ceilings(float("nan"), float("nan"))
         return _CEILINGS
     n = 1 << 30  # 1 GiB, far above L2
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = device_ms(lambda: dst.copy_(src), warmup=3, iters=10)
+    buffers = [torch.empty(n, dtype=torch.uint8, device="cuda").random_(), torch.empty(n, dtype=torch.uint8,
+                                                                                  device="cuda")]
+    ms = device_ms(lambda: buffers[1].copy_(buffers[0]), warmup=3, iters=10)
     copy = 2 * n / ms / 1e6
-    del src, dst
+    buffers.clear()
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)

@@ -38,7 +38,8 @@ $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.lo
 
 # Most important first: a stage cut by the lease still leaves the earlier tables.
 if [[ $WHAT == models || $WHAT == all ]]; then
-  stage gpu-tests-models 90 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py
+  stage gpu-tests-models 100 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py \
+    tests/test_precompile.py
   stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
   stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
 fi
@@ -48,9 +49,10 @@ if [[ $WHAT == ops || $WHAT == all ]]; then
   stage gpu-tests-ops 80 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
     tests/test_attention.py tests/test_resample_ops.py tests/test_diffusion_ops.py
 fi
-if [[ $WHAT == more ]]; then  # the op suites measured in an earlier lease
+if [[ $WHAT == more ]]; then  # the op suites measured in an earlier lease, and the group-norm plan sweep
   stage bench-resample 40 $PY -m benchmarks.resample --suite quick --out "$OUT"
   stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
+  stage sweep-group-norm 120 $PY -m benchmarks.group_norm --sweep --out "$OUT"
 fi
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

@@ -1,6 +1,7 @@
 """group_norm_act at the model's shapes: ref eager, torch.compile of the ref, triton, cuda; forward and backward.
 
     python -m benchmarks.group_norm --suite quick|full [--out DIR]
+    python -m benchmarks.group_norm --sweep [--out DIR]     # the Triton plan's tile sizes, side by side
 
 Shapes are the GroupNorm inputs of the public models (32 groups, bf16): the 256x256 model's outer levels
 (64/128/256 channels at 256/128/64 px) and inner levels (256/512/768 channels at 64/32/16 px), the 1024x1024
@@ -128,10 +129,46 @@ def run(suite: str) -> Dict[str, str]:
     return sections
 
 
+# (name, module constant, values): the knobs of mdm_fast.kernels.group_norm.plan, the first value the default
+SWEEP = [("TILE", "TILE", (4096, 2048, 8192)), ("SINGLE_TILE", "SINGLE_TILE", (8192, 4096, 16384)),
+         ("split programs / SM", "SPLIT_PROGRAMS_PER_SM", (16, 4, 32))]
+
+
+def sweep() -> Dict[str, str]:
+    """Triton fwd/bwd ms of the quick shapes for each value of each plan knob (one knob at a time)."""
+    from mdm_fast.kernels import group_norm as kern
+
+    copy = ceilings().copy_gbps
+    rows = []
+    for b, c, p, cl in QUICK:
+        args = _inputs(b, c, p, cl, True)
+        nbytes = args[0].numel() * args[0].element_size()
+        for label, attr, values in SWEEP:
+            default = getattr(kern, attr)
+            for value in values:
+                setattr(kern, attr, value)
+                try:
+                    fwd, bwd = _time_pair("triton", args)
+                finally:
+                    setattr(kern, attr, default)
+                rows.append([f"({b}, {c}, {p}, {p})", "NHWC" if cl else "NCHW", f"{label} = {value}", fwd, bwd,
+                             100 * gbps(2 * nbytes, fwd) / copy, 100 * gbps(3 * nbytes, bwd) / copy])
+        del args
+        torch.cuda.empty_cache()
+    header = ["shape", "layout", "plan knob", "fwd ms", "bwd ms", "fwd % copy", "bwd % copy"]
+    return {"Triton plan sweep, bf16, scale-shift + SiLU (first row of each knob: the default)":
+            markdown_table(header, rows)}
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="time the Triton plan's knobs instead of the backends")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.group_norm needs a CUDA device")
+    if args.sweep:
+        write_report("group_norm-sweep", sweep(), args.out)
+        return
     write_report(f"group_norm-{args.suite}", run(args.suite), args.out)
 
 

@@ -2,9 +2,10 @@
 
     python -m benchmarks.kernel_report [--ops group_norm,attention,...] [--arch 90] [--out DIR]
 
-No GPU is needed: a compile-only Triton driver (:class:`CompileOnlyDriver`) targets sm_90, compiles
-every kernel our launchers would launch (with the same specialisations: pointer alignment, integer
-divisibility, constexprs, every autotune config) and records the launch instead of running it.
+No GPU is needed: a compile-only Triton driver (:class:`mdm_fast.engine.precompile.CompileOnlyDriver`)
+targets sm_90, compiles every kernel our launchers would launch (with the same specialisations: pointer
+alignment, integer divisibility, constexprs, every autotune config) and records the launch instead of
+running it.
 The cubin is read back with the ``cuobjdump`` that ships with Triton. Per kernel and shape:
 
 - grid, warps, registers per thread, spill (local memory) bytes, shared memory;
@@ -24,21 +25,19 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # A compile-only report needs the real compiler, not the CPU interpreter.
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.driver import DriverBase  # noqa: E402
 
-from benchmarks.common import markdown_table  # noqa: E402
+from benchmarks.common import TRITON_COMPILES, markdown_table, record_triton_compiles  # noqa: E402
+from mdm_fast.engine.precompile import CompileOnlyDriver  # noqa: E402
 
 # H100/H200 (sm_90) limits per SM
 SMS = 132
@@ -61,6 +60,7 @@ class Binary:
     spill_bytes: int
     loads: Counter = field(default_factory=Counter)  # access width in bytes -> count (LDG and cp.async)
     stores: Counter = field(default_factory=Counter)
+    mma: str = "-"  # tensor-core instructions: "wgmma" (Hopper HGMMA), "mma" (HMMA), "-" none
 
 
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
@@ -85,7 +85,8 @@ def inspect_cubin(cubin: bytes) -> Binary:
                               check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
-    return Binary(regs, local, _widths(sass, "LDG") + _widths(sass, "LDGSTS"), _widths(sass, "STG"))
+    mma = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "-"
+    return Binary(regs, local, _widths(sass, "LDG") + _widths(sass, "LDGSTS"), _widths(sass, "STG"), mma)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Launch:
         return dict(case=self.case, kernel=self.kernel, grid=self.grid, num_warps=self.num_warps, regs=b.regs,
                     spill_bytes=b.spill_bytes, shared=self.shared, per_sm=self.per_sm, waves=self.waves,
                     loads={str(k): v for k, v in b.loads.items()}, stores={str(k): v for k, v in b.stores.items()},
-                    compile_s=self.compile_s)
+                    mma=b.mma, compile_s=self.compile_s)
 
 
 class _Recorder:
@@ -132,12 +133,17 @@ class _Recorder:
         self.binaries: Dict[str, Binary] = {}
         self.compile_s: Dict[str, float] = {}
         self._seen: set = set()
+        self._inspected: List[str] = []  # hashes of the TRITON_COMPILES entries already read
 
     def record(self, name: str, metadata, grid) -> None:
         key = (self.case, name, tuple(grid), metadata.hash)
         if key in self._seen:  # the autotuner's repeated benchmark calls
             return
         self._seen.add(key)
+        for _, seconds, kernel in TRITON_COMPILES[len(self._inspected):]:
+            self._inspected.append(kernel.metadata.hash)
+            self.compile_s[kernel.metadata.hash] = seconds
+            self.binaries[kernel.metadata.hash] = inspect_cubin(kernel.asm["cubin"])
         self.launches.append(Launch(self.case, name, tuple(grid), metadata.num_warps, metadata.shared,
                                     self.binaries[metadata.hash], self.compile_s.get(metadata.hash, 0.0)))
 
@@ -145,84 +151,12 @@ class _Recorder:
 RECORDER = _Recorder()
 
 
-class _Utils:
-    def load_binary(self, name, kernel, shared, device):
-        return None, None, 0, 0, 1024
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": MAX_SMEM_PER_BLOCK, "multiprocessor_count": SMS}
-
-
-class CompileOnlyDriver(DriverBase):
-    """A Triton driver that compiles for ``GPUTarget('cuda', arch, 32)`` and records launches."""
-
-    def __init__(self, arch: int = 90):
-        self.target = GPUTarget("cuda", arch, 32)
-        self.utils = _Utils()
-
-    @classmethod
-    def is_active(cls):
-        return False
-
-    def map_python_to_cpp_type(self, ty: str) -> str:
-        raise NotImplementedError
-
-    def get_current_target(self):
-        return self.target
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_benchmarker(self):
-        def bench(fn, **kwargs):  # the autotuner "times" every config: compile it, report 1 ms
-            fn()
-            return 1.0
-
-        return bench
-
-    def launcher_cls(self, src, metadata):
-        name = metadata.name
-
-        def launch(gx, gy, gz, *args):
-            RECORDER.record(name, metadata, (gx, gy, gz))
-
-        return launch
-
-
-def _timed_compile(original: Callable) -> Callable:
-    def compile(src, target=None, options=None, **kwargs):
-        t0 = time.perf_counter()
-        kernel = original(src, target=target, options=options, **kwargs)
-        RECORDER.compile_s[kernel.metadata.hash] = time.perf_counter() - t0
-        if kernel.metadata.hash not in RECORDER.binaries:
-            RECORDER.binaries[kernel.metadata.hash] = inspect_cubin(kernel.asm["cubin"])
-        return kernel
-
-    return compile
-
-
 def activate(arch: int = 90) -> None:
     """Route every later Triton launch in this process to the compile-only driver."""
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
-    driver.set_active(CompileOnlyDriver(arch))
-    if not getattr(JITFunction.create_binder, "_compile_only", False):
-        original = JITFunction.create_binder
-
-        def create_binder(self):
-            out = original(self)
-            self.compile = _timed_compile(self.compile)
-            return out
-
-        create_binder._compile_only = True
-        JITFunction.create_binder = create_binder
+    record_triton_compiles()
+    driver.set_active(CompileOnlyDriver(arch, on_launch=RECORDER.record, max_shared_mem=MAX_SMEM_PER_BLOCK, sms=SMS))
 
 
 # ---- the cases: the public models' shapes -------------------------------------------------------
@@ -318,10 +252,10 @@ def _fmt_widths(c: Counter) -> str:
 
 def report(launches: List[Launch]) -> str:
     header = ["case", "kernel", "grid", "warps", "regs", "spill B", "smem KB", "per SM", "waves",
-              "loads (width:count)", "stores", "compile s"]
+              "loads (width:count)", "stores", "tensor cores", "compile s"]
     rows = [[l.case, l.kernel, "x".join(map(str, l.grid)), l.num_warps, l.binary.regs, l.binary.spill_bytes,
              round(l.shared / 1024, 1), l.per_sm, round(l.waves, 2), _fmt_widths(l.binary.loads),
-             _fmt_widths(l.binary.stores), round(l.compile_s, 2)] for l in launches]
+             _fmt_widths(l.binary.stores), l.binary.mma, round(l.compile_s, 2)] for l in launches]
     return markdown_table(header, rows)
 
 

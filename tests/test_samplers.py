@@ -126,3 +126,21 @@ def test_tile_levels_side_by_side():
     assert grid.shape == (2, 3, 8, 16)
     torch.testing.assert_close(grid[..., 8:], top)  # lowest level first, as the public output_inner
     torch.testing.assert_close(grid[..., :8], F.interpolate(low, size=(8, 8), mode="nearest"))
+
+
+def test_precompile_changes_nothing():
+    """Sampler.precompile runs the first and last steps dry (no Triton JIT on CPU: nothing to compile),
+    draws no random numbers and leaves the samples bit-identical."""
+    diff, model = _diffusion(), TinyNested()
+    cond = torch.randn(2, 5, 8)
+    sampler = diff.sampler(num_inference_steps=5)
+    x = sampler.initial_noise(2, 3, 16)
+    denoise = diff.make_denoise(model, cond, None)
+    a = sampler.sample(denoise, x, generator=torch.Generator().manual_seed(1))
+    state = torch.get_rng_state()
+    calls = len(model.calls)
+    stats = sampler.precompile(denoise, x)
+    assert stats.kernels == 0 and len(model.calls) == calls + 2  # the first and the last step, dry
+    assert torch.equal(state, torch.get_rng_state())
+    b = sampler.sample(denoise, x, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))

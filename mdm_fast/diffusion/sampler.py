@@ -127,6 +127,27 @@ class Sampler:
                                         self.diffusion.kind, self.ddim_eta, self.threshold, impl=self.impl)
         return x0, x_s
 
+    def precompile(self, denoise: Denoise, x_t: Sequence[Tensor]):
+        """Compile the Triton kernels of the first and the last step (their shapes; the last one adds no
+        noise) in parallel before sampling starts: :func:`mdm_fast.engine.precompile`. Changes no
+        value and draws no random numbers; returns its stats (None when there is nothing to do)."""
+        from mdm_fast.engine.precompile import precompile
+
+        x_t, ts = list(x_t), self.timesteps
+        if len(ts) < 2:
+            return None
+        B, device = x_t[0].shape[0], x_t[0].device
+        noisy = self.ddim_eta is None or self.ddim_eta > 0
+
+        def first_and_last():
+            for t, s in dict.fromkeys([(ts[0], ts[1]), (ts[-2], ts[-1])]):
+                times = torch.full((B,), t - 1, dtype=torch.long, device=device)
+                noise = [torch.zeros_like(x) for x in x_t] if noisy and s > 0 else None
+                self.step(denoise, x_t, times, self._gammas(t, B, device), self._gammas(s, B, device), noise)
+
+        with torch.no_grad():
+            return precompile(first_and_last)
+
     def steps(self, denoise: Denoise, x_t: Sequence[Tensor], start_t: Optional[int] = None,
               generator: Optional[torch.Generator] = None, step_fn: Optional[Callable] = None
               ) -> Iterator[SamplerStep]:

@@ -2,6 +2,7 @@
 (one row per prompt, every resolution of each sample side by side, lowest first)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -79,6 +82,10 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
         denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=guidance, **kwargs)
         x_t = sampler.initial_noise(len(expanded), _channels(model), image_size, generator=generator, device=device)
         levels = x_t
+        if device.type == "cuda":  # compile the steps' Triton kernels in parallel, before the first step
+            stats = sampler.precompile(denoise, x_t)
+            if stats is not None and stats.kernels:
+                log.info("sampling: %s", stats)
         step_fn = None
         if cuda_graphs:
             from mdm_fast.engine import graphed_sampler_step

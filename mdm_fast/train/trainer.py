@@ -210,6 +210,27 @@ class Trainer:
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
+    def precompile(self, batch) -> None:
+        """Compile the Triton kernels of a training step's forward and backward in parallel before the
+        first step (:func:`mdm_fast.engine.precompile_training`): one CUDA process only (the dry run
+        uses the unwrapped model, no DDP/FSDP collectives); the model, optimizer and data order are
+        untouched."""
+        if self.device.type != "cuda" or self.dist.world_size > 1:
+            return
+        from mdm_fast.engine.precompile import precompile_training
+
+        gen = torch.Generator(self.device).manual_seed(0)
+        images = to_model_range(batch["image"]).to(self.device)
+
+        def loss():
+            with self._autocast():
+                cond, mask = self._conditioning(batch, gen)
+                return self.diffusion.loss(self.model, images, cond, mask, generator=gen)[0]
+
+        stats = precompile_training(loss, list(self.model.parameters()))
+        if stats is not None and stats.kernels:
+            log.info("training: %s", stats)
+
     def train_step(self, batches) -> Dict[str, float]:
         cfg, acc = self.cfg, self.cfg.num_gradient_accumulations
         self.wrapped.train()
@@ -277,8 +298,10 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="training", disable=self.quiet, dynamic_ncols=True)
         window: Dict[str, float] = {}
         n_window, t0, last = 0, time.time(), {}
-        for _ in range(todo):
+        for i in range(todo):
             batches = [next(it) for _ in range(cfg.num_gradient_accumulations)]
+            if i == 0:
+                self.precompile(batches[0])
             out = self.train_step(batches)
             last = out
             if math.isfinite(out["loss"]):

@@ -1,0 +1,220 @@
+"""Compile a step's Triton kernels in parallel, before the step first runs.
+
+A fresh process compiles every Triton kernel specialisation the first time it launches, one after
+the other: the 256x256 model's first forward at batch 2 launches 35 of them (group norm at each
+level's shape, the upsample-conv's autotune configs), 0.7-1.5 s each, which is most of the time from
+process start to the first step. :func:`precompile` runs the step once with every not yet compiled
+launch *skipped* (Triton's ``jit_cache_hook``), compiles what it collected in a pool of worker
+processes into Triton's on-disk cache, and returns; the step's first real run then loads each
+kernel from the cache in milliseconds.
+
+The dry run's skipped kernels write nothing, so its values are garbage: ``fn`` must have no effect
+but its outputs (a forward under ``no_grad``, or a loss and ``torch.autograd.grad`` without an
+optimizer step, see :func:`precompile_training`); the random number generators are restored after
+it, so precompiling does not change what the run computes. Autotuned kernels compile every config in
+the pool and are benchmarked for real at their first real launch.
+
+Workers target the parent's GPU without touching it (:class:`CompileOnlyDriver`: no CUDA context).
+``MDM_FAST_PRECOMPILE=0`` turns :func:`precompile` into a no-op.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import importlib
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+_ENV = "MDM_FAST_PRECOMPILE"
+
+
+@dataclass
+class PrecompileStats:
+    kernels: int  # specialisations collected by the dry run (compiled, or found in the disk cache)
+    dry_run_s: float
+    compile_s: float  # wall time of the parallel compilation
+    workers: int
+
+    def __str__(self) -> str:
+        return (f"{self.kernels} Triton kernels compiled by {self.workers} workers in {self.compile_s:.1f} s "
+                f"(dry run {self.dry_run_s:.1f} s)")
+
+
+# ---- a driver that compiles for a GPU without using it -------------------------------------------
+
+
+def _driver_base():
+    from triton.backends.driver import DriverBase
+
+    return DriverBase
+
+
+class CompileOnlyDriver(_driver_base()):
+    """A Triton driver that compiles for ``GPUTarget("cuda", arch, warp_size)`` and never launches:
+    launches call ``on_launch(name, metadata, grid)`` (if given) instead."""
+
+    def __init__(self, arch: int = 90, warp_size: int = 32, on_launch: Optional[Callable] = None,
+                 max_shared_mem: int = 227 * 1024, sms: int = 132):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, warp_size)
+        self.on_launch = on_launch
+        self.utils = _Utils(max_shared_mem, sms)
+
+    @classmethod
+    def is_active(cls):
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("a compile-only driver builds no launchers")
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_benchmarker(self):
+        def bench(fn, **kwargs):  # the autotuner "times" each config: compile it, report the same time
+            fn()
+            return 1.0
+
+        return bench
+
+    def launcher_cls(self, src, metadata):
+        def launch(gx, gy, gz, *args):
+            if self.on_launch is not None:
+                self.on_launch(metadata.name, metadata, (gx, gy, gz))
+
+        return launch
+
+
+class _Utils:
+    def __init__(self, max_shared_mem: int, sms: int):
+        self.props = {"max_shared_mem": max_shared_mem, "multiprocessor_count": sms}
+
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024
+
+    def get_device_properties(self, device):
+        return self.props
+
+
+# ---- the dry run ---------------------------------------------------------------------------------
+
+
+Job = Tuple[str, str, str]  # (module, qualified name, Triton's serialized specialisation)
+
+
+@contextlib.contextmanager
+def _skipping_compiles(jobs: List[Job]) -> Iterator[None]:
+    """Inside: every Triton launch that would compile is recorded in ``jobs`` and skipped."""
+    from triton import knobs
+
+    def hook(*, fn, compile, **kwargs):
+        jit = fn.jit_function
+        jobs.append((jit.fn.__module__, jit.fn.__qualname__, compile["specialization_data"]))
+        return True  # skip: no compilation, no launch
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+
+
+def _forget_autotuning(jobs: Sequence[Job]) -> None:
+    """Drop the configs the autotuners 'chose' from the dry run's empty timings."""
+    from triton.runtime.autotuner import Autotuner
+
+    for module, qualname, _ in jobs:
+        obj = getattr(importlib.import_module(module), qualname, None)
+        while obj is not None:  # the module attribute may wrap the kernel: autotuner, heuristics
+            if isinstance(obj, Autotuner):
+                obj.cache.clear()
+            obj = getattr(obj, "fn", None)
+
+
+def _compile_job(job: Job, arch: int, warp_size: int) -> str:
+    """In a worker: compile one specialisation into Triton's disk cache (no GPU, no CUDA context)."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    driver.set_active(CompileOnlyDriver(arch, warp_size))  # never driver.active: no GPU probe, no context
+    module, qualname, data = job
+    obj = getattr(importlib.import_module(module), qualname)
+    while not isinstance(obj, JITFunction):
+        obj = obj.fn  # autotuner / heuristics wrappers
+    obj.preload(data)
+    return qualname
+
+
+def _target() -> Tuple[int, int]:
+    from triton.runtime import driver
+
+    t = driver.active.get_current_target()
+    return int(t.arch), int(t.warp_size)
+
+
+def _enabled() -> bool:
+    return os.environ.get(_ENV, "1") != "0"
+
+
+def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> Optional[PrecompileStats]:
+    """Run ``fn(*args, **kwargs)`` dry and compile the Triton kernels it would compile, in parallel.
+
+    ``fn`` must have no effect but its outputs (see the module notes); its result is discarded. Returns
+    what was done, or None when disabled (``MDM_FAST_PRECOMPILE=0``) or Triton is not importable. Under
+    Triton's CPU interpreter nothing is compiled (the interpreter does not compile).
+    """
+    if not _enabled():
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    jobs: List[Job] = []
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with _skipping_compiles(jobs):
+            fn(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    dry = time.perf_counter() - t0
+    _forget_autotuning(jobs)
+    unique = list(dict.fromkeys(jobs))
+    n = min(len(unique), workers or os.cpu_count() or 1)
+    t1 = time.perf_counter()
+    if unique:
+        arch, warp = _target()
+        ctx = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context: never fork it
+        with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+            list(pool.map(_compile_job, unique, [arch] * len(unique), [warp] * len(unique)))
+    return PrecompileStats(len(unique), dry, time.perf_counter() - t1, n)
+
+
+def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args,
+                        workers: Optional[int] = None, **kwargs) -> Optional[PrecompileStats]:
+    """:func:`precompile` of a training step's forward and backward: ``loss_fn(*args, **kwargs)`` and its
+    gradients with respect to ``params`` through ``torch.autograd.grad`` (nothing is accumulated into
+    ``.grad`` and no optimizer runs, so the model and optimizer are untouched)."""
+    params = [p for p in params if p.requires_grad]
+
+    def step():
+        with torch.enable_grad():
+            loss = loss_fn(*args, **kwargs)
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    return precompile(step, workers=workers)

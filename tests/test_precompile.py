@@ -1,0 +1,117 @@
+"""mdm_fast.engine.precompile: the dry run collects the step's Triton compilations, the worker pool puts
+them into Triton's disk cache, and the real step then compiles nothing.
+
+Runs in a subprocess without the CPU interpreter, on the compile-only driver (sm_90 target, launches
+recorded instead of run), so it needs no GPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, os, tempfile
+cache = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+import torch
+from triton.runtime import driver
+from mdm_fast.engine.precompile import CompileOnlyDriver, precompile
+launched = []
+driver.set_active(CompileOnlyDriver(90, on_launch=lambda name, metadata, grid: launched.append(name)))
+from mdm_fast.kernels import group_norm as gn, upsample_conv as uc
+
+def step():
+    for shape in ((4, 64, 32, 32), (2, 96, 9, 13)):
+        x, w = torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape[1], dtype=torch.bfloat16)
+        gn.forward(x, w, w, None, None, 32, 1e-5, True, False)
+    x = torch.empty(2, 32, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    out = torch.empty(2, 32, 16, 16, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    uc.upsample_conv3x3_fwd(x, torch.empty(2, 2, 2, 2, 32, 32, dtype=torch.bfloat16), None, out)
+    return torch.rand(3)  # the generator's state must come back
+
+rng = torch.get_rng_state()
+stats = precompile(step, workers=2)
+same_rng = bool(torch.equal(rng, torch.get_rng_state()))
+dry_launches, cached = len(launched), sorted(os.listdir(cache))
+step()
+print(json.dumps(dict(kernels=stats.kernels, workers=stats.workers, dry_launches=dry_launches,
+                      launches=len(launched), cached=len(cached), new_in_cache=len(set(os.listdir(cache)) - set(cached)),
+                      same_rng=same_rng, autotuned=len(uc._upsample_conv3x3_fwd.cache))))
+"""
+
+
+def _run(extra_env=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra_env or {})
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def result():
+    return _run()
+
+
+def test_dry_run_launches_nothing_and_collects_every_kernel(result):
+    assert result["dry_launches"] == 0
+    assert result["kernels"] >= 3  # two group-norm plans and the upsample-conv
+    assert result["workers"] == 2
+
+
+def test_real_step_finds_every_kernel_in_the_cache(result):
+    assert result["cached"] >= result["kernels"]
+    assert result["new_in_cache"] == 0  # nothing compiled by the real step
+    assert result["launches"] >= result["kernels"]
+    assert result["autotuned"] == 1  # chosen by the real step, not by the dry run's empty timings
+
+
+def test_random_state_is_restored(result):
+    assert result["same_rng"]
+
+
+def test_can_be_turned_off():
+    with pytest.raises(AssertionError):  # precompile returns None: the script cannot read its stats
+        _run({"MDM_FAST_PRECOMPILE": "0"})
+
+
+GPU_SCRIPT = r"""
+import json, os, sys, tempfile
+cache = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+sys.path.insert(0, "tests")
+import torch
+import mdm_fast
+from mdm_fast.engine import precompile
+from test_fast_model import randomize, tiny_inputs, tiny_nested_config
+
+torch.manual_seed(0)
+model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).cuda().eval()
+args = [a.cuda() if torch.is_tensor(a) else [t.cuda() for t in a] for a in tiny_inputs(batch=4)]
+
+def forward():
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        return model(*args)
+
+stats = precompile(forward)
+cached = set(os.listdir(cache))
+out = forward()
+again = forward()
+print(json.dumps(dict(kernels=stats.kernels, new_in_cache=len(set(os.listdir(cache)) - cached),
+                      equal=all(torch.equal(a, b) for a, b in zip(out, again)),
+                      finite=all(bool(torch.isfinite(o).all()) for o in out))))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_precompiled_model_step_compiles_nothing():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", GPU_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["kernels"] > 0 and r["new_in_cache"] == 0 and r["equal"] and r["finite"]
