@@ -38,7 +38,7 @@ $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.lo
 
 # Most important first: a stage cut by the lease still leaves the earlier tables.
 if [[ $WHAT == models || $WHAT == all ]]; then
-  stage gpu-tests-models 100 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py \
+  stage gpu-tests-models 110 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py \
     tests/test_precompile.py
   stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
   stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"

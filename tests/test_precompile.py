@@ -15,8 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import json, os, tempfile
+import json, os, sys, tempfile
 cache = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+sys.path.insert(0, os.getcwd())
 import torch
 from triton.runtime import driver
 from mdm_fast.engine.precompile import CompileOnlyDriver, precompile
@@ -44,18 +45,21 @@ print(json.dumps(dict(kernels=stats.kernels, workers=stats.workers, dry_launches
 """
 
 
-def _run(extra_env=None):
+def _run(script_dir, extra_env=None):
+    """SCRIPT as a user's file without a ``__main__`` guard (workers must not re-run it)."""
+    script = script_dir / "step.py"
+    script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(extra_env or {})
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def result():
-    return _run()
+def result(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("precompile"))
 
 
 def test_dry_run_launches_nothing_and_collects_every_kernel(result):
@@ -75,9 +79,9 @@ def test_random_state_is_restored(result):
     assert result["same_rng"]
 
 
-def test_can_be_turned_off():
+def test_can_be_turned_off(tmp_path):
     with pytest.raises(AssertionError):  # precompile returns None: the script cannot read its stats
-        _run({"MDM_FAST_PRECOMPILE": "0"})
+        _run(tmp_path, {"MDM_FAST_PRECOMPILE": "0"})
 
 
 GPU_SCRIPT = r"""

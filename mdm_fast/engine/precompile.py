@@ -14,16 +14,20 @@ optimizer step, see :func:`precompile_training`); the random number generators a
 it, so precompiling does not change what the run computes. Autotuned kernels compile every config in
 the pool and are benchmarked for real at their first real launch.
 
-Workers target the parent's GPU without touching it (:class:`CompileOnlyDriver`: no CUDA context).
+Workers are fresh interpreters (``python -m mdm_fast.engine.precompile``, jobs on stdin) that target the
+parent's GPU without touching it (:class:`CompileOnlyDriver`: no CUDA context); a kernel defined in the
+caller's ``__main__`` script cannot be imported there and compiles at its first launch as usual.
 ``MDM_FAST_PRECOMPILE=0`` turns :func:`precompile` into a no-op.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import importlib
-import multiprocessing
+import json
+import logging
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -31,6 +35,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 _ENV = "MDM_FAST_PRECOMPILE"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,10 +44,12 @@ class PrecompileStats:
     dry_run_s: float
     compile_s: float  # wall time of the parallel compilation
     workers: int
+    failed_workers: int = 0
 
     def __str__(self) -> str:
+        failed = f", {self.failed_workers} workers failed" if self.failed_workers else ""
         return (f"{self.kernels} Triton kernels compiled by {self.workers} workers in {self.compile_s:.1f} s "
-                f"(dry run {self.dry_run_s:.1f} s)")
+                f"(dry run {self.dry_run_s:.1f} s{failed})")
 
 
 # ---- a driver that compiles for a GPU without using it -------------------------------------------
@@ -147,18 +154,39 @@ def _forget_autotuning(jobs: Sequence[Job]) -> None:
             obj = getattr(obj, "fn", None)
 
 
-def _compile_job(job: Job, arch: int, warp_size: int) -> str:
-    """In a worker: compile one specialisation into Triton's disk cache (no GPU, no CUDA context)."""
+def _compile_jobs(jobs: Sequence[Job], arch: int, warp_size: int) -> None:
+    """In a worker: compile specialisations into Triton's disk cache (no GPU, no CUDA context)."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
     driver.set_active(CompileOnlyDriver(arch, warp_size))  # never driver.active: no GPU probe, no context
-    module, qualname, data = job
-    obj = getattr(importlib.import_module(module), qualname)
-    while not isinstance(obj, JITFunction):
-        obj = obj.fn  # autotuner / heuristics wrappers
-    obj.preload(data)
-    return qualname
+    for module, qualname, data in jobs:
+        obj = getattr(importlib.import_module(module), qualname)
+        while not isinstance(obj, JITFunction):
+            obj = obj.fn  # autotuner / heuristics wrappers
+        obj.preload(data)
+
+
+def _run_workers(jobs: Sequence[Job], workers: int, arch: int, warp_size: int) -> int:
+    """Compile ``jobs`` in ``workers`` fresh interpreters (``python -m mdm_fast.engine.precompile``, jobs
+    on stdin): no fork of a process holding a CUDA context, no re-import of the caller's main script.
+    Returns how many workers failed (their kernels then compile at their first launch, as without this)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    procs = []
+    for w in range(workers):
+        payload = json.dumps({"arch": arch, "warp_size": warp_size, "jobs": list(jobs[w::workers])})
+        proc = subprocess.Popen([sys.executable, "-m", "mdm_fast.engine.precompile"], stdin=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, text=True)
+        proc.stdin.write(payload)
+        proc.stdin.close()
+        procs.append(proc)
+    failed = 0
+    for proc in procs:
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            failed += 1
+            log.warning("precompile worker failed (its kernels compile at first launch instead):\n%s", err[-2000:])
+    return failed
 
 
 def _target() -> Tuple[int, int]:
@@ -194,15 +222,12 @@ def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> 
             torch.cuda.synchronize()
     dry = time.perf_counter() - t0
     _forget_autotuning(jobs)
-    unique = list(dict.fromkeys(jobs))
+    # a kernel defined in the caller's main script cannot be imported by a worker: it compiles at launch
+    unique = [j for j in dict.fromkeys(jobs) if j[0] != "__main__"]
     n = min(len(unique), workers or os.cpu_count() or 1)
     t1 = time.perf_counter()
-    if unique:
-        arch, warp = _target()
-        ctx = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context: never fork it
-        with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
-            list(pool.map(_compile_job, unique, [arch] * len(unique), [warp] * len(unique)))
-    return PrecompileStats(len(unique), dry, time.perf_counter() - t1, n)
+    failed = _run_workers(unique, n, *_target()) if unique else 0
+    return PrecompileStats(len(unique), dry, time.perf_counter() - t1, n, failed)
 
 
 def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args,
@@ -218,3 +243,8 @@ def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args
             return torch.autograd.grad(loss, params, allow_unused=True)
 
     return precompile(step, workers=workers)
+
+
+if __name__ == "__main__":  # a worker of _run_workers
+    task = json.loads(sys.stdin.read())
+    _compile_jobs([tuple(j) for j in task["jobs"]], task["arch"], task["warp_size"])
