@@ -119,3 +119,19 @@ def test_gpu_precompiled_model_step_compiles_nothing():
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["kernels"] > 0 and r["new_in_cache"] == 0 and r["equal"] and r["finite"]
+
+
+def test_precompile_training_leaves_model_and_grads_untouched():
+    import torch
+
+    from mdm_fast.engine import precompile_training
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    model[0].weight.requires_grad_(False)  # a frozen part is skipped
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(3, 4)
+    stats = precompile_training(lambda: model(x).square().mean(), model.parameters())
+    assert stats.kernels == 0  # nothing to compile on CPU
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -240,7 +240,7 @@ def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args
     def step():
         with torch.enable_grad():
             loss = loss_fn(*args, **kwargs)
-            return torch.autograd.grad(loss, params, allow_unused=True)
+            return torch.autograd.grad(loss, params, allow_unused=True) if params and loss.requires_grad else loss
 
     return precompile(step, workers=workers)
 
