@@ -218,7 +218,19 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
         out["mdm_fast eager"] = lambda: train_fn(fast, args, graphed=False)
         out["mdm_fast + CUDA graphs"] = lambda: train_fn(fast, args, graphed=True)
         out["mdm_fast + CUDA graphs, channels_last"] = lambda: train_fn(channels_last(fast), args, graphed=True)
+        if suite == "full":
+            out["mdm_fast + CUDA graphs, norm outputs kept"] = lambda: train_fn(norms_kept(fast), args, graphed=True)
     return out
+
+
+def norms_kept(model):
+    """A copy of ``model`` that keeps each norm's output for backward instead of recomputing it
+    (``mdm_fast.models.set_norm_recompute``): the memory/time trade-off of the default, measured."""
+    from mdm_fast.models import set_norm_recompute
+
+    model = copy.deepcopy(model)
+    set_norm_recompute(model, False)
+    return model
 
 
 def channels_last(model):

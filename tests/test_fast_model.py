@@ -137,6 +137,38 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def _saved_bytes(model, args):
+    """Bytes autograd keeps for the backward of one forward (each storage once), and the gradients."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*args)
+    sum((o ** 2).mean() for o in out).backward()
+    return sum(kept.values()), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_norm_recompute_keeps_less_and_gives_the_same_gradients(impl):
+    """With recompute_norms (the default) the convolutions after the norms keep no norm output: autograd
+    keeps fewer bytes, and backward recomputes the outputs bit for bit, so the gradients are identical."""
+    from mdm_fast.models import set_norm_recompute
+
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config(), impl=impl))
+    args = tiny_inputs(2)
+    results = {}
+    for enabled in (False, True):
+        set_norm_recompute(model, enabled)
+        results[enabled] = _saved_bytes(model, args)
+    (kept_all, grads_all), (kept, grads) = results[False], results[True]
+    assert kept < 0.8 * kept_all
+    assert all(torch.equal(a, b) for a, b in zip(grads_all, grads))
+
+
 def test_fast_model_has_no_graph_breaks_under_compile():
     import torch._dynamo
 

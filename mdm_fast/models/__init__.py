@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from mdm_fast import reference
 from mdm_fast.models.fast import (FastNestedUNet, FastUNet, convert, is_fast,  # noqa: F401
-                                  set_activation_checkpointing)
+                                  set_activation_checkpointing, set_norm_recompute)
 from mdm_fast.reference.config import UNetConfig
 
 
