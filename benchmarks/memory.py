@@ -1,0 +1,108 @@
+"""What a training step of a public model keeps for backward, counted on any machine (no GPU needed).
+
+    python -m benchmarks.memory [--model 256x256] [--batch 1] [--out DIR]
+
+Runs one forward of the fast model on CPU in fp32 at the given batch with a saved-tensor hook that records
+every tensor autograd keeps for backward (each storage once, parameters excluded), through the same
+custom-op paths a GPU takes (the group norm is forced onto its custom op, which keeps only x and the
+statistics), once with the norm outputs recomputed in backward (the default) and once keeping them.
+Reports the bytes by the op that produced each kept tensor, and a bf16 estimate of the train step's peak
+at a larger batch: kept activations x batch / 2 (bf16) + weights, gradients and AdamW state (16 bytes per
+parameter). Attention runs PyTorch's CPU SDPA here, which may keep more than the GPU's flash path.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from benchmarks.common import markdown_table
+from benchmarks.models import TEXT_TOKENS, TEXT_WIDTH, public_config
+
+GPU_BATCH = {"256x256": 16, "1024x1024": 4}  # the train-step batches of the model suite
+
+
+def _custom_op_group_norm() -> None:
+    """The group norm's CPU fast path is PyTorch autograd through the formula (it keeps intermediates);
+    a GPU runs the custom op. Count what the GPU keeps."""
+    gna = sys.modules["mdm_fast.ops.group_norm_act"]
+    gna._plain_reference = lambda x, g, w, b, eps, sc, sh, act: gna.group_norm_act_fwd(
+        x, w, b, sc, sh, g, float(eps), act or "none", "ref")[0]
+
+
+def kept_by_op(model, args) -> Dict[str, int]:
+    """Bytes kept for backward by one forward, by the grad_fn of each kept tensor."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: Dict[int, Tuple[int, str]] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = (t.untyped_storage().nbytes(), type(t.grad_fn).__name__ if t.grad_fn else "input")
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*args)
+    by_op: Dict[str, int] = collections.Counter()
+    for nbytes, op in kept.values():
+        by_op[op] += nbytes
+    return dict(by_op)
+
+
+def run(stem: str, batch: int) -> str:
+    import mdm_fast.ops.group_norm_act  # noqa: F401  (the module, for _custom_op_group_norm)
+    from mdm_fast import build_model
+    from mdm_fast.models import set_norm_recompute
+
+    _custom_op_group_norm()
+    name, cfg, size = public_config(stem)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(name, cfg)
+    x_t = [torch.randn(batch, 3, size // r, size // r) for r in model.resolution_ratios()]
+    mask = torch.ones(batch, TEXT_TOKENS)
+    mask[:, TEXT_TOKENS // 2:] = 0
+    args = (x_t, torch.randint(0, 1000, (batch,)), torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH), mask)
+    counts = {}
+    for recompute in (True, False):
+        set_norm_recompute(model, recompute)
+        counts[recompute] = kept_by_op(model, args)
+    totals = {k: sum(v.values()) for k, v in counts.items()}
+    ops = sorted(set(counts[True]) | set(counts[False]), key=lambda o: -counts[False].get(o, 0))
+    rows = [[op, counts[False].get(op, 0) / 1e6, counts[True].get(op, 0) / 1e6] for op in ops]
+    rows.append(["total", totals[False] / 1e6, totals[True] / 1e6])
+    table = markdown_table(["kept tensor produced by", "MB, norms kept", "MB, norms recomputed (default)"], rows)
+    n_params = sum(p.numel() for p in model.parameters())
+    state_gb = 16 * n_params / 1e9  # fp32 weights + gradients + AdamW's two moments
+    big = GPU_BATCH.get(stem, batch)
+    est = {k: v / batch * big / 2 / 1e9 + state_gb for k, v in totals.items()}
+    return (f"# Activation memory of a {stem} train step (counted on CPU, fp32, batch {batch})\n\n{table}\n\n"
+            f"Estimated bf16 peak at batch {big}: {est[True]:.1f} GB with the default (norm outputs recomputed), "
+            f"{est[False]:.1f} GB keeping them ({state_gb:.1f} GB of it weights, gradients and AdamW state for "
+            f"{n_params / 1e6:.1f} M parameters; transient buffers not counted).\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["256x256", "1024x1024"], default="256x256")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="write memory-<model>.md here")
+    args = p.parse_args(argv)
+    text = run(args.model, args.batch)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"memory-{args.model}.md"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
