@@ -39,8 +39,9 @@ stats = precompile(step, workers=2)
 same_rng = bool(torch.equal(rng, torch.get_rng_state()))
 dry_launches, cached = len(launched), sorted(os.listdir(cache))
 step()
+new = set(os.listdir(cache)) - set(cached)
 print(json.dumps(dict(kernels=stats.kernels, workers=stats.workers, dry_launches=dry_launches,
-                      launches=len(launched), cached=len(cached), new_in_cache=len(set(os.listdir(cache)) - set(cached)),
+                      launches=len(launched), cached=len(cached), new_in_cache=len(new),
                       same_rng=same_rng, autotuned=len(uc._upsample_conv3x3_fwd.cache))))
 """
 

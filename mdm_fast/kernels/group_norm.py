@@ -238,7 +238,8 @@ def _fwd_partial(X, PMEAN, PM2, C, S, G, CG: tl.constexpr, stride_c, stride_s, R
 
 
 @triton.jit
-def _fwd_split_apply(X, Y, W, Bi, SC, SH, PMEAN, PM2, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS, eps,
+def _fwd_split_apply(X, Y, W, Bi, SC, SH, PMEAN, PM2, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s,
+                     ROWS, eps,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                      ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -361,7 +362,8 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.con
 
 
 @triton.jit
-def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
+def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, S, G, CG: tl.constexpr,
+                     stride_c, stride_s,
                      ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                      ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -67,6 +67,12 @@ class _Recompute:
         self.fn = fn
 
 
+def _recompute_wanted(module: nn.Module) -> bool:
+    # is_compiling first: under torch.compile this is a constant and nothing else is traced
+    return (not torch.compiler.is_compiling() and getattr(module, "recompute_norms", False)
+            and torch.is_grad_enabled() and not getattr(_local, "in_checkpoint", False))
+
+
 def _recomputed_input(module: nn.Module, produce: Callable[[], torch.Tensor],
                       consumer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``consumer(produce())``, where the layer that consumes ``produce()``'s output keeps, for its
@@ -75,8 +81,7 @@ def _recomputed_input(module: nn.Module, produce: Callable[[], torch.Tensor],
     keeps anyway (a norm's input, an activation's input). Only in training with
     ``module.recompute_norms`` set (the default), and not inside a checkpointed block or torch.compile."""
     y = produce()
-    wanted = getattr(module, "recompute_norms", False) and not getattr(_local, "in_checkpoint", False)
-    if not (wanted and y.requires_grad) or torch.compiler.is_compiling():
+    if not (_recompute_wanted(module) and y.requires_grad):
         return consumer(y)
     ptr, shape, dtype, stride = y.data_ptr(), y.shape, y.dtype, y.stride()
 
@@ -100,9 +105,15 @@ def _norm_then(module: nn.Module, consumer: Callable[[torch.Tensor], torch.Tenso
     """``consumer(group_norm_act(x, norm's parameters, **kwargs))`` with the norm's output recomputed in
     backward (:func:`_recomputed_input`; the norm's own backward keeps only x): a ResNet keeps x and h
     instead of x, norm1(x), h and norm2(h)."""
-    kwargs.setdefault("impl", _impl(module, "group_norm_act"))
+    impl = kwargs.pop("impl", _impl(module, "group_norm_act"))
+    if not _recompute_wanted(module):
+        return consumer(ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, impl=impl,
+                                           **kwargs))
+    # the backend is fixed now: backward may run on another thread, where use_impl() does not apply
+    impl = ops.dispatch.resolve("group_norm_act", impl, x, norm.weight, norm.bias, kwargs.get("scale"),
+                                kwargs.get("shift"))
     return _recomputed_input(module, functools.partial(ops.group_norm_act, x, norm.num_groups, norm.weight,
-                                                       norm.bias, norm.eps, **kwargs), consumer)
+                                                       norm.bias, norm.eps, impl=impl, **kwargs), consumer)
 
 
 class FastResNet(ResNet):
