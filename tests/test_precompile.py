@@ -136,3 +136,19 @@ def test_precompile_training_leaves_model_and_grads_untouched():
     assert stats.kernels == 0  # nothing to compile on CPU
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_failing_dry_run_is_skipped_with_a_warning(caplog):
+    import torch
+
+    from mdm_fast.engine import precompile
+
+    def step():
+        torch.rand(2)
+        raise RuntimeError("garbage in, garbage out")
+
+    state = torch.get_rng_state()
+    with caplog.at_level("WARNING"):
+        assert precompile(step) is None
+    assert "dry run failed" in caplog.text and "garbage in" in caplog.text
+    assert torch.equal(state, torch.get_rng_state())

@@ -2,8 +2,8 @@
 
 A fresh process compiles every Triton kernel specialisation the first time it launches, one after
 the other: the 256x256 model's first forward at batch 2 launches 35 of them (group norm at each
-level's shape, the upsample-conv's autotune configs), 0.7-1.5 s each, which is most of the time from
-process start to the first step. :func:`precompile` runs the step once with every not yet compiled
+level's shape, the upsample-conv's autotune configs), about 1.5 s each on a 2-core machine (52.6 s in
+all), which is most of the time from process start to the first step. :func:`precompile` runs the step once with every not yet compiled
 launch *skipped* (Triton's ``jit_cache_hook``), compiles what it collected in a pool of worker
 processes into Triton's on-disk cache, and returns; the step's first real run then loads each
 kernel from the cache in milliseconds.
@@ -11,7 +11,8 @@ kernel from the cache in milliseconds.
 The dry run's skipped kernels write nothing, so its values are garbage: ``fn`` must have no effect
 but its outputs (a forward under ``no_grad``, or a loss and ``torch.autograd.grad`` without an
 optimizer step, see :func:`precompile_training`); the random number generators are restored after
-it, so precompiling does not change what the run computes. Autotuned kernels compile every config in
+it, so precompiling does not change what the run computes. A dry run that raises is reported as a
+warning and skipped: the real step then compiles as usual (and raises its own errors). Autotuned kernels compile every config in
 the pool and are benchmarked for real at their first real launch.
 
 Workers are fresh interpreters (``python -m mdm_fast.engine.precompile``, jobs on stdin) that target the
@@ -35,6 +36,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 _ENV = "MDM_FAST_PRECOMPILE"
+MAX_WORKERS = 16
 log = logging.getLogger(__name__)
 
 
@@ -215,16 +217,24 @@ def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> 
         return None
     jobs: List[Job] = []
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        with _skipping_compiles(jobs):
-            fn(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            with _skipping_compiles(jobs):
+                fn(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    except Exception as e:  # an optimisation only: the real step will compile (and fail) on its own
+        log.warning("precompile: the dry run failed (%s: %s); kernels compile at their first launch",
+                    type(e).__name__, e)
+        return None
+    finally:
+        _forget_autotuning(jobs)
     dry = time.perf_counter() - t0
-    _forget_autotuning(jobs)
     # a kernel defined in the caller's main script cannot be imported by a worker: it compiles at launch
     unique = [j for j in dict.fromkeys(jobs) if j[0] != "__main__"]
-    n = min(len(unique), workers or os.cpu_count() or 1)
+    # each worker pays an interpreter start and a torch import (~2-3 s): give each a few kernels
+    n = workers or min(os.cpu_count() or 1, MAX_WORKERS, -(-len(unique) // 2))
+    n = max(1, min(n, len(unique)))
     t1 = time.perf_counter()
     failed = _run_workers(unique, n, *_target()) if unique else 0
     return PrecompileStats(len(unique), dry, time.perf_counter() - t1, n, failed)
