@@ -15,7 +15,7 @@ it, so precompiling does not change what the run computes. A dry run that raises
 warning and skipped: the real step then compiles as usual (and raises its own errors). Autotuned kernels compile every config in
 the pool and are benchmarked for real at their first real launch.
 
-Workers are fresh interpreters (``python -m mdm_fast.engine.precompile``, jobs on stdin) that target the
+Workers are fresh interpreters (``python -c`` running :func:`_worker_main`, jobs on stdin) that target the
 parent's GPU without touching it (:class:`CompileOnlyDriver`: no CUDA context); a kernel defined in the
 caller's ``__main__`` script cannot be imported there and compiles at its first launch as usual.
 ``MDM_FAST_PRECOMPILE=0`` turns :func:`precompile` into a no-op.
@@ -169,16 +169,19 @@ def _compile_jobs(jobs: Sequence[Job], arch: int, warp_size: int) -> None:
         obj.preload(data)
 
 
+_WORKER = "from mdm_fast.engine.precompile import _worker_main; _worker_main()"
+
+
 def _run_workers(jobs: Sequence[Job], workers: int, arch: int, warp_size: int) -> int:
-    """Compile ``jobs`` in ``workers`` fresh interpreters (``python -m mdm_fast.engine.precompile``, jobs
-    on stdin): no fork of a process holding a CUDA context, no re-import of the caller's main script.
+    """Compile ``jobs`` in ``workers`` fresh interpreters (:func:`_worker_main`, jobs on stdin): no fork
+    of a process holding a CUDA context, no re-import of the caller's main script.
     Returns how many workers failed (their kernels then compile at their first launch, as without this)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     procs = []
     for w in range(workers):
         payload = json.dumps({"arch": arch, "warp_size": warp_size, "jobs": list(jobs[w::workers])})
-        proc = subprocess.Popen([sys.executable, "-m", "mdm_fast.engine.precompile"], stdin=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, text=True)
         proc.stdin.write(payload)
         proc.stdin.close()
         procs.append(proc)
@@ -255,6 +258,7 @@ def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args
     return precompile(step, workers=workers)
 
 
-if __name__ == "__main__":  # a worker of _run_workers
+def _worker_main() -> None:
+    """A worker of :func:`_run_workers`: its jobs, target and warp size come as JSON on stdin."""
     task = json.loads(sys.stdin.read())
     _compile_jobs([tuple(j) for j in task["jobs"]], task["arch"], task["warp_size"])
