@@ -181,11 +181,20 @@ DEVICE_TIMES = ("Times are medians of GPU time (CUDA events around back-to-back 
 WALL_TIMES = "Times are medians of wall time per call (CUDA events on an idle GPU, host overhead included)."
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file renamed into place (no half-written table), making
+    its folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] = None,
                  timing: str = DEVICE_TIMES) -> Path:
     """Write ``<out_dir>/<suite>-<card>.md`` with a header naming the card, versions, ceilings and timing."""
     out_dir = Path(out_dir or os.environ.get("MDM_FAST_BENCH_OUT", RESULTS))
-    out_dir.mkdir(parents=True, exist_ok=True)
     c = ceilings()
     head = [
         f"# {suite} on {card_name()}",
@@ -199,10 +208,7 @@ def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] =
     body = []
     for title, table in sections.items():
         body += [f"## {title}", "", table, ""]
-    path = out_dir / f"{suite}-{card_slug()}.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(head + body))
-    tmp.replace(path)
+    path = write_atomic(out_dir / f"{suite}-{card_slug()}.md", "\n".join(head + body))
     print(path.read_text())
     return path
 

@@ -36,7 +36,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.common import TRITON_COMPILES, markdown_table, record_triton_compiles  # noqa: E402
+from benchmarks.common import TRITON_COMPILES, markdown_table, record_triton_compiles, write_atomic  # noqa: E402
 from mdm_fast.engine.precompile import CompileOnlyDriver  # noqa: E402
 
 # H100/H200 (sm_90) limits per SM
@@ -278,11 +278,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             + report(launches) + "\n")
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"kernel_report-sm{args.arch}.md"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(args.out / f"kernel_report-sm{args.arch}.md", text)
 
 
 if __name__ == "__main__":

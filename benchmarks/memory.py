@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, write_atomic
 from benchmarks.models import TEXT_TOKENS, TEXT_WIDTH, public_config
 
 GPU_BATCH = {"256x256": 16, "1024x1024": 4}  # the train-step batches of the model suite
@@ -97,11 +97,7 @@ def main(argv=None) -> None:
     text = run(args.model, args.batch)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"memory-{args.model}.md"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(args.out / f"memory-{args.model}.md", text)
 
 
 if __name__ == "__main__":

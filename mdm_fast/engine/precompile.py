@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from triton.backends.driver import DriverBase
 
 _ENV = "MDM_FAST_PRECOMPILE"
 MAX_WORKERS = 16
@@ -57,13 +58,7 @@ class PrecompileStats:
 # ---- a driver that compiles for a GPU without using it -------------------------------------------
 
 
-def _driver_base():
-    from triton.backends.driver import DriverBase
-
-    return DriverBase
-
-
-class CompileOnlyDriver(_driver_base()):
+class CompileOnlyDriver(DriverBase):
     """A Triton driver that compiles for ``GPUTarget("cuda", arch, warp_size)`` and never launches:
     launches call ``on_launch(name, metadata, grid)`` (if given) instead."""
 
@@ -209,14 +204,10 @@ def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> 
     """Run ``fn(*args, **kwargs)`` dry and compile the Triton kernels it would compile, in parallel.
 
     ``fn`` must have no effect but its outputs (see the module notes); its result is discarded. Returns
-    what was done, or None when disabled (``MDM_FAST_PRECOMPILE=0``) or Triton is not importable. Under
+    what was done, or None when disabled (``MDM_FAST_PRECOMPILE=0``) or the dry run failed. Under
     Triton's CPU interpreter nothing is compiled (the interpreter does not compile).
     """
     if not _enabled():
-        return None
-    try:
-        import triton  # noqa: F401
-    except ImportError:
         return None
     jobs: List[Job] = []
     t0 = time.perf_counter()
