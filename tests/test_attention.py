@@ -150,9 +150,10 @@ def _public_block(qkv, kv_lin, mask, heads):
     return h
 
 
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel-major", "token-major"])
 @pytest.mark.parametrize("with_text", [True, False])
-@pytest.mark.parametrize("impl", ["triton", "ref"])
-def test_layout_fused_matches_public_block(impl, with_text):
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_layout_fused_matches_public_block(impl, with_text, token_major):
     B, heads, d, L, T = 2, 2, 16, 15, 6
     C = heads * d
     qkv = torch.randn(B, 3 * C, L, dtype=torch.float64).requires_grad_()
@@ -162,9 +163,13 @@ def test_layout_fused_matches_public_block(impl, with_text):
     leaves = [qkv] + ([kv_lin] if with_text else [])
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, leaves, g)
-    x = [t.detach().float().requires_grad_() for t in leaves]
+    x = [t.detach().float() for t in leaves]
+    if token_major:  # what the qkv conv gives in a channels_last model: (B, 3C, L) with channels contiguous
+        x[0] = x[0].transpose(1, 2).contiguous().transpose(1, 2)
+    x = [t.requires_grad_() for t in x]
     out = attention_from_qkv(x[0], x[1] if with_text else None, mask, heads, impl=impl)
-    assert out.shape == (B, C, L) and out.is_contiguous()
+    assert out.shape == (B, C, L)
+    assert out.is_contiguous() if not token_major else out.transpose(1, 2).is_contiguous()  # qkv's layout
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
     for got, w in zip(torch.autograd.grad(out, x, g.float()), want_grads):
         assert got.shape == w.shape

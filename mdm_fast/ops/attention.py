@@ -177,8 +177,16 @@ def _out_view(out: Tensor, heads: int) -> Tensor:
     return out.unflatten(1, (heads, -1)).transpose(2, 3)  # (B, C, L) -> (B, H, L, d)
 
 
+def _token_major(qkv: Tensor) -> bool:
+    """True when the channels of (B, 3C, L) are contiguous (the qkv conv ran channels_last)."""
+    return qkv.stride(1) == 1 and qkv.shape[2] > 1
+
+
 def _qkv_out(qkv: Tensor) -> Tensor:
+    """(B, C, L) in qkv's layout, so that proj_out reads what its conv wants (NCHW or channels_last)."""
     B, C3, L = qkv.shape
+    if _token_major(qkv):
+        return qkv.new_empty((B, L, C3 // 3)).transpose(1, 2)
     return qkv.new_empty((B, C3 // 3, L))
 
 
@@ -205,7 +213,7 @@ def _(qkv, kv_cond, cond_mask, heads, scale):
 @torch.library.custom_op("mdm_fast::attention_qkv_bwd", mutates_args=())
 def _attention_qkv_bwd(grad_out: Tensor, qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Optional[Tensor],
                        out: Tensor, lse: Tensor, heads: int, scale: float) -> Tuple[Tensor, Tensor]:
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dqkv = torch.empty_like(qkv)  # qkv's layout: the qkv conv's backward reads it
     dkv = _dkv_like(qkv, kv_cond)
     grads = [*_qkv_views(dqkv, heads), *_kv_views(None if kv_cond is None else dkv, heads)]
     _kernels().backward(_out_view(grad_out, heads), *_qkv_views(qkv, heads), *_kv_views(kv_cond, heads),
@@ -215,7 +223,7 @@ def _attention_qkv_bwd(grad_out: Tensor, qkv: Tensor, kv_cond: Optional[Tensor],
 
 @_attention_qkv_bwd.register_fake
 def _(grad_out, qkv, kv_cond, cond_mask, out, lse, heads, scale):
-    return torch.empty_like(qkv, memory_format=torch.contiguous_format), _dkv_like(qkv, kv_cond)
+    return torch.empty_like(qkv), _dkv_like(qkv, kv_cond)
 
 
 def _attention_qkv_setup(ctx, inputs, output):
@@ -260,16 +268,17 @@ def _library_reason(package: str, dtypes: Tuple[torch.dtype, ...], max_head_dim:
     return reason
 
 
-# Measured on an H200 (benchmarks/results/attention-nvidia-h200.md, bf16): the SDPA pair beats the fused
-# Triton kernel (forward 0.64x at 1024 tokens, 0.40x at 256 tokens; backward 0.72x), so auto picks SDPA
-# and the Triton kernel runs when asked for by name until it is faster. flash_attn and xformers (not
-# installed on any machine measured so far) run when asked for by name.
+# Measured on an H200 (benchmarks/results/attention-nvidia-h200.md, bf16, GPU time): the fused Triton
+# kernel beats the SDPA pair's forward (1.35x at 1024 tokens, 1.63x at 256) and reads the public layout
+# in place, where SDPA needs head-dim-contiguous copies; its backward is 0.86x the pair's. auto picks
+# Triton, then SDPA. flash_attn and xformers (not installed on any machine measured so far) run when asked
+# for by name.
 dispatch.register(
     OP,
     {"ref": lambda *a, **k: None, "sdpa": lambda *a, **k: None, "triton": _triton_reason,
      "flash_attn": _library_reason("flash_attn", (torch.float16, torch.bfloat16), 256),
      "xformers": _library_reason("xformers", _FLOATS, 256)},
-    preference=("sdpa", "triton", "ref"),
+    preference=("triton", "sdpa", "ref"),
 )
 
 
@@ -365,7 +374,7 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
     qkv.chunk(3, dim=1), each channel c = head * d + i. kv_cond (B, T, 2C) or None: the
     ``kv_cond`` Linear output, k_cond, v_cond = kv_cond.chunk(2, dim=-1) with the same channel
     order. cond_mask (B, T) nonzero = keep. Same result as :func:`attention` on those views
-    (including the all-masked-row rule), written channel-major for ``proj_out``.
+    (including the all-masked-row rule), in qkv's layout (channel- or token-major) for ``proj_out``.
     """
     if not isinstance(qkv, Tensor) or qkv.dim() != 3 or qkv.dtype not in _FLOATS:
         got = f"{_shape(qkv)} {qkv.dtype}" if isinstance(qkv, Tensor) else type(qkv).__name__
@@ -381,7 +390,11 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
     keep_cond = _check_cond(q, k_cond, v_cond, cond_mask)
     backend = dispatch.resolve(OP, impl, q, k, v, k_cond, v_cond)
     if backend != "triton":
+        if not _token_major(qkv):  # SDPA's fused kernels need the head dim contiguous (else: its fp32 math path)
+            q, k, v = _qkv_views(qkv.transpose(1, 2).contiguous().transpose(1, 2), heads)
         out = _torch_attention(backend, q, k, v, k_cond, v_cond, keep_cond, None, _scale(scale, C // heads))
-        return out.transpose(2, 3).reshape(B, C, L)
+        if _token_major(qkv):  # (B, H, L, d) -> (B, C, L) in qkv's layout
+            return out.transpose(1, 2).reshape(B, L, C).transpose(1, 2)
+        return out.transpose(2, 3).reshape(B, C, L).contiguous()
     out, _ = _attention_qkv_fwd(qkv, kv_cond, keep_cond, heads, _scale(scale, C // heads))
     return out
