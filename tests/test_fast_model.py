@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mdm_fast
-from mdm_fast.models import set_activation_checkpointing
+from mdm_fast.models import set_activation_checkpointing, set_channels_last
 from mdm_fast.models.fast import FastNestedUNet, FastUNet
 from mdm_fast.reference import build_model as build_reference
 from test_reference import CASES, as_list, load_case, model_inputs
@@ -105,9 +105,27 @@ def test_optimize_converts_in_place_and_keeps_the_state_dict():
             assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
 
 
+def _conv_weights(model):
+    return [p for p in model.parameters() if p.dim() == 4]
+
+
+def test_channels_last_by_default_and_switchable_in_place():
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _conv_weights(fast))
+    assert any(not p.is_contiguous() for p in _conv_weights(fast))  # the 3x3 kernels (1x1 ones are both)
+    params = list(fast.parameters())
+    set_channels_last(fast, False)
+    assert all(a is b for a, b in zip(params, fast.parameters()))  # optimizers keep their parameters
+    assert all(p.is_contiguous() for p in _conv_weights(fast))
+    assert all(torch.equal(v, fast.state_dict()[k]) for k, v in ref.state_dict().items())
+    nchw = mdm_fast.build_model("nested_unet", tiny_nested_config(), channels_last=False)
+    assert all(p.is_contiguous() for p in _conv_weights(nchw))
+
+
 def test_channels_last_model_matches_reference():
     ref = randomize(build_reference("nested_unet", tiny_nested_config()))
-    fast = mdm_fast.optimize(copy.deepcopy(ref)).to(memory_format=torch.channels_last)
+    fast = mdm_fast.optimize(copy.deepcopy(ref))  # channels_last by default
     args = tiny_inputs(2, 3)
     out_r, out_f = ref(*args), fast(*args)
     for a, b in zip(out_r, out_f):

@@ -152,8 +152,8 @@ def _ddp_worker(rank, world, port, out, mode):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, mode):
     # one process reading both shards of each global batch (2 accumulations) == 2 ranks (gloo, CPU)
-    Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2),
-            quiet=True).train()
+    Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2,
+                 distributed=mode), quiet=True).train()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), mode), nprocs=2, join=True)
     one = load_checkpoint(tmp_path / "one" / "ckpt_00000003.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_00000003.pt")

@@ -12,15 +12,17 @@ import torch.nn as nn
 
 from mdm_fast import reference
 from mdm_fast.models.fast import (FastNestedUNet, FastUNet, convert, is_fast,  # noqa: F401
-                                  set_activation_checkpointing, set_norm_recompute)
+                                  set_activation_checkpointing, set_channels_last, set_norm_recompute)
 from mdm_fast.reference.config import UNetConfig
 
 
 def build_model(model_name: str, unet_config: Union[Dict[str, Any], UNetConfig], input_channels: int = 3,
-                output_channels: int = 3, impl: str = "auto") -> nn.Module:
+                output_channels: int = 3, impl: str = "auto", channels_last: bool = True) -> nn.Module:
     """The fast model ``model_name`` (same arguments as :func:`mdm_fast.reference.build_model`);
-    ``impl`` forces one backend for every op ("auto", "ref", "triton", "cuda", ...)."""
-    return convert(reference.build_model(model_name, unet_config, input_channels, output_channels), impl)
+    ``impl`` forces one backend for every op ("auto", "ref", "triton", "cuda", ...); ``channels_last``
+    lays the convolution weights out NHWC (see :func:`set_channels_last`)."""
+    model = reference.build_model(model_name, unet_config, input_channels, output_channels)
+    return convert(model, impl, channels_last)
 
 
 def _depth(config) -> int:
@@ -30,7 +32,7 @@ def _depth(config) -> int:
     return depth
 
 
-def optimize(module: nn.Module, impl: str = "auto") -> nn.Module:
+def optimize(module: nn.Module, impl: str = "auto", channels_last: bool = True) -> nn.Module:
     """The fast version of ``module``.
 
     An mdm_fast reference model is converted in place (same parameter objects, so optimizers and
@@ -38,7 +40,7 @@ def optimize(module: nn.Module, impl: str = "auto") -> nn.Module:
     a fast mdm_fast model with the same weights (a copy; the public instance is untouched).
     """
     if isinstance(module, reference.UNet):
-        return convert(module, impl)
+        return convert(module, impl, channels_last)
     config = getattr(module, "config", None)
     if config is None or not dataclasses.is_dataclass(config) or not hasattr(module, "input_conditioning_feature_dim"):
         raise ValueError(f"optimize: expected an mdm_fast or apple/ml-mdm UNet/NestedUNet, got {type(module).__name__}")
@@ -47,7 +49,7 @@ def optimize(module: nn.Module, impl: str = "auto") -> nn.Module:
     cfg["conditioning_feature_dim"] = module.input_conditioning_feature_dim
     depth = _depth(config)
     name = "unet" if depth == 0 else ("nested_unet" if depth == 1 else f"nested{depth}_unet")
-    fast = build_model(name, cfg, module.input_channels, module.output_channels, impl)
+    fast = build_model(name, cfg, module.input_channels, module.output_channels, impl, channels_last)
     first = next(module.parameters())
     fast.to(device=first.device, dtype=first.dtype)
     fast.load_state_dict(module.state_dict(), strict=True)

@@ -47,6 +47,9 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        from mdm_fast.models import set_channels_last
+
+        set_channels_last(model, False)  # FSDP2 shards contiguous parameters only
         for block in fsdp_units(model):
             fully_shard(block)
         fully_shard(model)  # the root unit: stems, embeddings, adapters

@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 
 def build_network(cfg: ExperimentConfig, text_dim: int, device: Optional[torch.device] = None) -> nn.Module:
     """The denoising model of ``cfg`` (``impl``: "reference" = the pure-PyTorch oracle; other values are
-    the fast model's backend choice, ``mdm_fast.build_model(..., impl=...)``: same state_dict either way)."""
+    the fast model's backend choice, ``mdm_fast.build_model(..., impl=...)``: same state_dict either way).
+    The fast model is channels_last except under ``distributed: fsdp`` (FSDP2 shards contiguous
+    parameters only), whatever the world size, so that one config computes the same numbers on any
+    number of processes."""
     unet = cfg.unet_dict(text_dim)
     if cfg.impl == "reference":
         from mdm_fast.reference import build_model
@@ -44,7 +47,7 @@ def build_network(cfg: ExperimentConfig, text_dim: int, device: Optional[torch.d
     else:
         import mdm_fast
 
-        model = mdm_fast.build_model(cfg.model, unet, impl=cfg.impl)
+        model = mdm_fast.build_model(cfg.model, unet, impl=cfg.impl, channels_last=cfg.distributed != "fsdp")
     return model.to(device) if device is not None else model
 
 
