@@ -130,7 +130,8 @@ def run(suite: str) -> Dict[str, str]:
 
 
 # (name, module constant, values): the knobs of mdm_fast.kernels.group_norm.plan, the first value the default
-SWEEP = [("TILE", "TILE", (4096, 2048, 8192)), ("SINGLE_TILE", "SINGLE_TILE", (8192, 4096, 16384)),
+SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD", (2048, 1024, 4096)),
+         ("SINGLE_TILE", "SINGLE_TILE", (8192, 4096, 16384)),
          ("split programs / SM", "SPLIT_PROGRAMS_PER_SM", (16, 4, 32))]
 
 

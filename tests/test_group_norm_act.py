@@ -102,11 +102,15 @@ def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
+def _small_tiles(monkeypatch, tile: int) -> None:
+    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
+        monkeypatch.setattr(kern, name, tile)
+
+
 @pytest.fixture
 def split_path(monkeypatch):
     """Force the split reduction on small tensors: several parts per group, several tiles per part."""
-    monkeypatch.setattr(kern, "TILE", 32)
-    monkeypatch.setattr(kern, "SINGLE_TILE", 32)
+    _small_tiles(monkeypatch, 32)
     monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
     monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kern, "MAX_SPLIT", 4)
@@ -136,8 +140,7 @@ def test_split_plan_loops_over_tiles(split_path):
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", [SPLIT_CASES[0], SPLIT_CASES[1], SPLIT_CASES[3]])
 def test_triton_fused_looping_matches_reference(monkeypatch, shape, G, dtype, cl, ss, affine, act):
     """The fused path with groups larger than one tile: statistics pass, then a second pass over the group."""
-    monkeypatch.setattr(kern, "TILE", 32)
-    monkeypatch.setattr(kern, "SINGLE_TILE", 32)
+    _small_tiles(monkeypatch, 32)
     p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
     assert p.fused and not p.single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
@@ -153,8 +156,7 @@ def test_channels_last_programs_take_several_groups():
 def test_large_mean_is_stable(monkeypatch, tile):
     """Statistics in fp32 with a mean far from zero (no plain E[x^2] - E[x]^2)."""
     if tile:
-        monkeypatch.setattr(kern, "TILE", tile)
-        monkeypatch.setattr(kern, "SINGLE_TILE", tile)
+        _small_tiles(monkeypatch, tile)
     inputs = _inputs((2, 8, 6, 6), 4, torch.float32, scale_shift=False)
     inputs[0] = inputs[0] + 300.0
     _check_against_fp64(inputs, 4, "silu", "triton")

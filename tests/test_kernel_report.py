@@ -6,7 +6,7 @@ decide a bandwidth-bound kernel's speed and can regress silently under the CPU i
   * no kernel spills registers to local memory;
   * every bf16 store of a group-norm / diffusion-step output is a 16-byte vector (no 2-byte stores), and
     channels_last group-norm tiles load 16-byte vectors only where data is read (no 2-byte loads);
-  * the forward streaming kernels keep at least 3 programs of 8 warps per SM (loads in flight).
+  * the forward streaming kernels keep at least 16 warps per SM (loads in flight).
 """
 import json
 import os
@@ -49,10 +49,13 @@ def test_channels_last_group_norm_loads_are_vectorised(launches):
     assert not narrow
 
 
-def test_forward_streaming_kernels_keep_three_programs_per_sm(launches):
+def test_forward_streaming_kernels_keep_16_warps_per_sm(launches):
+    """Two programs of 8 warps, each streaming 8192-element tiles (the H200 sweep's fastest forward,
+    benchmarks/results/group_norm-sweep-nvidia-h200.md), keep as many bytes in flight per SM as three
+    or four programs with 4096-element tiles; fewer resident warps leave the SM's load path idle."""
     looping = [r for r in launches if r["case"].startswith("group_norm fwd")
                and r["kernel"] in ("_fwd_partial", "_fwd_split_apply")
                or (r["kernel"] == "_fwd_fused" and "(32,128,128,128)" in r["case"] and "NHWC" not in r["case"])]
     assert looping
-    low = [(r["case"], r["kernel"], r["regs"], r["per_sm"]) for r in looping if r["per_sm"] < 3]
+    low = [(r["case"], r["kernel"], r["regs"], r["per_sm"]) for r in looping if r["per_sm"] * r["num_warps"] < 16]
     assert not low

@@ -10,8 +10,8 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
   That measurement also timed the host (a sync after every call); the suites now report GPU time.
   This design:
   * fused path (the model's shapes except the 1024 model's outer levels): ONE launch, one program per
-    (sample, block of GPB groups) that loops over its rows in tiles of TILE elements twice: pass 1 sums
-    x - K and (x - K)^2 per channel, reducing each tile to per-channel fp32 sums (K = the channel's mean
+    (sample, block of GPB groups) that loops over its rows in tiles of TILE_FWD elements twice: pass 1
+    sums x - K and (x - K)^2 per channel, reducing each tile to per-channel fp32 sums (K = the channel's mean
     over the first tile, so no cancellation for offset data), pass 2 re-reads x (the program's group, 128
     KB here, times the programs resident per SM is ~50 MB at most: mostly served from L2), normalises,
     applies scale/shift/SiLU and writes. Groups of at most SINGLE_TILE elements (768 ch at 16 px) are read
@@ -19,9 +19,9 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     (written once per (sample, channel): no atomics), pass 2 dx.
   * every row loop issues the loads of its next tile before it works on the current one, so a program
     always has a tile in flight; per-tile reductions (instead of tile-sized lane accumulators) keep the
-    forward at 58-76 registers per thread: 3-4 programs of 8 warps per SM, 48-64 KB of loads in flight
-    per SM (what `python -m benchmarks.kernel_report --ops group_norm` reports for sm_90; the previous
-    design held 100-206 registers, 1-2 programs and 16-32 KB). C/G is a compile-time constant, so the
+    forward's 8192-element tiles at 98-128 registers per thread, 2 programs of 8 warps per SM, ~64 KB
+    of loads in flight per SM (`python -m benchmarks.kernel_report --ops group_norm`, sm_90); 4096-element
+    tiles at 3-4 programs per SM measured slower on an H200. C/G is a compile-time constant, so the
     channel masks of channels_last tiles with 24 channels per group stay 16-byte vectorised.
   * split path, only where B*G/GPB programs cannot fill the card and groups are large (the 1024 model:
     8 x 32 groups of 1M pixels): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
@@ -52,10 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per loaded tile when a program loops over its rows (8 warps: 16 per thread, so that the
-# prefetched next tile fits in registers at 3-4 programs per SM), and the largest group that is read
-# once and kept in registers. Tests lower both to force several tiles per program.
-TILE = 4096
+# Elements per loaded tile when a program loops over its rows, forward and backward, and the largest
+# group that is read once and kept in registers. Measured on an H200 (benchmarks/results/
+# group_norm-sweep-nvidia-h200.md, bf16, one shared tile of 4096 before): the forward is fastest with
+# 8192-element tiles (channels_last 0.208 -> 0.177 ms at (32, 128, 128, 128), 0.725 -> 0.545 ms at
+# (8, 32, 1024, 1024)), the backward, which holds x, dy and their products, with 2048 (0.345 -> 0.322,
+# 1.116 -> 1.016 ms); NCHW moves the same way by 1-6%. Tests lower all three to force several tiles.
+TILE_FWD = 8192
+TILE_BWD = 2048
 SINGLE_TILE = 8192
 # The fused path is used when there are at least this many programs per SM, or when a program's groups
 # hold at most SPLIT_MIN_ELEMENTS elements; otherwise groups are split over about SPLIT_PROGRAMS_PER_SM
@@ -426,12 +430,13 @@ def _groups_per_program(G: int, cg: int, channels_last: bool) -> int:
     return gpb
 
 
-def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132) -> Plan:
+def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, backward: bool = False) -> Plan:
     cg = C // G
+    max_tile = TILE_BWD if backward else TILE_FWD
     cgp = triton.next_power_of_2(cg)
     gpb = _groups_per_program(G, cg, channels_last)
     block_c = gpb * cgp
-    block_s = max(1, min(triton.next_power_of_2(S), TILE // block_c))
+    block_s = max(1, min(triton.next_power_of_2(S), max_tile // block_c))
     if triton.next_power_of_2(S) * block_c <= SINGLE_TILE:
         block_s = triton.next_power_of_2(S)  # the whole group in one tile
     programs = B * G // gpb
@@ -451,19 +456,19 @@ def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, i
     return B, C, S, (1 if channels_last else S), (C if channels_last else 1)
 
 
-def _plan_for(x: torch.Tensor, G: int, channels_last: bool) -> Plan:
+def _plan_for(x: torch.Tensor, G: int, channels_last: bool, backward: bool) -> Plan:
     B, C = x.shape[:2]
-    return plan(B, C, x[0, 0].numel(), G, channels_last, _num_sms(x.device.index if x.is_cuda else None))
+    return plan(B, C, x[0, 0].numel(), G, channels_last, _num_sms(x.device.index if x.is_cuda else None), backward)
 
 
-def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool):
+def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool, backward: bool):
     """What every launch of a forward or backward shares: B, C, S, the two strides, the parameter pointers
     (x stands in for absent ones) and their HAS_* flags, the plan, its block sizes and the grid."""
     B, C, S, stride_c, stride_s = _layout(x, channels_last)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
                  HAS_SH=shift is not None)
     ptrs = [t if t is not None else x for t in (weight, bias, scale, shift)]
-    p = _plan_for(x, num_groups, channels_last)
+    p = _plan_for(x, num_groups, channels_last, backward)
     blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
     return B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, (B * num_groups // p.gpb, p.nsplit)
 
@@ -473,7 +478,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
             silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (x's layout), mean and rstd (B, G) fp32. x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous."""
     B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
-                                                                        channels_last)
+                                                                        channels_last, False)
     G = num_groups
     y = torch.empty_like(x)
     mean = torch.empty(B, G, device=x.device, dtype=torch.float32)
@@ -496,7 +501,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
              num_groups: int, silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (x's layout), s1 = sum_s dz and s2 = sum_s dz * xhat, both (B, C) fp32. dy has x's layout."""
     B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
-                                                                        channels_last)
+                                                                        channels_last, True)
     G = num_groups
     dx = torch.empty_like(x)
     s1 = torch.empty(B, C, device=x.device, dtype=torch.float32)
