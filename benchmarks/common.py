@@ -192,8 +192,9 @@ def write_atomic(path: Path, text: str) -> Path:
 
 
 def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] = None,
-                 timing: str = DEVICE_TIMES) -> Path:
-    """Write ``<out_dir>/<suite>-<card>.md`` with a header naming the card, versions, ceilings and timing."""
+                 timing: str = DEVICE_TIMES, echo: bool = True) -> Path:
+    """Write ``<out_dir>/<suite>-<card>.md`` with a header naming the card, versions, ceilings and timing
+    (and print it, with ``echo``)."""
     out_dir = Path(out_dir or os.environ.get("MDM_FAST_BENCH_OUT", RESULTS))
     c = ceilings()
     head = [
@@ -209,7 +210,8 @@ def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] =
     for title, table in sections.items():
         body += [f"## {title}", "", table, ""]
     path = write_atomic(out_dir / f"{suite}-{card_slug()}.md", "\n".join(head + body))
-    print(path.read_text())
+    if echo:
+        print(path.read_text())
     return path
 
 

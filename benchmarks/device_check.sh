@@ -2,7 +2,8 @@
 # The one script a session runs on a lent GPU (H100/H200): install with the machine's torch,
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
-#   bash benchmarks/device_check.sh [all|models|ops|more]     (default: all = models + ops)
+#   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops; stage limits add up to
+#                                                         ~9 minutes: `models` ~7.5, `ops more` ~5)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
@@ -13,7 +14,8 @@
 # output in $OUT/log.txt (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHAT=${1:-all}
+WHAT=" ${*:-models ops} "
+want() { [[ $WHAT == *" $1 "* ]]; }
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MDM_FAST_BENCH_OUT="$OUT"
@@ -32,24 +34,42 @@ stage() {  # stage NAME SECONDS CMD...
   SUMMARY+=("$name: rc=$rc $((SECONDS - t0))s")
 }
 
+tests() {  # tests NAME SECONDS "FILES..." "FILES..." ...: one GPU pytest process per group, side by side
+  # (the GPU tests are bound by Triton compiling on the host: 16 cores compile several groups at once)
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS i=0 pids=() rcs=""
+  echo "=== $name (limit ${secs}s, $# groups side by side)"
+  for group in "$@"; do
+    # shellcheck disable=SC2086  # a group is a space-separated list of test files
+    timeout --kill-after=10 "$secs" $PY -m pytest -q -m gpu --maxfail=10 --durations=5 -p no:cacheprovider \
+      $group >"/tmp/tests$i.log" 2>&1 &
+    pids+=($!); i=$((i + 1))
+  done
+  for j in "${!pids[@]}"; do
+    wait "${pids[$j]}"; rcs+=" $?"
+    { echo "=== $name group $j: ${*:$((j + 1)):1}"; cat "/tmp/tests$j.log"; } >>"$OUT/log.txt"
+    tail -n 12 "/tmp/tests$j.log"
+  done
+  SUMMARY+=("$name: rc=${rcs# } $((SECONDS - t0))s")
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 stage install 80 $PY -m pip install --no-build-isolation --no-deps -e .
 $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.load_error or '')"
 
-# Most important first: a stage cut by the lease still leaves the earlier tables.
-if [[ $WHAT == models || $WHAT == all ]]; then
-  stage gpu-tests-models 110 $PY -m pytest -q --maxfail=10 -m gpu tests/test_fast_model.py tests/test_runners.py \
-    tests/test_precompile.py
-  stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
+# Most important first: a stage cut by the lease still leaves the earlier tables (the models suite
+# rewrites its table after each workload).
+if want models; then
+  tests gpu-tests 150 "tests/test_fast_model.py tests/test_precompile.py" "tests/test_runners.py" \
+    "tests/test_group_norm_act.py tests/test_diffusion_ops.py" "tests/test_attention.py tests/test_resample_ops.py"
+  stage bench-models 240 $PY -m benchmarks.models --suite quick --out "$OUT"
   stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
 fi
-if [[ $WHAT == ops || $WHAT == all ]]; then
+if want ops; then
   stage bench-attention 45 $PY -m benchmarks.attention --suite quick --out "$OUT"
   stage bench-group-norm 40 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
-  stage gpu-tests-ops 80 $PY -m pytest -q --maxfail=15 -m gpu tests/test_group_norm_act.py \
-    tests/test_attention.py tests/test_resample_ops.py tests/test_diffusion_ops.py
 fi
-if [[ $WHAT == more ]]; then  # the op suites measured in an earlier lease, and the group-norm plan sweep
+if want more; then  # the op suites measured in an earlier lease, and the group-norm plan sweep
   stage bench-resample 40 $PY -m benchmarks.resample --suite quick --out "$OUT"
   stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
   stage sweep-group-norm 120 $PY -m benchmarks.group_norm --sweep --out "$OUT"

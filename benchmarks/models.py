@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -208,8 +208,8 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
             out["reference + torch.compile"] = lambda: forward_fn(torch.compile(ref), args)
         out["mdm_fast eager"] = lambda: forward_fn(fast, args)
         out["mdm_fast + CUDA graphs"] = lambda: graphed_forward_fn(fast, args)
-        out["mdm_fast + CUDA graphs, channels_last"] = lambda: graphed_forward_fn(channels_last(fast), args)
         if suite == "full":
+            out["mdm_fast + CUDA graphs, NCHW"] = lambda: graphed_forward_fn(nchw(fast), args)
             out["mdm_fast + torch.compile"] = lambda: forward_fn(torch.compile(fast), args)
     else:
         out["reference eager"] = lambda: train_fn(ref, args, graphed=False)
@@ -217,8 +217,8 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
             out["reference + torch.compile"] = lambda: train_fn(torch.compile(ref), args, graphed=False)
         out["mdm_fast eager"] = lambda: train_fn(fast, args, graphed=False)
         out["mdm_fast + CUDA graphs"] = lambda: train_fn(fast, args, graphed=True)
-        out["mdm_fast + CUDA graphs, channels_last"] = lambda: train_fn(channels_last(fast), args, graphed=True)
         if suite == "full":
+            out["mdm_fast + CUDA graphs, NCHW"] = lambda: train_fn(nchw(fast), args, graphed=True)
             out["mdm_fast + CUDA graphs, norm outputs kept"] = lambda: train_fn(norms_kept(fast), args, graphed=True)
     return out
 
@@ -233,13 +233,19 @@ def norms_kept(model):
     return model
 
 
-def channels_last(model):
-    """A copy of ``model`` with every 4-D weight in channels_last: the convolutions then run NHWC
-    (cuDNN's faster tensor-core kernels) and the fused ops keep that layout."""
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+def nchw(model):
+    """A copy of ``model`` with its convolution weights NCHW instead of the default channels_last
+    (``mdm_fast.models.set_channels_last``): what the layout choice is worth, measured."""
+    from mdm_fast.models import set_channels_last
+
+    model = copy.deepcopy(model)
+    set_channels_last(model, False)
+    return model
 
 
-def run(suite: str) -> Tuple[List[Result], Dict[str, float]]:
+def run(suite: str, first_step: str, out_dir: Optional[Path]) -> None:
+    """Every workload's variants; the table is rewritten after each workload, so a run cut short by a
+    time limit still leaves what it measured."""
     from mdm_fast import optimize
 
     results: List[Result] = []
@@ -258,13 +264,15 @@ def run(suite: str) -> Tuple[List[Result], Dict[str, float]]:
                     results.append(measure(wl, name, make, iters=10 if wl.kind == "train" else 20))
                 except Exception as e:  # a failing variant is reported, the others still run
                     print(f"{wl} {name} FAILED: {type(e).__name__}: {e}", flush=True)
+            done = sum(1 for w in QUICK if any(r.workload == w for r in results))
+            report(results, flops, first_step, out_dir, pending=len(QUICK) - done)
         del ref, fast
         gc.collect()
         torch.cuda.empty_cache()
-    return results, flops
 
 
-def report(results: List[Result], flops: Dict[str, float], first_step: str, out_dir: Optional[Path]) -> None:
+def report(results: List[Result], flops: Dict[str, float], first_step: str, out_dir: Optional[Path],
+           pending: int = 0) -> None:
     peak = ceilings().bf16_tflops
     rows = []
     for r in results:
@@ -284,7 +292,9 @@ def report(results: List[Result], flops: Dict[str, float], first_step: str, out_
              "Triton compilation, torch.compile) after the model is built. '-' = not measured in this suite.\n\n"
              "Time from process start to the first mdm_fast step (256x256, batch 2, eager, no torch.compile, "
              f"cold Triton cache): {first_step}.")
-    write_report("models", {"Models": table, "Notes": notes}, out_dir, timing=WALL_TIMES)
+    if pending:
+        notes += f"\n\nPARTIAL: {pending} workload(s) not measured yet when this table was written."
+    write_report("models", {"Models": table, "Notes": notes}, out_dir, timing=WALL_TIMES, echo=not pending)
 
 
 def main() -> None:
@@ -298,8 +308,7 @@ def main() -> None:
     except Exception as e:  # reported, the side-by-side runs still go on
         first = f"FAILED: {type(e).__name__}: {e}"
     print(f"process start -> first mdm_fast step: {first}", flush=True)
-    results, flops = run(args.suite)
-    report(results, flops, first, args.out)
+    run(args.suite, first, args.out)
 
 
 if __name__ == "__main__":
