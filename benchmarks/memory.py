@@ -5,10 +5,10 @@
 Runs one forward of the fast model on CPU in fp32 at the given batch with a saved-tensor hook that records
 every tensor autograd keeps for backward (each storage once, parameters excluded), through the same
 custom-op paths a GPU takes (the group norm is forced onto its custom op, which keeps only x and the
-statistics), once with the norm outputs recomputed in backward (the default) and once keeping them.
-Reports the bytes by the op that produced each kept tensor, and a bf16 estimate of the train step's peak
-at a larger batch: kept activations x batch / 2 (bf16) + weights, gradients and AdamW state (16 bytes per
-parameter). Attention runs PyTorch's CPU SDPA here, which may keep more than the GPU's flash path.
+statistics; attention onto the fused Triton op, computed here by a stand-in), once with the norm outputs
+recomputed in backward (the default) and once keeping them. Reports the bytes by the op that produced
+each kept tensor, and a bf16 estimate of the train step's peak at a larger batch: kept activations x
+batch / 2 (bf16) + weights, gradients and AdamW state (16 bytes per parameter).
 """
 from __future__ import annotations
 
@@ -35,6 +35,28 @@ def _custom_op_group_norm() -> None:
         x, w, b, sc, sh, g, float(eps), act or "none", "ref")[0]
 
 
+class _AttentionStandIn:
+    """The Triton attention kernels' forward computed by the reference formulation, so that the model
+    runs the triton backend's custom op on CPU and autograd keeps what a GPU keeps: q, k, v (or the qkv
+    projection), the text keys, the output and the log-sum-exp, not the (B, H, L, S) probabilities."""
+
+    @staticmethod
+    def forward(q, k, v, k_cond, v_cond, cond_mask, self_mask, scale, out):
+        att = sys.modules["mdm_fast.ops.attention"]
+        with torch.no_grad():
+            out.copy_(att._torch_attention("ref", q, k, v, k_cond, v_cond, cond_mask, self_mask, scale))
+        return att._lse_like(q).zero_()
+
+
+def _custom_op_attention() -> None:
+    """auto picks the fused Triton attention on a GPU; here its custom op runs with a stand-in kernel."""
+    from mdm_fast.ops import dispatch
+
+    att = sys.modules["mdm_fast.ops.attention"]
+    att._kernels = lambda: _AttentionStandIn
+    dispatch.registered_ops()["attention"].reasons["triton"] = lambda *a, **k: None
+
+
 def kept_by_op(model, args) -> Dict[str, int]:
     """Bytes kept for backward by one forward, by the grad_fn of each kept tensor."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -55,11 +77,13 @@ def kept_by_op(model, args) -> Dict[str, int]:
 
 
 def run(stem: str, batch: int) -> str:
-    import mdm_fast.ops.group_norm_act  # noqa: F401  (the module, for _custom_op_group_norm)
+    import mdm_fast.ops.attention  # noqa: F401  (the modules, for the _custom_op_* patches)
+    import mdm_fast.ops.group_norm_act  # noqa: F401
     from mdm_fast import build_model
     from mdm_fast.models import set_norm_recompute
 
     _custom_op_group_norm()
+    _custom_op_attention()
     name, cfg, size = public_config(stem)
     torch.manual_seed(0)
     with warnings.catch_warnings():
