@@ -15,6 +15,7 @@ kernel per call site.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -143,9 +144,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # ~90 us while triton is not imported yet
+
+
 def triton_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "the triton package is not installed"
     for t in tensors:
         if t is None:
