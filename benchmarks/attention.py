@@ -30,7 +30,8 @@ TEXT_TOKENS = 128
 
 def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     d = C // heads
-    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype)  # the qkv conv output
+    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype)  # the qkv conv output (NCHW model)
+    qkv_cl = torch.randn(B, L, 3 * C, device="cuda", dtype=dtype).transpose(1, 2)  # channels_last model
     kv_cond = torch.randn(B, TEXT_TOKENS, 2 * C, device="cuda", dtype=dtype)  # the kv_cond Linear output
     mask = torch.zeros(B, TEXT_TOKENS, device="cuda", dtype=torch.bool)
     mask[:, : TEXT_TOKENS // 2] = True
@@ -41,15 +42,15 @@ def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype) -> Dict[str,
         k_cond=torch.randn(B, heads, TEXT_TOKENS, d, device="cuda", dtype=dtype),
         v_cond=torch.randn(B, heads, TEXT_TOKENS, d, device="cuda", dtype=dtype),
     )
-    return dict(qkv=qkv, kv_cond=kv_cond, mask=mask, **heads_first)
+    return dict(qkv=qkv, qkv_cl=qkv_cl, kv_cond=kv_cond, mask=mask, **heads_first)
 
 
 def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str, with_ref: bool) -> Dict[str, Callable[[], torch.Tensor]]:
     def heads_first(impl):
         return lambda: attention(x["q"], x["k"], x["v"], x["k_cond"], x["v_cond"], x["mask"], impl=impl)
 
-    def from_qkv(impl):
-        return lambda: attention_from_qkv(x["qkv"], x["kv_cond"], x["mask"], heads, impl=impl)
+    def from_qkv(impl, qkv="qkv"):
+        return lambda: attention_from_qkv(x[qkv], x["kv_cond"], x["mask"], heads, impl=impl)
 
     variants = {"SDPA pair (B,h,L,d)": heads_first("sdpa")}  # first: the baseline of the ratios
     if with_ref:
@@ -58,6 +59,9 @@ def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str, with_ref: bool
         variants["SDPA pair (public layout)"] = from_qkv("sdpa")
         variants["triton fused (B,h,L,d)"] = heads_first("triton")
     variants["triton fused (public layout)"] = from_qkv("triton")
+    variants["triton fused (channels_last layout)"] = from_qkv("triton", "qkv_cl")  # the default model's
+    if suite == "full":
+        variants["SDPA pair (channels_last layout)"] = from_qkv("sdpa", "qkv_cl")
     for package in ("flash_attn", "xformers"):  # when installed: the library's self branch, SDPA's masked text
         if importlib.util.find_spec(package) is not None:
             variants[f"{package} (B,h,L,d)"] = heads_first(package)
@@ -65,8 +69,9 @@ def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str, with_ref: bool
 
 
 def _leaves(x: Dict[str, torch.Tensor], name: str) -> List[torch.Tensor]:
-    keys = ("qkv", "kv_cond") if "public layout" in name else ("q", "k", "v", "k_cond", "v_cond")
-    return [x[k] for k in keys]
+    keys = {"public layout": ("qkv", "kv_cond"), "channels_last layout": ("qkv_cl", "kv_cond")}
+    return [x[k] for k in next((v for layout, v in keys.items() if layout in name),
+                               ("q", "k", "v", "k_cond", "v_cond"))]
 
 
 def _time_backward(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], iters: int) -> float:
@@ -136,9 +141,10 @@ def main() -> None:
             sections[title] = _section(title, level, 16, dtype, True, iters, args.suite, with_ref=not quick)
     sections["Notes"] = (__doc__.split("\n\n", 2)[2].strip()
                          + "\n\nSpeedups are relative to the SDPA pair on contiguous (B, h, L, d) tensors; "
-                         "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) "
-                         "and write (B, C, L). Quick suite: reference einsum on level 1 forward only, "
-                         "backward on level 1 only. Triton forward configs picked: " + _fwd_configs() + ".")
+                         "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) (NCHW "
+                         "model; 'channels_last layout': the same with channels contiguous, what the default "
+                         "channels_last model gives) and write (B, C, L) in that layout. Quick suite: "
+                         "reference einsum on level 1 forward only, backward on level 1 only. Triton forward configs picked: " + _fwd_configs() + ".")
     common.write_report("attention", sections, args.out)
 
 

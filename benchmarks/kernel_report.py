@@ -19,6 +19,7 @@ What it cannot tell: achieved bandwidth or FLOP/s (a lent GPU and the ``benchmar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -186,21 +187,23 @@ def attention_cases():
     from mdm_fast.kernels import attention as kern
     from mdm_fast.ops.attention import _kv_views, _out_view, _qkv_views
 
-    for level, (L, C, h) in LEVELS.items():
-        for batch, train in ((32, False), (16, True)):
-            qkv = _empty(batch, 3 * C, L)  # the public layout: the qkv conv output
-            q, k, v = _qkv_views(qkv, h)
-            kc, vc = _kv_views(_empty(batch, TEXT_TOKENS, 2 * C), h)
-            mask = torch.empty(batch, TEXT_TOKENS, dtype=torch.bool)
-            out = _out_view(_empty(batch, C, L), h)
-            scale = (C // h) ** -0.5
-            name = f"{level} B={batch}"
-            if not train:
-                yield f"fwd {name}", lambda: kern.forward(q, k, v, kc, vc, mask, None, scale, out)
-                continue
-            lse = torch.empty(2, batch, h, L)
-            yield f"bwd {name}", lambda: kern.backward(out, q, k, v, kc, vc, mask, None, out, lse, scale,
-                                                       q, k, v, kc, vc)
+    runs = itertools.product(LEVELS.items(), ((32, False), (16, True)), (False, True))
+    for (level, (L, C, h)), (batch, train), cl in runs:
+        def per_pixel(channels: int) -> torch.Tensor:  # (B, channels, L): the conv's layout, NCHW or NHWC
+            return _empty(batch, L, channels).transpose(1, 2) if cl else _empty(batch, channels, L)
+
+        q, k, v = _qkv_views(per_pixel(3 * C), h)
+        kc, vc = _kv_views(_empty(batch, TEXT_TOKENS, 2 * C), h)
+        mask = torch.empty(batch, TEXT_TOKENS, dtype=torch.bool)
+        out = _out_view(per_pixel(C), h)
+        scale = (C // h) ** -0.5
+        name = f"{level} B={batch}{' NHWC' if cl else ''}"
+        if not train:
+            yield f"fwd {name}", lambda: kern.forward(q, k, v, kc, vc, mask, None, scale, out)
+            continue
+        lse = torch.empty(2, batch, h, L)
+        yield f"bwd {name}", lambda: kern.backward(out, q, k, v, kc, vc, mask, None, out, lse, scale,
+                                                   q, k, v, kc, vc)
 
 
 def upsample_conv_cases():
