@@ -132,7 +132,8 @@ def run(suite: str) -> Dict[str, str]:
 # (name, module constant, values): the knobs of mdm_fast.kernels.group_norm.plan, the first value the default
 SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD", (2048, 1024, 4096)),
          ("SINGLE_TILE", "SINGLE_TILE", (8192, 4096, 16384)),
-         ("split programs / SM", "SPLIT_PROGRAMS_PER_SM", (16, 4, 32))]
+         ("split programs / SM", "SPLIT_PROGRAMS_PER_SM", (16, 4, 32)),
+         ("NHWC min channels / program", "NHWC_MIN_CHANNELS", (32, 64, 128))]
 
 
 def sweep() -> Dict[str, str]:
@@ -145,6 +146,8 @@ def sweep() -> Dict[str, str]:
         args = _inputs(b, c, p, cl, True)
         nbytes = args[0].numel() * args[0].element_size()
         for label, attr, values in SWEEP:
+            if attr.startswith("NHWC") and not cl:
+                continue
             default = getattr(kern, attr)
             for value in values:
                 setattr(kern, attr, value)
