@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from mdm_fast.ops import nested_inner_input, nested_outer_merge, upsample_conv3x3
+from mdm_fast.ops import nested_inner_input, nested_outer_merge, resample, upsample_conv3x3
 from mdm_fast.ops.time_proj import TimeProjections
 
 # name: (channels, low-res side, training batch)
@@ -35,9 +35,19 @@ UPSAMPLE = {
     "1024 outer 512->1024": (32, 512, 4),
 }
 VARIANTS = {"reference (interpolate + conv)": "ref", "torch (conv_transpose 4x4, s2)": "torch",
-            "triton sub-pixel": "triton"}
+            "torch (one 2x2 conv of the 4 phases, interleaved)": "torch-phases", "triton sub-pixel": "triton"}
 SAMPLING_BATCH = 32
 DEVICE = "cuda"
+
+
+def _upsample(x, w, b, variant: str):
+    """upsample_conv3x3 with the backend of a VARIANTS value ("torch-phases": TORCH_FORM = "phases")."""
+    impl, _, form = variant.partition("-")
+    resample.TORCH_FORM = form or "transposed"
+    try:
+        return upsample_conv3x3(x, w, b, impl=impl)
+    finally:
+        resample.TORCH_FORM = "transposed"
 
 
 def _upsample_rows(name: str, B: int, fmt: torch.memory_format, backward: bool, iters: int) -> List[list]:
@@ -52,14 +62,14 @@ def _upsample_rows(name: str, B: int, fmt: torch.memory_format, backward: bool, 
     for label, impl in VARIANTS.items():
         if backward:
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            out = upsample_conv3x3(xg, wg, b, impl=impl)
+            out = _upsample(xg, wg, b, impl)
             g = torch.randn_like(out)
 
             def fn(xg=xg, wg=wg, g=g, impl=impl):
-                torch.autograd.grad(upsample_conv3x3(xg, wg, b, impl=impl), (xg, wg), g)
+                torch.autograd.grad(_upsample(xg, wg, b, impl), (xg, wg), g)
         else:
             def fn(impl=impl):
-                upsample_conv3x3(x, w, b, impl=impl)
+                _upsample(x, w, b, impl)
         ms = common.device_ms(fn, warmup=3, iters=iters)
         base = base or ms
         rows.append([label, ms, base / ms, common.tflops(flops, ms),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdm_fast.ops import BackendUnavailable, nested_inner_input, nested_outer_merge, resize, upsample_conv3x3
+from mdm_fast.ops import resample
 from mdm_fast.ops.resample import _nested_inner_input, _nested_outer_merge, _upsample_conv3x3
 from mdm_fast.ops.time_proj import TimeProjections, expand_batch
 
@@ -35,15 +36,24 @@ def _tol(dtype, scale):
     return {torch.float32: 3e-6, torch.float16: 1.5e-3, torch.float64: 1e-12}[dtype] * max(scale, 1.0)
 
 
+def _backend(monkeypatch, impl):
+    """``torch-phases``: the torch backend with its one-forward-conv formulation (``TORCH_FORM``)."""
+    if impl == "torch-phases":
+        monkeypatch.setattr(resample, "TORCH_FORM", "phases")
+        return "torch"
+    return impl
+
+
 # (B, Cin, H, W, Cout): odd H/W, 1x1 input, channels not multiples of 16, Cin > BLOCK_K, Cout > BLOCK_N
 SHAPES = [(2, 5, 3, 5, 7), (1, 3, 1, 1, 4), (3, 20, 4, 2, 33)]
 
 
-@pytest.mark.parametrize("impl", ["ref", "torch", "triton"])
+@pytest.mark.parametrize("impl", ["ref", "torch", "torch-phases", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_upsample_conv3x3_forward(impl, dtype, fmt, shape):
+def test_upsample_conv3x3_forward(monkeypatch, impl, dtype, fmt, shape):
+    impl = _backend(monkeypatch, impl)
     B, cin, H, W, cout = shape
     x, w, b = _rand(B, cin, H, W, dtype=dtype, fmt=fmt), _rand(cout, cin, 3, 3, dtype=dtype), _rand(cout, dtype=dtype)
     y = upsample_conv3x3(x, w, b, impl=impl)
@@ -54,9 +64,10 @@ def test_upsample_conv3x3_forward(impl, dtype, fmt, shape):
     assert _max_err(y, ref) <= _tol(dtype, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_upsample_conv3x3_borders_exact_in_fp64_math(impl):
+@pytest.mark.parametrize("impl", ["torch", "torch-phases", "triton"])
+def test_upsample_conv3x3_borders_exact_in_fp64_math(monkeypatch, impl):
     """Every border pixel, including corners, equals the upsampled conv (big random weights, no bias)."""
+    impl = _backend(monkeypatch, impl)
     x, w = _rand(1, 4, 3, 4), 10 * _rand(6, 4, 3, 3)
     y = upsample_conv3x3(x, w, None, impl=impl)
     ref = _public_upsample_conv(x.double(), w.double(), None)
@@ -70,10 +81,11 @@ def test_upsample_conv3x3_ref_is_public_code():
     assert torch.equal(upsample_conv3x3(x, w, b, impl="ref"), _public_upsample_conv(x, w, b))
 
 
-@pytest.mark.parametrize("impl", ["ref", "torch", "triton"])
+@pytest.mark.parametrize("impl", ["ref", "torch", "torch-phases", "triton"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("bias", [True, False])
-def test_upsample_conv3x3_backward(impl, fmt, bias):
+def test_upsample_conv3x3_backward(monkeypatch, impl, fmt, bias):
+    impl = _backend(monkeypatch, impl)
     dtype = torch.float64 if impl != "triton" else torch.float32  # triton: fp16/fp32 dots only
     x = _rand(2, 5, 3, 4, dtype=dtype, fmt=fmt, grad=True)
     w = _rand(6, 5, 3, 3, dtype=dtype, grad=True)
@@ -94,9 +106,10 @@ def test_upsample_conv3x3_weight_grad_only():
     assert _max_err(gw, ew) <= 1e-4
 
 
-@pytest.mark.parametrize("impl", ["ref", "torch"])
-def test_upsample_conv3x3_opcheck(impl):
+@pytest.mark.parametrize("impl", ["ref", "torch", "torch-phases"])
+def test_upsample_conv3x3_opcheck(monkeypatch, impl):
     """Schema, fake tensor (shape and strides vs the real output), autograd registration, AOT."""
+    impl = _backend(monkeypatch, impl)
     x, w, b = _rand(2, 5, 3, 4, fmt=CL, grad=True), _rand(6, 5, 3, 3, grad=True), _rand(6, grad=True)
     torch.library.opcheck(_upsample_conv3x3, (x, w, b, impl))
 
@@ -326,11 +339,12 @@ def test_resize_antialias_and_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "torch-phases", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("shape", [(4, 64, 16, 16, 64), (2, 96, 9, 7, 80), (2, 32, 33, 31, 32)])
-def test_upsample_conv3x3_gpu(impl, dtype, fmt, shape):
+def test_upsample_conv3x3_gpu(monkeypatch, impl, dtype, fmt, shape):
+    impl = _backend(monkeypatch, impl)
     B, cin, H, W, cout = shape
     x = _rand(B, cin, H, W, dtype=dtype, fmt=fmt, grad=True, device="cuda")
     w = (_rand(cout, cin, 3, 3, device="cuda") / (3 * cin**0.5)).to(dtype).requires_grad_()

@@ -9,7 +9,11 @@ an H100, a few percent of the conv) so gradients and the state_dict stay public.
 - ``ref``: the literal interpolate + conv2d.
 - ``torch``: the four phases are exactly ``conv_transpose2d(x, W4, stride=2, padding=1)`` with a
   4x4 kernel ``W4 = M W M^T`` (M the 4x3 tap map below): one cuDNN call, output interleaved and
-  bias fused by cuDNN, 16 MACs per low-res pixel and channel pair.
+  bias fused by cuDNN, 16 MACs per low-res pixel and channel pair. ``TORCH_FORM = "phases"`` computes
+  the same as ONE forward conv instead, a 2x2 kernel with 4 x Cout outputs (one per phase) over the
+  1-padded input ((H+1) x (W+1) windows), whose phases are interleaved (and the bias added) by one
+  copy: cuDNN's forward kernels instead of its transposed-conv (dgrad) kernels, for one extra pass
+  over the output. Which is faster is measured by ``benchmarks/resample.py``.
 - ``triton``: the implicit-GEMM kernel of :mod:`mdm_fast.kernels.upsample_conv`.
 
 The backward of every non-ref backend is the adjoint of that transposed conv (cuDNN), with the
@@ -80,6 +84,27 @@ def phase_weights(weight: Tensor) -> Tensor:
     return wp.permute(2, 4, 3, 5, 1, 0).to(weight.dtype).contiguous()
 
 
+def _phases_as_one_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], fmt: torch.memory_format) -> Tensor:
+    """The upsample-conv as one 2x2 conv with the four phases as output channels, then interleaved:
+    output (2m + py, 2n + px) is window (m + py, n + px) of the 1-padded input, phase (py, px)."""
+    B, _, H, W = x.shape
+    co = weight.shape[0]
+    wp = phase_weights(weight)  # [py, px, ty, tx, ci, co]
+    w2 = wp.permute(0, 1, 5, 4, 2, 3).reshape(4 * co, -1, 2, 2).contiguous(memory_format=fmt)  # [(py,px,co),ci,..]
+    z = F.conv2d(x, w2, None, padding=1)  # (B, 4 co, H + 1, W + 1)
+    sb, sc, sh, sw = z.stride()
+    # (B, co, H, 2, W, 2)[b, c, m, py, n, px] = z[b, (py, px, c), m + py, n + px]
+    phases = z.as_strided((B, co, H, 2, W, 2), (sb, sc, sh, 2 * co * sc + sh, sw, co * sc + sw))
+    y = torch.empty((B, co, 2 * H, 2 * W), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = y.view(B, co, H, 2, W, 2) if fmt == torch.contiguous_format else \
+        y.permute(0, 2, 3, 1).view(B, H, 2, W, 2, co).permute(0, 5, 1, 2, 3, 4)
+    if bias is None:
+        out.copy_(phases)
+    else:
+        torch.add(phases, bias.view(co, 1, 1, 1, 1), out=out)
+    return y
+
+
 def _weight_grad_from_transposed(grad_w4: Tensor, dtype: torch.dtype) -> Tensor:
     """Adjoint of :func:`transposed_weight`: (Cin, Cout, 4, 4) -> (Cout, Cin, 3, 3)."""
     g = _transposed_taps_adjoint(_transposed_taps_adjoint(_acc(grad_w4), 2), 3)
@@ -114,12 +139,16 @@ def _conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 # ---- upsample_conv3x3 ------------------------------------------------------------------------
 
+TORCH_FORM = "transposed"  # the torch backend's formulation: "transposed" (one conv_transpose2d) or "phases"
+
 
 @torch.library.custom_op("mdm_fast::upsample_conv3x3", mutates_args=())
 def _upsample_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str) -> Tensor:
     fmt = _memory_format(x)
     if impl == "ref":
         y = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    elif impl == "torch" and TORCH_FORM == "phases":
+        y = _phases_as_one_conv(x, weight, bias, fmt)
     elif impl == "torch":
         y = F.conv_transpose2d(x, transposed_weight(weight), bias, stride=2, padding=1)
     elif impl == "triton":
