@@ -144,7 +144,8 @@ def main() -> None:
                          "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) (NCHW "
                          "model; 'channels_last layout': the same with channels contiguous, what the default "
                          "channels_last model gives) and write (B, C, L) in that layout. Quick suite: "
-                         "reference einsum on level 1 forward only, backward on level 1 only. Triton forward configs picked: " + _fwd_configs() + ".")
+                         "reference einsum on level 1 forward only, backward on level 1 only. Triton forward "
+                         "configs picked: " + _fwd_configs() + ".")
     common.write_report("attention", sections, args.out)
 
 

@@ -458,7 +458,8 @@ def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, i
 
 def _plan_for(x: torch.Tensor, G: int, channels_last: bool, backward: bool) -> Plan:
     B, C = x.shape[:2]
-    return plan(B, C, x[0, 0].numel(), G, channels_last, _num_sms(x.device.index if x.is_cuda else None), backward)
+    sms = _num_sms(x.device.index if x.is_cuda else None)
+    return plan(B, C, x[0, 0].numel(), G, channels_last, sms, backward)
 
 
 def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool, backward: bool):
