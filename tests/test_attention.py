@@ -299,11 +299,15 @@ def test_gpu_error_bounded_by_torch_lowprec(impl, shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("token_major", [False, True], ids=["channel-major", "token-major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_layout_fused(dtype):
+def test_gpu_layout_fused(dtype, token_major):
     B, heads, d, L, T = 2, 8, 64, 1024, 128
     C = heads * d
-    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype, requires_grad=True)
+    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype)
+    if token_major:  # the channels_last model's qkv conv output
+        qkv = qkv.transpose(1, 2).contiguous().transpose(1, 2)
+    qkv.requires_grad_()
     kv_lin = torch.randn(B, T, 2 * C, device="cuda", dtype=dtype, requires_grad=True)
     mask = padded_mask(B, T, device="cuda")
     want = _public_block(qkv.double(), kv_lin.double(), mask, heads)
