@@ -6,6 +6,7 @@ TFLOP/s against the ceilings measured on the same card in the same run (never da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import functools
 import os
@@ -14,7 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +53,18 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def knob(module, name: str, value) -> Iterator[None]:
+    """``module.name = value`` inside the block, the previous value restored after: a tuning constant
+    or formulation switch, timed side by side with its default."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
 
 
 _FLUSH_BYTES = 256 << 20  # larger than any current L2 (H100/H200: 50 MB)

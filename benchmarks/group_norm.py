@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from benchmarks.common import ceilings, device_ms, gbps, markdown_table, parser, write_report
+from benchmarks.common import ceilings, device_ms, gbps, knob, markdown_table, parser, write_report
 from mdm_fast.ops import dispatch
 from mdm_fast.ops.group_norm_act import OP, group_norm_act, reference
 
@@ -148,13 +148,9 @@ def sweep() -> Dict[str, str]:
         for label, attr, values in SWEEP:
             if attr.startswith("NHWC") and not cl:
                 continue
-            default = getattr(kern, attr)
             for value in values:
-                setattr(kern, attr, value)
-                try:
+                with knob(kern, attr, value):
                     fwd, bwd = _time_pair("triton", args)
-                finally:
-                    setattr(kern, attr, default)
                 rows.append([f"({b}, {c}, {p}, {p})", "NHWC" if cl else "NCHW", f"{label} = {value}", fwd, bwd,
                              100 * gbps(2 * nbytes, fwd) / copy, 100 * gbps(3 * nbytes, bwd) / copy])
         del args

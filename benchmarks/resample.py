@@ -43,11 +43,8 @@ DEVICE = "cuda"
 def _upsample(x, w, b, variant: str):
     """upsample_conv3x3 with the backend of a VARIANTS value ("torch-phases": TORCH_FORM = "phases")."""
     impl, _, form = variant.partition("-")
-    resample.TORCH_FORM = form or "transposed"
-    try:
+    with common.knob(resample, "TORCH_FORM", form or resample.TORCH_FORM):
         return upsample_conv3x3(x, w, b, impl=impl)
-    finally:
-        resample.TORCH_FORM = "transposed"
 
 
 def _upsample_rows(name: str, B: int, fmt: torch.memory_format, backward: bool, iters: int) -> List[list]:
