@@ -105,7 +105,7 @@ def _norm_then(module: nn.Module, consumer: Callable[[torch.Tensor], torch.Tenso
     """``consumer(group_norm_act(x, norm's parameters, **kwargs))`` with the norm's output recomputed in
     backward (:func:`_recomputed_input`; the norm's own backward keeps only x): a ResNet keeps x and h
     instead of x, norm1(x), h and norm2(h)."""
-    impl = kwargs.pop("impl", _impl(module, "group_norm_act"))
+    impl = _impl(module, "group_norm_act")
     if not _recompute_wanted(module):
         return consumer(ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, impl=impl,
                                            **kwargs))
