@@ -134,15 +134,15 @@ class _Recorder:
         self.binaries: Dict[str, Binary] = {}
         self.compile_s: Dict[str, float] = {}
         self._seen: set = set()
-        self._inspected: List[str] = []  # hashes of the TRITON_COMPILES entries already read
+        self._read = 0  # TRITON_COMPILES entries already inspected
 
     def record(self, name: str, metadata, grid) -> None:
         key = (self.case, name, tuple(grid), metadata.hash)
         if key in self._seen:  # the autotuner's repeated benchmark calls
             return
         self._seen.add(key)
-        for _, seconds, kernel in TRITON_COMPILES[len(self._inspected):]:
-            self._inspected.append(kernel.metadata.hash)
+        for _, seconds, kernel in TRITON_COMPILES[self._read:]:
+            self._read += 1
             self.compile_s[kernel.metadata.hash] = seconds
             self.binaries[kernel.metadata.hash] = inspect_cubin(kernel.asm["cubin"])
         self.launches.append(Launch(self.case, name, tuple(grid), metadata.num_warps, metadata.shared,
