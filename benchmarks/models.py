@@ -173,6 +173,23 @@ def train_fn(model, args, graphed: bool) -> Callable[[], object]:
     return run
 
 
+def trainer_step_fn(model, args) -> Callable[[], object]:
+    """The step ``mdm-fast train`` runs on one GPU (:class:`mdm_fast.train.graphed_step.GraphedTrainingStep`):
+    forward + backward replayed from a graph, the update (clip, fused AdamW, zero) eager, nothing read back."""
+    from mdm_fast.train.graphed_step import GraphedTrainingStep
+
+    targets = [torch.randn_like(x) for x in args[0]]
+    loss_fn = train_loss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    step = GraphedTrainingStep(list(model.parameters()), opt, lambda *a: (loss_fn(*a), {}),
+                               torch.Generator("cuda"), accumulations=1, max_grad_norm=1.0, capture=True)
+
+    def run():
+        step.micro_step(*args, targets)
+        return step.update()
+    return run
+
+
 @dataclass
 class Result:
     workload: Workload
@@ -217,6 +234,7 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
             out["reference + torch.compile"] = lambda: train_fn(torch.compile(ref), args, graphed=False)
         out["mdm_fast eager"] = lambda: train_fn(fast, args, graphed=False)
         out["mdm_fast + CUDA graphs"] = lambda: train_fn(fast, args, graphed=True)
+        out["mdm_fast trainer step (graphed fwd+bwd, eager update)"] = lambda: trainer_step_fn(fast, args)
         if suite == "full":
             out["mdm_fast + CUDA graphs, NCHW"] = lambda: train_fn(nchw(fast), args, graphed=True)
             out["mdm_fast + CUDA graphs, norm outputs kept"] = lambda: train_fn(norms_kept(fast), args, graphed=True)

@@ -78,6 +78,7 @@ class ExperimentConfig:
     keep_checkpoints: int = 2
     distributed: str = "ddp"  # ddp | fsdp (used when WORLD_SIZE > 1)
     impl: str = "auto"  # the fast model's backends ("auto", "triton", ...), or "reference" for the oracle
+    cuda_graphs: str = "auto"  # ours: auto (one CUDA process) | on | off: the step replayed from a CUDA graph
     # ---- sampler / evaluator ----------------------------------------------------------------
     model_file: str = ""
     sample_dir: str = "samples"
@@ -243,6 +244,8 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
         "diffusion_config": lambda v: _diffusion_config(model, v, raw),
         "reader_config": lambda v: _dataclass_from(ReaderConfig, v or {}, "reader_config"),
     }
+    if isinstance(raw.get("cuda_graphs"), bool):  # YAML 1.1 reads on/off as booleans
+        raw["cuda_graphs"] = "on" if raw["cuda_graphs"] else "off"
     flat = {k: v for k, v in raw.items() if k not in sections}
     cfg = _dataclass_from(ExperimentConfig, flat, "experiment config")
     for key, build in sections.items():
@@ -253,6 +256,8 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
         raise ValueError(f"batch_size: expected >= 1, got {cfg.batch_size}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"distributed: expected 'ddp' or 'fsdp', got {cfg.distributed!r}")
+    if cfg.cuda_graphs not in ("auto", "on", "off"):
+        raise ValueError(f"cuda_graphs: expected 'auto', 'on' or 'off', got {cfg.cuda_graphs!r}")
     return cfg
 
 

@@ -38,6 +38,16 @@ def test_graphed_callable_reuses_static_buffers_per_signature():
     assert a[0].data_ptr() != b[0].data_ptr()  # outputs are clones, not the static buffers
 
 
+def test_graphed_callable_runs_signatures_beyond_max_graphs_eagerly():
+    calls = []
+    g = GraphedCallable(lambda x: calls.append(x.shape) or x + 1, capture=False, max_graphs=1)
+    g(torch.ones(2))
+    out = g(torch.ones(3))
+    assert g.num_graphs == 1 and g.eager_calls == 1 and torch.equal(out, torch.full((3,), 2.0))
+    g(torch.zeros(2))
+    assert g.eager_calls == 1 and calls == [(2,), (3,), (2,)]
+
+
 def sample(device, graphed):
     model, diffusion, cond, mask = tiny_setup(device)
     sampler = diffusion.sampler(num_inference_steps=4)
@@ -143,3 +153,19 @@ def test_gpu_fast_training_tracks_the_reference_for_50_steps():
     ref, fast = curves[False], curves[True]
     assert torch.allclose(fast[:10], ref[:10], rtol=0.05, atol=1e-3)  # step by step at first
     assert abs(fast[-10:].mean() - ref[-10:].mean()) < 0.1 * ref[-10:].mean()  # the same level at the end
+
+
+@pytest.mark.gpu
+def test_gpu_replay_draws_from_a_registered_generator_as_eager_calls_do():
+    gen = torch.Generator("cuda")
+
+    def fn(x):
+        return x + torch.randn(x.shape, generator=gen, device="cuda")
+
+    g = GraphedCallable(fn, generators=(gen,))
+    x = torch.zeros(4, device="cuda")
+    for seed in range(3):  # the warm-up's draws are undone: the first replay draws as the first call would
+        gen.manual_seed(seed)
+        replay = g(x)
+        gen.manual_seed(seed)
+        assert torch.equal(replay, fn(x))

@@ -1,5 +1,6 @@
 """Training: the loss goes down, resume is bit-identical, DDP matches one process, checkpoints are
 atomic and a truncated one is detected, progressive training loads and freezes the inner model."""
+import json
 import os
 import socket
 
@@ -205,6 +206,10 @@ def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
         Trainer(tiny(tmp_path, text_encoder="bert9000"), quiet=True)
     with pytest.raises(ValueError, match="distributed"):
         tiny(tmp_path, distributed="horovod")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        tiny(tmp_path, cuda_graphs="sometimes")
+    with pytest.raises(ValueError, match="cuda_graphs: on needs one process on a CUDA device"):
+        Trainer(tiny(tmp_path, cuda_graphs="on"), device=torch.device("cpu"), quiet=True)
     (tmp_path / "cap.tsv").write_text("file\tcaption\n")
     with pytest.raises(ValueError, match="no rows"):
         Trainer(tiny(tmp_path, file_list=str(tmp_path / "cap.tsv")), quiet=True)
@@ -238,3 +243,87 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     Trainer(tiny(tmp_path / "straight", num_training_steps=k + 2, save_freq=1), quiet=True).train()
     _assert_same(load_checkpoint(tmp_path / "straight" / f"ckpt_{k + 2:08d}.pt"),
                  load_checkpoint(tmp_path / "killed" / f"ckpt_{k + 2:08d}.pt"))
+
+
+# ---- the graphed step (its logic without a graph on the CPU; replay on a GPU in test_runners) ----
+
+
+def test_yaml_on_off_read_as_cuda_graphs_modes(tmp_path):
+    assert tiny(tmp_path, cuda_graphs=True).cuda_graphs == "on"  # YAML 1.1 reads `on` as true
+    assert tiny(tmp_path, cuda_graphs=False).cuda_graphs == "off"
+
+
+def _close(a, b, rtol, atol):
+    for key in ("state_dict", "ema_state_dict"):
+        for k in a[key]:
+            assert torch.allclose(a[key][k].float(), b[key][k].float(), rtol=rtol, atol=atol), (key, k)
+
+
+@pytest.mark.parametrize("acc", [1, 2])
+def test_graphed_step_logic_matches_the_eager_step(tmp_path, acc):
+    """The sync-free step (device-side skip flag, fused AdamW, device-side EMA and logging) computes
+    the eager step's numbers: same draws, same losses logged; the fused optimizer rounds differently."""
+    runs = {}
+    for graphed in (False, True):
+        out = tmp_path / str(graphed)
+        tr = Trainer(tiny(out, num_gradient_accumulations=acc), quiet=True, graphed=graphed)
+        assert (tr.graphed is not None) == graphed
+        result = tr.train()
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[graphed] = (load_checkpoint(out / "ckpt_00000006.pt"), lines, result)
+    (eager, eager_log, eager_res), (fast, fast_log, fast_res) = runs[False], runs[True]
+    _close(eager, fast, 1e-4, 1e-5)
+    assert [r["step"] for r in eager_log] == [r["step"] for r in fast_log] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(eager_log, fast_log):
+        for k in ("loss", "loss_level0", "loss_level1", "grad_norm", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    assert eager["ema"]["counter"] == fast["ema"]["counter"] == 6
+    assert fast_res["last"]["loss"] == pytest.approx(eager_res["last"]["loss"], rel=1e-4)
+
+
+def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, caplog):
+    """A NaN loss at step 3: no update, the EMA and its warm-up count untouched, the step still counted,
+    the log line of that step absent (log_freq 1) and a warning; decided on the device."""
+    states = {}
+    for graphed in (False, True):
+        tr = Trainer(tiny(tmp_path / str(graphed), ema_warmup_steps=3), quiet=True, graphed=graphed)
+        loss_fn = tr._loss
+
+        def poisoned(images, cond, mask, tr=tr, loss_fn=loss_fn):
+            loss, stats = loss_fn(images, cond, mask)
+            return (loss * float("nan") if tr.step == 2 else loss), stats
+
+        if graphed:
+            tr.graphed.loss_fn = poisoned
+        else:
+            tr._loss = poisoned
+        with caplog.at_level("WARNING"):
+            tr.train()
+        assert "skip" in caplog.text
+        caplog.clear()
+        lines = [json.loads(x) for x in (tmp_path / str(graphed) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 2, 4, 5, 6]
+        states[graphed] = load_checkpoint(tmp_path / str(graphed) / "ckpt_00000006.pt")
+        assert states[graphed]["ema"]["counter"] == 5
+        assert all(int(s["step"]) == 5 for s in states[graphed]["optimizer"]["state"].values())
+    _close(states[False], states[True], 1e-4, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("acc,bf16", [(1, 0), (2, 1)])
+def test_gpu_graph_replayed_training_equals_the_same_step_run_eagerly(tmp_path, acc, bf16):
+    """cuda_graphs: auto on one GPU captures the micro-step; replaying it gives the numbers of the same
+    step run without a graph (same kernels, same noise draws: the step generator is graph-registered)."""
+    runs = {}
+    for capture in (True, False):
+        out = tmp_path / str(capture)
+        tr = Trainer(tiny(out, num_gradient_accumulations=acc, fp16=bf16), device=torch.device("cuda"), quiet=True)
+        assert tr.graphed is not None and tr.graphed.runner.capture
+        tr.graphed.runner.capture = capture
+        tr.train()
+        assert tr.graphed.runner.num_graphs == 1 and tr.graphed.eager_calls == 0
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[capture] = (load_checkpoint(out / "ckpt_00000006.pt"), lines)
+    _close(runs[True][0], runs[False][0], 1e-5, 1e-6)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["step"] == b["step"]

@@ -173,7 +173,7 @@ class NestedDiffusion:
                 per = p.mean() * 0.0  # keeps the level in the graph (DDP), as the public code does
             total = total + per * self.level_weights[i]
         if self.config.use_vdm_loss_weights:
-            w = self.schedule.vdm_weights.to(images.device)[times + 1]
+            w = self.schedule.vdm_weights_on(images.device)[times + 1]
             return (total * w).sum() / w.sum(), stats
         return total.mean(), stats
 

@@ -121,18 +121,26 @@ class LevelSchedule:
             else:
                 self.signal_scales = [float(s) for s in self.scales]
         self.gammas = torch.stack(tables)  # (L, N+1) float32
-        self._tables = {self.gammas.device: self.gammas}
+        self._copies = {}  # (name, device) -> the table on that device
 
     @property
     def num_steps(self) -> int:
         return self.config.num_diffusion_steps
 
     def table(self, device: torch.device) -> torch.Tensor:
-        """The (L, N+1) table on ``device`` (copied once per device)."""
-        device = torch.device(device)
-        if device not in self._tables:
-            self._tables[device] = self.gammas.to(device)
-        return self._tables[device]
+        """The (L, N+1) gamma table on ``device``."""
+        return self._on("gammas", device)
+
+    def vdm_weights_on(self, device: torch.device) -> torch.Tensor:
+        """The (N+1,) VDM loss weights on ``device``."""
+        return self._on("vdm_weights", device)
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """A table copied once per device: a step never copies from the host (a CUDA-graph capture forbids it)."""
+        key = (name, torch.device(device))
+        if key not in self._copies:
+            self._copies[key] = getattr(self, name).to(key[1])
+        return self._copies[key]
 
     def at(self, t: torch.Tensor) -> torch.Tensor:
         """Per-level gammas at steps ``t`` (B,) int64 -> (L, B) float32 on t's device."""

@@ -13,7 +13,7 @@ testable on a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -36,19 +36,28 @@ class GraphedCallable:
     """``fn(*args)`` with tensor arguments, replayed from a CUDA graph.
 
     The first call with a new signature warms ``fn`` up on a side stream (``warmup`` runs, whose
-    results are discarded: ``fn`` must not have side effects other than its outputs), captures it,
-    and replays. Outputs are cloned unless ``clone_outputs=False`` (then they are the graph's static
-    buffers, overwritten by the next replay). ``capture=False`` runs ``fn`` eagerly on the static
-    buffers (the default on CPU).
+    results are discarded: ``fn`` must not have side effects other than its outputs, or
+    ``after_warmup`` must undo them), captures it, and replays. Outputs are cloned unless
+    ``clone_outputs=False`` (then they are the graph's static buffers, overwritten by the next replay).
+    ``generators``: the CUDA generators ``fn`` draws from (besides the default one), registered with
+    each graph: a replay draws from their current seed and offset and advances them, as an eager call
+    would; the warm-up's draws are undone. ``max_graphs``: signatures beyond that many run ``fn``
+    eagerly (counted in ``eager_calls``). ``capture=False`` runs ``fn`` eagerly on the static buffers
+    (the default on CPU).
     """
 
     def __init__(self, fn: Callable, warmup: int = 2, capture: Optional[bool] = None, clone_outputs: bool = True,
-                 pool=None):
+                 pool=None, generators: Sequence[torch.Generator] = (), after_warmup: Optional[Callable] = None,
+                 max_graphs: Optional[int] = None):
         self.fn = fn
         self.warmup = warmup
         self.capture = torch.cuda.is_available() if capture is None else capture
         self.clone_outputs = clone_outputs
         self.pool = pool
+        self.generators = list(generators)
+        self.after_warmup = after_warmup
+        self.max_graphs = max_graphs
+        self.eager_calls = 0
         self._entries: Dict[Tuple, _Entry] = {}
 
     @property
@@ -59,6 +68,9 @@ class GraphedCallable:
         leaves, spec = tree_flatten(args)
         key = (str(spec), _signature(leaves))
         entry = self._entries.get(key)
+        if entry is None and self.max_graphs is not None and len(self._entries) >= self.max_graphs:
+            self.eager_calls += 1
+            return self.fn(*args)
         if entry is None:
             entry = self._entries[key] = self._build(leaves, spec)
         else:
@@ -78,15 +90,24 @@ class GraphedCallable:
         if not self.capture:
             return entry
         args = tree_unflatten(static, spec)
+        generators = self.generators + [torch.cuda.default_generators[torch.cuda.current_device()]]
+        states = [g.get_state() for g in generators]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 self.fn(*args)
         torch.cuda.current_stream().wait_stream(side)
+        if self.after_warmup is not None:
+            self.after_warmup()
         entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, pool=self.pool):
+        for g in self.generators:
+            entry.graph.register_generator_state(g)
+        # thread_local: a data-loader thread pinning memory meanwhile does not invalidate the capture
+        with torch.cuda.graph(entry.graph, pool=self.pool, capture_error_mode="thread_local"):
             entry.outputs = self.fn(*args)
+        for g, state in zip(generators, states):  # the first replay draws what the first eager call would
+            g.set_state(state)
         return entry
 
 

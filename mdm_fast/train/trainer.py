@@ -6,6 +6,10 @@ is set, EMA, JSONL/PNG logging, periodic sample grids, atomic checkpoints, exact
 torchrun DDP/FSDP. Every random draw of a training step comes from a generator seeded by
 (seed, step, shard), so a resumed run, or a run split over more processes with the same shards,
 computes the same numbers.
+
+On one CUDA process (``cuda_graphs: auto``) the step's forward and backward are replayed from a CUDA
+graph and nothing is read back to the host per step (:mod:`mdm_fast.train.graphed_step`): losses and
+gradient norms reach the log once per ``log_freq`` steps. Otherwise the step runs eagerly.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from mdm_fast.train import checkpoint as ckpt_io
 from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
                                         init_distributed, unwrap, wrap_model)
 from mdm_fast.train.ema import ModelEma
+from mdm_fast.train.graphed_step import GraphedTrainingStep
 from mdm_fast.train.metrics import MetricsLog, plot_loss
 
 log = logging.getLogger(__name__)
@@ -102,7 +107,10 @@ class Trainer:
     """``Trainer(cfg).train()`` trains ``cfg`` in ``cfg.output_dir``, resuming from its newest good
     checkpoint. ``train(stop_after=N)`` stops after N steps of this call (for tests and budgets)."""
 
-    def __init__(self, cfg: ExperimentConfig, device: Optional[torch.device] = None, quiet: bool = False):
+    def __init__(self, cfg: ExperimentConfig, device: Optional[torch.device] = None, quiet: bool = False,
+                 graphed: Optional[bool] = None):
+        """``graphed``: overrides ``cfg.cuda_graphs`` (True runs the graphed step's logic without a graph
+        on a CPU, for tests)."""
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
         if device is None:
@@ -132,12 +140,32 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters (is every level frozen?)")
+        graphed = self._graphed_wanted() if graphed is None else graphed
         opt_cls = torch.optim.AdamW if cfg.use_adamw else torch.optim.Adam
         opt_kwargs = {"weight_decay": 0.0} if cfg.use_adamw else {}
+        if graphed:
+            opt_kwargs["fused"] = True  # skips a step on a device flag
         self.optimizer = opt_cls(params, lr=cfg.lr, eps=1e-8, **opt_kwargs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
         if resume is not None:
             self._restore_training_state(*resume)
+        self.generator = torch.Generator(self.device)  # re-seeded per micro-batch (step_seed)
+        self.graphed: Optional[GraphedTrainingStep] = None
+        if graphed:
+            self.graphed = GraphedTrainingStep(params, self.optimizer, self._loss, self.generator,
+                                               cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
+                                               capture=self.device.type == "cuda")
+
+    def _graphed_wanted(self) -> bool:
+        """``cuda_graphs``: auto = on for one process on a CUDA device; on = that, or an error."""
+        mode, why = self.cfg.cuda_graphs, None
+        if self.device.type != "cuda":
+            why = f"the device is {self.device}"
+        elif self.dist.world_size > 1:
+            why = f"{self.dist.world_size} processes (DDP/FSDP steps run eagerly)"
+        if mode == "on" and why is not None:
+            raise ValueError(f"cuda_graphs: on needs one process on a CUDA device, but {why}; use auto or off")
+        return mode != "off" and why is None
 
     def _shared_time_seed(self) -> int:
         """seed: -1 (public): a seed from the clock, the same on every rank."""
@@ -176,7 +204,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["state_dict"], strict=True)
         if "ema_state_dict" in ckpt:
             self.ema.module.load_state_dict(ckpt["ema_state_dict"], strict=True)
-            self.ema.counter = int(ckpt.get("ema", {}).get("counter", 0))
+            self.ema.set_count(int(ckpt.get("ema", {}).get("counter", 0)))
         self.step = int(ckpt.get("step", ckpt.get("batch_num", 0)))
 
     def _restore_training_state(self, path: Path, ckpt: Dict[str, Any]) -> None:
@@ -237,31 +265,46 @@ class Trainer:
         if stats is not None and stats.kernels:
             log.info("training: %s", stats)
 
-    def train_step(self, batches) -> Dict[str, float]:
-        cfg, acc = self.cfg, self.cfg.num_gradient_accumulations
+    def _loss(self, images, cond, mask):
+        """(loss * loss_factor, stats) of one micro-batch, noise from ``self.generator``."""
+        with self._autocast():
+            loss, stats = self.diffusion.loss(self.wrapped, images, cond, mask, generator=self.generator)
+            return loss * self.cfg.loss_factor, stats
+
+    def _micro_inputs(self, batch, micro: int):
+        """Re-seed the step's generator for this micro-batch; (images, cond, mask) on the device."""
+        acc = self.cfg.num_gradient_accumulations
+        self.generator.manual_seed(step_seed(self.seed, self.step, self.dist.rank * acc + micro))
+        images = to_model_range(batch["image"]).to(self.device, non_blocking=True)
+        with torch.no_grad(), self._autocast():
+            cond, mask = self._conditioning(batch, self.generator)
+        self.skipped += int(batch.get("_skipped", 0))
+        return images, cond, mask
+
+    def train_step(self, batches) -> Tuple[Dict[str, Any], Any]:
+        """One optimizer step over ``batches`` (the micro-batches): (stats, ok). ok is 1.0, or 0.0 where
+        the loss was not finite and the update was skipped (the step still counts, as in the public
+        trainer); on the graphed path ok and the stats are device tensors (read at log time)."""
         self.wrapped.train()
+        if self.graphed is not None:
+            return self._graphed_step(batches)
+        cfg, acc = self.cfg, self.cfg.num_gradient_accumulations
         totals: Dict[str, float] = {}
         for micro, batch in enumerate(batches):
-            shard = self.dist.rank * acc + micro
-            gen = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.step, shard))
-            images = to_model_range(batch["image"]).to(self.device, non_blocking=True)
-            with torch.no_grad(), self._autocast():
-                cond, mask = self._conditioning(batch, gen)
-            with grad_sync(self.wrapped, micro == acc - 1), self._autocast():
-                loss, stats = self.diffusion.loss(self.wrapped, images, cond, mask, generator=gen)
-                loss = loss * cfg.loss_factor
+            images, cond, mask = self._micro_inputs(batch, micro)
+            with grad_sync(self.wrapped, micro == acc - 1):
+                loss, stats = self._loss(images, cond, mask)
             if not self._all_finite(loss):  # as the public trainer: skip the update, keep counting
                 log.warning("step %d: loss is not finite; skipping the update", self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
-                return {"loss": float("nan")}
+                return {"loss": float("nan")}, 0.0
             (loss / acc).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / acc
             for k, v in stats.items():
                 if k.startswith("loss_level"):
                     totals[k] = totals.get(k, 0.0) + float(v) / acc
-            self.skipped += int(batch.get("_skipped", 0))
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
         totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -271,12 +314,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
         self.step += 1
-        return totals
+        return totals, 1.0
+
+    def _graphed_step(self, batches) -> Tuple[Dict[str, Any], Any]:
+        for micro, batch in enumerate(batches):
+            self.graphed.micro_step(*self._micro_inputs(batch, micro))
+        stats, ok = self.graphed.update()
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.ema.update(self.model, skipped=1.0 - ok)
+        self.step += 1
+        return stats, ok
 
     def _past(self, deadline: float) -> bool:
+        if self.dist.world_size == 1:
+            return time.time() > deadline
         late = torch.tensor([float(time.time() > deadline)], device=self.device)
-        if self.dist.world_size > 1:  # stop on every rank at the same step
-            torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)  # every rank stops at one step
         return bool(late.item())
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -302,27 +356,17 @@ class Trainer:
                              prefetch_batches=min(cfg.reader_config.reader_buffer_size, 32))
         it = iter(loader)
         bar = tqdm(total=total, initial=self.step, desc="training", disable=self.quiet, dynamic_ncols=True)
-        window: Dict[str, float] = {}
-        n_window, t0, last = 0, time.time(), {}
+        window, last = _Window(), ({}, 1.0)
         for i in range(todo):
             batches = [next(it) for _ in range(cfg.num_gradient_accumulations)]
             if i == 0:
                 self.precompile(batches[0])
-            out = self.train_step(batches)
-            last = out
-            if math.isfinite(out["loss"]):
-                for k, v in out.items():
-                    window[k] = window.get(k, 0.0) + v
-                n_window += 1
+            last = self.train_step(batches)
+            window.add(*last)
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}")
-            if metrics is not None and (self.step % cfg.log_freq == 0 or self.step == total) and n_window:
-                rec = {"step": self.step, **{k: v / n_window for k, v in window.items()},
-                       "skipped_images": self.skipped, "time_s": round(time.time() - t0, 3),
-                       "images_per_s": round(n_window * cfg.batch_size * cfg.num_gradient_accumulations
-                                             * self.dist.world_size / max(1e-9, time.time() - t0), 2)}
-                metrics.write(rec)
-                window, n_window, t0 = {}, 0, time.time()
+            if self.step % cfg.log_freq == 0 or self.step == total:
+                self._log(window, metrics, bar)
+                window = _Window()
             saved = self.step % cfg.save_freq == 0 or self.step == total
             if saved:
                 self.save()
@@ -336,7 +380,53 @@ class Trainer:
         if metrics is not None:
             plot_loss(metrics.read(), self.out / "loss.png", title=f"{cfg.name or cfg.model}: training loss")
         barrier(self.dist)
-        return {"step": self.step, "last": last, "skipped_images": self.skipped}
+        stats, ok = last
+        return {"step": self.step, "last": {k: float(v) if float(ok) else float("nan") for k, v in stats.items()},
+                "skipped_images": self.skipped}
+
+    def _log(self, window: "_Window", metrics: Optional[MetricsLog], bar) -> None:
+        """The window's means (one read of the device values) to metrics.jsonl and the progress bar."""
+        means, skipped = window.means()
+        if skipped:
+            log.warning("steps %d-%d: %d updates skipped (loss not finite)", self.step - window.steps + 1,
+                        self.step, skipped)
+        if self.graphed is not None and self.graphed.eager_calls:
+            log.warning("graphed training: %d micro-batches with new shapes ran eagerly", self.graphed.eager_calls)
+        if not means:
+            return
+        bar.set_postfix(loss=f"{means['loss']:.4f}")
+        if metrics is not None:
+            cfg, seconds = self.cfg, max(1e-9, window.seconds())
+            metrics.write({"step": self.step, **means, "skipped_images": self.skipped, "time_s": round(seconds, 3),
+                           "images_per_s": round(window.steps * cfg.batch_size * cfg.num_gradient_accumulations
+                                                 * self.dist.world_size / seconds, 2)})
+
+
+class _Window:
+    """Sums of the step stats since the last log line; device tensors stay on the device until
+    :meth:`means` (one synchronisation per log line, not per step). A skipped step adds nothing."""
+
+    def __init__(self):
+        self.sums: Dict[str, Any] = {}
+        self.kept: Any = 0.0
+        self.steps = 0
+        self.start = time.time()
+
+    def add(self, stats: Dict[str, Any], ok: Any) -> None:
+        self.steps += 1
+        self.kept = self.kept + ok
+        for k, v in stats.items():
+            v = torch.where(ok > 0, v, 0.0) if isinstance(ok, torch.Tensor) else (v if ok else 0.0)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> Tuple[Dict[str, float], int]:
+        """(mean of each stat over the kept steps, number of skipped steps)."""
+        kept = float(self.kept)
+        means = {k: float(v) / kept for k, v in self.sums.items()} if kept else {}
+        return means, self.steps - round(kept)
+
+    def seconds(self) -> float:
+        return time.time() - self.start
 
 
 def periodic_samples(trainer: "Trainer", per_prompt: int = 4, steps: int = 50) -> Path:
