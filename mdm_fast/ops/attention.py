@@ -20,7 +20,7 @@ output (B, T, 2C), and returns (B, C, L), the layout ``proj_out`` reads; no tran
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,12 +107,14 @@ def _lse_like(q: Tensor) -> Tensor:
     return q.new_empty((2, *q.shape[:3]), dtype=torch.float32)  # (2, B, H, L): both branches
 
 
-@torch.library.custom_op("mdm_fast::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor], v_cond: Optional[Tensor],
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor], v_cond: Optional[Tensor],
                    cond_mask: Optional[Tensor], self_mask: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _kernels().forward(q, k, v, k_cond, v_cond, cond_mask, self_mask, scale, out)
     return out, lse
+
+
+_attention_fwd = torch.library.custom_op("mdm_fast::attention_fwd", mutates_args=())(_attention_fwd_impl)
 
 
 @_attention_fwd.register_fake
@@ -120,13 +122,15 @@ def _(q, k, v, k_cond, v_cond, cond_mask, self_mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), _lse_like(q)
 
 
-@torch.library.custom_op("mdm_fast::attention_bwd", mutates_args=())
-def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor],
+def _attention_bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor],
                    v_cond: Optional[Tensor], cond_mask: Optional[Tensor], self_mask: Optional[Tensor],
                    out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _grad_buffers(q, k, v, k_cond, v_cond)
     _kernels().backward(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse, scale, *grads)
     return tuple(g if g is not None else q.new_empty((0,)) for g in grads)
+
+
+_attention_bwd = torch.library.custom_op("mdm_fast::attention_bwd", mutates_args=())(_attention_bwd_impl)
 
 
 def _grad_buffers(q, k, v, k_cond, v_cond):
@@ -147,15 +151,18 @@ def _attention_setup(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _attention_grad(ctx, grad_out, _grad_lse):
+def _attention_grad(ctx, grad_out, backward: Callable) -> tuple:
     q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dkc, dvc = _attention_bwd(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask,
-                                          out, lse, ctx.scale)
+    dq, dk, dv, dkc, dvc = backward(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse, ctx.scale)
     has_cond = k_cond is not None
     return dq, dk, dv, dkc if has_cond else None, dvc if has_cond else None, None, None, None
 
 
-_attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
+_attention_fwd.register_autograd(lambda ctx, grad_out, _glse: _attention_grad(ctx, grad_out, _attention_bwd),
+                                 setup_context=_attention_setup)
+_attention_eager = dispatch.eager_autograd(
+    "Attention", _attention_fwd_impl, _attention_setup,
+    lambda ctx, grad_out, _glse: _attention_grad(ctx, grad_out, _attention_bwd_impl))
 
 
 # ---- layout-fused custom ops: qkv (B, 3C, L), kv_cond (B, T, 2C) -> (B, C, L) ------------------
@@ -196,8 +203,7 @@ def _dkv_like(qkv: Tensor, kv_cond: Optional[Tensor]) -> Tensor:
     return torch.empty_like(kv_cond, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mdm_fast::attention_qkv_fwd", mutates_args=())
-def _attention_qkv_fwd(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Optional[Tensor], heads: int,
+def _attention_qkv_fwd_impl(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Optional[Tensor], heads: int,
                        scale: float) -> Tuple[Tensor, Tensor]:
     out = _qkv_out(qkv)
     lse = _kernels().forward(*_qkv_views(qkv, heads), *_kv_views(kv_cond, heads), cond_mask, None, scale,
@@ -205,13 +211,15 @@ def _attention_qkv_fwd(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
     return out, lse
 
 
+_attention_qkv_fwd = torch.library.custom_op("mdm_fast::attention_qkv_fwd", mutates_args=())(_attention_qkv_fwd_impl)
+
+
 @_attention_qkv_fwd.register_fake
 def _(qkv, kv_cond, cond_mask, heads, scale):
     return _qkv_out(qkv), _lse_like(_qkv_views(qkv, heads)[0])
 
 
-@torch.library.custom_op("mdm_fast::attention_qkv_bwd", mutates_args=())
-def _attention_qkv_bwd(grad_out: Tensor, qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Optional[Tensor],
+def _attention_qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Optional[Tensor],
                        out: Tensor, lse: Tensor, heads: int, scale: float) -> Tuple[Tensor, Tensor]:
     dqkv = torch.empty_like(qkv)  # qkv's layout: the qkv conv's backward reads it
     dkv = _dkv_like(qkv, kv_cond)
@@ -219,6 +227,9 @@ def _attention_qkv_bwd(grad_out: Tensor, qkv: Tensor, kv_cond: Optional[Tensor],
     _kernels().backward(_out_view(grad_out, heads), *_qkv_views(qkv, heads), *_kv_views(kv_cond, heads),
                         cond_mask, None, _out_view(out, heads), lse, scale, *grads)
     return dqkv, dkv
+
+
+_attention_qkv_bwd = torch.library.custom_op("mdm_fast::attention_qkv_bwd", mutates_args=())(_attention_qkv_bwd_impl)
 
 
 @_attention_qkv_bwd.register_fake
@@ -234,13 +245,18 @@ def _attention_qkv_setup(ctx, inputs, output):
     ctx.heads, ctx.scale = heads, scale
 
 
-def _attention_qkv_grad(ctx, grad_out, _grad_lse):
+def _attention_qkv_grad(ctx, grad_out, backward: Callable) -> tuple:
     qkv, kv_cond, cond_mask, out, lse = ctx.saved_tensors
-    dqkv, dkv = _attention_qkv_bwd(grad_out, qkv, kv_cond, cond_mask, out, lse, ctx.heads, ctx.scale)
+    dqkv, dkv = backward(grad_out, qkv, kv_cond, cond_mask, out, lse, ctx.heads, ctx.scale)
     return dqkv, dkv if kv_cond is not None else None, None, None, None
 
 
-_attention_qkv_fwd.register_autograd(_attention_qkv_grad, setup_context=_attention_qkv_setup)
+_attention_qkv_fwd.register_autograd(
+    lambda ctx, grad_out, _glse: _attention_qkv_grad(ctx, grad_out, _attention_qkv_bwd),
+    setup_context=_attention_qkv_setup)
+_attention_qkv_eager = dispatch.eager_autograd(
+    "AttentionQKV", _attention_qkv_fwd_impl, _attention_qkv_setup,
+    lambda ctx, grad_out, _glse: _attention_qkv_grad(ctx, grad_out, _attention_qkv_bwd_impl))
 
 
 # ---- dispatch ------------------------------------------------------------------------------
@@ -362,7 +378,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor] = None, 
     backend = dispatch.resolve(OP, impl, q, k, v, k_cond, v_cond, self_mask=keep_self)
     if backend != "triton":
         return _torch_attention(backend, q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
-    out, _ = _attention_fwd(q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
+    op = _attention_eager if dispatch.plain_eager(q, k, v, k_cond, v_cond) else _attention_fwd
+    out, _ = op(q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
     return out
 
 
@@ -396,5 +413,6 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
         if _token_major(qkv):  # (B, H, L, d) -> (B, C, L) in qkv's layout
             return out.transpose(1, 2).reshape(B, L, C).transpose(1, 2)
         return out.transpose(2, 3).reshape(B, C, L).contiguous()
-    out, _ = _attention_qkv_fwd(qkv, kv_cond, keep_cond, heads, _scale(scale, C // heads))
+    op = _attention_qkv_eager if dispatch.plain_eager(qkv, kv_cond) else _attention_qkv_fwd
+    out, _ = op(qkv, kv_cond, keep_cond, heads, _scale(scale, C // heads))
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("ref", "triton", "cuda", "sdpa", "torch", "flash_attn", "xformers")
 # sdpa: PyTorch scaled_dot_product_attention (attention); torch: a faster pure-PyTorch formulation
@@ -200,3 +201,29 @@ def first_reason(*reasons: Optional[str]) -> Optional[str]:
         if r is not None:
             return r
     return None
+
+
+# ---- the eager path of the differentiable custom ops -------------------------------------------
+
+
+def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Nothing is tracing: not torch.compile, no Python dispatch mode (make_fx, FakeTensorMode, ...),
+    plain tensors (no subclass such as DTensor or FakeTensor)."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(t is None or type(t) is torch.Tensor for t in tensors))
+
+
+def eager_autograd(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """``apply`` of an autograd.Function made of a custom op's implementation, its ``setup_context`` and
+    a backward that calls the backward implementation directly: the op's autograd formula without the
+    custom op's dispatch, which costs about 0.3 ms of host time per forward + backward on a CPU host
+    (more than the kernel itself at most of the model's shapes). For :func:`plain_eager` calls only:
+    torch.compile, export and other tracing see the custom op."""
+    def forward_with_ctx(ctx, *args):  # the ctx-first form: apply() binds no signature (~80 us saved per call)
+        out = forward(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_ctx),
+                                                 "backward": staticmethod(backward)})
+    return fn.apply

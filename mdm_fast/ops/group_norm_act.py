@@ -195,12 +195,14 @@ _BACKWARD: Dict[str, Callable] = {"ref": _ref_backward, "triton": _triton_backwa
 # ---- custom ops ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mdm_fast::group_norm_act_fwd", mutates_args=())
-def group_norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
-                       shift: Optional[Tensor], num_groups: int, eps: float, act: str,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+                  shift: Optional[Tensor], num_groups: int, eps: float, act: str,
+                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): y in x's dtype and memory format, mean/rstd (B, G) fp32. act: "silu" or "none"."""
     return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, eps, act == "silu")
+
+
+group_norm_act_fwd = torch.library.custom_op("mdm_fast::group_norm_act_fwd", mutates_args=())(_forward_impl)
 
 
 @group_norm_act_fwd.register_fake
@@ -209,13 +211,15 @@ def _(x, weight, bias, scale, shift, num_groups, eps, act, backend):
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("mdm_fast::group_norm_act_bwd", mutates_args=())
-def group_norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                       num_groups: int, eps: float, act: str,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   num_groups: int, eps: float, act: str,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dscale, dshift); the parameter gradients are fp32, (C,) and (B, C), zeros when absent."""
     return _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act == "silu")
+
+
+group_norm_act_bwd = torch.library.custom_op("mdm_fast::group_norm_act_bwd", mutates_args=())(_backward_impl)
 
 
 @group_norm_act_bwd.register_fake
@@ -234,15 +238,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _grads(ctx, dy, backward: Callable) -> tuple:
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    grads = group_norm_act_bwd(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config)
+    grads = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config)
     dx, params = grads[0], grads[1:]
     wanted = (weight, bias, scale, shift)
     return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(params, wanted)), None, None, None, None)
 
 
-torch.library.register_autograd("mdm_fast::group_norm_act_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mdm_fast::group_norm_act_fwd",
+                                lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, group_norm_act_bwd),
+                                setup_context=_setup_context)
+_eager_fwd = dispatch.eager_autograd("GroupNormAct", _forward_impl, _setup_context,
+                                     lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, _backward_impl))
 
 
 # ---- validation and backend reasons --------------------------------------------------------
@@ -318,14 +326,6 @@ dispatch.register(OP, {"ref": _ref_reason, "triton": _triton_reason, "cuda": _cu
 # ---- the public function -------------------------------------------------------------------
 
 
-def _eager_inference(*tensors: Optional[Tensor]) -> bool:
-    """Plain tensors, no gradient wanted, not under torch.compile / export (FakeTensors are subclasses)."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in tensors)
-
-
 def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act) -> Tensor:
     """The ref backend outside torch.compile: the public formula in fp32 (fp64 kept) with PyTorch's own
     kernels and autograd, which on a CPU is faster than the custom op's formula-by-formula backward.
@@ -351,9 +351,9 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
     if backend == "ref" and not torch.compiler.is_compiling():
         return _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act)
-    if _eager_inference(x, weight, bias, scale, shift):
-        # no autograd and no tracing: call the backend directly, skipping the custom op's dispatch (~20-30 us
-        # of host time, comparable to a whole kernel at the model's shapes)
-        return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, float(eps), act == "silu")[0]
-    y, _, _ = group_norm_act_fwd(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)
-    return y
+    args = (x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)
+    if not dispatch.plain_eager(x, weight, bias, scale, shift):
+        return group_norm_act_fwd(*args)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
+        return _eager_fwd(*args)[0]
+    return _forward_impl(*args)[0]

@@ -142,8 +142,7 @@ def _conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 TORCH_FORM = "transposed"  # the torch backend's formulation: "transposed" (one conv_transpose2d) or "phases"
 
 
-@torch.library.custom_op("mdm_fast::upsample_conv3x3", mutates_args=())
-def _upsample_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str) -> Tensor:
+def _upsample_conv3x3_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str) -> Tensor:
     fmt = _memory_format(x)
     if impl == "ref":
         y = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
@@ -160,6 +159,9 @@ def _upsample_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], impl: s
     else:
         raise ValueError(f"upsample_conv3x3: unknown backend {impl!r}")
     return y.contiguous(memory_format=fmt)
+
+
+_upsample_conv3x3 = torch.library.custom_op("mdm_fast::upsample_conv3x3", mutates_args=())(_upsample_conv3x3_impl)
 
 
 @_upsample_conv3x3.register_fake
@@ -192,6 +194,8 @@ def _upsample_conv3x3_grad(ctx, grad):
 
 
 _upsample_conv3x3.register_autograd(_upsample_conv3x3_grad, setup_context=_upsample_conv3x3_setup)
+_upsample_conv3x3_eager = dispatch.eager_autograd("UpsampleConv3x3", _upsample_conv3x3_impl, _upsample_conv3x3_setup,
+                                                  _upsample_conv3x3_grad)
 
 
 def _upsample_conv_order(x, weight, bias):
@@ -244,7 +248,8 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, i
     _check_float("x", x, 4, "(B, Cin, H, W)")
     _check_conv("", weight, bias, x.shape[1], x, square3=True)
     backend = dispatch.resolve("upsample_conv3x3", impl, x, weight, bias)
-    return _upsample_conv3x3(x, weight, bias, backend)
+    op = _upsample_conv3x3_eager if dispatch.plain_eager(x, weight, bias) else _upsample_conv3x3
+    return op(x, weight, bias, backend)
 
 
 # ---- nested_inner_input ----------------------------------------------------------------------

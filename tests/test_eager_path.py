@@ -1,0 +1,83 @@
+"""The differentiable custom ops' eager path (an autograd.Function calling the implementations directly)
+computes what the custom op's registered autograd computes, bit for bit; tracing sees the custom op."""
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from mdm_fast.ops import attention, attention_from_qkv, group_norm_act, upsample_conv3x3
+
+
+def _leaves(*shapes, dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.randn(s, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _value_and_grads(fn, leaves):
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, torch.randn_like(out))], out.grad_fn
+
+
+def _group_norm(impl):
+    return lambda x, w, b, sc, sh: group_norm_act(x, 3, w, b, 1e-5, sc, sh, impl=impl)
+
+
+def _group_norm_op(x, w, b, sc, sh):
+    return torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 3, 1e-5, "silu", "triton")[0]
+
+
+def _attention(q, k, v, kc, vc):
+    return attention(q, k, v, kc, vc, torch.tensor([[1, 1, 0], [1, 0, 0]]), impl="triton")
+
+
+def _attention_op(q, k, v, kc, vc):
+    keep = torch.tensor([[1, 1, 0], [1, 0, 0]]) != 0
+    return torch.ops.mdm_fast.attention_fwd(q, k, v, kc, vc, keep, None, 16 ** -0.5)[0]
+
+
+def _qkv(qkv, kv):
+    return attention_from_qkv(qkv, kv, torch.ones(2, 3), heads=2, impl="triton")
+
+
+def _qkv_op(qkv, kv):
+    return torch.ops.mdm_fast.attention_qkv_fwd(qkv, kv, torch.ones(2, 3) != 0, 2, 8 ** -0.5)[0]
+
+
+def _upsample(x, w, b):
+    return upsample_conv3x3(x, w, b, impl="torch")
+
+
+def _upsample_op(x, w, b):
+    return torch.ops.mdm_fast.upsample_conv3x3(x, w, b, "torch")
+
+
+CASES = {  # name: (public call, the custom op's call, input shapes, the eager Function's backward node)
+    "group_norm_act": (_group_norm("triton"), _group_norm_op, [(2, 6, 5, 3), (6,), (6,), (2, 6), (2, 6)],
+                       "GroupNormActBackward"),
+    "attention": (_attention, _attention_op, [(2, 2, 7, 16)] * 3 + [(2, 2, 3, 16)] * 2, "AttentionBackward"),
+    "attention_from_qkv": (_qkv, _qkv_op, [(2, 48, 9), (2, 3, 32)], "AttentionQKVBackward"),
+    "upsample_conv3x3": (_upsample, _upsample_op, [(2, 4, 3, 5), (6, 4, 3, 3), (6,)], "UpsampleConv3x3Backward"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_eager_path_equals_the_custom_op_autograd(name):
+    public, op, shapes, node = CASES[name]
+    got, grad_fn = _value_and_grads(public, _leaves(*shapes))
+    want, op_grad_fn = _value_and_grads(op, _leaves(*shapes))
+    assert type(grad_fn).__name__ == node  # the eager path ran, not the custom op
+    assert type(op_grad_fn).__name__ != node
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tracing_sees_the_custom_op(name):
+    public, _, shapes, _ = CASES[name]
+    graph = make_fx(public, tracing_mode="fake")(*_leaves(*shapes)).code
+    assert "mdm_fast." in graph and "Backward" not in graph
+
+
+def test_no_grad_calls_skip_autograd():
+    x, w, b, sc, sh = _leaves(*CASES["group_norm_act"][2])
+    with torch.no_grad():
+        assert _group_norm("triton")(x, w, b, sc, sh).grad_fn is None
