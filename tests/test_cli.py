@@ -117,6 +117,9 @@ def test_quick_demo_then_sample(tmp_path, capsys):
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert "grid.png" in files and "000_00_level0_32px.png" in files and "001_01_level1_8px.png" in files
     assert main(["sample", "--checkpoint", str(ckpt), "--prompts", "a cat", "--out", str(tmp_path / "s2")]) == 2
+    assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--cuda-graphs",
+                 "--out", str(tmp_path / "s3")]) == 2  # bare --cuda-graphs = on: needs CUDA
+    assert "cuda_graphs needs a CUDA device" in capsys.readouterr().err
 
 
 def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):

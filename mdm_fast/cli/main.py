@@ -88,7 +88,7 @@ def cmd_sample(args) -> int:
         chunk = jobs[start:start + args.batch]
         levels = generate(diffusion, model, encoder, [p for p, _ in chunk], 1, image_size, device,
                           steps=args.steps, guidance=args.guidance, seed=args.seed + start, ddim_eta=args.eta,
-                          progress=True, cuda_graphs=args.cuda_graphs)
+                          progress=True, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
         levels_all.append([lvl.cpu() for lvl in levels])
         from PIL import Image
 
@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=0)
     s.add_argument("--grid-scale", type=int, default=1)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    s.add_argument("--cuda-graphs", action="store_true",
-                   help="capture each denoising step (all levels, guidance, update) once and replay it (CUDA)")
+    s.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="capture each denoising step (all levels, guidance, update) once and replay it; "
+                        "auto (default): on CUDA")
     s.add_argument("--device")
     s.add_argument("--out", default="samples")
     s.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
