@@ -110,12 +110,13 @@ def _section(title: str, level: str, B: int, dtype: torch.dtype, backward: bool,
     return common.markdown_table(HEADER, table)
 
 
-def _fwd_configs() -> str:
-    """The forward config the autotuner picked per shape (it has two candidates per head dim)."""
+def _picked_configs() -> str:
+    """The config the autotuner picked per kernel and shape (2-4 candidates per head dim)."""
     from mdm_fast.kernels import attention as kernels
 
-    picked = getattr(kernels._fwd_kernel, "cache", {})
-    return "; ".join(f"LQ={k[0]}, d<={k[3]}: {v}" for k, v in picked.items()) or "none recorded"
+    picked = [f"{name} LQ={k[0]}, d<={k[3]}: {v}" for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+              for k, v in getattr(getattr(kernels, name), "cache", {}).items()]
+    return "; ".join(picked) or "none recorded"
 
 
 def main() -> None:
@@ -144,8 +145,8 @@ def main() -> None:
                          "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) (NCHW "
                          "model; 'channels_last layout': the same with channels contiguous, what the default "
                          "channels_last model gives) and write (B, C, L) in that layout. Quick suite: "
-                         "reference einsum on level 1 forward only, backward on level 1 only. Triton forward "
-                         "configs picked: " + _fwd_configs() + ".")
+                         "reference einsum on level 1 forward only, backward on level 1 only. Triton "
+                         "configs picked: " + _picked_configs() + ".")
     common.write_report("attention", sections, args.out)
 
 

@@ -299,6 +299,36 @@ def test_gpu_error_bounded_by_torch_lowprec(impl, shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["level1-d64", "d128-odd"])
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+def test_gpu_every_autotune_candidate_is_correct(monkeypatch, kernel, shape):
+    """The autotuner times one candidate per shape and keeps the fastest: every one must be right."""
+    from mdm_fast.kernels import attention as kern
+
+    B, H, L, d = GPU_SHAPES[shape]
+    T = 77
+    key = (kernel, 64 if d <= 64 else 128)
+    fn = {"fwd": kern._fwd_kernel, "dq": kern._bwd_dq_kernel, "dkdv": kern._bwd_dkdv_kernel}[kernel]
+    q, k, v, kc, vc = make_inputs(B, H, L, T, d, torch.bfloat16, device="cuda")
+    mask = padded_mask(B, T, device="cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v, kc, vc)]
+    ref = oracle(*leaves, cond_mask=mask)
+    low = attention(*leaves, cond_mask=mask, impl="ref")
+    g = torch.randn_like(ref)
+    bounds = [2 * _max_err(lo, want) + 1e-3 for lo, want in zip(grads(low, leaves, g.to(q.dtype)),
+                                                                   grads(ref, leaves, g))]
+    want = grads(ref, leaves, g)
+    for candidate in kern._HOPPER[key]:
+        monkeypatch.setitem(kern._HOPPER, key, [candidate])
+        fn.cache.clear()
+        out = attention(*leaves, cond_mask=mask, impl="triton")
+        assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3, candidate
+        for name, got, w, bound in zip("q k v kc vc".split(), grads(out, leaves, g.to(q.dtype)), want, bounds):
+            assert _max_err(got, w) <= bound, (candidate, name)
+    fn.cache.clear()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("token_major", [False, True], ids=["channel-major", "token-major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_layout_fused(dtype, token_major):

@@ -9,17 +9,23 @@ Performance notes (H200, bf16; level 1 = B 32, 1024 tokens, 512 ch, 8 heads of 6
     0.180 ms (381 TFLOP/s, self branch only); level 2 (B 32, 256 tokens, 768 ch, d 96): einsum
     0.241 ms, SDPA 0.042 ms. Goal: 1.2x (fwd) / 1.1x (bwd) over the SDPA pair (self + masked
     cross + add) and >= 60% of 785 TFLOP/s (<= 0.164 ms) on level 1.
-  * Configs (``_HOPPER``): fixed per (kernel, padded head dim); only the forward has two candidates,
-    timed once per shape, so a first call compiles at most 2 + 1 + 1 variants per head dim.
+  * Configs (``_HOPPER``): 2-4 candidates per (kernel, padded head dim), timed once per shape by
+    Triton's autotuner, so a first call compiles at most 2 + 4 + 4 variants per head dim (the
+    backward's alternatives below come from the compile-only report, benchmarks/kernel_report.py:
+    no spills, wgmma, more resident programs per SM than the first; a GPU picks).
     Registers per thread from ptxas for sm_90a, public layout, no spills unless noted:
       fwd d<=64: 128x64, 4 warps, 3 stages (225 regs: 2 CTAs/SM, one warpgroup each, so one CTA's
         softmax overlaps the other's wgmma), or 128x64, 8 warps, maxnreg 128 (128 regs: 2 CTAs of
         2 warpgroups; unpinned it takes 129 and only 1 CTA fits).
       fwd d 96/128 (padded to 128): 128x64, 8 warps (178-193) or 64x64, 4 warps (184-202).
-      dq d<=64: 128 queries x 32 keys, 8 warps, 4 stages, maxnreg 128 (128, no spill).
-      dk/dv d<=64: 128 keys x 32 queries, 8 warps, 4 stages (170); with 4 warps it spills.
-      d 128 backward: 64x64, 8 warps, 3 stages (240-246). fp32 inputs (ieee dots on CUDA cores)
-      spill at any tile size: 32x32, 8 warps, a correctness path only.
+      dq d<=64: 128 queries x 32 keys, 8 warps, 4 stages, maxnreg 128 (128, no spill); or 64x32,
+        4 warps (138 regs, 3 CTAs/SM), 128x32, 4 warps, 5 stages (168, 3 CTAs), 128x64 pinned at 128.
+      dk/dv d<=64: 128 keys x 32 queries, 8 warps, 4 stages (170: 1 CTA/SM); the same pinned at 128
+        registers (2 CTAs/SM), 64 keys x 32 queries, 4 warps (170, 2 CTAs), 64x64, 4 warps (255).
+      d 128 backward: 64x64, 8 warps, 3 stages (238-246, 1 CTA/SM: shared memory also limits it);
+        or dq 32x64 / dk,dv 32 keys x 64 queries, 4 warps (218 / 255, 2 CTAs), 128x32 / 128 keys x
+        32 queries, 8 warps (211 / 238). fp32 inputs (ieee dots on CUDA cores) spill at any tile
+        size: 32x32, 8 warps, a correctness path only.
   * The hot loop runs over full key tiles with no bounds masks (one masked tail tile after it);
     the head-dim mask exists only when d is padded; scores are scaled by scale*log2(e) and
     exponentiated with exp2; statistics are fp32. q is loaded once and shared by both branches.
@@ -72,10 +78,10 @@ _LOG2E = 1.4426950408889634
 _HOPPER = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3, 128)],
     ("fwd", 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    ("dq", 64): [(128, 32, 8, 4, 128)],
-    ("dq", 128): [(64, 64, 8, 3)],
-    ("dkdv", 64): [(32, 128, 8, 4)],
-    ("dkdv", 128): [(64, 64, 8, 3)],
+    ("dq", 64): [(128, 32, 8, 4, 128), (64, 32, 4, 4), (128, 32, 4, 5), (128, 64, 8, 3, 128)],
+    ("dq", 128): [(64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+    ("dkdv", 64): [(32, 128, 8, 4), (32, 128, 8, 4, 128), (32, 64, 4, 4), (64, 64, 4, 3)],
+    ("dkdv", 128): [(64, 64, 8, 3), (64, 32, 4, 3), (32, 128, 8, 3)],
 }
 _FP32 = (32, 32, 8, 1)  # exact fp32 dots run on CUDA cores and spill at any tile: a correctness path
 _INTERPRET = (16, 16, 4, 1)  # the CPU interpreter: small tiles so tests stay fast and multi-tile
@@ -94,21 +100,25 @@ def _config(shape: tuple) -> triton.Config:
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=(maxnreg or [None])[0])
 
 
-def _launch_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Fixed launch parameters of a backward kernel."""
-    return _config(_candidates(kernel, block_d, dtype)[0]).all_kwargs()
-
-
-def _fwd_prune(configs, named_args, **kwargs):
-    # keep the (one or two) candidates for this head dim and dtype
-    want = {str(_config(c)) for c in _candidates("fwd", kwargs["BLOCK_D"], named_args["Q"].dtype)}
-    return [c for c in configs if str(c) in want]
-
-
-def _fwd_configs() -> list:
+def _configs(kernel: str) -> list:
+    """Every candidate of ``kernel`` (all head dims and dtypes): the autotuner's list, pruned per call."""
     shapes = {_INTERPRET} if triton_interpreting() else {_FP32, *(c for (k, _), cs in _HOPPER.items()
-                                                                  if k == "fwd" for c in cs)}
-    return [_config(s) for s in sorted(shapes)]
+                                                                  if k == kernel for c in cs)}
+    return [_config(s) for s in sorted(shapes, key=str)]
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):  # keep the candidates for this head dim and dtype
+        want = {str(_config(c)) for c in _candidates(kernel, kwargs["BLOCK_D"], named_args["Q"].dtype)}
+        return [c for c in configs if str(c) in want]
+    return prune
+
+
+def _autotune(kernel: str):
+    """Timed once per shape among the candidates of ``_HOPPER`` (every kernel writes its outputs with
+    plain stores, so the repeated timing runs are harmless)."""
+    return triton.autotune(configs=_configs(kernel), key=["LQ", "LK", "T", "BLOCK_D", "HAS_COND", "HAS_SMASK"],
+                           prune_configs_by={"early_config_prune": _prune(kernel)})
 
 
 @triton.jit
@@ -247,8 +257,7 @@ def _program(n_tiles, H):
     return pid % n_tiles, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["LQ", "LK", "T", "BLOCK_D", "HAS_COND", "HAS_SMASK"],
-                 prune_configs_by={"early_config_prune": _fwd_prune})
+@_autotune("fwd")
 @triton.jit
 def _fwd_kernel(Q, K, V, KC, VC, CMASK, SMASK, O, LSE,
                 s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
@@ -322,6 +331,7 @@ def _dq_branch(dq, q, do, K, V, MASK, s_kl, s_kd, s_vl, s_vd, s_m, n_keys, lse, 
     return dq
 
 
+@_autotune("dq")
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, KC, VC, CMASK, SMASK, O, DO, DQ, LSE, DELTA,
                    s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
@@ -420,6 +430,7 @@ def _dkdv_tile(Q, DO, K, V, MASK, DK, DV, LSE, DELTA, tile,
     tl.store(DV + offs_n[:, None] * s_dvl + offs_d[None, :] * s_dvd, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
+@_autotune("dkdv")
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, KC, VC, CMASK, SMASK, DO, DK, DV, DKC, DVC, LSE, DELTA,
                      s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
@@ -507,15 +518,15 @@ def backward(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse, 
     strided = (*q.stride(), *k.stride(), *v.stride(), *_strides(k_cond), *_strides(v_cond), *s_cm, *s_sm)
     kw = dict(qk_scale=scale * _LOG2E, scale=scale, **args)
 
-    cfg = _launch_config("dq", args["BLOCK_D"], q.dtype)
-    _bwd_dq_kernel[(B * H * triton.cdiv(LQ, cfg["BLOCK_M"]),)](
+    _bwd_dq_kernel[lambda meta: (B * H * triton.cdiv(LQ, meta["BLOCK_M"]),)](
         q, k, v, kc, vc, cm, sm, out, grad_out, dq, lse, delta,
-        *strided, *out.stride(), *grad_out.stride(), *dq.stride(), **kw, **cfg)
+        *strided, *out.stride(), *grad_out.stride(), *dq.stride(), **kw)
 
-    cfg = _launch_config("dkdv", args["BLOCK_D"], q.dtype)
-    n = cfg["BLOCK_N"]
-    n_tiles = triton.cdiv(k.shape[2], n) + (triton.cdiv(k_cond.shape[2], n) if has_cond else 0)
-    _bwd_dkdv_kernel[(B * H * n_tiles,)](
+    def dkdv_grid(meta):  # the pixel key tiles, then the text key tiles
+        n = meta["BLOCK_N"]
+        return (B * H * (triton.cdiv(k.shape[2], n) + (triton.cdiv(k_cond.shape[2], n) if has_cond else 0)),)
+
+    _bwd_dkdv_kernel[dkdv_grid](
         q, k, v, kc, vc, cm, sm, grad_out, dk, dv, dkc, dvc, lse, delta,
         *strided, *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *_strides(dk_cond), *_strides(dv_cond), **kw, **cfg)
+        *_strides(dk_cond), *_strides(dv_cond), **kw)
