@@ -8,8 +8,10 @@ from mdm_fast.ops import attention, attention_from_qkv, group_norm_act, upsample
 
 
 def _leaves(*shapes, dtype=torch.float32):
+    """Inputs that need gradients; 1-D ones (weights, biases) are Parameters, as in a model."""
     torch.manual_seed(0)
-    return [torch.randn(s, dtype=dtype).requires_grad_() for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype)) if len(s) == 1 else torch.randn(s, dtype=dtype)
+            .requires_grad_() for s in shapes]
 
 
 def _value_and_grads(fn, leaves):

@@ -206,11 +206,14 @@ def first_reason(*reasons: Optional[str]) -> Optional[str]:
 # ---- the eager path of the differentiable custom ops -------------------------------------------
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     """Nothing is tracing: not torch.compile, no Python dispatch mode (make_fx, FakeTensorMode, ...),
-    plain tensors (no subclass such as DTensor or FakeTensor)."""
+    plain tensors or parameters (no subclass such as DTensor or FakeTensor)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(t is None or type(t) is torch.Tensor for t in tensors))
+            and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
 def eager_autograd(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
