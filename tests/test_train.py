@@ -281,6 +281,19 @@ def test_graphed_step_logic_matches_the_eager_step(tmp_path, acc):
     assert fast_res["last"]["loss"] == pytest.approx(eager_res["last"]["loss"], rel=1e-4)
 
 
+def test_an_eager_checkpoint_resumes_on_the_graphed_step(tmp_path):
+    """Checkpoints are the same format either way: an eager run's step-2 checkpoint, resumed by the
+    graphed step (fused AdamW), reaches what an uninterrupted graphed run reaches."""
+    Trainer(tiny(tmp_path / "mixed"), quiet=True, graphed=False).train(stop_after=2)
+    resumed = Trainer(tiny(tmp_path / "mixed"), quiet=True, graphed=True)
+    assert resumed.step == 2 and resumed.graphed is not None
+    resumed.train()
+    Trainer(tiny(tmp_path / "graphed"), quiet=True, graphed=True).train()
+    a, b = (load_checkpoint(tmp_path / d / "ckpt_00000006.pt") for d in ("mixed", "graphed"))
+    _close(a, b, 1e-4, 1e-5)
+    assert a["ema"]["counter"] == b["ema"]["counter"] == 6
+
+
 def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, caplog):
     """A NaN loss at step 3: no update, the EMA and its warm-up count untouched, the step still counted,
     the log line of that step absent (log_freq 1) and a warning; decided on the device."""

@@ -14,7 +14,6 @@ gradient norms reach the log once per ``log_freq`` steps. Otherwise the step run
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -213,12 +212,23 @@ class Trainer:
         if "optimizer" in ckpt:
             set_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
+            self._keep_optimizer_kind()
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         if not self.quiet:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _keep_optimizer_kind(self) -> None:
+        """A checkpoint's param groups carry the implementation flags of the run that wrote it (fused
+        or not); this run keeps its own, and its step counters are placed for them again (a fused
+        optimizer wants them on the device) by a round trip through torch's own state-dict loader."""
+        defaults = self.optimizer.defaults
+        kind = {k: defaults[k] for k in ("fused", "foreach", "capturable") if k in defaults}
+        for group in self.optimizer.param_groups:
+            group.update(kind)
+        self.optimizer.load_state_dict(self.optimizer.state_dict())
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _autocast(self):
