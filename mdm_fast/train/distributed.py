@@ -22,9 +22,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(graph_safe: bool = False) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR); one process
-    without them. NCCL on CUDA, gloo on CPU."""
+    without them. NCCL on CUDA, gloo on CPU. ``graph_safe``: NCCL without asynchronous error handling,
+    which PyTorch requires for capturing its collectives in a CUDA graph."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -32,18 +33,28 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
+            if graph_safe:
+                os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", side_stream: bool = False) -> nn.Module:
     """DDP (every rank holds the whole model) or FSDP (FSDP2 ``fully_shard``: parameters, gradients and
-    optimizer state sharded; each down/mid/up block of every level is one unit, gathered when it runs)."""
+    optimizer state sharded; each down/mid/up block of every level is one unit, gathered when it runs).
+    ``side_stream``: DDP is built on a side stream, as capturing its backward in a CUDA graph requires."""
     if info.world_size <= 1:
         return model
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
     if mode == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if not side_stream:
+            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        return ddp
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -111,7 +111,7 @@ class Trainer:
         """``graphed``: overrides ``cfg.cuda_graphs`` (True runs the graphed step's logic without a graph
         on a CPU, for tests)."""
         self.cfg = cfg
-        self.dist: DistInfo = init_distributed()
+        self.dist: DistInfo = init_distributed(graph_safe=cfg.cuda_graphs == "on" and cfg.distributed == "ddp")
         if device is None:
             device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
@@ -135,7 +135,8 @@ class Trainer:
         if resume is not None:
             self._restore_weights(*resume)
         # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
-        self.wrapped = wrap_model(self.model, self.dist, cfg.distributed)
+        self.wrapped = wrap_model(self.model, self.dist, cfg.distributed,
+                                  side_stream=cfg.cuda_graphs == "on" and self.device.type == "cuda")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters (is every level frozen?)")
@@ -153,18 +154,21 @@ class Trainer:
         if graphed:
             self.graphed = GraphedTrainingStep(params, self.optimizer, self._loss, self.generator,
                                                cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
-                                               capture=self.device.type == "cuda")
+                                               capture=self.device.type == "cuda",
+                                               ddp=self.wrapped if self.dist.world_size > 1 else None)
 
     def _graphed_wanted(self) -> bool:
-        """``cuda_graphs``: auto = on for one process on a CUDA device; on = that, or an error."""
+        """``cuda_graphs``: auto = on for one process on a CUDA device; on = also DDP ranks (capture with
+        NCCL collectives, verified on one GPU only so far), or an error."""
         mode, why = self.cfg.cuda_graphs, None
         if self.device.type != "cuda":
             why = f"the device is {self.device}"
-        elif self.dist.world_size > 1:
-            why = f"{self.dist.world_size} processes (DDP/FSDP steps run eagerly)"
+        elif self.dist.world_size > 1 and self.cfg.distributed != "ddp":
+            why = f"distributed: {self.cfg.distributed} (FSDP steps run eagerly)"
         if mode == "on" and why is not None:
-            raise ValueError(f"cuda_graphs: on needs one process on a CUDA device, but {why}; use auto or off")
-        return mode != "off" and why is None
+            raise ValueError(f"cuda_graphs: on needs one process or DDP on a CUDA device, but {why}; "
+                             "use auto or off")
+        return mode == "on" or (mode == "auto" and why is None and self.dist.world_size == 1)
 
     def _shared_time_seed(self) -> int:
         """seed: -1 (public): a seed from the clock, the same on every rank."""
@@ -327,8 +331,9 @@ class Trainer:
         return totals, 1.0
 
     def _graphed_step(self, batches) -> Tuple[Dict[str, Any], Any]:
+        last = len(batches) - 1
         for micro, batch in enumerate(batches):
-            self.graphed.micro_step(*self._micro_inputs(batch, micro))
+            self.graphed.micro_step(*self._micro_inputs(batch, micro), last=micro == last)
         stats, ok = self.graphed.update()
         stats["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
