@@ -152,12 +152,11 @@ def _ddp_worker(rank, world, port, out, mode, acc):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-graphed"])
-def test_two_processes_match_one_process(tmp_path, mode):
+@pytest.mark.parametrize("mode,acc", [("ddp", 1), ("fsdp", 1), ("fsdp", 2), ("ddp-graphed", 2)])
+def test_two_processes_match_one_process(tmp_path, mode, acc):
     """One process reading both shards of each global batch (2x the accumulations) == 2 ranks (gloo, CPU).
-    ddp-graphed: the graphed step's logic under DDP with accumulation (the all-reduce on the last
-    micro-step only, the skip flag all-reduced), without a graph."""
-    acc = 2 if mode == "ddp-graphed" else 1
+    acc 2: gradient accumulation on the ranks (no reduction but on the last micro-step). ddp-graphed:
+    the graphed step's logic under DDP (the skip flag all-reduced too), without a graph."""
     Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2 * acc,
                  distributed=mode.split("-")[0]), quiet=True, graphed=mode.endswith("graphed")).train()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), mode, acc), nprocs=2, join=True)

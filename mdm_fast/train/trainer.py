@@ -306,15 +306,15 @@ class Trainer:
         totals: Dict[str, float] = {}
         for micro, batch in enumerate(batches):
             images, cond, mask = self._micro_inputs(batch, micro)
-            with grad_sync(self.wrapped, micro == acc - 1):
+            with grad_sync(self.wrapped, micro == acc - 1):  # backward inside: FSDP2 reads the flag there
                 loss, stats = self._loss(images, cond, mask)
-            if not self._all_finite(loss):  # as the public trainer: skip the update, keep counting
-                log.warning("step %d: loss is not finite; skipping the update", self.step)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                return {"loss": float("nan")}, 0.0
-            (loss / acc).backward()
+                if not self._all_finite(loss):  # as the public trainer: skip the update, keep counting
+                    log.warning("step %d: loss is not finite; skipping the update", self.step)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    self.step += 1
+                    return {"loss": float("nan")}, 0.0
+                (loss / acc).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / acc
             for k, v in stats.items():
                 if k.startswith("loss_level"):
