@@ -60,7 +60,8 @@ $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.lo
 # Most important first: a stage cut by the lease still leaves the earlier tables (the models suite
 # rewrites its table after each workload).
 if want models; then
-  tests gpu-tests 120 tests/test_fast_model.py "tests/test_runners.py tests/test_precompile.py tests/test_train.py" \
+  tests gpu-tests 120 tests/test_fast_model.py "tests/test_runners.py tests/test_precompile.py" \
+    "tests/test_train.py tests/test_cli.py" \
     "tests/test_group_norm_act.py tests/test_diffusion_ops.py" tests/test_attention.py tests/test_resample_ops.py
   stage bench-models 240 $PY -m benchmarks.models --suite quick --out "$OUT"
   stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
