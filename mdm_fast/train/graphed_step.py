@@ -53,9 +53,13 @@ class GraphedTrainingStep:
         self.params, self.optimizer, self.loss_fn = params, optimizer, loss_fn
         self.accumulations, self.max_grad_norm, self.ddp = accumulations, max_grad_norm, ddp
         self._sums: Dict[str, Tensor] = {}  # loss and per-level losses of this step, over its micro-batches
+        # with accumulation two graphs (with / without the all-reduce) share one memory pool: they run one
+        # after the other and keep nothing in it (gradients and sums live outside), so activations are
+        # reserved once
         self.runner = GraphedCallable(self._micro, warmup=2 if ddp is None else 11, capture=capture,
                                       clone_outputs=False, generators=(generator,), after_warmup=self._reset,
-                                      max_graphs=1 if accumulations == 1 else 2)  # with / without all-reduce
+                                      max_graphs=1 if accumulations == 1 else 2,
+                                      pool=torch.cuda.graph_pool_handle() if capture else None)
 
     @property
     def eager_calls(self) -> int:
