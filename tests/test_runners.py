@@ -208,3 +208,35 @@ def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_failed_capture_falls_back_to_eager_or_raises(monkeypatch, caplog):
+    """eager_on_error: the failure is logged, after_warmup undoes the warm-up, the generator states are
+    restored and the function runs eagerly from then on; otherwise the error propagates."""
+    stand_in = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "default_generators", (stand_in,))
+    gen = torch.Generator().manual_seed(3)
+    resets, calls = [], []
+
+    def fn(x):
+        calls.append(1)
+        return x + torch.rand(x.shape, generator=gen)
+
+    def failing_capture(self, args):
+        self.fn(*args)  # a warm-up run that draws, then the capture fails
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedCallable, "_capture", failing_capture)
+    g = GraphedCallable(fn, capture=True, generators=(gen,), after_warmup=lambda: resets.append(1),
+                        eager_on_error=True)
+    with caplog.at_level("WARNING"):
+        out = g(torch.zeros(3))
+    assert "capture failed" in caplog.text and resets == [1] and not g.capture
+    gen.manual_seed(3)
+    assert torch.equal(out, torch.rand(3, generator=gen))  # the eager call drew what a first call draws
+    g(torch.zeros(3))
+    assert len(calls) == 3 and g.num_graphs == 1
+    strict = GraphedCallable(fn, capture=True, generators=(gen,))
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        strict(torch.zeros(3))

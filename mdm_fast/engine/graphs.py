@@ -12,11 +12,14 @@ testable on a CPU.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+log = logging.getLogger(__name__)
 
 
 def _signature(leaves) -> Tuple:
@@ -42,13 +45,15 @@ class GraphedCallable:
     ``generators``: the CUDA generators ``fn`` draws from (besides the default one), registered with
     each graph: a replay draws from their current seed and offset and advances them, as an eager call
     would; the warm-up's draws are undone. ``max_graphs``: signatures beyond that many run ``fn``
-    eagerly (counted in ``eager_calls``). ``capture=False`` runs ``fn`` eagerly on the static buffers
-    (the default on CPU).
+    eagerly (counted in ``eager_calls``). ``eager_on_error``: a warm-up or capture that raises is logged,
+    ``after_warmup`` undoes what it did, and ``fn`` runs eagerly from then on (an error of ``fn`` itself
+    then surfaces from that eager call). ``capture=False`` runs ``fn`` eagerly on the static buffers (the
+    default on CPU).
     """
 
     def __init__(self, fn: Callable, warmup: int = 2, capture: Optional[bool] = None, clone_outputs: bool = True,
                  pool=None, generators: Sequence[torch.Generator] = (), after_warmup: Optional[Callable] = None,
-                 max_graphs: Optional[int] = None):
+                 max_graphs: Optional[int] = None, eager_on_error: bool = False):
         self.fn = fn
         self.warmup = warmup
         self.capture = torch.cuda.is_available() if capture is None else capture
@@ -57,6 +62,7 @@ class GraphedCallable:
         self.generators = list(generators)
         self.after_warmup = after_warmup
         self.max_graphs = max_graphs
+        self.eager_on_error = eager_on_error
         self.eager_calls = 0
         self._entries: Dict[Tuple, _Entry] = {}
 
@@ -92,6 +98,22 @@ class GraphedCallable:
         args = tree_unflatten(static, spec)
         generators = self.generators + [torch.cuda.default_generators[torch.cuda.current_device()]]
         states = [g.get_state() for g in generators]
+        try:
+            entry.graph, entry.outputs = self._capture(args)
+        except Exception as e:  # noqa: BLE001  (reported, then the same function runs eagerly, or re-raised)
+            entry.graph = entry.outputs = None
+            if not self.eager_on_error:
+                raise
+            log.warning("CUDA-graph capture failed (%s: %s); running eagerly from now on", type(e).__name__, e)
+            self.capture = False
+            if self.after_warmup is not None:
+                self.after_warmup()
+        finally:
+            for g, state in zip(generators, states):  # the first call draws what an eager first call would
+                g.set_state(state)
+        return entry
+
+    def _capture(self, args):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -100,15 +122,13 @@ class GraphedCallable:
         torch.cuda.current_stream().wait_stream(side)
         if self.after_warmup is not None:
             self.after_warmup()
-        entry.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         for g in self.generators:
-            entry.graph.register_generator_state(g)
+            graph.register_generator_state(g)
         # thread_local: a data-loader thread pinning memory meanwhile does not invalidate the capture
-        with torch.cuda.graph(entry.graph, pool=self.pool, capture_error_mode="thread_local"):
-            entry.outputs = self.fn(*args)
-        for g, state in zip(generators, states):  # the first replay draws what the first eager call would
-            g.set_state(state)
-        return entry
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            outputs = self.fn(*args)
+        return graph, outputs
 
 
 def graphed_sampler_step(sampler, denoise: Callable, capture: Optional[bool] = None) -> GraphedCallable:
@@ -118,7 +138,7 @@ def graphed_sampler_step(sampler, denoise: Callable, capture: Optional[bool] = N
         with torch.no_grad():
             return sampler.step(denoise, x_t, times, g_t, g_s, noise)
 
-    return GraphedCallable(step, capture=capture)
+    return GraphedCallable(step, capture=capture, eager_on_error=True)
 
 
 class GraphedTrainStep:

@@ -39,13 +39,14 @@ class GraphedTrainingStep:
     ``loss`` and of the ``loss_level*`` stats over the micro-batches is what ``update`` reports.
     ``optimizer``: a fused Adam/AdamW (the only ones that skip a step on a device flag).
     ``ddp``: the DDP-wrapped model the loss runs, if any (its all-reduce is skipped on all micro-steps
-    but the last, and the ranks agree on skipping a step). ``capture=False`` runs the same logic
-    without a graph (on a CPU, in tests).
+    but the last, and the ranks agree on skipping a step). ``eager_on_error``: a failed capture is
+    logged and the step runs eagerly, with the same logic, instead of raising. ``capture=False`` runs
+    the same logic without a graph (on a CPU, in tests).
     """
 
     def __init__(self, params: List[Tensor], optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                  generator: torch.Generator, accumulations: int, max_grad_norm: float, capture: bool,
-                 ddp: Optional[nn.Module] = None):
+                 ddp: Optional[nn.Module] = None, eager_on_error: bool = False):
         if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")):
             raise ValueError("graphed training needs torch.optim.Adam/AdamW(..., fused=True) (it skips a step with a "
                              f"non-finite loss on the device), got {type(optimizer).__name__} "
@@ -59,7 +60,8 @@ class GraphedTrainingStep:
         self.runner = GraphedCallable(self._micro, warmup=2 if ddp is None else 11, capture=capture,
                                       clone_outputs=False, generators=(generator,), after_warmup=self._reset,
                                       max_graphs=1 if accumulations == 1 else 2,
-                                      pool=torch.cuda.graph_pool_handle() if capture else None)
+                                      pool=torch.cuda.graph_pool_handle() if capture else None,
+                                      eager_on_error=eager_on_error)
 
     @property
     def eager_calls(self) -> int:
