@@ -231,6 +231,8 @@ class Trainer:
         optimizer wants them on the device) by a round trip through torch's own state-dict loader."""
         defaults = self.optimizer.defaults
         kind = {k: defaults[k] for k in ("fused", "foreach", "capturable") if k in defaults}
+        if all(group.get(k) == v for group in self.optimizer.param_groups for k, v in kind.items()):
+            return
         for group in self.optimizer.param_groups:
             group.update(kind)
         self.optimizer.load_state_dict(self.optimizer.state_dict())
