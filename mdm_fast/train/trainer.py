@@ -271,7 +271,7 @@ class Trainer:
         from mdm_fast.engine.precompile import precompile_training
 
         gen = torch.Generator(self.device).manual_seed(0)
-        images = to_model_range(batch["image"]).to(self.device)
+        images = to_model_range(batch["image"].to(self.device))
 
         def loss():
             with self._autocast():
@@ -292,7 +292,9 @@ class Trainer:
         """Re-seed the step's generator for this micro-batch; (images, cond, mask) on the device."""
         acc = self.cfg.num_gradient_accumulations
         self.generator.manual_seed(step_seed(self.seed, self.step, self.dist.rank * acc + micro))
-        images = to_model_range(batch["image"]).to(self.device, non_blocking=True)
+        # the (pinned) uint8 batch crosses to the device, then is converted there: a quarter of the bytes,
+        # and an asynchronous copy (the float32 tensor made on the host would be pageable)
+        images = to_model_range(batch["image"].to(self.device, non_blocking=True))
         with torch.no_grad(), self._autocast():
             cond, mask = self._conditioning(batch, self.generator)
         self.skipped += int(batch.get("_skipped", 0))
