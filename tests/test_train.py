@@ -346,3 +346,23 @@ def test_gpu_graph_replayed_training_equals_the_same_step_run_eagerly(tmp_path, 
     _close(runs[True][0], runs[False][0], 1e-5, 1e-6)
     for a, b in zip(runs[True][1], runs[False][1]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["step"] == b["step"]
+
+
+def test_a_capture_mid_step_keeps_the_gradients_and_sums_so_far(tmp_path):
+    """A new batch signature met on a later micro-step is captured there: its warm-up runs (which
+    accumulate) must leave the earlier micro-steps' gradients and loss sums as they were."""
+    from mdm_fast.data import make_loader
+
+    tr = Trainer(tiny(tmp_path, num_gradient_accumulations=2), quiet=True, graphed=True)
+    step = tr.graphed
+    batch = next(iter(make_loader(tr.dataset, 4, rank=0, world_size=1, accumulations=1, seed=0, start_step=0,
+                                  num_steps=1)))
+    step.micro_step(*tr._micro_inputs(batch, 0), last=False)
+    grads = [p.grad.clone() for p in step.params]
+    sums = {k: v.clone() for k, v in step._sums.items()}
+    step._save()
+    for _ in range(2):  # what a capture's warm-up does
+        step._micro(True, *tr._micro_inputs(batch, 1))
+    step._restore()
+    assert all(torch.equal(p.grad, g) for p, g in zip(step.params, grads))
+    assert all(torch.equal(step._sums[k], v) for k, v in sums.items())

@@ -40,7 +40,8 @@ class GraphedCallable:
 
     The first call with a new signature warms ``fn`` up on a side stream (``warmup`` runs, whose
     results are discarded: ``fn`` must not have side effects other than its outputs, or
-    ``after_warmup`` must undo them), captures it, and replays. Outputs are cloned unless
+    ``before_warmup`` / ``after_warmup`` must save and restore what they change), captures it, and
+    replays. Outputs are cloned unless
     ``clone_outputs=False`` (then they are the graph's static buffers, overwritten by the next replay).
     ``generators``: the CUDA generators ``fn`` draws from (besides the default one), registered with
     each graph: a replay draws from their current seed and offset and advances them, as an eager call
@@ -52,15 +53,16 @@ class GraphedCallable:
     """
 
     def __init__(self, fn: Callable, warmup: int = 2, capture: Optional[bool] = None, clone_outputs: bool = True,
-                 pool=None, generators: Sequence[torch.Generator] = (), after_warmup: Optional[Callable] = None,
-                 max_graphs: Optional[int] = None, eager_on_error: bool = False):
+                 pool=None, generators: Sequence[torch.Generator] = (), before_warmup: Optional[Callable] = None,
+                 after_warmup: Optional[Callable] = None, max_graphs: Optional[int] = None,
+                 eager_on_error: bool = False):
         self.fn = fn
         self.warmup = warmup
         self.capture = torch.cuda.is_available() if capture is None else capture
         self.clone_outputs = clone_outputs
         self.pool = pool
         self.generators = list(generators)
-        self.after_warmup = after_warmup
+        self.before_warmup, self.after_warmup = before_warmup, after_warmup
         self.max_graphs = max_graphs
         self.eager_on_error = eager_on_error
         self.eager_calls = 0
@@ -114,6 +116,8 @@ class GraphedCallable:
         return entry
 
     def _capture(self, args):
+        if self.before_warmup is not None:
+            self.before_warmup()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

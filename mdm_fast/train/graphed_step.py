@@ -41,14 +41,16 @@ class GraphedTrainingStep:
     ``loss`` and of the ``loss_level*`` stats over the micro-batches is what ``update`` reports.
     ``optimizer``: a fused Adam/AdamW (the only ones that skip a step on a device flag).
     ``ddp``: the DDP-wrapped model the loss runs, if any (its all-reduce is skipped on all micro-steps
-    but the last, and the ranks agree on skipping a step). ``eager_on_error``: a failed capture is
+    but the last, and the ranks agree on skipping a step). ``max_graphs``: how many batch signatures
+    (text lengths, say: the public data pads captions to the longest of the batch) x (last micro-step
+    or not) get a graph; others run eagerly. ``eager_on_error``: a failed capture is
     logged and the step runs eagerly, with the same logic, instead of raising. ``capture=False`` runs
     the same logic without a graph (on a CPU, in tests).
     """
 
     def __init__(self, params: List[Tensor], optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                  generator: torch.Generator, accumulations: int, max_grad_norm: float, capture: bool,
-                 ddp: Optional[nn.Module] = None, eager_on_error: bool = False):
+                 ddp: Optional[nn.Module] = None, eager_on_error: bool = False, max_graphs: int = 64):
         if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")):
             raise ValueError("graphed training needs torch.optim.Adam/AdamW(..., fused=True) (it skips a step with a "
                              f"non-finite loss on the device), got {type(optimizer).__name__} "
@@ -56,14 +58,14 @@ class GraphedTrainingStep:
         self.params, self.optimizer, self.loss_fn = params, optimizer, loss_fn
         self.accumulations, self.max_grad_norm, self.ddp = accumulations, max_grad_norm, ddp
         self._sums: Dict[str, Tensor] = {}  # loss and per-level losses of this step, over its micro-batches
-        # with accumulation two graphs (with / without the all-reduce) share one memory pool: they run one
-        # after the other and keep nothing in it (gradients and sums live outside), so activations are
-        # reserved once
+        # graphs (one per batch signature and per all-reduce or not) share one memory pool: they run one at
+        # a time and keep nothing in it (gradients and sums live outside), so activations are reserved once
         self.runner = GraphedCallable(self._micro, warmup=2 if ddp is None else 11, capture=capture,
-                                      clone_outputs=False, generators=(generator,), after_warmup=self._reset,
-                                      max_graphs=1 if accumulations == 1 else 2,
+                                      clone_outputs=False, generators=(generator,), before_warmup=self._save,
+                                      after_warmup=self._restore, max_graphs=max_graphs,
                                       pool=torch.cuda.graph_pool_handle() if capture else None,
                                       eager_on_error=eager_on_error)
+        self._saved: Optional[Tuple[List[Optional[Tensor]], Dict[str, Tensor]]] = None
 
     @property
     def eager_calls(self) -> int:
@@ -73,6 +75,8 @@ class GraphedTrainingStep:
     def micro_step(self, *inputs: Tensor, last: bool = True) -> None:
         """One micro-batch; ``last``: the step's last one (under DDP the one that all-reduces)."""
         self.runner(last, *inputs)
+        if self.runner.num_graphs:
+            self.runner.warmup = 2  # DDP wants 11 eager iterations before its first capture only
 
     def update(self) -> Tuple[Dict[str, Tensor], Tensor]:
         """Clip, step, zero the gradients: (stats as 0-dim device tensors, ok: 1.0, or 0.0 where the
@@ -103,7 +107,24 @@ class GraphedTrainingStep:
             else:  # first (eager or warm-up) run: the buffer the graph then accumulates into
                 self._sums[k] = v.clone()
 
-    def _reset(self) -> None:
-        """Undo the warm-up runs: no gradient, no loss."""
-        self.optimizer.zero_grad(set_to_none=False)
-        torch._foreach_zero_(list(self._sums.values()))
+    def _save(self) -> None:
+        """Before the warm-up runs of a new capture (possibly mid-step): the gradients and sums so far."""
+        self._saved = ([None if p.grad is None else p.grad.clone() for p in self.params],
+                       {k: v.clone() for k, v in self._sums.items()})
+
+    def _restore(self) -> None:
+        """After them: the gradients and sums as they were (zero where the warm-up created them)."""
+        if self._saved is None:  # already restored (a capture that failed after its warm-up)
+            return
+        grads, sums = self._saved
+        for p, g in zip(self.params, grads):
+            if p.grad is not None and g is not None:
+                p.grad.copy_(g)
+            elif p.grad is not None:
+                p.grad.zero_()
+        for k, v in self._sums.items():
+            if k in sums:
+                v.copy_(sums[k])
+            else:
+                v.zero_()
+        self._saved = None
