@@ -2,8 +2,9 @@
 
 For one process on one GPU (``cuda_graphs: auto``), or DDP ranks (``cuda_graphs: on``): each
 micro-step's forward and backward (the diffusion loss of every level under autocast, the gradient
-accumulation, under DDP the gradient all-reduce of the last micro-step) is captured once, for the
-first batch's shapes (two graphs with accumulation: with and without the all-reduce), and replayed;
+accumulation, under DDP the gradient all-reduce of the last micro-step) is captured once per batch
+signature (the text length varies: the public data pads captions to the longest of the batch; with
+accumulation, with and without the all-reduce), up to ``max_graphs``, and replayed;
 the update (gradient clipping, the fused Adam/AdamW, then the trainer's EMA) runs eagerly on device
 values. Nothing is read back to the host per step: a non-finite
 loss skips the update on the device (the optimizer's ``found_inf``: parameters, moments and step
@@ -12,9 +13,10 @@ so the host prepares the next batch while the GPU runs this one.
 
 The numbers are the eager step's: the same kernels, and the same random draws (the step's generator
 is registered with the graph and re-seeded before each micro-step; a replay draws from its seed and
-offset). A batch whose shapes differ from the captured ones (a longer caption, say) runs eagerly
-through the same function and the same gradient buffers. A capture that fails under ``auto`` is
-logged and the step runs eagerly from then on.
+offset). A capture met mid-step keeps the gradients and sums of the earlier micro-batches (its
+warm-up's are undone); beyond ``max_graphs`` signatures a micro-step runs eagerly through the same
+function and buffers. A capture that fails under ``auto`` is logged and the step runs eagerly from
+then on.
 
 Under DDP the ranks skip together (the skip flag is all-reduced on the device) and, as PyTorch's
 CUDA-graph notes require, the wrapper is built on a side stream, NCCL's asynchronous error handling
