@@ -45,7 +45,9 @@ class GraphedTrainingStep:
     ``ddp``: the DDP-wrapped model the loss runs, if any (its all-reduce is skipped on all micro-steps
     but the last, and the ranks agree on skipping a step). ``max_graphs``: how many batch signatures
     (text lengths, say: the public data pads captions to the longest of the batch) x (last micro-step
-    or not) get a graph; others run eagerly. ``eager_on_error``: a failed capture is
+    or not) get a graph; others run eagerly. Under DDP only the first step's are captured (all ranks
+    capture then, together): a capture on one rank alone, whose warm-up runs DDP's collectives, would
+    desynchronise the ranks; an eager micro-step runs the same collectives as a replay. ``eager_on_error``: a failed capture is
     logged and the step runs eagerly, with the same logic, instead of raising. ``capture=False`` runs
     the same logic without a graph (on a CPU, in tests).
     """
@@ -64,7 +66,8 @@ class GraphedTrainingStep:
         # a time and keep nothing in it (gradients and sums live outside), so activations are reserved once
         self.runner = GraphedCallable(self._micro, warmup=2 if ddp is None else 11, capture=capture,
                                       clone_outputs=False, generators=(generator,), before_warmup=self._save,
-                                      after_warmup=self._restore, max_graphs=max_graphs,
+                                      after_warmup=self._restore,
+                                      max_graphs=max_graphs if ddp is None else min(accumulations, 2),
                                       pool=torch.cuda.graph_pool_handle() if capture else None,
                                       eager_on_error=eager_on_error)
         self._saved: Optional[Tuple[List[Optional[Tensor]], Dict[str, Tensor]]] = None
