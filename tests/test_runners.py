@@ -240,3 +240,60 @@ def test_a_failed_capture_falls_back_to_eager_or_raises(monkeypatch, caplog):
     strict = GraphedCallable(fn, capture=True, generators=(gen,))
     with pytest.raises(RuntimeError, match="stream is capturing"):
         strict(torch.zeros(3))
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that read a device value back to the host (a CUDA-graph capture fails on
+    them, and an eager step stalls): .item()/bool()/float() of a tensor, and data-dependent shapes."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+               "aten.equal", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        masks = name.startswith(("aten.index.Tensor", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or []))
+        if name.startswith(self.SYNCING) or masks or (name.startswith("aten.repeat_interleave.Tensor")
+                                                      and kwargs.get("output_size") is None):
+            self.found.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("eta", [None, 0.0], ids=["ddpm", "ddim"])
+def test_the_captured_steps_read_nothing_back_to_the_host(eta):
+    """What the graphs capture, run on CPU under a detector: the training micro-step (fast model with
+    masked cross-attention, nested diffusion loss), the update (clip, fused AdamW, zero, device-side EMA
+    skip) and the sampling step with guidance."""
+    from mdm_fast.train import ModelEma
+    from mdm_fast.train.graphed_step import GraphedTrainingStep
+
+    model, diffusion, cond, mask = tiny_setup()
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = GraphedTrainingStep(list(model.parameters()), opt, lambda *a: diffusion.loss(model, *a, generator=gen),
+                               gen, accumulations=2, max_grad_norm=1.0, capture=False)
+    ema = ModelEma(model, 0.9, warmup_steps=1)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    step.micro_step(images, cond, mask, last=False)  # the buffers exist before the detector watches
+    with _HostSyncs() as watch:
+        step.micro_step(images, cond, mask, last=True)
+        _, ok = step.update()
+        ema.update(model, skipped=1.0 - ok)
+    assert watch.found == []
+    model.eval()
+    sampler = diffusion.sampler(num_inference_steps=4, ddim_eta=eta)
+    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=torch.zeros_like(cond[:1]),
+                                     uncond_mask=torch.ones_like(mask[:1]))
+    x_t = sampler.initial_noise(2, 3, 16, generator=gen)
+    fn = graphed_sampler_step(sampler, denoise, capture=False)
+    steps = sampler.steps(denoise, x_t, generator=gen, step_fn=fn)
+    next(steps)
+    with _HostSyncs() as watch:
+        next(steps)
+    assert watch.found == []
