@@ -244,10 +244,11 @@ def test_a_failed_capture_falls_back_to_eager_or_raises(monkeypatch, caplog):
 
 class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the operators that read a device value back to the host (a CUDA-graph capture fails on
-    them, and an eager step stalls): .item()/bool()/float() of a tensor, and data-dependent shapes."""
+    them, and an eager step stalls): .item()/bool()/float() of a tensor, data-dependent shapes; and
+    tensors made from host data (torch.tensor(...): a host-to-device copy on a GPU, refused in a capture)."""
 
     SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-               "aten.equal", "aten.is_nonzero")
+               "aten.equal", "aten.is_nonzero", "aten.lift_fresh")
 
     def __init__(self):
         super().__init__()
