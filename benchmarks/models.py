@@ -174,14 +174,14 @@ def train_fn(model, args, graphed: bool) -> Callable[[], object]:
 
 
 def trainer_step_fn(model, args) -> Callable[[], object]:
-    """The step ``mdm-fast train`` runs on one GPU (:class:`mdm_fast.train.graphed_step.GraphedTrainingStep`):
+    """The step ``mdm-fast train`` runs on one GPU (:class:`mdm_fast.train.graphed_step.GraphedMicroSteps`):
     forward + backward replayed from a graph, the update (clip, fused AdamW, zero) eager, nothing read back."""
-    from mdm_fast.train.graphed_step import GraphedTrainingStep
+    from mdm_fast.train.graphed_step import GraphedMicroSteps
 
     targets = [torch.randn_like(x) for x in args[0]]
     loss_fn = train_loss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    step = GraphedTrainingStep(list(model.parameters()), opt, lambda *a: (loss_fn(*a), {}),
+    step = GraphedMicroSteps(list(model.parameters()), opt, lambda *a: (loss_fn(*a), {}),
                                torch.Generator("cuda"), accumulations=1, max_grad_norm=1.0, capture=True)
 
     def run():

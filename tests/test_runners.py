@@ -180,7 +180,7 @@ def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path):
     import torch.distributed as dist
 
     from mdm_fast.train.distributed import DistInfo, wrap_model
-    from mdm_fast.train.graphed_step import GraphedTrainingStep
+    from mdm_fast.train.graphed_step import GraphedMicroSteps
 
     os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -192,7 +192,7 @@ def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path):
             ddp = wrap_model(model, DistInfo(0, 2, 0), "ddp", side_stream=True)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
             gen = torch.Generator("cuda")
-            step = GraphedTrainingStep(list(model.parameters()), opt,
+            step = GraphedMicroSteps(list(model.parameters()), opt,
                                        lambda *a: diffusion.loss(ddp, *a, generator=gen), gen, accumulations=2,
                                        max_grad_norm=1.0, capture=capture, ddp=ddp)
             images = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1
@@ -271,13 +271,13 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
     masked cross-attention, nested diffusion loss), the update (clip, fused AdamW, zero, device-side EMA
     skip) and the sampling step with guidance."""
     from mdm_fast.train import ModelEma
-    from mdm_fast.train.graphed_step import GraphedTrainingStep
+    from mdm_fast.train.graphed_step import GraphedMicroSteps
 
     model, diffusion, cond, mask = tiny_setup()
     model.train()
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    step = GraphedTrainingStep(list(model.parameters()), opt, lambda *a: diffusion.loss(model, *a, generator=gen),
+    step = GraphedMicroSteps(list(model.parameters()), opt, lambda *a: diffusion.loss(model, *a, generator=gen),
                                gen, accumulations=2, max_grad_norm=1.0, capture=False)
     ema = ModelEma(model, 0.9, warmup_steps=1)
     images = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -5,7 +5,10 @@ graph per input signature (shapes, dtypes, devices, and where the Nones are), wi
 buffers that each call copies into. The sampler's whole step (every resolution, guidance, the
 sampler update) runs through it via ``Sampler.steps(..., step_fn=...)``: see :func:`graphed_sampler_step`.
 
-:class:`GraphedTrainStep` captures forward + backward + optimizer step of a training step.
+:class:`GraphedTrainStep` captures forward + backward + optimizer step of a training step as one graph
+(a fixed learning rate, a capturable optimizer: the benchmarks' loop); ``mdm-fast train`` instead replays
+graphs of its micro-steps and updates eagerly (:class:`mdm_fast.train.graphed_step.GraphedMicroSteps`:
+learning-rate schedule, accumulation, DDP, device-side skips).
 
 Without CUDA (or with ``capture=False``) both run the same static-buffer logic eagerly, so it is
 testable on a CPU.

@@ -36,7 +36,7 @@ from mdm_fast.train.distributed import grad_sync
 LossFn = Callable[..., Tuple[Tensor, Dict[str, Tensor]]]
 
 
-class GraphedTrainingStep:
+class GraphedMicroSteps:
     """``micro_step(*inputs)`` once per micro-batch (the trainer's: images, cond, mask), then ``update()``.
 
     ``loss_fn(*inputs) -> (loss, stats)`` draws its noise from ``generator``; the mean of

@@ -32,7 +32,7 @@ from mdm_fast.train import checkpoint as ckpt_io
 from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
                                         init_distributed, unwrap, wrap_model)
 from mdm_fast.train.ema import ModelEma
-from mdm_fast.train.graphed_step import GraphedTrainingStep
+from mdm_fast.train.graphed_step import GraphedMicroSteps
 from mdm_fast.train.metrics import MetricsLog, plot_loss
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,9 @@ class Trainer:
         if resume is not None:
             self._restore_training_state(*resume)
         self.generator = torch.Generator(self.device)  # re-seeded per micro-batch (step_seed)
-        self.graphed: Optional[GraphedTrainingStep] = None
+        self.graphed: Optional[GraphedMicroSteps] = None
         if graphed:
-            self.graphed = GraphedTrainingStep(params, self.optimizer, self._loss, self.generator,
+            self.graphed = GraphedMicroSteps(params, self.optimizer, self._loss, self.generator,
                                                cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
                                                capture=self.device.type == "cuda",
                                                ddp=self.wrapped if self.dist.world_size > 1 else None,
