@@ -9,15 +9,18 @@ Performance notes (H200, bf16; level 1 = B 32, 1024 tokens, 512 ch, 8 heads of 6
     0.180 ms (381 TFLOP/s, self branch only); level 2 (B 32, 256 tokens, 768 ch, d 96): einsum
     0.241 ms, SDPA 0.042 ms. Goal: 1.2x (fwd) / 1.1x (bwd) over the SDPA pair (self + masked
     cross + add) and >= 60% of 785 TFLOP/s (<= 0.164 ms) on level 1.
-  * Configs (``_HOPPER``): 2-4 candidates per (kernel, padded head dim), timed once per shape by
-    Triton's autotuner, so a first call compiles at most 2 + 4 + 4 variants per head dim (the
-    backward's alternatives below come from the compile-only report, benchmarks/kernel_report.py:
-    no spills, wgmma, more resident programs per SM than the first; a GPU picks).
+  * Configs (``_HOPPER``): 3-4 candidates per (kernel, padded head dim), timed once per shape by
+    Triton's autotuner, so a first call compiles at most 4 + 4 + 4 variants per head dim (the
+    alternatives to the first of each list come from the compile-only report,
+    benchmarks/kernel_report.py: no spills, wgmma, at least as many resident programs per SM as the
+    first; a GPU picks).
     Registers per thread from ptxas for sm_90a, public layout, no spills unless noted:
       fwd d<=64: 128x64, 4 warps, 3 stages (225 regs: 2 CTAs/SM, one warpgroup each, so one CTA's
         softmax overlaps the other's wgmma), or 128x64, 8 warps, maxnreg 128 (128 regs: 2 CTAs of
-        2 warpgroups; unpinned it takes 129 and only 1 CTA fits).
-      fwd d 96/128 (padded to 128): 128x64, 8 warps (178-193) or 64x64, 4 warps (184-202).
+        2 warpgroups; unpinned it takes 129 and only 1 CTA fits); also 128x128 keys, 8 warps, pinned
+        at 128 (112 KB of shared memory, 2 CTAs) and 64x128, 4 warps (188, 2 CTAs).
+      fwd d 96/128 (padded to 128): 128x64, 8 warps (178-193), 64x64, 4 warps (184-202), or 128x32,
+        8 warps, 4 stages pinned at 128 (2 CTAs).
       dq d<=64: 128 queries x 32 keys, 8 warps, 4 stages, maxnreg 128 (128, no spill); or 64x32,
         4 warps (138 regs, 3 CTAs/SM), 128x32, 4 warps, 5 stages (168, 3 CTAs), 128x64 pinned at 128.
       dk/dv d<=64: 128 keys x 32 queries, 8 warps, 4 stages (170: 1 CTA/SM); the same pinned at 128
@@ -76,8 +79,8 @@ _LOG2E = 1.4426950408889634
 # padded head dim (64 covers d <= 64); BLOCK_M tiles queries and BLOCK_N keys in every kernel.
 # Registers per thread from ptxas (sm_90a, public layout): see the notes at the top.
 _HOPPER = {
-    ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3, 128)],
-    ("fwd", 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3, 128), (128, 128, 8, 3, 128), (64, 128, 4, 3)],
+    ("fwd", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4, 128)],
     ("dq", 64): [(128, 32, 8, 4, 128), (64, 32, 4, 4), (128, 32, 4, 5), (128, 64, 8, 3, 128)],
     ("dq", 128): [(64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
     ("dkdv", 64): [(32, 128, 8, 4), (32, 128, 8, 4, 128), (32, 64, 4, 4), (64, 64, 4, 3)],
