@@ -289,8 +289,8 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
     assert watch.found == []
     model.eval()
     sampler = diffusion.sampler(num_inference_steps=4, ddim_eta=eta)
-    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=torch.zeros_like(cond[:1]),
-                                     uncond_mask=torch.ones_like(mask[:1]))
+    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0,
+                                     uncond_conditioning=torch.zeros_like(cond[:1]), uncond_mask=torch.ones_like(mask[:1]))
     x_t = sampler.initial_noise(2, 3, 16, generator=gen)
     fn = graphed_sampler_step(sampler, denoise, capture=False)
     steps = sampler.steps(denoise, x_t, generator=gen, step_fn=fn)

@@ -39,18 +39,20 @@ LossFn = Callable[..., Tuple[Tensor, Dict[str, Tensor]]]
 class GraphedMicroSteps:
     """``micro_step(*inputs)`` once per micro-batch (the trainer's: images, cond, mask), then ``update()``.
 
-    ``loss_fn(*inputs) -> (loss, stats)`` draws its noise from ``generator``; the mean of
-    ``loss`` and of the ``loss_level*`` stats over the micro-batches is what ``update`` reports.
-    ``optimizer``: a fused Adam/AdamW (the only ones that skip a step on a device flag).
-    ``ddp``: the DDP-wrapped model the loss runs, if any (its all-reduce is skipped on all micro-steps
-    but the last, and the ranks agree on skipping a step). ``max_graphs``: how many batch signatures
-    (text lengths, say: the public data pads captions to the longest of the batch) x (last micro-step
-    or not) get a graph, each with its own input buffers (~30 MB for the 256x256 model at batch 16
-    with 128 tokens of width 2048); others run eagerly. Under DDP only the first step's are captured (all ranks
+    ``loss_fn(*inputs) -> (loss, stats)`` draws its noise from ``generator``; the mean of ``loss`` and of
+    the ``loss_level*`` stats over the micro-batches is what ``update`` reports. ``optimizer``: a fused
+    Adam/AdamW (the only ones that skip a step on a device flag).
+
+    ``ddp``: the DDP-wrapped model the loss runs, if any (its all-reduce is skipped on all micro-steps but
+    the last, and the ranks agree on skipping a step). ``max_graphs``: how many batch signatures (text
+    lengths, say: the public data pads captions to the longest of the batch) x (last micro-step or not)
+    get a graph, each with its own input buffers (~30 MB for the 256x256 model at batch 16 with 128
+    tokens of width 2048); others run eagerly. Under DDP only the first step's are captured (all ranks
     capture then, together): a capture on one rank alone, whose warm-up runs DDP's collectives, would
-    desynchronise the ranks; an eager micro-step runs the same collectives as a replay. ``eager_on_error``: a failed capture is
-    logged and the step runs eagerly, with the same logic, instead of raising. ``capture=False`` runs
-    the same logic without a graph (on a CPU, in tests).
+    desynchronise the ranks; an eager micro-step runs the same collectives as a replay.
+
+    ``eager_on_error``: a failed capture is logged and the step runs eagerly, with the same logic,
+    instead of raising. ``capture=False`` runs the same logic without a graph (on a CPU, in tests).
     """
 
     def __init__(self, params: List[Tensor], optimizer: torch.optim.Optimizer, loss_fn: LossFn,
