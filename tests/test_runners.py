@@ -5,6 +5,7 @@ import torch
 import mdm_fast
 from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig
 from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_step
+from test_config import CONFIGS, needs_configs
 from test_fast_model import randomize, tiny_inputs, tiny_nested_config
 
 DIFFUSION = dict(sampler_config=dict(num_diffusion_steps=100, prediction_type="V_PREDICTION",
@@ -297,4 +298,34 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
     next(steps)
     with _HostSyncs() as watch:
         next(steps)
+    assert watch.found == []
+
+
+@needs_configs
+@pytest.mark.parametrize("stem", ["256x256", "1024x1024"])
+def test_the_public_models_train_step_reads_nothing_back(monkeypatch, stem):
+    """The public 256x256 and 1024x1024 configs (mixed ratios, micro-conditioning, text projection,
+    both nesting levels), their diffusion loss and backward on fake tensors (shapes only, seconds), with
+    the backends a GPU picks: no operator that a CUDA-graph capture would refuse."""
+    import warnings
+
+    import yaml
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mdm_fast.config import load_experiment
+    from mdm_fast.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_reason", lambda *t: None)  # fake CUDA: the triton custom ops
+    raw = yaml.safe_load((CONFIGS / f"cc12m_{stem}.yaml").read_text())
+    raw["unet_config"]["initialize_inner_with_pretrained"] = None
+    cfg = load_experiment(raw)
+    size = int(stem.split("x")[0])
+    with warnings.catch_warnings(), FakeTensorMode():
+        warnings.simplefilter("ignore")
+        model = mdm_fast.build_model(cfg.model, cfg.unet_dict(2048))
+        diffusion = NestedDiffusion.for_model(cfg.diffusion_config, model)
+        images, cond, mask = torch.rand(2, 3, size, size) * 2 - 1, torch.randn(2, 77, 2048), torch.ones(2, 77)
+        with _HostSyncs() as watch:
+            loss, _ = diffusion.loss(model, images, cond, mask, generator=torch.Generator())
+            loss.backward()
     assert watch.found == []
