@@ -303,10 +303,10 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
 
 @needs_configs
 @pytest.mark.parametrize("stem", ["256x256", "1024x1024"])
-def test_the_public_models_train_step_reads_nothing_back(monkeypatch, stem):
+def test_the_public_models_steps_read_nothing_back(monkeypatch, stem):
     """The public 256x256 and 1024x1024 configs (mixed ratios, micro-conditioning, text projection,
-    both nesting levels), their diffusion loss and backward on fake tensors (shapes only, seconds), with
-    the backends a GPU picks: no operator that a CUDA-graph capture would refuse."""
+    both nesting levels): their diffusion loss and backward, and a guided sampling step, on fake tensors
+    (shapes only, seconds) with the backends a GPU picks: no operator a CUDA-graph capture would refuse."""
     import warnings
 
     import yaml
@@ -328,4 +328,12 @@ def test_the_public_models_train_step_reads_nothing_back(monkeypatch, stem):
         with _HostSyncs() as watch:
             loss, _ = diffusion.loss(model, images, cond, mask, generator=torch.Generator())
             loss.backward()
-    assert watch.found == []
+        model.eval()  # and a sampling step with guidance
+        sampler = diffusion.sampler(num_inference_steps=4)
+        denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=7.5,
+                                         uncond_conditioning=torch.zeros(1, 77, 2048), uncond_mask=torch.ones(1, 77))
+        gen = torch.Generator()
+        steps = sampler.steps(denoise, sampler.initial_noise(2, 3, size, generator=gen), generator=gen)
+        with _HostSyncs() as sampling:
+            next(steps)
+    assert watch.found == [] and sampling.found == []
