@@ -182,7 +182,7 @@ def trainer_step_fn(model, args) -> Callable[[], object]:
     loss_fn = train_loss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     step = GraphedMicroSteps(list(model.parameters()), opt, lambda *a: (loss_fn(*a), {}),
-                               torch.Generator("cuda"), accumulations=1, max_grad_norm=1.0, capture=True)
+                             torch.Generator("cuda"), accumulations=1, max_grad_norm=1.0, capture=True)
 
     def run():
         step.micro_step(*args, targets)

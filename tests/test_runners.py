@@ -194,8 +194,8 @@ def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
             gen = torch.Generator("cuda")
             step = GraphedMicroSteps(list(model.parameters()), opt,
-                                       lambda *a: diffusion.loss(ddp, *a, generator=gen), gen, accumulations=2,
-                                       max_grad_norm=1.0, capture=capture, ddp=ddp)
+                                     lambda *a: diffusion.loss(ddp, *a, generator=gen), gen, accumulations=2,
+                                     max_grad_norm=1.0, capture=capture, ddp=ddp)
             images = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1
             for i in range(4):
                 for micro in range(2):
@@ -279,7 +279,7 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     step = GraphedMicroSteps(list(model.parameters()), opt, lambda *a: diffusion.loss(model, *a, generator=gen),
-                               gen, accumulations=2, max_grad_norm=1.0, capture=False)
+                             gen, accumulations=2, max_grad_norm=1.0, capture=False)
     ema = ModelEma(model, 0.9, warmup_steps=1)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     step.micro_step(images, cond, mask, last=False)  # the buffers exist before the detector watches

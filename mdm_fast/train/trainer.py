@@ -153,10 +153,10 @@ class Trainer:
         self.graphed: Optional[GraphedMicroSteps] = None
         if graphed:
             self.graphed = GraphedMicroSteps(params, self.optimizer, self._loss, self.generator,
-                                               cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
-                                               capture=self.device.type == "cuda",
-                                               ddp=self.wrapped if self.dist.world_size > 1 else None,
-                                               eager_on_error=cfg.cuda_graphs == "auto")
+                                             cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
+                                             capture=self.device.type == "cuda",
+                                             ddp=self.wrapped if self.dist.world_size > 1 else None,
+                                             eager_on_error=cfg.cuda_graphs == "auto")
 
     def _graphed_wanted(self) -> bool:
         """``cuda_graphs``: auto = on for one process on a CUDA device; on = also DDP ranks (capture with
