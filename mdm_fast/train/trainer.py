@@ -157,6 +157,11 @@ class Trainer:
                                              capture=self.device.type == "cuda",
                                              ddp=self.wrapped if self.dist.world_size > 1 else None,
                                              eager_on_error=cfg.cuda_graphs == "auto")
+        if not self.quiet:
+            log.info("training step: %s", "CUDA graphs (one per batch shape), nothing read back per step"
+                     if self.graphed is not None and self.graphed.runner.capture else
+                     "graphed logic without capture" if self.graphed is not None else
+                     f"eager (cuda_graphs: {cfg.cuda_graphs}, {self.device.type}, {self.dist.world_size} process(es))")
 
     def _graphed_wanted(self) -> bool:
         """``cuda_graphs``: auto = on for one process on a CUDA device; on = also DDP ranks (capture with
