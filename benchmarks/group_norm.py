@@ -133,7 +133,11 @@ def run(suite: str) -> Dict[str, str]:
 SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD", (2048, 1024, 4096)),
          ("SINGLE_TILE", "SINGLE_TILE", (8192, 4096, 16384)),
          ("split programs / SM", "SPLIT_PROGRAMS_PER_SM", (16, 4, 32)),
-         ("NHWC min channels / program", "NHWC_MIN_CHANNELS", (32, 64, 128))]
+         ("NHWC min channels / program", "NHWC_MIN_CHANNELS", (32, 64, 128)),
+         # 1000 forces the split path everywhere: the fused path's second pass re-reads a program's groups
+         # (1 MB per channels_last program at (32, 128, 128, 128)), which 2 programs per SM cannot keep in
+         # L2; the split path's apply pass visits the parts in reverse, the last-read ones still in L2
+         ("fused min programs / SM", "FUSED_MIN_PROGRAMS_PER_SM", (2, 1000))]
 
 
 def sweep() -> Dict[str, str]:
