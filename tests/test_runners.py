@@ -337,3 +337,54 @@ def test_the_public_models_steps_read_nothing_back(monkeypatch, stem):
         with _HostSyncs() as sampling:
             next(steps)
     assert watch.found == [] and sampling.found == []
+
+
+def _generate_twice_with_and_without_a_cache(device):
+    from mdm_fast.text import ClassLabelEncoder
+    from mdm_fast.train.grids import generate
+
+    model, diffusion, _, _ = tiny_setup(device)
+    encoder = ClassLabelEncoder(24)  # the tiny model's conditioning width
+
+    def run(cache, prompts, seed):
+        return generate(diffusion, model, encoder, prompts, 1, 16, torch.device(device), steps=3, guidance=2.0,
+                        seed=seed, cache=cache)
+
+    cache = {}
+    shared = [run(cache, ["1", "2"], 0), run(cache, ["5", "7"], 1)]
+    fresh = [run(None, ["1", "2"], 0), run(None, ["5", "7"], 1)]
+    return cache, shared, fresh, run
+
+
+def test_generate_reuses_its_sampler_and_buffers_across_batches():
+    """mdm-fast sample's batches: one pipeline per shape, the second batch's conditioning copied into
+    the first's buffers, the same images as separate calls."""
+    cache, shared, fresh, run = _generate_twice_with_and_without_a_cache("cpu")
+    assert len(cache) == 1
+    for a, b in zip(shared, fresh):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    run(cache, ["3"], 2)  # another batch size: another pipeline
+    assert len(cache) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_generate_replays_one_captured_step_across_batches():
+    cache, shared, fresh, _ = _generate_twice_with_and_without_a_cache("cuda")
+    (pipe,) = cache.values()
+    assert pipe.step_fn is not None and pipe.step_fn.num_graphs == 1
+    for a, b in zip(shared, fresh):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_guidance_null_with_fewer_tokens_is_padded_with_masked_zeros():
+    """A one-token null (TextEncoder.null) against captions of 5 tokens: padded with masked zero tokens,
+    the null the trainer's conditioning dropout shows the model (it failed to concatenate before)."""
+    model, diffusion, cond, mask = tiny_setup()
+    one = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=torch.zeros(1, 1, 24),
+                                 uncond_mask=torch.ones(1, 1))
+    first_only = torch.zeros(1, 5)
+    first_only[:, 0] = 1
+    full = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=torch.zeros(1, 5, 24),
+                                  uncond_mask=first_only)
+    x_t, times = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)], torch.tensor([10, 500])
+    assert all(torch.equal(a, b) for a, b in zip(one(x_t, times), full(x_t, times)))

@@ -84,11 +84,13 @@ def cmd_sample(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     levels_all: List[List[torch.Tensor]] = []
     jobs = [(p, i) for p in prompts for i in range(args.num_per_prompt)]
+    cache: dict = {}  # the batches share their sampler, conditioning buffers and captured step
     for start in range(0, len(jobs), args.batch):
         chunk = jobs[start:start + args.batch]
         levels = generate(diffusion, model, encoder, [p for p, _ in chunk], 1, image_size, device,
                           steps=args.steps, guidance=args.guidance, seed=args.seed + start, ddim_eta=args.eta,
-                          progress=True, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+                          progress=True, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                          cache=cache)
         levels_all.append([lvl.cpu() for lvl in levels])
         from PIL import Image
 

@@ -45,21 +45,28 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
 
     guidance_scale != 1: classifier-free guidance as the public code does it: one model call on the
     doubled batch [uncond; cond], then uncond + scale (cond - uncond). The null rows come from
-    ``uncond_conditioning``/``uncond_mask`` (B rows, or 1 row broadcast), else ``conditioning`` must
-    already hold 2B rows in that order (the public layout).
+    ``uncond_conditioning``/``uncond_mask`` (B rows, or 1 row broadcast; fewer tokens than
+    ``conditioning`` are padded with masked zeros, the null the trainer's conditioning dropout shows the
+    model), else ``conditioning`` must already hold 2B rows in that order (the public layout).
+    ``conditioning`` and ``cond_mask`` are read at every call: a caller may copy the next batch's into them.
     """
     scale = float(guidance_scale)
-    cond, mask = conditioning, cond_mask
+    null = null_mask = None
     if scale != 1 and uncond_conditioning is not None:
-        n = conditioning.shape[0]
-        null = uncond_conditioning.expand(n, *uncond_conditioning.shape[1:])
-        cond = torch.cat([null, conditioning])
+        n, T = conditioning.shape[:2]
+        null = _pad_tokens(uncond_conditioning, T).expand(n, T, *conditioning.shape[2:])
         if cond_mask is not None:
-            null_mask = uncond_mask if uncond_mask is not None else torch.ones_like(cond_mask[:1])
-            mask = torch.cat([null_mask.expand(n, *cond_mask.shape[1:]).to(cond_mask.dtype), cond_mask])
+            m = uncond_mask if uncond_mask is not None else torch.ones_like(cond_mask[:1, :1])
+            null_mask = _pad_tokens(m.to(cond_mask.dtype), T).expand(n, T)
+
+    def inputs():  # (B or 2B rows of conditioning, mask)
+        if null is None:
+            return conditioning, cond_mask
+        return torch.cat([null, conditioning]), None if cond_mask is None else torch.cat([null_mask, cond_mask])
 
     def denoise(x_t: List[Tensor], model_times: Tensor) -> List[Tensor]:
         B = x_t[0].shape[0]
+        cond, mask = inputs()
         if scale == 1:
             return diffusion.predict(model, x_t, model_times, cond, mask, micros)
         if cond.shape[0] != 2 * B:
@@ -74,6 +81,14 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
         return out
 
     return denoise
+
+
+def _pad_tokens(t: Tensor, tokens: int) -> Tensor:
+    """(N, T, ...) -> (N, tokens, ...) with zeros after the first T (T <= tokens)."""
+    if t.shape[1] > tokens:
+        raise ValueError(f"uncond_conditioning has {t.shape[1]} tokens, more than the conditioning's {tokens}")
+    pad = [0, 0] * (t.dim() - 2) + [0, tokens - t.shape[1]]
+    return torch.nn.functional.pad(t, pad)
 
 
 @dataclass
