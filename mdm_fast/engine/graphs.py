@@ -16,6 +16,7 @@ testable on a CPU.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -103,8 +104,11 @@ class GraphedCallable:
         args = tree_unflatten(static, spec)
         generators = self.generators + [torch.cuda.default_generators[torch.cuda.current_device()]]
         states = [g.get_state() for g in generators]
+        t0 = time.perf_counter()
         try:
             entry.graph, entry.outputs = self._capture(args)
+            log.info("captured CUDA graph %d (%d warm-up runs and the capture: %.1f s)", len(self._entries) + 1,
+                     self.warmup, time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001  (reported, then the same function runs eagerly, or re-raised)
             entry.graph = entry.outputs = None
             if not self.eager_on_error:
