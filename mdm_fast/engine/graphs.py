@@ -45,15 +45,16 @@ class GraphedCallable:
     The first call with a new signature warms ``fn`` up on a side stream (``warmup`` runs, whose
     results are discarded: ``fn`` must not have side effects other than its outputs, or
     ``before_warmup`` / ``after_warmup`` must save and restore what they change), captures it, and
-    replays. Outputs are cloned unless
-    ``clone_outputs=False`` (then they are the graph's static buffers, overwritten by the next replay).
+    replays. Outputs are cloned unless ``clone_outputs=False`` (then they are the graph's static
+    buffers, overwritten by the next replay).
+
     ``generators``: the CUDA generators ``fn`` draws from (besides the default one), registered with
     each graph: a replay draws from their current seed and offset and advances them, as an eager call
     would; the warm-up's draws are undone. ``max_graphs``: signatures beyond that many run ``fn``
-    eagerly (counted in ``eager_calls``). ``eager_on_error``: a warm-up or capture that raises is logged,
-    ``after_warmup`` undoes what it did, and ``fn`` runs eagerly from then on (an error of ``fn`` itself
-    then surfaces from that eager call). ``capture=False`` runs ``fn`` eagerly on the static buffers (the
-    default on CPU).
+    eagerly (counted in ``eager_calls``). ``eager_on_error``: a warm-up or capture that raises is
+    logged, ``after_warmup`` undoes what it did, and ``fn`` runs eagerly from then on (an error of
+    ``fn`` itself then surfaces from that eager call). ``capture=False`` runs ``fn`` eagerly on the
+    static buffers (the default on CPU).
     """
 
     def __init__(self, fn: Callable, warmup: int = 2, capture: Optional[bool] = None, clone_outputs: bool = True,
