@@ -219,7 +219,7 @@ def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
 def eager_autograd(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """``apply`` of an autograd.Function made of a custom op's implementation, its ``setup_context`` and
     a backward that calls the backward implementation directly: the op's autograd formula without the
-    custom op's dispatch, which costs about 0.3 ms of host time per forward + backward on a CPU host
+    custom op's dispatch, which costs about 0.2-0.3 ms of host time per forward + backward on a CPU host
     (more than the kernel itself at most of the model's shapes). For :func:`plain_eager` calls only:
     torch.compile, export and other tracing see the custom op."""
     def forward_with_ctx(ctx, *args):  # the ctx-first form: apply() binds no signature (~80 us saved per call)
