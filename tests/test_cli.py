@@ -144,7 +144,8 @@ def test_gpu_quick_demo_trains_on_graphs_and_samples_on_graphs(tmp_path, caplog)
 
     with caplog.at_level("WARNING"):
         result = run_demo(tmp_path / "demo", steps=6, quick=True)
-    assert "ran eagerly" not in caplog.text and "skipped" not in caplog.text
+    for trouble in ("ran eagerly", "updates skipped", "capture failed"):
+        assert trouble not in caplog.text
     lines = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert result["steps"] == len(lines) >= 1 and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
     assert (tmp_path / "demo" / "samples.png").stat().st_size > 0

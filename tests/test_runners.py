@@ -173,17 +173,15 @@ def test_gpu_replay_draws_from_a_registered_generator_as_eager_calls_do():
 
 
 @pytest.mark.gpu
-def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path):
+def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path, monkeypatch):
     """cuda_graphs: on under DDP: the last micro-step's graph holds NCCL's all-reduce (a one-rank group
     here, standing in for several), the others skip it; replays equal the same steps run eagerly."""
-    import os
-
     import torch.distributed as dist
 
     from mdm_fast.train.distributed import DistInfo, wrap_model
     from mdm_fast.train.graphed_step import GraphedMicroSteps
 
-    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         params = {}
@@ -290,8 +288,9 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
     assert watch.found == []
     model.eval()
     sampler = diffusion.sampler(num_inference_steps=4, ddim_eta=eta)
-    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0,
-                                     uncond_conditioning=torch.zeros_like(cond[:1]), uncond_mask=torch.ones_like(mask[:1]))
+    null, null_mask = torch.zeros_like(cond[:1]), torch.ones_like(mask[:1])
+    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=null,
+                                     uncond_mask=null_mask)
     x_t = sampler.initial_noise(2, 3, 16, generator=gen)
     fn = graphed_sampler_step(sampler, denoise, capture=False)
     steps = sampler.steps(denoise, x_t, generator=gen, step_fn=fn)
