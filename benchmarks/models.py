@@ -178,11 +178,13 @@ def trainer_step_fn(model, args) -> Callable[[], object]:
     forward + backward replayed from a graph, the update (clip, fused AdamW, zero) eager, nothing read back."""
     from mdm_fast.train.graphed_step import GraphedMicroSteps
 
+    device = args[0][0].device
     targets = [torch.randn_like(x) for x in args[0]]
     loss_fn = train_loss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     step = GraphedMicroSteps(list(model.parameters()), opt, lambda *a: (loss_fn(*a), {}),
-                             torch.Generator("cuda"), accumulations=1, max_grad_norm=1.0, capture=True)
+                             torch.Generator(device), accumulations=1, max_grad_norm=1.0,
+                             capture=device.type == "cuda")
 
     def run():
         step.micro_step(*args, targets)
