@@ -160,8 +160,8 @@ def _attention_grad(ctx, grad_out, backward: Callable) -> tuple:
 
 _attention_fwd.register_autograd(lambda ctx, grad_out, _glse: _attention_grad(ctx, grad_out, _attention_bwd),
                                  setup_context=_attention_setup)
-_attention_eager = dispatch.eager_autograd(
-    "Attention", _attention_fwd_impl, _attention_setup,
+_attention = dispatch.with_eager_path(
+    "Attention", _attention_fwd, _attention_fwd_impl, _attention_setup,
     lambda ctx, grad_out, _glse: _attention_grad(ctx, grad_out, _attention_bwd_impl))
 
 
@@ -254,8 +254,8 @@ def _attention_qkv_grad(ctx, grad_out, backward: Callable) -> tuple:
 _attention_qkv_fwd.register_autograd(
     lambda ctx, grad_out, _glse: _attention_qkv_grad(ctx, grad_out, _attention_qkv_bwd),
     setup_context=_attention_qkv_setup)
-_attention_qkv_eager = dispatch.eager_autograd(
-    "AttentionQKV", _attention_qkv_fwd_impl, _attention_qkv_setup,
+_attention_qkv = dispatch.with_eager_path(
+    "AttentionQKV", _attention_qkv_fwd, _attention_qkv_fwd_impl, _attention_qkv_setup,
     lambda ctx, grad_out, _glse: _attention_qkv_grad(ctx, grad_out, _attention_qkv_bwd_impl))
 
 
@@ -378,8 +378,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor] = None, 
     backend = dispatch.resolve(OP, impl, q, k, v, k_cond, v_cond, self_mask=keep_self)
     if backend != "triton":
         return _torch_attention(backend, q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
-    op = _attention_eager if dispatch.plain_eager(q, k, v, k_cond, v_cond) else _attention_fwd
-    out, _ = op(q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
+    out, _ = _attention(q, k, v, k_cond, v_cond, keep_cond, keep_self, _scale(scale, d))
     return out
 
 
@@ -413,6 +412,5 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
         if _token_major(qkv):  # (B, H, L, d) -> (B, C, L) in qkv's layout
             return out.transpose(1, 2).reshape(B, L, C).transpose(1, 2)
         return out.transpose(2, 3).reshape(B, C, L).contiguous()
-    op = _attention_qkv_eager if dispatch.plain_eager(qkv, kv_cond) else _attention_qkv_fwd
-    out, _ = op(qkv, kv_cond, keep_cond, heads, _scale(scale, C // heads))
+    out, _ = _attention_qkv(qkv, kv_cond, keep_cond, heads, _scale(scale, C // heads))
     return out

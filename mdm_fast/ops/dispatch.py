@@ -216,12 +216,14 @@ def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
-def eager_autograd(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """``apply`` of an autograd.Function made of a custom op's implementation, its ``setup_context`` and
-    a backward that calls the backward implementation directly: the op's autograd formula without the
-    custom op's dispatch, which costs about 0.2-0.3 ms of host time per forward + backward on a CPU host
-    (more than the kernel itself at most of the model's shapes). For :func:`plain_eager` calls only:
-    torch.compile, export and other tracing see the custom op."""
+def with_eager_path(name: str, op: Callable, forward: Callable, setup_context: Callable,
+                    backward: Callable) -> Callable:
+    """``op(*args)`` (a custom op with a registered autograd formula) as a plain function. Outside tracing
+    (:func:`plain_eager` of its tensor arguments) the custom op's dispatch is skipped, which costs about
+    0.2-0.3 ms of host time per forward + backward on a CPU host (more than the kernel itself at most of
+    the model's shapes): with no gradient wanted ``forward`` runs directly, else an autograd.Function made
+    of ``forward``, the op's ``setup_context`` and ``backward`` (one that calls the backward
+    implementation directly). torch.compile, export and other tracing see the custom op."""
     def forward_with_ctx(ctx, *args):  # the ctx-first form: apply() binds no signature (~80 us saved per call)
         out = forward(*args)
         setup_context(ctx, args, out)
@@ -229,4 +231,13 @@ def eager_autograd(name: str, forward: Callable, setup_context: Callable, backwa
 
     fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_ctx),
                                                  "backward": staticmethod(backward)})
-    return fn.apply
+
+    def call(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not plain_eager(*tensors):
+            return op(*args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return fn.apply(*args)
+        return forward(*args)
+
+    return call

@@ -249,8 +249,8 @@ def _grads(ctx, dy, backward: Callable) -> tuple:
 torch.library.register_autograd("mdm_fast::group_norm_act_fwd",
                                 lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, group_norm_act_bwd),
                                 setup_context=_setup_context)
-_eager_fwd = dispatch.eager_autograd("GroupNormAct", _forward_impl, _setup_context,
-                                     lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, _backward_impl))
+_group_norm_act = dispatch.with_eager_path("GroupNormAct", group_norm_act_fwd, _forward_impl, _setup_context,
+                                           lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, _backward_impl))
 
 
 # ---- validation and backend reasons --------------------------------------------------------
@@ -351,9 +351,4 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
     if backend == "ref" and not torch.compiler.is_compiling():
         return _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act)
-    args = (x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)
-    if not dispatch.plain_eager(x, weight, bias, scale, shift):
-        return group_norm_act_fwd(*args)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
-        return _eager_fwd(*args)[0]
-    return _forward_impl(*args)[0]
+    return _group_norm_act(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)[0]

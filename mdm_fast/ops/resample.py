@@ -194,8 +194,8 @@ def _upsample_conv3x3_grad(ctx, grad):
 
 
 _upsample_conv3x3.register_autograd(_upsample_conv3x3_grad, setup_context=_upsample_conv3x3_setup)
-_upsample_conv3x3_eager = dispatch.eager_autograd("UpsampleConv3x3", _upsample_conv3x3_impl, _upsample_conv3x3_setup,
-                                                  _upsample_conv3x3_grad)
+_upsample_conv3x3_call = dispatch.with_eager_path("UpsampleConv3x3", _upsample_conv3x3, _upsample_conv3x3_impl,
+                                                  _upsample_conv3x3_setup, _upsample_conv3x3_grad)
 
 
 def _upsample_conv_order(x, weight, bias):
@@ -248,8 +248,7 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, i
     _check_float("x", x, 4, "(B, Cin, H, W)")
     _check_conv("", weight, bias, x.shape[1], x, square3=True)
     backend = dispatch.resolve("upsample_conv3x3", impl, x, weight, bias)
-    op = _upsample_conv3x3_eager if dispatch.plain_eager(x, weight, bias) else _upsample_conv3x3
-    return op(x, weight, bias, backend)
+    return _upsample_conv3x3_call(x, weight, bias, backend)
 
 
 # ---- nested_inner_input ----------------------------------------------------------------------
