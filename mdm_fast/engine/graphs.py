@@ -15,15 +15,27 @@ testable on a CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def side_stream() -> Iterator[None]:
+    """Run the block on a fresh CUDA stream ordered after the current one, which then waits for it:
+    PyTorch's recipe for the eager work that precedes a capture (warm-up runs, building DDP)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def _signature(leaves) -> Tuple:
@@ -126,12 +138,9 @@ class GraphedCallable:
     def _capture(self, args):
         if self.before_warmup is not None:
             self.before_warmup()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream():
             for _ in range(self.warmup):
                 self.fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
         if self.after_warmup is not None:
             self.after_warmup()
         graph = torch.cuda.CUDAGraph()
@@ -222,13 +231,10 @@ class GraphedTrainStep:
     def _capture(self) -> None:
         lrs = [g["lr"].clone() for g in self.optimizer.param_groups]
         self.set_lr(0.0)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream():
             for _ in range(self.warmup):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"].copy_(lr)
         self._reset_optimizer_state()

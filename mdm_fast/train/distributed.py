@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mdm_fast.engine import side_stream
+
 
 @dataclass
 class DistInfo:
@@ -49,11 +51,8 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", side_stream:
     if mode == "ddp":
         if not side_stream:
             return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream():
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        torch.cuda.current_stream().wait_stream(side)
         # DDP times its first 10 iterations, then one in 100: never inside a capture after the first
         ddp._set_ddp_runtime_logging_sample_rate(2 ** 31 - 1)
         return ddp
