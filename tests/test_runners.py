@@ -188,7 +188,7 @@ def test_gpu_graphed_step_captures_a_ddp_backward(tmp_path, monkeypatch):
         for capture in (True, False):
             model, diffusion, cond, mask = tiny_setup("cuda")
             model.train()
-            ddp = wrap_model(model, DistInfo(0, 2, 0), "ddp", side_stream=True)
+            ddp = wrap_model(model, DistInfo(0, 2, 0), "ddp", for_capture=True)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
             gen = torch.Generator("cuda")
             step = GraphedMicroSteps(list(model.parameters()), opt,

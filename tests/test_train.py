@@ -396,3 +396,29 @@ def test_captioned_training_with_a_text_encoder(tmp_path, monkeypatch, pad):
     assert [r["step"] for r in logs[True]] == [1, 2, 3]
     for a, b in zip(logs[False], logs[True]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and math.isfinite(a["loss"])
+
+
+def test_ddp_for_capture_is_built_on_a_side_stream(tmp_path, monkeypatch):
+    """wrap_model(for_capture=True): DDP built inside engine.side_stream (a stand-in here: no CUDA) with its
+    runtime-stats sampling off; a one-rank gloo group stands in for several."""
+    from contextlib import contextmanager
+
+    import mdm_fast.train.distributed as distributed
+    from mdm_fast.train.distributed import DistInfo, wrap_model
+
+    entered = []
+
+    @contextmanager
+    def stand_in():
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(distributed, "side_stream", stand_in)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp = wrap_model(torch.nn.Linear(3, 2), DistInfo(0, 2, 0), "ddp", for_capture=True)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and entered == [1]
+        assert isinstance(wrap_model(torch.nn.Linear(3, 2), DistInfo(0, 2, 0), "ddp"),
+                          torch.nn.parallel.DistributedDataParallel) and entered == [1]
+    finally:
+        torch.distributed.destroy_process_group()

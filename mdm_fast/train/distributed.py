@@ -41,15 +41,15 @@ def init_distributed(graph_safe: bool = False) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", side_stream: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", for_capture: bool = False) -> nn.Module:
     """DDP (every rank holds the whole model) or FSDP (FSDP2 ``fully_shard``: parameters, gradients and
     optimizer state sharded; each down/mid/up block of every level is one unit, gathered when it runs).
-    ``side_stream``: DDP is built on a side stream, as capturing its backward in a CUDA graph requires."""
+    ``for_capture``: DDP is built on a side stream, as capturing its backward in a CUDA graph requires."""
     if info.world_size <= 1:
         return model
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
     if mode == "ddp":
-        if not side_stream:
+        if not for_capture:
             return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         with side_stream():
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
