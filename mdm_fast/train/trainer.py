@@ -136,36 +136,39 @@ class Trainer:
             self._restore_weights(*resume)
         # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
         self.wrapped = wrap_model(self.model, self.dist, cfg.distributed,
-                                  side_stream=cfg.cuda_graphs == "on" and self.device.type == "cuda")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+                                  for_capture=cfg.cuda_graphs == "on" and self.device.type == "cuda")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # (sharded under FSDP)
+        if not self.params:
             raise ValueError("no trainable parameters (is every level frozen?)")
         graphed = self._graphed_wanted() if graphed is None else graphed
         opt_cls = torch.optim.AdamW if cfg.use_adamw else torch.optim.Adam
         opt_kwargs = {"weight_decay": 0.0} if cfg.use_adamw else {}
         if graphed:
             opt_kwargs["fused"] = True  # skips a step on a device flag
-        self.optimizer = opt_cls(params, lr=cfg.lr, eps=1e-8, **opt_kwargs)
+        self.optimizer = opt_cls(self.params, lr=cfg.lr, eps=1e-8, **opt_kwargs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
         if resume is not None:
             self._restore_training_state(*resume)
         self.generator = torch.Generator(self.device)  # re-seeded per micro-batch (step_seed)
         self.graphed: Optional[GraphedMicroSteps] = None
         if graphed:
-            self.graphed = GraphedMicroSteps(params, self.optimizer, self._loss, self.generator,
+            self.graphed = GraphedMicroSteps(self.params, self.optimizer, self._loss, self.generator,
                                              cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
                                              capture=self.device.type == "cuda",
                                              ddp=self.wrapped if self.dist.world_size > 1 else None,
                                              eager_on_error=cfg.cuda_graphs == "auto")
+        if self.graphed is None:
+            kind = f"eager (cuda_graphs: {cfg.cuda_graphs}, {self.device.type}, {self.dist.world_size} process(es))"
+        elif self.graphed.runner.capture:
+            kind = "CUDA graphs (one per batch shape), nothing read back per step"
+        else:
+            kind = "graphed logic without capture"
         if not self.quiet:
-            log.info("training step: %s", "CUDA graphs (one per batch shape), nothing read back per step"
-                     if self.graphed is not None and self.graphed.runner.capture else
-                     "graphed logic without capture" if self.graphed is not None else
-                     f"eager (cuda_graphs: {cfg.cuda_graphs}, {self.device.type}, {self.dist.world_size} process(es))")
+            log.info("training step: %s", kind)
 
     def _graphed_wanted(self) -> bool:
         """``cuda_graphs``: auto = on for one process on a CUDA device; on = also DDP ranks (capture with
-        NCCL collectives, verified on one GPU only so far), or an error."""
+        NCCL collectives, not yet run on a GPU), or an error."""
         mode, why = self.cfg.cuda_graphs, None
         if self.device.type != "cuda":
             why = f"the device is {self.device}"
@@ -329,8 +332,7 @@ class Trainer:
             for k, v in stats.items():
                 if k.startswith("loss_level"):
                     totals[k] = totals.get(k, 0.0) + float(v) / acc
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.gradient_clip_norm)
         totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
