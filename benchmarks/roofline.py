@@ -22,7 +22,7 @@ import collections
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -53,22 +53,21 @@ def _tensors(x):
             yield from _tensors(y)
 
 
-def _conv_flops(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, transposed: bool, groups: int) -> float:
+def _conv_flops(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, transposed: bool) -> float:
     taps = w.shape[2:].numel()
-    if transposed:  # every input element meets (Cout / groups) x taps weights
-        return 2.0 * x.numel() * (w.shape[1]) * taps
-    return 2.0 * out.numel() * (w.shape[1]) * taps  # w: (Cout, Cin / groups, kh, kw)
+    if transposed:  # w: (Cin, Cout / groups, kh, kw): every input element meets Cout / groups x taps weights
+        return 2.0 * x.numel() * w.shape[1] * taps
+    return 2.0 * out.numel() * w.shape[1] * taps  # w: (Cout, Cin / groups, kh, kw)
 
 
 def _flops(name: str, args, out) -> float:
     """FLOPs of the operators that do matmul-class work; 0 for the rest."""
     if name == "aten.convolution.default":
-        x, w = args[0], args[1]
-        return _conv_flops(out, x, w, args[6], args[8])
+        return _conv_flops(out, args[0], args[1], args[6])
     if name == "aten.convolution_backward.default":
         grad, x, w = args[0], args[1], args[2]
         mask = args[10]
-        one = _conv_flops(grad, x, w, args[7], args[9])
+        one = _conv_flops(grad, x, w, args[7])
         return one * (int(mask[0]) + int(mask[1]))
     if name in ("aten.mm.default", "aten.bmm.default"):
         a, b = args[0], args[1]
@@ -77,19 +76,19 @@ def _flops(name: str, args, out) -> float:
         a, b = args[1], args[2]
         return 2.0 * a.numel() * b.shape[-1]
     if name.startswith("mdm_fast.attention_qkv_"):
-        qkv, kv, heads = (args[0], args[1], args[3]) if name.endswith("fwd.default") else (args[1], args[2], args[6])
+        qkv, kv = (args[0], args[1]) if name.endswith("fwd.default") else (args[1], args[2])
         B, C3, L = qkv.shape
         T = kv.shape[1] if kv is not None else 0
         fwd = 4.0 * B * L * (L + T) * (C3 // 3)
         return fwd if name.endswith("fwd.default") else 2.5 * fwd
     if name == "mdm_fast.upsample_conv3x3.default":
-        x, w = args[0], args[1]
-        return 2.0 * (out.numel()) * w.shape[1] * 4  # the sub-pixel form: 2x2 taps per output pixel
+        return 2.0 * out.numel() * args[1].shape[1] * 4  # the sub-pixel form: 2x2 taps per output pixel
     return 0.0
 
 
 _KINDS = [("aten.convolution_backward", "convolution backward"), ("aten.convolution", "convolution"),
-          ("mdm_fast.upsample_conv3x3", "upsample-conv (sub-pixel)"), ("mdm_fast.attention_qkv_bwd", "attention backward"),
+          ("mdm_fast.upsample_conv3x3", "upsample-conv (sub-pixel)"),
+          ("mdm_fast.attention_qkv_bwd", "attention backward"),
           ("mdm_fast.attention_qkv_fwd", "attention (fused)"), ("mdm_fast.group_norm_act_bwd", "group norm backward"),
           ("mdm_fast.group_norm_act_fwd", "group norm (fused)"), ("aten.mm", "matmul"), ("aten.addmm", "matmul"),
           ("aten.bmm", "matmul"), ("aten.cat", "concatenation (skips)"), ("aten._to_copy", "dtype casts"),
