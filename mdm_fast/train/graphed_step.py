@@ -20,7 +20,8 @@ then on.
 
 Under DDP the ranks skip together (the skip flag is all-reduced on the device) and, as PyTorch's
 CUDA-graph notes require, the wrapper is built on a side stream, NCCL's asynchronous error handling
-is off, and 11 eager iterations precede each capture (DDP samples timings in its first ten).
+is off, and the capture of the all-reducing micro-step comes after 11 eager iterations that
+all-reduce (DDP times its first ten, which a capture cannot contain; ``no_sync`` ones do not count).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from mdm_fast.engine import GraphedCallable
 from mdm_fast.train.distributed import grad_sync
 
 LossFn = Callable[..., Tuple[Tensor, Dict[str, Tensor]]]
+DDP_TIMED_FORWARDS = 11  # DDP times the 2nd to 11th forwards that all-reduce (reading CUDA events on the host)
 
 
 class GraphedMicroSteps:
@@ -67,7 +69,8 @@ class GraphedMicroSteps:
         self._sums: Dict[str, Tensor] = {}  # loss and per-level losses of this step, over its micro-batches
         # graphs (one per batch signature and per all-reduce or not) share one memory pool: they run one at
         # a time and keep nothing in it (gradients and sums live outside), so activations are reserved once
-        self.runner = GraphedCallable(self._micro, warmup=2 if ddp is None else 11, capture=capture,
+        self._sync_forwards = 0  # forwards run so far (eagerly) that all-reduce under DDP
+        self.runner = GraphedCallable(self._micro, warmup=2, capture=capture,
                                       clone_outputs=False, generators=(generator,), before_warmup=self._save,
                                       after_warmup=self._restore,
                                       max_graphs=max_graphs if ddp is None else min(accumulations, 2),
@@ -82,9 +85,9 @@ class GraphedMicroSteps:
 
     def micro_step(self, *inputs: Tensor, last: bool = True) -> None:
         """One micro-batch; ``last``: the step's last one (under DDP the one that all-reduces)."""
+        if self.ddp is not None:  # a capture met now runs after enough all-reducing forwards
+            self.runner.warmup = max(2, DDP_TIMED_FORWARDS - self._sync_forwards) if last else 2
         self.runner(last, *inputs)
-        if self.runner.num_graphs:
-            self.runner.warmup = 2  # DDP wants 11 eager iterations before its first capture only
 
     def update(self) -> Tuple[Dict[str, Tensor], Tensor]:
         """Clip, step, zero the gradients: (stats as 0-dim device tensors, ok: 1.0, or 0.0 where the
@@ -105,6 +108,7 @@ class GraphedMicroSteps:
         return stats, 1.0 - skipped
 
     def _micro(self, last: bool, *inputs: Tensor) -> None:
+        self._sync_forwards += last  # counted on the host: a replay runs none of this
         with grad_sync(self.ddp, last):
             loss, stats = self.loss_fn(*inputs)
             (loss / self.accumulations).backward()
