@@ -4,7 +4,7 @@ import torch
 
 import mdm_fast
 from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig
-from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_step
+from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_step, graphs
 from test_config import CONFIGS, needs_configs
 from test_fast_model import randomize, tiny_inputs, tiny_nested_config
 
@@ -227,11 +227,14 @@ def test_a_failed_capture_falls_back_to_eager_or_raises(monkeypatch, caplog):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(GraphedCallable, "_capture", failing_capture)
+    ended = []  # the generators taken out of capture mode (PyTorch leaves them in it after a failure)
+    monkeypatch.setattr(graphs, "end_generator_captures", lambda gens: ended.append(list(gens)))
     g = GraphedCallable(fn, capture=True, generators=(gen,), after_warmup=lambda: resets.append(1),
                         eager_on_error=True)
     with caplog.at_level("WARNING"):
         out = g(torch.zeros(3))
     assert "capture failed" in caplog.text and resets == [1] and not g.capture
+    assert ended == [[gen, stand_in]]
     gen.manual_seed(3)
     assert torch.equal(out, torch.rand(3, generator=gen))  # the eager call drew what a first call draws
     g(torch.zeros(3))
@@ -239,6 +242,14 @@ def test_a_failed_capture_falls_back_to_eager_or_raises(monkeypatch, caplog):
     strict = GraphedCallable(fn, capture=True, generators=(gen,))
     with pytest.raises(RuntimeError, match="stream is capturing"):
         strict(torch.zeros(3))
+    assert len(ended) == 2
+
+    def broken(gens):
+        raise RuntimeError("an illegal memory access was encountered")
+
+    monkeypatch.setattr(graphs, "end_generator_captures", broken)
+    with pytest.raises(RuntimeError, match="cuda_graphs: off"):
+        GraphedCallable(fn, capture=True, generators=(gen,), eager_on_error=True)(torch.zeros(3))
 
 
 class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):

@@ -27,15 +27,43 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 log = logging.getLogger(__name__)
 
 
+_SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
+
+
+def capture_stream() -> "torch.cuda.Stream":
+    """One side stream per device for the eager work before a capture and for the capture itself: a
+    DDP wrapper built there, its warm-ups and its captured backward then share one stream (autograd
+    otherwise synchronises the gradient accumulators' stream with the backward's)."""
+    device = torch.cuda.current_device()
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream()
+    return _SIDE_STREAMS[device]
+
+
 @contextlib.contextmanager
 def side_stream() -> Iterator[None]:
-    """Run the block on a fresh CUDA stream ordered after the current one, which then waits for it:
-    PyTorch's recipe for the eager work that precedes a capture (warm-up runs, building DDP)."""
-    side = torch.cuda.Stream()
+    """Run the block on :func:`capture_stream`, ordered after the current stream, which then waits for
+    it: PyTorch's recipe for the eager work that precedes a capture (warm-up runs, building DDP)."""
+    side = capture_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         yield
     torch.cuda.current_stream().wait_stream(side)
+
+
+def end_generator_captures(generators: Sequence[torch.Generator]) -> None:
+    """Take ``generators`` (and the default CUDA generator) out of capture mode after a failed capture.
+
+    PyTorch ends a generator's capture only when the capture succeeds; after a failure every later
+    draw from it, and every replay of a graph that registered it, fails with "Offset increment outside
+    graph capture encountered unexpectedly". A one-kernel capture that registers the same generators
+    and succeeds ends their capture mode (it draws nothing: seeds and offsets stay as they were)."""
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
+    scratch = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+    with torch.cuda.graph(graph, stream=capture_stream()):
+        scratch.add_(1)
 
 
 def _signature(leaves) -> Tuple:
@@ -124,6 +152,7 @@ class GraphedCallable:
                      self.warmup, time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001  (reported, then the same function runs eagerly, or re-raised)
             entry.graph = entry.outputs = None
+            self._recover(generators, e)
             if not self.eager_on_error:
                 raise
             log.warning("CUDA-graph capture failed (%s: %s); running eagerly from now on", type(e).__name__, e)
@@ -134,6 +163,16 @@ class GraphedCallable:
             for g, state in zip(generators, states):  # the first call draws what an eager first call would
                 g.set_state(state)
         return entry
+
+    @staticmethod
+    def _recover(generators, error: Exception) -> None:
+        """After a failed warm-up or capture: the generators usable again (see :func:`end_generator_captures`)."""
+        try:
+            end_generator_captures(generators)
+        except Exception as e:  # noqa: BLE001  (the CUDA context itself is broken: nothing runs on it)
+            raise RuntimeError(f"a CUDA-graph capture failed ({type(error).__name__}: {error}) and left the CUDA "
+                               "generators unusable; run without graphs (config cuda_graphs: off, or "
+                               "mdm-fast sample --cuda-graphs off)") from e
 
     def _capture(self, args):
         if self.before_warmup is not None:
@@ -147,7 +186,7 @@ class GraphedCallable:
         for g in self.generators:
             graph.register_generator_state(g)
         # thread_local: a data-loader thread pinning memory meanwhile does not invalidate the capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(), capture_error_mode="thread_local"):
             outputs = self.fn(*args)
         return graph, outputs
 
@@ -240,7 +279,7 @@ class GraphedTrainStep:
         self._reset_optimizer_state()
         self.optimizer.zero_grad(set_to_none=True)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        with torch.cuda.graph(self._graph, stream=capture_stream()):
             self._loss = self._step()
 
     def _reset_optimizer_state(self) -> None:
