@@ -5,8 +5,8 @@ the other: the 256x256 model's first forward at batch 2 launches 35 of them (gro
 level's shape, the upsample-conv's autotune configs), about 1.5 s each on a 2-core machine (52.6 s in
 all), which is most of the time from process start to the first step. :func:`precompile` runs the step once with every not yet compiled
 launch *skipped* (Triton's ``jit_cache_hook``), compiles what it collected in a pool of worker
-processes into Triton's on-disk cache, and returns; the step's first real run then loads each
-kernel from the cache in milliseconds.
+processes into Triton's on-disk cache (with each one's launcher stub on a GPU), and returns; the step's
+first real run then loads each kernel from the cache in milliseconds.
 
 The dry run's skipped kernels write nothing, so its values are garbage: ``fn`` must have no effect
 but its outputs (a forward under ``no_grad``, or a loss and ``torch.autograd.grad`` without an
@@ -151,30 +151,47 @@ def _forget_autotuning(jobs: Sequence[Job]) -> None:
             obj = getattr(obj, "fn", None)
 
 
-def _compile_jobs(jobs: Sequence[Job], arch: int, warp_size: int) -> None:
-    """In a worker: compile specialisations into Triton's disk cache (no GPU, no CUDA context)."""
+def _compile_jobs(jobs: Sequence[Job], arch: int, warp_size: int, launcher: Optional[str] = None) -> None:
+    """In a worker: compile specialisations into Triton's disk cache (no GPU, no CUDA context), and with
+    ``launcher`` ("module:class", the parent's driver's launcher) build each one's launcher too."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
     driver.set_active(CompileOnlyDriver(arch, warp_size))  # never driver.active: no GPU probe, no context
+    launcher_cls = None
+    if launcher is not None:
+        module, name = launcher.split(":")
+        launcher_cls = getattr(importlib.import_module(module), name)
     for module, qualname, data in jobs:
         obj = getattr(importlib.import_module(module), qualname)
         while not isinstance(obj, JITFunction):
             obj = obj.fn  # autotuner / heuristics wrappers
-        obj.preload(data)
+        kernel = obj.preload(data)
+        if launcher_cls is not None:  # a C stub per argument signature, compiled into the same cache
+            launcher_cls(kernel.src, kernel.metadata)
+
+
+def _launcher() -> Optional[str]:
+    """The active driver's launcher class as "module:class" (NVIDIA's builds a C stub per kernel signature
+    at its first launch, ~1 s of gcc, into Triton's cache); None for the compile-only driver."""
+    from triton.runtime import driver
+
+    cls = driver.active.launcher_cls
+    return f"{cls.__module__}:{cls.__qualname__}" if isinstance(cls, type) else None
 
 
 _WORKER = "from mdm_fast.engine.precompile import _worker_main; _worker_main()"
 
 
-def _run_workers(jobs: Sequence[Job], workers: int, arch: int, warp_size: int) -> int:
+def _run_workers(jobs: Sequence[Job], workers: int, arch: int, warp_size: int, launcher: Optional[str]) -> int:
     """Compile ``jobs`` in ``workers`` fresh interpreters (:func:`_worker_main`, jobs on stdin): no fork
     of a process holding a CUDA context, no re-import of the caller's main script.
     Returns how many workers failed (their kernels then compile at their first launch, as without this)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     procs = []
     for w in range(workers):
-        payload = json.dumps({"arch": arch, "warp_size": warp_size, "jobs": list(jobs[w::workers])})
+        payload = json.dumps({"arch": arch, "warp_size": warp_size, "launcher": launcher,
+                              "jobs": list(jobs[w::workers])})
         proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True)
         proc.stdin.write(payload)
@@ -230,7 +247,7 @@ def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> 
     n = workers or min(os.cpu_count() or 1, MAX_WORKERS, -(-len(unique) // 2))
     n = max(1, min(n, len(unique)))
     t1 = time.perf_counter()
-    failed = _run_workers(unique, n, *_target()) if unique else 0
+    failed = _run_workers(unique, n, *_target(), _launcher()) if unique else 0
     return PrecompileStats(len(unique), dry, time.perf_counter() - t1, n, failed)
 
 
@@ -252,4 +269,4 @@ def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args
 def _worker_main() -> None:
     """A worker of :func:`_run_workers`: its jobs, target and warp size come as JSON on stdin."""
     task = json.loads(sys.stdin.read())
-    _compile_jobs([tuple(j) for j in task["jobs"]], task["arch"], task["warp_size"])
+    _compile_jobs([tuple(j) for j in task["jobs"]], task["arch"], task["warp_size"], task["launcher"])
