@@ -3,7 +3,7 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         9 minutes; `more` adds 4.5)
+#                                                         9.5 minutes; `more` adds 4.5)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
@@ -60,10 +60,15 @@ $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.lo
 # Most important first: a stage cut by the lease still leaves the earlier tables (the models suite
 # rewrites its table after each workload).
 if want models; then
-  tests gpu-tests 120 tests/test_fast_model.py "tests/test_runners.py tests/test_precompile.py" \
+  # the attention file compiles every autotune candidate at three shapes and two dtypes (~4 minutes in
+  # one process): split in three
+  tests gpu-tests 150 tests/test_fast_model.py "tests/test_runners.py tests/test_precompile.py" \
     "tests/test_train.py tests/test_cli.py" \
-    "tests/test_group_norm_act.py tests/test_diffusion_ops.py" tests/test_attention.py tests/test_resample_ops.py
-  stage bench-models 240 $PY -m benchmarks.models --suite quick --out "$OUT"
+    "tests/test_group_norm_act.py tests/test_diffusion_ops.py" tests/test_resample_ops.py \
+    "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype0" \
+    "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype1" \
+    "tests/test_attention.py::test_gpu_every_autotune_candidate_is_correct tests/test_attention.py::test_gpu_layout_fused tests/test_attention.py::test_gpu_compile_and_cuda_graph"
+  stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
   stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
 fi
 if want ops; then
