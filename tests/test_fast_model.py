@@ -6,7 +6,7 @@ import torch
 
 import mdm_fast
 from mdm_fast.models import set_activation_checkpointing, set_channels_last
-from mdm_fast.models.fast import FastNestedUNet, FastUNet
+from mdm_fast.models.fast import FastConv2d, FastNestedUNet, FastUNet, _recomputed_input
 from mdm_fast.reference import build_model as build_reference
 from test_reference import CASES, as_list, load_case, model_inputs
 
@@ -185,6 +185,65 @@ def test_norm_recompute_keeps_less_and_gives_the_same_gradients(impl):
     (kept_all, grads_all), (kept, grads) = results[False], results[True]
     assert kept < 0.8 * kept_all
     assert all(torch.equal(a, b) for a, b in zip(grads_all, grads))
+
+
+def _conv_pair(cin, cout, k, **kw):
+    ref = torch.nn.Conv2d(cin, cout, k, **kw)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = FastConv2d
+    return ref, fast
+
+
+@pytest.mark.parametrize("k,kw,channels_last,gemm", [
+    (1, {}, True, True),  # the GEMM path: qkv, proj_out, the FFN, the ResNet skip
+    (1, {}, False, False),  # NCHW input: cuDNN
+    (3, {"padding": 1}, True, False),
+    (1, {"stride": 2}, True, False),
+    (1, {"groups": 2}, True, False),
+])
+def test_pointwise_convs_on_channels_last_run_as_gemms(monkeypatch, k, kw, channels_last, gemm):
+    """FastConv2d: a 1x1 convolution of channels_last activations is F.linear with the bias in the GEMM;
+    anything else is nn.Conv2d's; the same outputs (channels_last kept) and gradients either way."""
+    convs = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: convs.append(1) or real(*a, **k))
+    ref, fast = _conv_pair(6, 10, k, **kw)
+    x = torch.randn(2, 6, 5, 7)  # odd H and W
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = fast(x)
+    assert (len(convs) == 0) == gemm
+    want = ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(out, (x, fast.weight, fast.bias), g),
+                    torch.autograd.grad(want, (x, ref.weight, ref.bias), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gemm_after_a_norm_keeps_a_view_of_its_output_as_a_recomputation():
+    """The GEMM saves the (B*H*W, C) view of the norm's output, not the output itself: that view, too,
+    is recomputed in backward (produce runs twice) and gives the gradients of the kept one."""
+    _, conv = _conv_pair(8, 4, 1)
+    x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    module = torch.nn.Module()
+    calls = []
+
+    def produce():
+        calls.append(1)
+        return torch.nn.functional.silu(x * 2)  # stands in for a norm: reads x, which autograd keeps
+
+    grads = {}
+    for recompute in (False, True):
+        module.recompute_norms = recompute
+        calls.clear()
+        out = _recomputed_input(module, produce, conv)
+        grads[recompute] = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+        assert len(calls) == 1 + recompute
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
 
 
 def test_fast_model_has_no_graph_breaks_under_compile():

@@ -1,5 +1,4 @@
 """benchmarks.roofline: its FLOP counts agree with PyTorch's own counter, its byte counts with the shapes."""
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import roofline

@@ -14,6 +14,7 @@ What changes on the hot path:
 - attention reads q, k, v straight from the qkv conv's output and writes what proj_out reads
   (:func:`mdm_fast.ops.attention_from_qkv`); a query whose text keys are all masked gets zero from
   the text branch where the public code gives NaN;
+- a 1x1 conv on channels_last activations is a GEMM with the bias in its epilogue (:class:`FastConv2d`);
 - nearest-2x upsampling + 3x3 conv is the sub-pixel conv (:func:`mdm_fast.ops.upsample_conv3x3`);
 - the nesting adapters are fused steps without materialised zero padding;
 - in training, a norm's output (and the attention FFN's GELU output) is not kept for the convolution
@@ -83,21 +84,28 @@ def _recomputed_input(module: nn.Module, produce: Callable[[], torch.Tensor],
     y = produce()
     if not (_recompute_wanted(module) and y.requires_grad):
         return consumer(y)
-    ptr, shape, dtype, stride = y.data_ptr(), y.shape, y.dtype, y.stride()
-
-    def again() -> torch.Tensor:
-        with torch.no_grad():
-            return produce()
+    root = y if y._base is None else y._base  # autograd's views of views all have the root as _base
 
     def pack(t: torch.Tensor):
-        same = t.data_ptr() == ptr and t.shape == shape and t.dtype == dtype and t.stride() == stride
-        return _Recompute(again) if same else t
+        # y, or a view of it (a 1x1 conv run as a GEMM saves y's (B*H*W, C) view): kept as its geometry
+        if not (t is y or t._base is root) or t.dtype != y.dtype:
+            return t
+        view = (tuple(t.shape), t.stride(), t.storage_offset() - y.storage_offset())
+        return _Recompute(functools.partial(_again, produce, view))
 
     def unpack(p):
         return p.fn() if isinstance(p, _Recompute) else p
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return consumer(y)
+
+
+def _again(produce: Callable[[], torch.Tensor], view) -> torch.Tensor:
+    """``produce()`` computed again (the same bits and layout), seen as the saved ``view`` of it."""
+    shape, stride, offset = view
+    with torch.no_grad():
+        y = produce()
+    return y.as_strided(shape, stride, y.storage_offset() + offset)
 
 
 def _norm_then(module: nn.Module, consumer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -114,6 +122,25 @@ def _norm_then(module: nn.Module, consumer: Callable[[torch.Tensor], torch.Tenso
                                 kwargs.get("shift"))
     return _recomputed_input(module, functools.partial(ops.group_norm_act, x, norm.num_groups, norm.weight,
                                                        norm.bias, norm.eps, impl=impl, **kwargs), consumer)
+
+
+class FastConv2d(nn.Conv2d):
+    """A 1x1 convolution on a channels_last input runs as the GEMM it is, over the (B*H*W, C) view, with
+    the bias added in the GEMM's epilogue: cuDNN adds a convolution's bias in a separate broadcast pass
+    (on an H200 the 256x256 forward at batch 32 spent 18 ms of 78 in those passes, 145 of its 212
+    convolutions being 1x1: benchmarks/results/profile-256-forward-b32-nvidia-h200.md). Any other
+    convolution, or input layout, runs as nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._is_pointwise(x):
+            return super().forward(x)
+        y = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)  # (B, H, W, Cout)
+        return y.permute(0, 3, 1, 2)  # (B, Cout, H, W), channels_last
+
+    def _is_pointwise(self, x: torch.Tensor) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), "valid")
+                and self.dilation == (1, 1) and self.groups == 1 and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last))
 
 
 class FastResNet(ResNet):
@@ -243,6 +270,7 @@ class FastNestedUNet(FastUNetMixin, NestedUNet):
 
 
 FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
+    nn.Conv2d: FastConv2d,
     ResNet: FastResNet,
     SelfAttention: FastSelfAttention,
     ResNetBlock: FastResNetBlock,
