@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,19 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def revision() -> str:
+    """The mdm_fast commit the numbers come from (+ "with local changes" if the tree differs from it)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "an unknown commit (no git checkout)"
+    return f"commit {sha}" + (" with local changes" if dirty else "")
+
+
 def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] = None,
                  timing: str = DEVICE_TIMES, echo: bool = True) -> Path:
     """Write ``<out_dir>/<suite>-<card>.md`` with a header naming the card, versions, ceilings and timing
@@ -213,7 +227,8 @@ def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] =
     head = [
         f"# {suite} on {card_name()}",
         "",
-        f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}"
+        f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, mdm_fast at {revision()}, "
+        f"torch {torch.__version__}"
         + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")
         + f". Ceilings measured in the same run: copy {c.copy_gbps:.0f} GB/s (read + write), "
         f"bf16 matmul {c.bf16_tflops:.0f} TFLOP/s. " + timing,
