@@ -15,6 +15,7 @@ What changes on the hot path:
   (:func:`mdm_fast.ops.attention_from_qkv`); a query whose text keys are all masked gets zero from
   the text branch where the public code gives NaN;
 - a 1x1 conv on channels_last activations is a GEMM with the bias in its epilogue (:class:`FastConv2d`);
+  a ResNet's 3x3 convs run without bias, added by :func:`mdm_fast.ops.bias_add` (with the skip after conv2);
 - nearest-2x upsampling + 3x3 conv is the sub-pixel conv (:func:`mdm_fast.ops.upsample_conv3x3`);
 - the nesting adapters are fused steps without materialised zero padding;
 - in training, a norm's output (and the attention FFN's GELU output) is not kept for the convolution
@@ -124,6 +125,11 @@ def _norm_then(module: nn.Module, consumer: Callable[[torch.Tensor], torch.Tenso
                                                        norm.bias, norm.eps, impl=impl, **kwargs), consumer)
 
 
+def _without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` without its bias (the caller adds it, see :func:`mdm_fast.ops.bias_add`)."""
+    return conv._conv_forward(x, conv.weight, None)
+
+
 class FastConv2d(nn.Conv2d):
     """A 1x1 convolution on a channels_last input runs as the GEMM it is, over the (B*H*W, C) view, with
     the bias added in the GEMM's epilogue: cuDNN adds a convolution's bias in a separate broadcast pass
@@ -150,16 +156,22 @@ class FastResNet(ResNet):
     proj_offset: Optional[int] = None
 
     def forward(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-        h = _norm_then(self, self.conv1, x, self.norm1)
+        # the 3x3 convolutions run without their bias, which ops.bias_add adds in one vectorised pass:
+        # alone after conv1, with the skip after conv2 (where the public code adds h + x)
+        h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1)
+        h = ops.bias_add(h, self.conv1.bias, impl=_impl(self, "bias_add"))
         c, off = self.config.output_channels, self.proj_offset
         if off is None:
             proj, off = self.time_layer(F.silu(proj)), 0
         ta = repeat_to_batch(proj[:, off:off + c], h.size(0))  # (B, C)
         tb = repeat_to_batch(proj[:, off + c:off + 2 * c], h.size(0))
-        h = _norm_then(self, lambda y: self.conv2(self.dropout(y)), h, self.norm2, scale=ta, shift=tb)
+        h = _norm_then(self, lambda y: _without_bias(self.conv2, self.dropout(y)), h, self.norm2, scale=ta,
+                       shift=tb)
         if self.config.output_channels != self.config.num_channels:
             x = self.conv3(x)
-        return h + x
+        if x.dtype != h.dtype:  # type promotion, as h + x
+            return ops.bias_add(h, self.conv2.bias, impl=_impl(self, "bias_add")) + x
+        return ops.bias_add(h, self.conv2.bias, residual=x, impl=_impl(self, "bias_add"))
 
 
 class FastSelfAttention(SelfAttention):

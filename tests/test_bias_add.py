@@ -1,0 +1,91 @@
+"""mdm_fast.ops.bias_add: x + bias[c] (+ residual), against PyTorch in fp64, forward and gradients."""
+import pytest
+import torch
+
+from mdm_fast.ops import BackendUnavailable, bias_add
+from mdm_fast.ops import dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# forward error bound per dtype: the fused pass rounds once, PyTorch's x + b + r twice
+TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 40, 9, 13)]  # odd C, H and W; one pixel; more than a block
+
+
+def _inputs(shape, dtype, channels_last, residual, device=DEVICE):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.randn(shape[1], device=device).requires_grad_()  # an fp32 parameter, as under autocast
+    r = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_() if residual \
+        else None
+    return x, b, r
+
+
+def _want(x, b, r):
+    out = x.double() + b.double()[:, None, None]
+    return out if r is None else out + r.double()
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, residual):
+    x, b, r = _inputs(shape, dtype, channels_last, residual)
+    out = bias_add(x, b, r, impl=impl)
+    want = _want(x, b, r)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert (out.double() - want).abs().max().item() <= TOL[dtype] * (1 + want.abs().max().item())
+    g = torch.randn(shape, device=x.device).to(dtype)
+    leaves = [t for t in (x, b, r) if t is not None]
+    got = torch.autograd.grad(out, leaves, g)
+    exp = torch.autograd.grad(want, leaves, g.double())
+    for name, a, e in zip("x b r".split(), got, exp):
+        assert a.dtype == (torch.float32 if name == "b" else dtype)
+        # dbias sums B*H*W values of g, exactly representable: fp32 summation error only
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-5 * shape[0] * shape[2] * shape[3])
+
+
+def test_opcheck():
+    x, b, r = _inputs((2, 3, 4, 5), torch.float32, True, True, device="cpu")
+    torch.library.opcheck(torch.ops.mdm_fast.bias_add, (x, b, r, "ref"))
+    torch.library.opcheck(torch.ops.mdm_fast.bias_add, (x, b, None, "ref"))
+
+
+def test_dispatch_reasons():
+    x = torch.randn(2, 4, 3, 3)
+    bad_layout = torch.randn(2, 4, 3, 3).transpose(2, 3)  # neither NCHW- nor NHWC-dense
+    assert "neither" in dispatch.why_not("bias_add", "triton", bad_layout, torch.randn(4), None)
+    mixed = x.contiguous(memory_format=torch.channels_last)
+    assert "layout" in dispatch.why_not("bias_add", "triton", x, torch.randn(4), mixed)
+    assert "float64" in dispatch.why_not("bias_add", "triton", x.double(), torch.randn(4), None)
+    with pytest.raises(BackendUnavailable, match="residual's layout"):
+        bias_add(x, torch.randn(4), mixed, impl="triton")
+    torch.testing.assert_close(bias_add(x, torch.zeros(4), mixed), x + mixed)  # auto: the ref backend
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 4, 3),), r"x must be a \(B, C, H, W\)"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(3)), r"bias must be a float tensor of shape \(4,\)"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(4), torch.randn(2, 4, 3, 2)), "residual must be None or"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(4), torch.randn(2, 4, 3, 3).half()), "residual must be None or"),
+])
+def test_bad_inputs_raise(args, match):
+    args = args + (torch.randn(4),) if len(args) == 1 else args
+    with pytest.raises(ValueError, match=match):
+        bias_add(*args)
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_and_captures():
+    x, b, r = _inputs((4, 64, 32, 32), torch.bfloat16, True, True, device="cuda")
+    eager = bias_add(x, b, r)
+    torch.testing.assert_close(torch.compile(bias_add)(x, b, r), eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        bias_add(x, b, r)  # warm-up (compiles the kernel)
+        with torch.cuda.graph(graph):
+            out = bias_add(x, b, r)
+    graph.replay()
+    torch.testing.assert_close(out, eager)
