@@ -117,6 +117,9 @@ def test_quick_demo_then_sample(tmp_path, capsys):
                  "--guidance", "2", "--batch", "3", "--out", str(tmp_path / "s")]) == 0
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert "grid.png" in files and "000_00_level0_32px.png" in files and "001_01_level1_8px.png" in files
+    assert main(["sample", "--checkpoint", str(ckpt), "--labels", "3", "--num-per-prompt", "1", "--steps", "2",
+                 "--precision", "bf16", "--out", str(tmp_path / "s4")]) == 0  # autocast works on a CPU too
+    assert (tmp_path / "s4" / "000_00_level0_32px.png").stat().st_size > 0
     assert main(["sample", "--checkpoint", str(ckpt), "--prompts", "a cat", "--out", str(tmp_path / "s2")]) == 2
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--cuda-graphs",
                  "--out", str(tmp_path / "s3")]) == 2  # bare --cuda-graphs = on: needs CUDA

@@ -386,6 +386,27 @@ def test_gpu_generate_replays_one_captured_step_across_batches():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_denoise_under_autocast_runs_the_model_in_bf16_and_returns_x_t_dtype():
+    """make_denoise(autocast=bfloat16): the model's convolutions see bf16, the predictions (and the guidance
+    combination) come back in float32, close to the fp32 ones."""
+    model, diffusion, cond, mask = tiny_setup("cpu")
+    seen = []
+    model.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x_t = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    times = torch.tensor([0.3, 0.7])
+    uncond, umask = torch.zeros(1, *cond.shape[1:]), torch.ones(1, mask.shape[1])
+    outs = {}
+    for dtype in (None, torch.bfloat16):
+        denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=uncond,
+                                         uncond_mask=umask, autocast=dtype)
+        with torch.no_grad():
+            outs[dtype] = denoise(x_t, times)
+    assert seen == [torch.float32, torch.bfloat16]
+    for a, b in zip(outs[None], outs[torch.bfloat16]):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max().item() <= 0.05 * (1 + a.abs().max().item())
+
+
 def test_guidance_null_with_fewer_tokens_is_padded_with_masked_zeros():
     """A one-token null (TextEncoder.null) against captions of 5 tokens: padded with masked zero tokens,
     the null the trainer's conditioning dropout shows the model (it failed to concatenate before)."""

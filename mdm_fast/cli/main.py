@@ -69,6 +69,7 @@ def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.devi
 
 def cmd_sample(args) -> int:
     from mdm_fast.train.grids import generate, grid_image, to_uint8
+    from mdm_fast.train.trainer import autocast_dtype
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
@@ -80,6 +81,7 @@ def cmd_sample(args) -> int:
     if not prompts:
         raise ValueError("sample: give --prompts, --labels or --prompt-file")
     image_size = args.image_size or cfg.image_size
+    autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     levels_all: List[List[torch.Tensor]] = []
@@ -90,7 +92,7 @@ def cmd_sample(args) -> int:
         levels = generate(diffusion, model, encoder, [p for p, _ in chunk], 1, image_size, device,
                           steps=args.steps, guidance=args.guidance, seed=args.seed + start, ddim_eta=args.eta,
                           progress=True, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                          cache=cache)
+                          cache=cache, autocast=autocast)
         levels_all.append([lvl.cpu() for lvl in levels])
         from PIL import Image
 
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="capture each denoising step (all levels, guidance, update) once and replay it; "
                         "auto (default): on CUDA")
+    s.add_argument("--precision", default="config", choices=["config", "bf16", "fp32"],
+                   help="the model's arithmetic: bf16 autocast, fp32, or config (default): bf16 where the "
+                        "config trains under it (fp16: 1) on CUDA, else fp32")
     s.add_argument("--device")
     s.add_argument("--out", default="samples")
     s.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")

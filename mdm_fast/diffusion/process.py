@@ -211,11 +211,11 @@ class NestedDiffusion:
     # ---- sampling (see mdm_fast.diffusion.sampler) -----------------------------------------
 
     def make_denoise(self, model, conditioning, cond_mask, guidance_scale: float = 1.0, micros=None,
-                     uncond_conditioning=None, uncond_mask=None):
+                     uncond_conditioning=None, uncond_mask=None, autocast: Optional[torch.dtype] = None):
         from mdm_fast.diffusion.sampler import make_denoise
 
         return make_denoise(self, model, conditioning, cond_mask, guidance_scale, micros,
-                            uncond_conditioning, uncond_mask)
+                            uncond_conditioning, uncond_mask, autocast)
 
     def sampler(self, num_inference_steps: Optional[int] = None, ddim_eta: Optional[float] = None,
                 threshold=None):

@@ -40,8 +40,12 @@ def _double_micros(micros: Optional[dict], batch: int) -> dict:
 
 def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Tensor], guidance_scale: float = 1.0,
                  micros: Optional[dict] = None, uncond_conditioning: Optional[Tensor] = None,
-                 uncond_mask: Optional[Tensor] = None) -> Denoise:
+                 uncond_mask: Optional[Tensor] = None, autocast: Optional[torch.dtype] = None) -> Denoise:
     """``denoise(x_t_list, model_times)`` of ``model`` under ``diffusion`` (a NestedDiffusion).
+
+    ``autocast``: the model runs under ``torch.autocast`` to that dtype (bfloat16 on a GPU: what the
+    models are benchmarked at); its predictions come back in x_t's dtype, and guidance and the sampler
+    update run there.
 
     guidance_scale != 1: classifier-free guidance as the public code does it: one model call on the
     doubled batch [uncond; cond], then uncond + scale (cond - uncond). The null rows come from
@@ -64,16 +68,23 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
             return conditioning, cond_mask
         return torch.cat([null, conditioning]), None if cond_mask is None else torch.cat([null_mask, cond_mask])
 
+    def predict(x_t: List[Tensor], *args) -> List[Tensor]:
+        if autocast is None:
+            return diffusion.predict(model, x_t, *args)
+        with torch.autocast(x_t[0].device.type, dtype=autocast):
+            preds = diffusion.predict(model, x_t, *args)
+        return [p.to(x.dtype) for p, x in zip(preds, x_t)]
+
     def denoise(x_t: List[Tensor], model_times: Tensor) -> List[Tensor]:
         B = x_t[0].shape[0]
         cond, mask = inputs()
         if scale == 1:
-            return diffusion.predict(model, x_t, model_times, cond, mask, micros)
+            return predict(x_t, model_times, cond, mask, micros)
         if cond.shape[0] != 2 * B:
             raise ValueError(f"classifier-free guidance needs 2 x {B} conditioning rows ([uncond; cond]) or "
                              f"uncond_conditioning; got {cond.shape[0]} rows")
-        preds = diffusion.predict(model, [torch.cat([x, x]) for x in x_t], torch.cat([model_times, model_times]),
-                                  cond, mask, _double_micros(micros, B))
+        preds = predict([torch.cat([x, x]) for x in x_t], torch.cat([model_times, model_times]), cond, mask,
+                        _double_micros(micros, B))
         out = []
         for p in preds:
             uncond, cnd = p.chunk(2)

@@ -62,7 +62,7 @@ def grid_image(levels: Sequence[torch.Tensor], rows: int, row_labels: Optional[L
 def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int, image_size: int,
              device: torch.device, *, steps: int = 50, guidance: float = 1.0, seed: int = 0,
              ddim_eta: Optional[float] = None, progress: bool = False, cuda_graphs: Optional[bool] = None,
-             cache: Optional[dict] = None) -> List[torch.Tensor]:
+             cache: Optional[dict] = None, autocast: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Samples for every prompt (``per_prompt`` each, prompt-major): the list of levels, highest first.
 
     ``cuda_graphs``: each denoising step (every level, guidance, sampler update) is captured once and
@@ -70,7 +70,8 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
     eager step is bound by the host's launch time: 105 ms against 15.5 ms replayed for the 256x256
     NCHW model at batch 2 on an H200). ``cache``: a dict kept across calls (batches of one sampling
     job): the sampler, the conditioning buffers the steps read and the captured step are made once per
-    shape and reused, so later batches neither compile nor capture again."""
+    shape and reused, so later batches neither compile nor capture again. ``autocast``: the model runs
+    under torch.autocast to that dtype (see :func:`mdm_fast.diffusion.sampler.make_denoise`)."""
     from mdm_fast.text import encode_prompts
 
     expanded = [p for p in prompts for _ in range(per_prompt)]
@@ -83,11 +84,12 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
     was_training = model.training
     model.eval()
     try:
-        key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, ddim_eta, cuda_graphs)
+        key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, ddim_eta, cuda_graphs, autocast)
         pipe = None if cache is None else cache.get(key)
         fresh = pipe is None
         if fresh:
-            pipe = _Pipeline.make(diffusion, model, encoder, cond, mask, steps, guidance, ddim_eta, cuda_graphs)
+            pipe = _Pipeline.make(diffusion, model, encoder, cond, mask, steps, guidance, ddim_eta, cuda_graphs,
+                                  autocast)
             if cache is not None:
                 cache[key] = pipe
         else:
@@ -122,14 +124,15 @@ class _Pipeline:
     step_fn: Optional[Callable]
 
     @staticmethod
-    def make(diffusion, model, encoder, cond, mask, steps, guidance, ddim_eta, cuda_graphs) -> "_Pipeline":
+    def make(diffusion, model, encoder, cond, mask, steps, guidance, ddim_eta, cuda_graphs,
+             autocast) -> "_Pipeline":
         kwargs = {}
         if guidance != 1.0:
             uncond, umask = encoder.null(cond.shape[0], cond.device)
             kwargs = {"uncond_conditioning": uncond, "uncond_mask": umask}
         sampler = diffusion.sampler(num_inference_steps=steps, ddim_eta=ddim_eta)
         cond, mask = cond.clone(), mask.clone()
-        denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=guidance, **kwargs)
+        denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=guidance, autocast=autocast, **kwargs)
         step_fn = None
         if cuda_graphs:
             from mdm_fast.engine import graphed_sampler_step

@@ -247,9 +247,8 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.fp16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        dtype = autocast_dtype(self.cfg, self.device)
+        return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
     def _conditioning(self, batch, generator):
         cond, mask = self.encoder.encode_batch(batch, self.device)
@@ -456,6 +455,11 @@ class _Window:
         return time.time() - self.start
 
 
+def autocast_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype the model trains and samples at: bfloat16 with ``fp16`` set on CUDA, else None (fp32)."""
+    return torch.bfloat16 if cfg.fp16 and device.type == "cuda" else None
+
+
 def periodic_samples(trainer: "Trainer", per_prompt: int = 4, steps: int = 50) -> Path:
     """A grid from the EMA model: the first classes (class models) or the first captions of the data."""
     from mdm_fast.text import ClassLabelEncoder
@@ -467,6 +471,7 @@ def periodic_samples(trainer: "Trainer", per_prompt: int = 4, steps: int = 50) -
         prompts = [trainer.dataset[(i, i)].get("caption", "") for i in range(min(4, len(trainer.dataset)))]
     guidance = 2.0 if trainer.cfg.cond_drop_prob > 0 else 1.0
     levels = generate(trainer.diffusion, trainer.ema.module, trainer.encoder, prompts, per_prompt,
-                      trainer.cfg.image_size, trainer.device, steps=steps, guidance=guidance, seed=0)
+                      trainer.cfg.image_size, trainer.device, steps=steps, guidance=guidance, seed=0,
+                      autocast=autocast_dtype(trainer.cfg, trainer.device))
     return save_grid(levels, trainer.out / "samples" / f"step_{trainer.step:08d}.png", len(prompts),
                      [p[:24] for p in prompts])
