@@ -137,6 +137,13 @@ def forward_fn(model, args) -> Callable[[], object]:
     return lambda: _bf16_forward(model, *args)
 
 
+def cast_once(model):
+    """``model`` with its conv and linear weights cast to bf16 once, as mdm_fast's sampler runs it."""
+    from mdm_fast.models import CastWeights
+
+    return CastWeights(model, torch.bfloat16)
+
+
 def graphed_forward_fn(model, args) -> Callable[[], object]:
     from mdm_fast.engine import GraphedCallable
 
@@ -227,6 +234,8 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
             out["reference + torch.compile"] = lambda: forward_fn(torch.compile(ref), args)
         out["mdm_fast eager"] = lambda: forward_fn(fast, args)
         out["mdm_fast + CUDA graphs"] = lambda: graphed_forward_fn(fast, args)
+        out["mdm_fast + CUDA graphs, weights cast once (the sampler's)"] = lambda: graphed_forward_fn(
+            cast_once(fast), args)
         if suite == "full":
             out["mdm_fast + CUDA graphs, NCHW"] = lambda: graphed_forward_fn(nchw(fast), args)
             out["mdm_fast + torch.compile"] = lambda: forward_fn(torch.compile(fast), args)

@@ -246,6 +246,42 @@ def test_a_gemm_after_a_norm_keeps_a_view_of_its_output_as_a_recomputation():
         assert torch.equal(a, b)
 
 
+class _WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the casts of ``params`` (or of views of them)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ids, self.n = {id(p) for p in params}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            src = args[0]
+            self.n += id(src) in self.ids or (src._base is not None and id(src._base) in self.ids)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cast_weights_gives_autocasts_numbers_without_its_casts(fast):
+    """CastWeights: the conv and linear weights cast once: bit-identical outputs under autocast, and the
+    forward no longer casts them (the fast 256x256 model cast 519 tensors per forward)."""
+    from mdm_fast.models import CastWeights
+
+    build = mdm_fast.build_model if fast else build_reference
+    model = randomize(build("nested_unet", tiny_nested_config())).eval()
+    args = tiny_inputs(2)
+    cast = CastWeights(model, torch.bfloat16)
+    counts = []
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for fn in (model, cast):
+            with _WeightCasts(cast.params.values()) as casts:
+                out = fn(*args)
+            counts.append((casts.n, out))
+    (n_plain, want), (n_cast, got) = counts
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert n_plain > 0 and n_cast == 0, (n_plain, n_cast)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+
+
 def test_fast_model_has_no_graph_breaks_under_compile():
     import torch._dynamo
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mdm_fast.diffusion.config import ThresholdType
+from mdm_fast.models.cast_weights import CastWeights
 from mdm_fast.ops import diffusion_step as ops
 from mdm_fast.ops.resample import resize
 
@@ -44,8 +45,9 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     """``denoise(x_t_list, model_times)`` of ``model`` under ``diffusion`` (a NestedDiffusion).
 
     ``autocast``: the model runs under ``torch.autocast`` to that dtype (bfloat16 on a GPU: what the
-    models are benchmarked at); its predictions come back in x_t's dtype, and guidance and the sampler
-    update run there.
+    models are benchmarked at), with its convolution and linear weights cast once, now
+    (:class:`mdm_fast.models.CastWeights`: make a new denoiser after the weights change); its
+    predictions come back in x_t's dtype, and guidance and the sampler update run there.
 
     guidance_scale != 1: classifier-free guidance as the public code does it: one model call on the
     doubled batch [uncond; cond], then uncond + scale (cond - uncond). The null rows come from
@@ -68,11 +70,13 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
             return conditioning, cond_mask
         return torch.cat([null, conditioning]), None if cond_mask is None else torch.cat([null_mask, cond_mask])
 
+    cast_model = None if autocast is None else CastWeights(model, autocast)
+
     def predict(x_t: List[Tensor], *args) -> List[Tensor]:
-        if autocast is None:
+        if cast_model is None:
             return diffusion.predict(model, x_t, *args)
         with torch.autocast(x_t[0].device.type, dtype=autocast):
-            preds = diffusion.predict(model, x_t, *args)
+            preds = diffusion.predict(cast_model, x_t, *args)
         return [p.to(x.dtype) for p, x in zip(preds, x_t)]
 
     def denoise(x_t: List[Tensor], model_times: Tensor) -> List[Tensor]:
