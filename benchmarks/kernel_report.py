@@ -230,8 +230,16 @@ def diffusion_step_cases():
                                                             "clip")
 
 
+def bias_add_cases():
+    from mdm_fast.kernels import bias_add as kern
+
+    for cl in (False, True):  # the 256x256 model's outer ResNets at training batch 16, with the skip
+        x, bias = _empty(16, 128, 256, 256, channels_last=cl), _empty(128, dtype=torch.float32)
+        yield f"(16,128,256,256){' NHWC' if cl else ''} + skip", lambda: kern.bias_add(x, bias, x, cl)
+
+
 OPS = {"group_norm": group_norm_cases, "attention": attention_cases, "upsample_conv": upsample_conv_cases,
-       "diffusion_step": diffusion_step_cases}
+       "diffusion_step": diffusion_step_cases, "bias_add": bias_add_cases}
 
 
 def run(ops: List[str], arch: int = 90, only: Sequence[str] = ()) -> List[Launch]:
