@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+import weakref
 from typing import Callable, Dict, Optional, Type
 
 import torch
@@ -85,13 +86,18 @@ def _recomputed_input(module: nn.Module, produce: Callable[[], torch.Tensor],
     y = produce()
     if not (_recompute_wanted(module) and y.requires_grad):
         return consumer(y)
-    root = y if y._base is None else y._base  # autograd's views of views all have the root as _base
+    # autograd's views of views all have the root as _base. A weak reference: autograd keeps this hook
+    # with every tensor it saves, and a strong one would keep y alive until backward (5.3 GB more at the
+    # 256x256 model's train step, batch 16, bf16)
+    root = weakref.ref(y if y._base is None else y._base)
+    dtype, offset = y.dtype, y.storage_offset()
 
     def pack(t: torch.Tensor):
         # y, or a view of it (a 1x1 conv run as a GEMM saves y's (B*H*W, C) view): kept as its geometry
-        if not (t is y or t._base is root) or t.dtype != y.dtype:
+        r = root()
+        if r is None or not (t is r or t._base is r) or t.dtype != dtype:
             return t
-        view = (tuple(t.shape), t.stride(), t.storage_offset() - y.storage_offset())
+        view = (tuple(t.shape), t.stride(), t.storage_offset() - offset)
         return _Recompute(functools.partial(_again, produce, view))
 
     def unpack(p):
