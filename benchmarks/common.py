@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import functools
+import hashlib
 import os
 import re
 import statistics
@@ -205,17 +206,30 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def revision() -> str:
-    """The mdm_fast commit the numbers come from (+ "with local changes" if the tree differs from it)."""
+def source_fingerprint() -> str:
+    """8 hex digits of a hash of mdm_fast's and the benchmarks' Python sources: names the code that ran
+    where git cannot (a copied tree whose .git is stale); ``python -c "from benchmarks.common import
+    source_fingerprint as f; print(f())"`` at a commit gives that commit's."""
     root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("mdm_fast/**/*.py"), *root.glob("benchmarks/*.py")]):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
+def revision() -> str:
+    """The mdm_fast commit the numbers come from (+ "with local changes" if the tree differs from it), and
+    the sources' fingerprint."""
+    root = Path(__file__).resolve().parents[1]
+    fingerprint = f"sources {source_fingerprint()}"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "an unknown commit (no git checkout)"
-    return f"commit {sha}" + (" with local changes" if dirty else "")
+        return f"an unknown commit ({fingerprint})"
+    return f"commit {sha}" + (" with local changes" if dirty else "") + f" ({fingerprint})"
 
 
 def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] = None,
