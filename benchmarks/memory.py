@@ -79,33 +79,23 @@ def kept_by_op(model, args) -> Dict[str, int]:
 def peak_activation_bytes(name: str, cfg: dict, size: int, batch: int, recompute: bool = True,
                           text_tokens: int = TEXT_TOKENS) -> int:
     """The peak of activation memory (what a GPU's peak counts beyond weights, gradients and optimizer
-    state) of a bf16 train step, tracked on fake tensors (no GPU, seconds) with the ops a GPU runs: the
-    Triton custom ops' fake implementations, channels_last, autocast. Unlike :func:`kept_by_op` it
-    sees everything alive, whatever holds it (a hook that keeps a tensor, say)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    state) of a bf16 train step, tracked on fake tensors (no GPU, seconds) with the ops a GPU runs
+    (:func:`benchmarks.roofline.fake_gpu_model`). Unlike :func:`kept_by_op` it sees everything alive,
+    whatever holds it (a hook that keeps a tensor, say)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-    from benchmarks.common import knob
-    from mdm_fast import build_model
+    from benchmarks.roofline import fake_gpu_model
     from mdm_fast.models import set_norm_recompute
-    from mdm_fast.ops import dispatch
 
-    with knob(dispatch, "triton_reason", lambda *t: None), knob(dispatch, "_on_interpreter", lambda *a: False):
-        with warnings.catch_warnings(), FakeTensorMode():
-            warnings.simplefilter("ignore")
-            model = build_model(name, cfg)
-            set_norm_recompute(model, recompute)
-            x_t = [torch.randn(batch, 3, size // r, size // r) for r in model.resolution_ratios()]
-            width = cfg.get("conditioning_feature_dim", TEXT_WIDTH)
-            args = (x_t, torch.randint(0, 1000, (batch,)), torch.randn(batch, text_tokens, width),
-                    torch.ones(batch, text_tokens))
-            tracker = MemTracker()
-            tracker.track_external(model)
-            with tracker:
-                with torch.autocast("cpu", torch.bfloat16):
-                    out = model(*args)
-                sum(o.float().square().mean() for o in out).backward()
-            return next(iter(tracker.get_tracker_snapshot("peak").values()))[_MemRefType.ACT]
+    with fake_gpu_model(name, cfg, size, batch, text_tokens) as (model, args):
+        set_norm_recompute(model, recompute)
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker:
+            with torch.autocast("cpu", torch.bfloat16):
+                out = model(*args)
+            sum(o.float().square().mean() for o in out).backward()
+        return next(iter(tracker.get_tracker_snapshot("peak").values()))[_MemRefType.ACT]
 
 
 def run(stem: str, batch: int) -> str:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -130,34 +131,42 @@ class _Counter(TorchDispatchMode):
         return out
 
 
-def count(name: str, cfg: dict, size: int, kind: str, batch: int, tflops: float = H200_TFLOPS,
-          gbps: float = H200_GBPS, text_tokens: int = TEXT_TOKENS) -> Tally:
-    """The tally of one forward (no_grad) or one forward + backward of the fast model ``build_model(name,
-    cfg)`` at ``batch`` and image ``size``."""
+@contextlib.contextmanager
+def fake_gpu_model(name: str, cfg: dict, size: int, batch: int,
+                   text_tokens: int = TEXT_TOKENS) -> Iterator[Tuple[torch.nn.Module, tuple]]:
+    """(model, args): the fast model ``build_model(name, cfg)`` (channels_last) and a batch of inputs, on
+    fake tensors (shapes only, no GPU) that stand for CUDA ones: the Triton custom ops run (their fake
+    implementations), whatever TRITON_INTERPRET says. Use them inside the block."""
     from mdm_fast import build_model
     from mdm_fast.ops import dispatch
 
-    # fake tensors stand for CUDA ones: the Triton custom ops, whatever TRITON_INTERPRET says
     with knob(dispatch, "triton_reason", lambda *t: None), knob(dispatch, "_on_interpreter", lambda *a: False):
         with warnings.catch_warnings(), FakeTensorMode():
             warnings.simplefilter("ignore")
             model = build_model(name, cfg, channels_last=True)
             x_t = [torch.randn(batch, 3, size // r, size // r) for r in model.resolution_ratios()]
             width = cfg.get("conditioning_feature_dim", TEXT_WIDTH)
-            args = (x_t, torch.randint(0, 1000, (batch,)), torch.randn(batch, text_tokens, width),
-                    torch.ones(batch, text_tokens))
-            counter = _Counter(tflops, gbps)
-            with counter, torch.autocast("cpu", torch.bfloat16):
-                if kind == "forward":
-                    with torch.no_grad():
-                        model(*args)
-                else:
-                    out = model(*args)
-                    loss = sum(F.mse_loss(o.float(), torch.zeros_like(o, dtype=torch.float32)) for o in out)
-            if kind == "train":
-                with counter:
-                    loss.backward()
-            n_params = sum(p.numel() for p in model.parameters())
+            yield model, (x_t, torch.randint(0, 1000, (batch,)), torch.randn(batch, text_tokens, width),
+                          torch.ones(batch, text_tokens))
+
+
+def count(name: str, cfg: dict, size: int, kind: str, batch: int, tflops: float = H200_TFLOPS,
+          gbps: float = H200_GBPS, text_tokens: int = TEXT_TOKENS) -> Tally:
+    """The tally of one forward (no_grad) or one forward + backward of the fast model ``build_model(name,
+    cfg)`` at ``batch`` and image ``size``."""
+    with fake_gpu_model(name, cfg, size, batch, text_tokens) as (model, args):
+        counter = _Counter(tflops, gbps)
+        with counter, torch.autocast("cpu", torch.bfloat16):
+            if kind == "forward":
+                with torch.no_grad():
+                    model(*args)
+            else:
+                out = model(*args)
+                loss = sum(F.mse_loss(o.float(), torch.zeros_like(o, dtype=torch.float32)) for o in out)
+        if kind == "train":
+            with counter:
+                loss.backward()
+        n_params = sum(p.numel() for p in model.parameters())
     if kind == "train":  # fused AdamW: param, grad, 2 moments read, 3 written (fp32); EMA: 2 read, 1 written
         for label, per_param in (("optimizer (fused AdamW)", 28), ("EMA update", 12)):
             counter.tally.calls[label] += 1
