@@ -25,7 +25,7 @@ class CastWeights:
     parameters replaced by ``dtype`` copies; meant for no-grad calls under autocast to ``dtype``."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
-        self.model, self.dtype = model, dtype
+        self.model = model
         self.params: Dict[str, Tensor] = {}  # name -> the model's parameter
         for prefix, module in model.named_modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):

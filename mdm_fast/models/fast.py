@@ -164,8 +164,9 @@ class FastResNet(ResNet):
     def forward(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
         # the 3x3 convolutions run without their bias, which ops.bias_add adds in one vectorised pass:
         # alone after conv1, with the skip after conv2 (where the public code adds h + x)
+        impl = _impl(self, "bias_add")
         h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1)
-        h = ops.bias_add(h, self.conv1.bias, impl=_impl(self, "bias_add"))
+        h = ops.bias_add(h, self.conv1.bias, impl=impl)
         c, off = self.config.output_channels, self.proj_offset
         if off is None:
             proj, off = self.time_layer(F.silu(proj)), 0
@@ -175,9 +176,9 @@ class FastResNet(ResNet):
                        shift=tb)
         if self.config.output_channels != self.config.num_channels:
             x = self.conv3(x)
-        if x.dtype != h.dtype:  # type promotion, as h + x
-            return ops.bias_add(h, self.conv2.bias, impl=_impl(self, "bias_add")) + x
-        return ops.bias_add(h, self.conv2.bias, residual=x, impl=_impl(self, "bias_add"))
+        fused = x.dtype == h.dtype  # else type promotion, as h + x
+        out = ops.bias_add(h, self.conv2.bias, residual=x if fused else None, impl=impl)
+        return out if fused else out + x
 
 
 class FastSelfAttention(SelfAttention):

@@ -168,7 +168,7 @@ class Trainer:
 
     def _graphed_wanted(self) -> bool:
         """``cuda_graphs``: auto = on for one process on a CUDA device; on = also DDP ranks (capture with
-        NCCL collectives, not yet run on a GPU), or an error."""
+        NCCL collectives: run with one rank on an H200, not yet with several), or an error."""
         mode, why = self.cfg.cuda_graphs, None
         if self.device.type != "cuda":
             why = f"the device is {self.device}"
