@@ -1,8 +1,8 @@
 """A model called with its convolution and linear weights cast once, for sampling under autocast.
 
 Under ``torch.autocast`` every convolution and linear layer casts its fp32 weight and bias at every
-call: 459 casting kernels per forward of the public 256x256 model, about 40% of its kernels, which a
-CUDA-graph step at batch 2 replays one after another. :class:`CastWeights` holds those parameters
+call: 459 casting kernels per forward of the public 256x256 model (counted on fake tensors), about 40%
+of its kernels, which a CUDA-graph step at batch 2 replays one after another. :class:`CastWeights` holds those parameters
 cast to the autocast dtype once and calls the model on them (``torch.func.functional_call``): the
 same values autocast would produce, without the kernels. Other parameters (norms, embeddings) keep
 their dtype, so the ops autocast runs in fp32 see what they saw before.
