@@ -8,8 +8,8 @@ Shapes are the GroupNorm inputs of the public models (32 groups, bf16): the 256x
 model's outer levels (32/32/64 channels at 1024/512/256 px), at training batch (16 / 4) and sampling batch
 (32 / 8). GB/s counts one read of x and one write of y (forward), reads of x and dy and one write of dx
 (backward); "% copy" is that over the copy bandwidth measured in the same run. The quick suite times five
-sampling-batch cases (both layouts only at 128 and 1024 px) and compiles one case (forward only); the full
-suite runs everything.
+sampling-batch cases (both layouts only at 128 and 1024 px) and one up-path concatenation of the 256x256 model
+(192 channels at 128 px, channels_last), and compiles one case (forward only); the full suite runs everything.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ M256_INNER = [(256, 64), (512, 32), (768, 16)]
 M1024_OUTER = [(32, 1024), (32, 512), (64, 256)]
 # (batch, channels, pixels, channels_last): few cases, so that Triton compiles few kernels (< 40 s on an H200)
 QUICK = [(32, 128, 128, False), (32, 128, 128, True), (32, 768, 16, False), (8, 32, 1024, False),
-         (8, 32, 1024, True)]
+         (8, 32, 1024, True), (32, 192, 128, True)]  # the last: an up-path concatenation, 6 channels per group
 FAST = ("triton", "cuda")
 DEVICE = "cuda"
 
@@ -137,7 +137,11 @@ SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD",
          # 1000 forces the split path everywhere: the fused path's second pass re-reads a program's groups
          # (1 MB per channels_last program at (32, 128, 128, 128)), which 2 programs per SM cannot keep in
          # L2; the split path's apply pass visits the parts in reverse, the last-read ones still in L2
-         ("fused min programs / SM", "FUSED_MIN_PROGRAMS_PER_SM", (2, 1000))]
+         ("fused min programs / SM", "FUSED_MIN_PROGRAMS_PER_SM", (2, 1000)),
+         # 2**62: never whole rows (channels_last takes the fused path or the split path over GPB groups)
+         ("NHWC whole rows from elements", "NHWC_WHOLE_ROWS_ELEMENTS", (1 << 24, 1 << 62)),
+         ("whole-row part min rows", "WHOLE_ROWS_MIN_ROWS", (64, 16, 256))]
+NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "WHOLE_ROWS_MIN_ROWS"}
 
 
 def sweep() -> Dict[str, str]:
@@ -150,7 +154,7 @@ def sweep() -> Dict[str, str]:
         args = _inputs(b, c, p, cl, True)
         nbytes = args[0].numel() * args[0].element_size()
         for label, attr, values in SWEEP:
-            if attr.startswith("NHWC") and not cl:
+            if attr in NHWC_ONLY and not cl:
                 continue
             for value in values:
                 with knob(kern, attr, value):

@@ -9,6 +9,7 @@ from typing import List
 
 import pytest
 import torch
+import triton
 
 from mdm_fast.kernels import group_norm as kern
 from mdm_fast.ops import BackendUnavailable, dispatch, group_norm_act, use_impl
@@ -135,6 +136,57 @@ def test_triton_split_matches_reference(split_path, shape, G, dtype, cl, ss, aff
 def test_split_plan_loops_over_tiles(split_path):
     p = kern.plan(2, 8, 9 * 13, 4, False)
     assert p.nsplit == 4 and p.rows == 2 * p.block_s and p.nsplit == -(-117 // p.rows)
+
+
+@pytest.fixture
+def whole_rows(monkeypatch):
+    """Force the channels_last split path over whole rows on small tensors, with several tiles per part."""
+    _small_tiles(monkeypatch, 64)
+    monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
+    monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
+    monkeypatch.setattr(kern, "MAX_SPLIT", 5)
+
+
+WHOLE_ROWS_CASES = [
+    ((2, 8, 9, 13), 4, torch.float32, True, True, True, "silu"),
+    ((2, 48, 3, 5), 16, torch.float32, True, True, True, "silu"),  # 3 channels per group, C not a power of 2
+    ((1, 24, 7, 5), 4, torch.float32, True, False, False, None),  # 6 channels per group (the model's 192 / 32)
+    ((2, 6, 7, 5), 6, torch.float32, True, True, False, "silu"),  # one channel per group
+    ((2, 12, 5, 7), 1, torch.float32, True, True, True, "silu"),  # one group
+    ((2, 4, 8, 8), 2, torch.float16, True, True, True, "silu"),
+    ((2, 8, 6, 6), 2, torch.bfloat16, True, True, True, "silu"),
+    ((2, 8, 3, 4, 5), 2, torch.float32, True, True, True, "silu"),  # channels_last_3d
+]
+
+
+@pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", WHOLE_ROWS_CASES)
+def test_triton_whole_rows_split_matches_reference(whole_rows, shape, G, dtype, cl, ss, affine, act):
+    B, C = shape[:2]
+    for backward in (False, True):
+        p = kern.plan(B, C, math.prod(shape[2:]), G, cl, backward=backward)
+        assert p.gpb == G and p.block_c == triton.next_power_of_2(C) and p.nsplit > 1
+    _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
+
+
+def test_finalize_loops_over_the_parts(whole_rows, monkeypatch):
+    """A finalize program merging its parts a few at a time (the mean first, then M2 around it)."""
+    monkeypatch.setattr(kern, "FINALIZE_TILE", 2)  # 2 channels per group: one part per step
+    inputs = _inputs((2, 8, 9, 13), 4, torch.float32)
+    inputs[0] = (inputs[0] + 300.0).to(memory_format=torch.channels_last)  # offset data: M2 needs Chan's merge
+    assert kern.plan(2, 8, 117, 4, True).nsplit == 5
+    _check_against_fp64(inputs, 4, "silu", "triton")
+
+
+def test_channels_last_large_tensors_take_whole_rows():
+    """The model's large channels_last norms read whole rows; small ones, and NCHW, keep their plans."""
+    for shape in [(32, 192, 256 * 256), (32, 64, 256 * 256), (32, 768, 64 * 64), (8, 32, 1024 * 1024),
+                  (32, 512, 32 * 32)]:
+        p = kern.plan(*shape, 32, True)
+        assert (p.gpb, p.block_c) == (32, triton.next_power_of_2(shape[1])) and 1 < p.nsplit <= kern.MAX_SPLIT
+        assert p.rows >= kern.WHOLE_ROWS_MIN_ROWS
+        assert kern.plan(*shape, 32, False).gpb == 1
+    assert kern.plan(32, 768, 16 * 16, 32, True) == kern.plan(32, 768, 16 * 16, 32, False)  # 12.6 MB: fused
+    assert kern.plan(1, 64, 1, 32, True).fused  # one row cannot be split
 
 
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", [SPLIT_CASES[0], SPLIT_CASES[1], SPLIT_CASES[3]])
@@ -309,7 +361,8 @@ def test_gpu_matches_reference(impl, dtype, cl, shape, G, ss):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", [(4, 32, 1024, 1024), (16, 64, 256, 256), (16, 256, 64, 64), (16, 768, 16, 16)])
+@pytest.mark.parametrize("shape", [(4, 32, 1024, 1024), (16, 64, 256, 256), (16, 256, 64, 64), (16, 768, 16, 16),
+                                   (8, 192, 128, 128)])  # channels_last: the last one on whole rows, 6 per group
 @pytest.mark.parametrize("cl", [False, True])
 def test_gpu_model_shapes(impl, shape, cl):
     inputs = _inputs(shape, 32, torch.bfloat16, cl, device="cuda")

@@ -23,22 +23,31 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     of loads in flight per SM (`python -m benchmarks.kernel_report --ops group_norm`, sm_90); 4096-element
     tiles at 3-4 programs per SM measured slower on an H200. C/G is a compile-time constant, so the
     channel masks of channels_last tiles with 24 channels per group stay 16-byte vectorised.
-  * split path, only where B*G/GPB programs cannot fill the card and groups are large (the 1024 model:
-    8 x 32 groups of 1M pixels): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
-    part, channel) partial moments, launch 2 merges a group's partials in its prologue (Chan's formula, no
-    finalize launch) and applies, visiting parts in reverse so that the last-read data is still in L2.
-  * channels_last: a program takes GPB whole groups (32 channels when C/G is a power of two) so that each
-    row of its tile is >= 64 contiguous bytes, instead of 2-8-byte pieces.
+  * split path, where B*G/GPB programs cannot fill the card and groups are large (the 1024 model: 8 x 32
+    groups of 1M pixels), and for every channels_last tensor of 32 MB or more: each group is cut into
+    NSPLIT row ranges; launch 1 writes per-(sample, part, channel) partial moments, launch 2 (one small
+    program per (sample, group)) merges them (Chan's formula) into the group's mean and rstd, launch 3
+    applies, visiting parts in reverse so that the last-read data is still in L2. The backward has the
+    same three launches (partial sums of dz and dz * xhat; per-channel sums and the group's c1, c2; dx).
+  * channels_last: the fused path's programs take GPB whole groups (32 channels when C/G is a power of
+    two) so that each row of its tile is >= 64 contiguous bytes. Large tensors go to the split path over
+    whole rows (all C channels: each program streams one contiguous stretch). Why: on the H200 (lease of
+    2026-11-28, benchmarks/results/profile-256-forward-b32-nvidia-h200.md) the 256x256 forward at batch
+    32 spent 15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are
+    large (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
+    per row (GPB = 1) and re-read from DRAM (a program's groups times the programs resident exceed L2);
+    with C/G a power of two it read 64 B of each 128-256 B row (35% of copy at (32, 128, 128, 128)).
   Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2), backward
-  3 transfers (~80% of copy); the 1024 model's split path needs 3 (forward) and 5 (backward) transfers
-  minus what L2 keeps: ~60% / ~55% of copy in the reported units. Not yet measured on a GPU.
+  3 transfers (~80% of copy); the split path needs 3 (forward) and 5 (backward) transfers minus what L2
+  keeps: ~60% / ~55% of copy in the reported units. The H200 measured 55% / 38% (fused, NCHW) and 60% /
+  47% (split, NCHW, the 1024 model's shapes); the whole-row channels_last split awaits a GPU.
 
 The input is seen as (B, C, S) with S the flattened spatial size (H*W or T*H*W) and one of two
 layouts, addressed through strides without copies:
   NCHW (contiguous):      offset = b*C*S + c*S + s   (stride_c = S, stride_s = 1)
   NHWC (channels_last):   offset = b*C*S + s*C + c   (stride_c = 1, stride_s = C)
 Tiles are (BLOCK_S rows, BLOCK_C channels); BLOCK_C = GPB * next_pow2(C/G) (GPB > 1 only when C/G is a
-power of two). Everything is computed in fp32. The backward also returns, per (sample, channel),
+power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32. The backward also returns, per (sample, channel),
   s1 = sum_s dz        s2 = sum_s dz * xhat     (dz = dL/d(pre-activation))
 from which the parameter gradients follow (see ``mdm_fast.ops.group_norm_act``).
 """
@@ -69,10 +78,16 @@ FUSED_MIN_PROGRAMS_PER_SM = 2
 SPLIT_MIN_ELEMENTS = 1 << 16
 SPLIT_PROGRAMS_PER_SM = 16
 MAX_SPLIT = 128
-# Largest (parts x channels) tile of partials merged in the prologue of a split-path apply program.
-MERGE_MAX = 8192
-# Channels a channels_last program covers at least (when C/G is a power of two): 64 B rows in bf16.
+# Largest (parts x channels) tile of partials a finalize program merges per step (it loops over the parts).
+FINALIZE_TILE = 8192
+# Channels a channels_last program of the fused path covers at least (when C/G is a power of two): 64 B rows
+# in bf16.
 NHWC_MIN_CHANNELS = 32
+# channels_last tensors of at least this many elements (32 MB in bf16: about an H100/H200's L2) take the
+# split path over whole rows: each program reads one contiguous stretch of all C channels, whatever C/G is.
+NHWC_WHOLE_ROWS_ELEMENTS = 1 << 24
+# Rows a whole-row part holds at least: its partials (8 bytes per channel) stay under 7% of its bf16 data.
+WHOLE_ROWS_MIN_ROWS = 64
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -242,32 +257,55 @@ def _fwd_partial(X, PMEAN, PM2, C, S, G, CG: tl.constexpr, stride_c, stride_s, R
 
 
 @triton.jit
-def _fwd_split_apply(X, Y, W, Bi, SC, SH, PMEAN, PM2, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s,
-                     ROWS, eps,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                     ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
-    part, lo, hi = _rows(S, ROWS, True)
-    nsplit = tl.num_programs(1)
-    # merge the partial moments of all parts (Chan): part j holds min(ROWS, S - j*ROWS) rows
+def _finalize_channels(b, g, C, CG, nsplit, CGP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets (BLOCK_K, CGP) of group g's channels in parts [0, BLOCK_K) of the (B, nsplit, C) partials,
+    the part index j (BLOCK_K,), the channel lanes (CGP,) and their mask."""
     j = tl.arange(0, BLOCK_K)
-    jmask = j < nsplit
-    m = jmask[:, None] & cmask[None, :]  # (BLOCK_K, BLOCK_C)
-    idx = (b * nsplit + j)[:, None] * C + c[None, :]
-    pm = tl.load(PMEAN + idx, mask=m, other=0.0)
-    nj = tl.where(jmask, tl.minimum(ROWS, S - j * ROWS), 0).to(tl.float32)
+    cl = tl.arange(0, CGP)
+    idx = (b * nsplit + j)[:, None] * C + (g * CG + cl)[None, :]
+    return idx, j, cl, cl < CG
+
+
+@triton.jit
+def _fwd_finalize(PMEAN, PM2, MEAN, RSTD, C, S, G, CG: tl.constexpr, ROWS, eps,
+                  CGP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (sample, group): merges the group's per-(part, channel) moments (Chan's formula;
+    part j holds min(ROWS, S - j*ROWS) rows) into the group's mean and rstd."""
+    pid = tl.program_id(0)
+    b, g = pid // G, pid % G
+    nsplit = tl.cdiv(S, ROWS)
+    idx, j, cl, cmask = _finalize_channels(b, g, C, CG, nsplit, CGP, BLOCK_K)
+    wsum = tl.zeros([CGP], tl.float32)
+    for j0 in range(0, nsplit, BLOCK_K):  # per-channel mean: sum of n_j * mean_j
+        jj = j0 + j
+        m = (jj < nsplit)[:, None] & cmask[None, :]
+        nj = tl.where(jj < nsplit, tl.minimum(ROWS, S - jj * ROWS), 0).to(tl.float32)
+        wsum += tl.sum(tl.load(PMEAN + idx + j0 * C, mask=m, other=0.0) * nj[:, None], axis=0)
     n_c = (S * 1.0)
-    mean_c = tl.sum(pm * nj[:, None], axis=0) / n_c
-    dm = tl.where(m, pm - mean_c[None, :], 0.0)
-    m2_c = tl.sum(tl.load(PM2 + idx, mask=m, other=0.0) + nj[:, None] * dm * dm, axis=0)
-    mean, rstd = _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB, CGP)
+    mean_c = wsum / n_c
+    m2_c = tl.zeros([CGP], tl.float32)
+    for j0 in range(0, nsplit, BLOCK_K):  # per-channel M2: sum of M2_j + n_j (mean_j - mean)^2
+        jj = j0 + j
+        m = (jj < nsplit)[:, None] & cmask[None, :]
+        nj = tl.where(jj < nsplit, tl.minimum(ROWS, S - jj * ROWS), 0).to(tl.float32)
+        dm = tl.where(m, tl.load(PMEAN + idx + j0 * C, mask=m, other=0.0) - mean_c[None, :], 0.0)
+        m2_c += tl.sum(tl.load(PM2 + idx + j0 * C, mask=m, other=0.0) + nj[:, None] * dm * dm, axis=0)
+    mean, rstd = _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, 1, CGP)
+    tl.store(MEAN + pid + cl * 0, mean, mask=cl == 0)  # every lane holds the group's value
+    tl.store(RSTD + pid + cl * 0, rstd, mask=cl == 0)
+
+
+@triton.jit
+def _fwd_split_apply(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                     ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
+    _, lo, hi = _rows(S, ROWS, True)
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
     k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     a = rstd * k
     _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
-    first = cmask & (part == 0)
-    tl.store(MEAN + grp, mean, mask=first)
-    tl.store(RSTD + grp, rstd, mask=first)
 
 
 # ---- backward ------------------------------------------------------------------------------
@@ -366,29 +404,42 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.con
 
 
 @triton.jit
-def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, S, G, CG: tl.constexpr,
-                     stride_c, stride_s,
+def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, S1, S2, C1, C2, C, S, G, CG: tl.constexpr, ROWS,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                  CGP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (sample, group): the per-channel sums s1, s2 over all parts, and the group's
+    c1 = sum_c k s1 / n and c2 = sum_c k s2 / n (n = S * CG) that dx needs, (B, G) each."""
+    pid = tl.program_id(0)
+    b, g = pid // G, pid % G
+    nsplit = tl.cdiv(S, ROWS)
+    idx, j, cl, cmask = _finalize_channels(b, g, C, CG, nsplit, CGP, BLOCK_K)
+    s1 = tl.zeros([CGP], tl.float32)
+    s2 = tl.zeros([CGP], tl.float32)
+    for j0 in range(0, nsplit, BLOCK_K):
+        m = ((j0 + j) < nsplit)[:, None] & cmask[None, :]
+        s1 += tl.sum(tl.load(PS1 + idx + j0 * C, mask=m, other=0.0), axis=0)
+        s2 += tl.sum(tl.load(PS2 + idx + j0 * C, mask=m, other=0.0), axis=0)
+    c = g * CG + cl
+    k, _ = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    n = (S * 1.0) * CG
+    tl.store(S1 + b * C + c, s1, mask=cmask)
+    tl.store(S2 + b * C + c, s2, mask=cmask)
+    tl.store(C1 + pid, tl.sum(tl.where(cmask, k * s1, 0.0), axis=0) / n)
+    tl.store(C2 + pid, tl.sum(tl.where(cmask, k * s2, 0.0), axis=0) / n)
+
+
+@triton.jit
+def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, C1, C2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                      ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                     ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                     ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
-    part, lo, hi = _rows(S, ROWS, True)
-    nsplit = tl.num_programs(1)
-    j = tl.arange(0, BLOCK_K)
-    m = (j < nsplit)[:, None] & cmask[None, :]  # (BLOCK_K, BLOCK_C)
-    idx = (b * nsplit + j)[:, None] * C + c[None, :]
-    s1 = tl.sum(tl.load(PS1 + idx, mask=m, other=0.0), axis=0)
-    s2 = tl.sum(tl.load(PS2 + idx, mask=m, other=0.0), axis=0)
+    _, lo, hi = _rows(S, ROWS, True)
     mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
+    c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
     k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
-    n = (S * 1.0) * CG
-    c1 = _group_total(k * s1, GPB, CGP) / n
-    c2 = _group_total(k * s2, GPB, CGP) / n
     _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT, BLOCK_S)
-    first = cmask & (part == 0)
-    tl.store(S1 + b * C + c, s1, mask=first)
-    tl.store(S2 + b * C + c, s2, mask=first)
 
 
 # ---- launch plans and entry points ---------------------------------------------------------
@@ -398,9 +449,9 @@ def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, S1, S2, C, 
 class Plan:
     """How one (B, C, S, G, layout) problem is cut into programs: grid (B * G // gpb, nsplit)."""
 
-    gpb: int  # groups per program (> 1 only for channels_last with C/G a power of two)
+    gpb: int  # groups per program (> 1 only for channels_last: C/G a power of two, or G on whole rows)
     block_s: int  # rows per tile
-    block_c: int  # channels per tile: gpb * next_pow2(C // G)
+    block_c: int  # channels per tile: gpb * next_pow2(C // G), or next_pow2(C) on whole rows
     rows: int  # rows per program (a multiple of block_s; >= S on the fused path)
     nsplit: int  # programs per group block (1: the fused path)
     num_warps: int
@@ -430,24 +481,41 @@ def _groups_per_program(G: int, cg: int, channels_last: bool) -> int:
     return gpb
 
 
+def _whole_rows_plan(B: int, C: int, S: int, G: int, sms: int, max_tile: int) -> Optional[Plan]:
+    """The split path over whole channels_last rows (all C channels: one contiguous stretch of memory per
+    program), or None where the rows cannot be cut into two parts or more."""
+    block_c = triton.next_power_of_2(C)
+    block_s = max(1, min(triton.next_power_of_2(S), max_tile // block_c))
+    nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, B), triton.cdiv(S, max(block_s, WHOLE_ROWS_MIN_ROWS)),
+                 MAX_SPLIT)
+    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
+    if rows >= S:
+        return None
+    return Plan(G, block_s, block_c, rows, triton.cdiv(S, rows), _warps(block_s * block_c))
+
+
+def _warps(tile: int) -> int:
+    return 8 if tile >= 4096 else 4 if tile >= 1024 else 2
+
+
 def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, backward: bool = False) -> Plan:
-    cg = C // G
     max_tile = TILE_BWD if backward else TILE_FWD
-    cgp = triton.next_power_of_2(cg)
+    if channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS:
+        whole = _whole_rows_plan(B, C, S, G, sms, max_tile)
+        if whole is not None:
+            return whole
+    cg = C // G
     gpb = _groups_per_program(G, cg, channels_last)
-    block_c = gpb * cgp
+    block_c = gpb * triton.next_power_of_2(cg)
     block_s = max(1, min(triton.next_power_of_2(S), max_tile // block_c))
     if triton.next_power_of_2(S) * block_c <= SINGLE_TILE:
         block_s = triton.next_power_of_2(S)  # the whole group in one tile
     programs = B * G // gpb
     nsplit = 1
     if programs < FUSED_MIN_PROGRAMS_PER_SM * sms and gpb * cg * S > SPLIT_MIN_ELEMENTS:
-        nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), triton.cdiv(S, block_s), MAX_SPLIT,
-                     max(1, MERGE_MAX // block_c))
+        nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), triton.cdiv(S, block_s), MAX_SPLIT)
     rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
-    tile = block_s * block_c
-    warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2
-    return Plan(gpb, block_s, block_c, rows, triton.cdiv(S, rows), warps)
+    return Plan(gpb, block_s, block_c, rows, triton.cdiv(S, rows), _warps(block_s * block_c))
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, int]:
@@ -474,6 +542,12 @@ def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool,
     return B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, (B * num_groups // p.gpb, p.nsplit)
 
 
+def _finalize_blocks(cg: int, p: Plan) -> dict:
+    """Lanes of a finalize program: a group's channels (CGP) times the parts it merges at once (BLOCK_K)."""
+    cgp = triton.next_power_of_2(cg)
+    return dict(CGP=cgp, BLOCK_K=max(1, min(triton.next_power_of_2(p.nsplit), FINALIZE_TILE // cgp)))
+
+
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], num_groups: int, eps: float,
             silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -491,9 +565,9 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial mean, M2
     _fwd_partial[grid](x, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows, **blocks,
                        num_warps=p.num_warps)
-    _fwd_split_apply[grid](x, y, *ptrs, part[0], part[1], mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows,
-                           eps, **flags, ACT=silu, CGP=p.block_c // p.gpb,
-                           BLOCK_K=triton.next_power_of_2(p.nsplit), **blocks, num_warps=p.num_warps)
+    _fwd_finalize[(B * G,)](part[0], part[1], mean, rstd, C, S, G, C // G, p.rows, eps, **_finalize_blocks(C // G, p))
+    _fwd_split_apply[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows, **flags, ACT=silu,
+                           **blocks, num_warps=p.num_warps)
     return y, mean, rstd
 
 
@@ -514,7 +588,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial s1, s2
     _bwd_partial[grid](x, dy, *ptrs, mean, rstd, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows,
                        **flags, ACT=silu, **blocks, num_warps=p.num_warps)
-    _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, part[0], part[1], s1, s2, C, S, G, C // G, stride_c,
-                           stride_s, p.rows, **flags, ACT=silu, CGP=p.block_c // p.gpb,
-                           BLOCK_K=triton.next_power_of_2(p.nsplit), **blocks, num_warps=p.num_warps)
+    c12 = torch.empty(2, B, G, device=x.device, dtype=torch.float32)
+    _bwd_finalize[(B * G,)](part[0], part[1], *ptrs, s1, s2, c12[0], c12[1], C, S, G, C // G, p.rows, **flags,
+                            **_finalize_blocks(C // G, p))
+    _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, c12[0], c12[1], C, S, G, C // G, stride_c, stride_s, p.rows,
+                           **flags, ACT=silu, **blocks, num_warps=p.num_warps)
     return dx, s1, s2
