@@ -8,7 +8,10 @@ Workloads (bf16 autocast as the public trainer, text width 2048, 128 tokens half
 batch 4. "train step" = forward of every resolution + MSE on every output + backward + AdamW step
 (the definition of shared/reference/BASELINE.md). Reports ms, speed-ups over reference eager and
 compiled, TFLOP/s and MFU against the bf16 matmul rate measured in the same run, peak memory and
-time to the first step. The quick suite skips torch.compile (2-4 minutes per model).
+time to the first step. The quick suite skips torch.compile (2-4 minutes per model). At the
+convolution-bound forward batches (32, 8) it also times the sampler's step with cuDNN's algorithm
+search on while the graph is captured (``torch.backends.cudnn.benchmark``, which neither the public
+code nor mdm_fast turns on): what that search would be worth as a default.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from benchmarks.common import (TRITON_COMPILES, WALL_TIMES, ceilings, markdown_table, parser, record_triton_compiles,
-                               time_ms, write_report)
+from benchmarks.common import (TRITON_COMPILES, WALL_TIMES, ceilings, knob, markdown_table, parser,
+                               record_triton_compiles, time_ms, write_report)
 
 try:  # process start, for the time to the first step
     import psutil
@@ -151,6 +154,21 @@ def graphed_forward_fn(model, args) -> Callable[[], object]:
     return lambda: graphed(*args)
 
 
+def cudnn_autotuned(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` whose first call (a graph's warm-up and capture) runs with cuDNN's algorithm search on
+    (``torch.backends.cudnn.benchmark``, off by default and in the public code): each convolution shape
+    times cuDNN's algorithms once and keeps the fastest; the captured graph replays them."""
+    first = [True]
+
+    def run():
+        if not first[0]:
+            return fn()
+        first[0] = False
+        with knob(torch.backends.cudnn, "benchmark", True):
+            return fn()
+    return run
+
+
 def train_loss(model):
     def loss_fn(x_t, times, cond, mask, targets):
         with torch.autocast("cuda", torch.bfloat16):
@@ -239,6 +257,9 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
         if suite == "full":
             out["mdm_fast + CUDA graphs, NCHW"] = lambda: graphed_forward_fn(nchw(fast), args)
             out["mdm_fast + torch.compile"] = lambda: forward_fn(torch.compile(fast), args)
+        if wl.batch >= 8 or suite == "full":  # the convolution-bound batches; last: the search's choices stay cached
+            out["mdm_fast + CUDA graphs, weights cast once, cuDNN autotuned"] = lambda: cudnn_autotuned(
+                graphed_forward_fn(cast_once(fast), args))
     else:
         out["reference eager"] = lambda: train_fn(ref, args, graphed=False)
         if suite == "full":

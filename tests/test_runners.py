@@ -453,3 +453,16 @@ def test_the_models_suite_trainer_variant_runs_its_logic():
         stats, ok = step()
     assert float(ok) == 1.0 and torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_models_suite_cudnn_variant_searches_only_while_capturing():
+    """benchmarks.models.cudnn_autotuned: cuDNN's algorithm search is on for the first call (a graph's
+    warm-up and capture) only, and the flag is restored after it."""
+    from benchmarks.models import cudnn_autotuned
+
+    seen = []
+    step = cudnn_autotuned(lambda: seen.append(torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.benchmark
+    for _ in range(3):
+        step()
+    assert seen == [True, before, before] and torch.backends.cudnn.benchmark == before
