@@ -124,9 +124,48 @@ def run(suite: str) -> Dict[str, str]:
                   "triton % copy", "cuda GB/s", "cuda % copy", "ref / best fast"]
         title = "act(group_norm(x) * (1 + scale) + shift), bf16" if scale_shift else "act(group_norm(x)), bf16"
         sections[title] = markdown_table(header, rows)
+    sections["The decoder's concatenation + norm1 (forward, bf16, channels_last, scale-shift + SiLU)"] = decoder(
+        suite, copy)
     if notes:
         sections["Backends skipped"] = "\n".join(f"- {n}" for n in sorted(set(notes)))
     return sections
+
+
+# (batch, channels of x, channels of the skip, pixels): the 256x256 model's largest concatenation (6 channels
+# per group) and a deep one, at sampling batch 32
+DECODER = [(32, 128, 64, 256), (32, 768, 512, 32)]
+
+
+def decoder(suite: str, copy_gbps: float) -> str:
+    """What the up path runs before each ResNet: torch.cat then the norm (the public order), the Triton
+    row copy then the norm, and the copy handing the norm its partial moments (the fast model's way)."""
+    from mdm_fast.ops import concat_channels, concat_channels_for_norm
+
+    rows = []
+    for b, c1, c2, p in DECODER[:1] if suite == "quick" else DECODER:
+        cl = torch.channels_last
+        x = torch.randn(b, c1, p, p, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        skip = torch.randn(b, c2, p, p, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        _, w, bias, sc, sh = _inputs(1, c1 + c2, 1, False, True)
+        sc, sh = sc.expand(b, -1).contiguous(), sh.expand(b, -1).contiguous()
+
+        def norm(h, moments=None):
+            return group_norm_act(h, GROUPS, w, bias, 1e-5, sc, sh, impl="triton", moments=moments)
+
+        variants = {"torch.cat + norm": lambda: norm(torch.cat((x, skip), 1)),
+                    "concat + norm": lambda: norm(concat_channels(x, skip, impl="triton")),
+                    "concat with moments + norm": lambda: norm(*concat_channels_for_norm(x, skip, GROUPS, "triton")),
+                    "torch.cat alone": lambda: torch.cat((x, skip), 1),
+                    "concat alone": lambda: concat_channels(x, skip, impl="triton")}
+        nbytes = 2 * b * (c1 + c2) * p * p * 2  # the concatenation read + written once (bf16)
+        with torch.no_grad():
+            for name, fn in variants.items():
+                ms = device_ms(fn)
+                traffic = nbytes if "alone" in name else 2 * nbytes  # + the norm's read and write
+                rows.append([f"({b}, {c1}+{c2}, {p}, {p})", name, ms, 100 * gbps(traffic, ms) / copy_gbps])
+        del x, skip
+        torch.cuda.empty_cache()
+    return markdown_table(["shape", "variant", "ms", "% copy (minimal traffic)"], rows)
 
 
 # (name, module constant, values): the knobs of mdm_fast.kernels.group_norm.plan, the first value the default

@@ -238,8 +238,20 @@ def bias_add_cases():
         yield f"(16,128,256,256){' NHWC' if cl else ''} + skip", lambda: kern.bias_add(x, bias, x, cl)
 
 
+def concat_cases():
+    from mdm_fast.kernels import concat as kern
+    from mdm_fast.kernels import group_norm as gn
+
+    # the 256x256 model's decoder at sampling batch 32: its largest concatenation (128 + 64 channels, 6
+    # per group) and a deep one (768 + 512 at 32 px), with the moments of the norm that follows
+    for c1, c2, p in ((128, 64, 256), (768, 512, 32)):
+        a, b = _empty(32, c1, p, p, channels_last=True), _empty(32, c2, p, p, channels_last=True)
+        plan = gn.moments_plan((32, c1 + c2, p, p), 32, torch.device("cuda", 0))
+        yield f"(32,{c1}+{c2},{p},{p}) NHWC + moments", lambda: kern.concat(a, b, plan)
+
+
 OPS = {"group_norm": group_norm_cases, "attention": attention_cases, "upsample_conv": upsample_conv_cases,
-       "diffusion_step": diffusion_step_cases, "bias_add": bias_add_cases}
+       "diffusion_step": diffusion_step_cases, "bias_add": bias_add_cases, "concat": concat_cases}
 
 
 def run(ops: List[str], arch: int = 90, only: Sequence[str] = ()) -> List[Launch]:

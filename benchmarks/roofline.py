@@ -92,7 +92,8 @@ _KINDS = [("aten.convolution_backward", "convolution backward"), ("aten.convolut
           ("mdm_fast.attention_qkv_bwd", "attention backward"),
           ("mdm_fast.attention_qkv_fwd", "attention (fused)"), ("mdm_fast.group_norm_act_bwd", "group norm backward"),
           ("mdm_fast.group_norm_act_fwd", "group norm (fused)"), ("aten.mm", "matmul"), ("aten.addmm", "matmul"),
-          ("aten.bmm", "matmul"), ("aten.cat", "concatenation (skips)"), ("aten._to_copy", "dtype casts"),
+          ("aten.bmm", "matmul"), ("aten.cat", "concatenation (skips)"),
+          ("mdm_fast.concat_channels", "concatenation (skips)"), ("aten._to_copy", "dtype casts"),
           ("mdm_fast.bias_add", "conv bias (+ ResNet skip) adds"),
           ("aten.add", "residual adds and other adds"), ("aten.gelu", "GELU (attention FFN)")]
 

@@ -59,8 +59,36 @@ def tiny_inputs(batch=2, low_batch=None):
     return x, torch.randint(0, 1000, (low_batch,)), torch.randn(low_batch, 5, 24), mask
 
 
+@pytest.fixture
+def whole_rows_norms(monkeypatch):
+    """Every channels_last norm on its split path over whole rows (the large norms of the public models):
+    the decoder's concatenations hand their norms the partial moments; records the norms given them."""
+    from mdm_fast.kernels import group_norm as gn
+
+    monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
+    monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
+    given = []
+    forward = gn.forward
+
+    def recording(*args, **kwargs):
+        given.append(kwargs.get("moments", args[9] if len(args) > 9 else None) is not None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(gn, "forward", recording)
+    return given
+
+
 @pytest.mark.parametrize("low_batch", [3])  # a mixed batch: the harder path, and the interpreter is slow
 def test_triton_backends_match_reference_forward_and_gradients(low_batch):
+    _check_triton_model(low_batch)
+
+
+def test_triton_model_with_the_concatenations_moments(whole_rows_norms):
+    _check_triton_model(2)
+    assert any(whole_rows_norms) and not all(whole_rows_norms)  # the up path's norm1s, not the others
+
+
+def _check_triton_model(low_batch: int) -> None:
     ref = randomize(build_reference("nested_unet", tiny_nested_config()))
     fast = mdm_fast.build_model("nested_unet", tiny_nested_config(), impl="triton")
     fast.load_state_dict(ref.state_dict(), strict=True)

@@ -4,8 +4,9 @@
 specialisations, and reads registers, spills and global access widths from the cubin. These properties
 decide a bandwidth-bound kernel's speed and can regress silently under the CPU interpreter:
   * no kernel spills registers to local memory;
-  * every bf16 store of a group-norm / diffusion-step output is a 16-byte vector (no 2-byte stores), and
-    channels_last group-norm tiles load 16-byte vectors only where data is read (no 2-byte loads);
+  * every bf16 store of a group-norm / diffusion-step / concatenation output is a 16-byte vector (no
+    2-byte stores), and channels_last group-norm tiles load 16-byte vectors (2-byte pieces only for the
+    per-channel parameters);
   * the forward streaming kernels keep at least 16 warps per SM (loads in flight).
 """
 import json
@@ -17,13 +18,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ";".join(["(32,128,128,128)", "(32,768,16,16)", "(8,32,1024,1024)", "256 model"])
+CASES = ";".join(["(32,128,128,128)", "(32,768,16,16)", "(8,32,1024,1024)", "256 model", "+ moments"])
 
 
 @pytest.fixture(scope="module")
 def launches():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--ops", "group_norm,diffusion_step",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--ops", "group_norm,diffusion_step,concat",
                           "--only", CASES, "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -43,9 +44,13 @@ def test_outputs_are_stored_in_16_byte_vectors(launches):
 
 
 def test_channels_last_group_norm_loads_are_vectorised(launches):
-    rows = [r for r in launches if r["case"].startswith("group_norm") and "NHWC" in r["case"]]
+    """The streamed rows load 16 bytes at a time. At most the four per-channel parameter vectors (weight,
+    bias, scale, shift: one load each per program) may come in 2-byte pieces, where a program's channel
+    vector spreads one channel per thread; the finalize launches read (parts x group) partials only."""
+    rows = [r for r in launches if r["case"].startswith("group_norm") and "NHWC" in r["case"]
+            and not r["kernel"].endswith("_finalize")]
     assert rows
-    narrow = [(r["case"], r["kernel"], r["loads"]) for r in rows if r["loads"].get("2")]
+    narrow = [(r["case"], r["kernel"], r["loads"]) for r in rows if r["loads"].get("2", 0) > 4]
     assert not narrow
 
 

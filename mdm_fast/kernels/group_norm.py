@@ -47,7 +47,8 @@ layouts, addressed through strides without copies:
   NCHW (contiguous):      offset = b*C*S + c*S + s   (stride_c = S, stride_s = 1)
   NHWC (channels_last):   offset = b*C*S + s*C + c   (stride_c = 1, stride_s = C)
 Tiles are (BLOCK_S rows, BLOCK_C channels); BLOCK_C = GPB * next_pow2(C/G) (GPB > 1 only when C/G is a
-power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32. The backward also returns, per (sample, channel),
+power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32. The
+backward also returns, per (sample, channel),
   s1 = sum_s dz        s2 = sum_s dz * xhat     (dz = dL/d(pre-activation))
 from which the parameter gradients follow (see ``mdm_fast.ops.group_norm_act``).
 """
@@ -55,7 +56,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -548,23 +549,42 @@ def _finalize_blocks(cg: int, p: Plan) -> dict:
     return dict(CGP=cgp, BLOCK_K=max(1, min(triton.next_power_of_2(p.nsplit), FINALIZE_TILE // cgp)))
 
 
+def moments_plan(shape: Sequence[int], num_groups: int, device: torch.device) -> Optional[Plan]:
+    """The split plan the forward takes for a channels_last input of ``shape`` (B, C, H, W) on ``device``, or
+    None where it takes the fused path: the parts (runs of whole rows) over which a producer of the input
+    hands over its partial moments (``forward(..., moments=)``)."""
+    B, C, H, W = shape
+    p = plan(B, C, H * W, num_groups, True, _num_sms(device.index if device.type == "cuda" else None))
+    return None if p.fused else p
+
+
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], num_groups: int, eps: float,
-            silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y (x's layout), mean and rstd (B, G) fp32. x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous."""
+            silu: bool, channels_last: bool,
+            moments: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (x's layout), mean and rstd (B, G) fp32. x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous.
+    moments: x's partial moments (2, B, nsplit, C) fp32 over the parts of ``moments_plan``, from x's producer
+    (channels_last x only); the split path then skips its statistics launch."""
     B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
                                                                         channels_last, False)
     G = num_groups
     y = torch.empty_like(x)
     mean = torch.empty(B, G, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
+    if p.fused and moments is not None:
+        raise ValueError("group_norm: moments were given but this input takes the fused path (see moments_plan)")
     if p.fused:
         _fwd_fused[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, eps, **flags, ACT=silu,
                          CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
         return y, mean, rstd
-    part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial mean, M2
-    _fwd_partial[grid](x, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows, **blocks,
-                       num_warps=p.num_warps)
+    part = moments
+    if part is None:
+        part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial mean, M2
+        _fwd_partial[grid](x, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows, **blocks,
+                           num_warps=p.num_warps)
+    elif tuple(part.shape) != (2, B, p.nsplit, C) or part.dtype != torch.float32:
+        raise ValueError(f"group_norm: moments must be ({2}, {B}, {p.nsplit}, {C}) float32 (the parts of "
+                         f"moments_plan), got {tuple(part.shape)} {part.dtype}")
     _fwd_finalize[(B * G,)](part[0], part[1], mean, rstd, C, S, G, C // G, p.rows, eps, **_finalize_blocks(C // G, p))
     _fwd_split_apply[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows, **flags, ACT=silu,
                            **blocks, num_warps=p.num_warps)

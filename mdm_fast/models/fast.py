@@ -161,11 +161,14 @@ class FastResNet(ResNet):
     # passes the time embedding itself and the block projects it (FSDP-sharded weights)
     proj_offset: Optional[int] = None
 
-    def forward(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, proj: torch.Tensor,
+                input_moments: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_moments: x's partial moments from the op that produced it (the up path's concatenation,
+        ``ops.concat_channels_for_norm``), which norm1 then does not compute again."""
         # the 3x3 convolutions run without their bias, which ops.bias_add adds in one vectorised pass:
         # alone after conv1, with the skip after conv2 (where the public code adds h + x)
         impl = _impl(self, "bias_add")
-        h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1)
+        h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1, moments=input_moments)
         h = ops.bias_add(h, self.conv1.bias, impl=impl)
         c, off = self.config.output_channels, self.proj_offset
         if off is None:
@@ -216,6 +219,16 @@ class FastResNetBlock(ResNetBlock):
                 _local.in_checkpoint = False
 
         return checkpoint(body, x, temb, conditioning, cond_mask, *(skip_activations or []), use_reentrant=False)
+
+    def _skip_then_resnet(self, i, x, temb, skip_activations):
+        """The up path's concatenation as ``ops.concat_channels_for_norm``: a row copy (channels_last) that
+        also hands the ResNet's norm1 its partial moments."""
+        resnet = self.resnets[i]
+        if skip_activations is None or not isinstance(resnet, FastResNet):
+            return super()._skip_then_resnet(i, x, temb, skip_activations)
+        x, moments = ops.concat_channels_for_norm(x, skip_activations.pop(0), resnet.norm1.num_groups,
+                                                  impl=_impl(self, "concat_channels"))
+        return resnet(x, temb, input_moments=moments)
 
     def _resample(self, x, temb):
         if self.upsample_output and not self.resamples_frames:

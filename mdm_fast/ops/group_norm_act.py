@@ -70,7 +70,7 @@ def _group_stats(x: Tensor, num_groups: int, eps: float) -> Tuple[Tensor, Tensor
 # ---- backends: forward -> (y, mean, rstd); backward -> (dx, dweight, dbias, dscale, dshift) fp32 params
 
 
-def _ref_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+def _ref_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None):
     y = reference(x, num_groups, weight, bias, eps, scale, shift, "silu" if silu else None)
     return (y.contiguous(memory_format=_format(x)), *_group_stats(x, num_groups, eps))
 
@@ -114,11 +114,11 @@ def _small(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+def _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None):
     from mdm_fast.kernels import group_norm as kern
 
     return kern.forward(x, _small(weight), _small(bias), _small(scale), _small(shift), num_groups, eps, silu,
-                        _is_channels_last(x))
+                        _is_channels_last(x), moments)
 
 
 def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
@@ -147,7 +147,7 @@ def _cuda_rows(S: int, channels_last: bool) -> int:
     return min(S, 1024 if channels_last else 4096)  # rows per partial-statistics block
 
 
-def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu):
+def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None):
     from mdm_fast._ext import ext
 
     B, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
@@ -196,17 +196,18 @@ _BACKWARD: Dict[str, Callable] = {"ref": _ref_backward, "triton": _triton_backwa
 
 
 def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
-                  shift: Optional[Tensor], num_groups: int, eps: float, act: str,
-                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): y in x's dtype and memory format, mean/rstd (B, G) fp32. act: "silu" or "none"."""
-    return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, eps, act == "silu")
+                  shift: Optional[Tensor], num_groups: int, eps: float, act: str, backend: str,
+                  moments: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): y in x's dtype and memory format, mean/rstd (B, G) fp32. act: "silu" or "none".
+    moments: x's partial moments from its producer (the triton backend uses them, the others ignore them)."""
+    return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, eps, act == "silu", moments)
 
 
 group_norm_act_fwd = torch.library.custom_op("mdm_fast::group_norm_act_fwd", mutates_args=())(_forward_impl)
 
 
 @group_norm_act_fwd.register_fake
-def _(x, weight, bias, scale, shift, num_groups, eps, act, backend):
+def _(x, weight, bias, scale, shift, num_groups, eps, act, backend, moments=None):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
@@ -231,7 +232,7 @@ def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backe
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs
+    x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs[:9]
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
     ctx.config = (num_groups, eps, act, backend)
@@ -243,7 +244,8 @@ def _grads(ctx, dy, backward: Callable) -> tuple:
     grads = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config)
     dx, params = grads[0], grads[1:]
     wanted = (weight, bias, scale, shift)
-    return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(params, wanted)), None, None, None, None)
+    return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(params, wanted)), None, None, None, None,
+            None)
 
 
 torch.library.register_autograd("mdm_fast::group_norm_act_fwd",
@@ -338,17 +340,25 @@ def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act) -> Ten
 
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                   act: Optional[str] = "silu", impl: str = "auto") -> Tensor:
+                   act: Optional[str] = "silu", impl: str = "auto", moments: Optional[Tensor] = None) -> Tensor:
     """``act(group_norm(x, num_groups, weight, bias, eps) * (1 + scale) + shift)``.
 
     x: (B, C, H, W) or (B, C, T, H, W) fp16/bf16/fp32, NCHW or channels_last (kept in the output).
     weight, bias: (C,) or None. scale, shift: (B, C) or None. act: "silu" or None.
     impl: "auto", "ref", "triton" or "cuda" (see :mod:`mdm_fast.ops.dispatch`).
+    moments: x's partial moments from the op that produced x (``concat_channels_for_norm``), or None; the
+    triton backend then skips its statistics pass, the others ignore them.
     """
     _check(x, num_groups, weight, bias, eps, scale, shift, act)
+    if moments is not None and (not isinstance(moments, Tensor) or moments.dtype != torch.float32
+                                or moments.dim() != 4 or tuple(moments.shape[1:4:2]) != tuple(x.shape[:2])):
+        got = f"{tuple(moments.shape)} {moments.dtype}" if isinstance(moments, Tensor) else type(moments).__name__
+        raise ValueError(f"group_norm_act: moments must be None or a (2, {x.shape[0]}, parts, {x.shape[1]}) float32 "
+                         f"tensor from x's producer, got {got}")
     if not (x.is_contiguous() or _is_channels_last(x)):
-        x = x.contiguous()
+        x, moments = x.contiguous(), None  # (a producer's moments follow its dense layout)
     backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
     if backend == "ref" and not torch.compiler.is_compiling():
         return _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act)
-    return _group_norm_act(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend)[0]
+    return _group_norm_act(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend,
+                           moments)[0]

@@ -303,9 +303,7 @@ class ResNetBlock(nn.Module):
                 cond_mask=None):
         activations = []
         for i in range(self.num_residual_blocks):
-            if skip_activations is not None:
-                x = torch.cat((x, skip_activations.pop(0)), dim=1)
-            x = self.resnets[i](x, temb)
+            x = self._skip_then_resnet(i, x, temb, skip_activations)
             for j in range(self.num_attention_layers):
                 x = self.attn[i * self.num_attention_layers + j](x, conditioning, cond_mask)
             for j in range(self.num_temporal_attention_layers):
@@ -315,6 +313,12 @@ class ResNetBlock(nn.Module):
             x = self._resample(x, temb)
             activations.append(x)
         return (x, activations) if return_activations else x
+
+    def _skip_then_resnet(self, i: int, x: torch.Tensor, temb: torch.Tensor, skip_activations) -> torch.Tensor:
+        """The i-th ResNet on x; on the up path the next skip activation is concatenated onto x first."""
+        if skip_activations is not None:
+            x = torch.cat((x, skip_activations.pop(0)), dim=1)
+        return self.resnets[i](x, temb)
 
     def _resample(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         if self.resamples_frames:
