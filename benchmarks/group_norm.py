@@ -163,8 +163,6 @@ def decoder(suite: str, copy_gbps: float) -> str:
                 ms = device_ms(fn)
                 traffic = nbytes if "alone" in name else 2 * nbytes  # + the norm's read and write
                 rows.append([f"({b}, {c1}+{c2}, {p}, {p})", name, ms, 100 * gbps(traffic, ms) / copy_gbps])
-        del x, skip
-        torch.cuda.empty_cache()
     return markdown_table(["shape", "variant", "ms", "% copy (minimal traffic)"], rows)
 
 
