@@ -64,7 +64,8 @@ if want models; then
   # one process): split in three
   tests gpu-tests 150 tests/test_fast_model.py tests/test_runners.py tests/test_precompile.py \
     "tests/test_train.py tests/test_cli.py" \
-    "tests/test_group_norm_act.py tests/test_diffusion_ops.py tests/test_bias_add.py" tests/test_resample_ops.py \
+    "tests/test_group_norm_act.py tests/test_diffusion_ops.py tests/test_bias_add.py tests/test_concat.py" \
+    tests/test_resample_ops.py \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype0" \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype1" \
     "tests/test_attention.py::test_gpu_every_autotune_candidate_is_correct tests/test_attention.py::test_gpu_layout_fused tests/test_attention.py::test_gpu_compile_and_cuda_graph"

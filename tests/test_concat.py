@@ -40,10 +40,10 @@ def test_triton_equals_torch_cat_forward_and_backward(dtype, shape):
 
 
 def test_copy_loops_over_tiles_and_parts(monkeypatch):
-    from mdm_fast.kernels import concat as kernel
+    from mdm_fast.kernels import rows
 
-    monkeypatch.setattr(kernel, "TILE", 32)  # 4 rows of 8 channels per tile; 117 rows in 4 parts
-    monkeypatch.setattr(kernel, "PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(rows, "TILE", 32)  # 4 rows of 8 channels per tile; 117 rows in 4 parts
+    monkeypatch.setattr(rows, "PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(gn, "_num_sms", lambda index: 8)
     a, b = _pair(2, 8, 5, 9, 13)
     assert torch.equal(concat_channels(a, b, impl="triton"), torch.cat((a, b), 1))

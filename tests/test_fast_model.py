@@ -62,11 +62,15 @@ def tiny_inputs(batch=2, low_batch=None):
 @pytest.fixture
 def whole_rows_norms(monkeypatch):
     """Every channels_last norm on its split path over whole rows (the large norms of the public models):
-    the decoder's concatenations hand their norms the partial moments; records the norms given them."""
+    the decoder's concatenations and the ResNets' conv1 bias adds hand their norms the partial moments;
+    records the norms given them."""
     from mdm_fast.kernels import group_norm as gn
 
     monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
     monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
+    monkeypatch.setattr(gn, "MAX_SPLIT", 2)  # two parts per sample: few interpreted programs
+    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
+        monkeypatch.setattr(gn, name, 1024)  # tiles of fewer rows than the tiny model's 8x8 and 16x16 levels
     given = []
     forward = gn.forward
 
@@ -85,7 +89,26 @@ def test_triton_backends_match_reference_forward_and_gradients(low_batch):
 
 def test_triton_model_with_the_concatenations_moments(whole_rows_norms):
     _check_triton_model(2)
-    assert any(whole_rows_norms) and not all(whole_rows_norms)  # the up path's norm1s, not the others
+    assert any(whole_rows_norms) and not all(whole_rows_norms)
+
+
+def test_both_producers_hand_over_moments(whole_rows_norms, monkeypatch):
+    """The up path's concatenations (norm1) and the ResNets' conv1 bias adds (norm2) both write moments."""
+    from mdm_fast.kernels import bias_add as bias_kernel
+    from mdm_fast.kernels import concat as concat_kernel
+
+    produced = []
+    for module, name in ((bias_kernel, "bias_add_with_moments"), (concat_kernel, "concat")):
+        def recording(*args, _f=getattr(module, name), _n=name):
+            out = _f(*args)
+            produced.append(_n if out[1] is not None else None)
+            return out
+        monkeypatch.setattr(module, name, recording)
+    model = mdm_fast.build_model("nested_unet", tiny_nested_config(), impl="triton")
+    with torch.no_grad():
+        model(*tiny_inputs(2))
+    assert {"bias_add_with_moments", "concat"} <= set(produced)
+    assert sum(whole_rows_norms) == sum(p is not None for p in produced)  # every moment reaches its norm
 
 
 def _check_triton_model(low_batch: int) -> None:

@@ -166,17 +166,18 @@ class FastResNet(ResNet):
         """input_moments: x's partial moments from the op that produced it (the up path's concatenation,
         ``ops.concat_channels_for_norm``), which norm1 then does not compute again."""
         # the 3x3 convolutions run without their bias, which ops.bias_add adds in one vectorised pass:
-        # alone after conv1, with the skip after conv2 (where the public code adds h + x)
+        # alone after conv1 (handing norm2 its partial moments), with the skip after conv2 (where the
+        # public code adds h + x)
         impl = _impl(self, "bias_add")
         h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1, moments=input_moments)
-        h = ops.bias_add(h, self.conv1.bias, impl=impl)
+        h, moments = ops.bias_add_for_norm(h, self.conv1.bias, None, self.norm2.num_groups, impl=impl)  # for norm2
         c, off = self.config.output_channels, self.proj_offset
         if off is None:
             proj, off = self.time_layer(F.silu(proj)), 0
         ta = repeat_to_batch(proj[:, off:off + c], h.size(0))  # (B, C)
         tb = repeat_to_batch(proj[:, off + c:off + 2 * c], h.size(0))
         h = _norm_then(self, lambda y: _without_bias(self.conv2, self.dropout(y)), h, self.norm2, scale=ta,
-                       shift=tb)
+                       shift=tb, moments=moments)
         if self.config.output_channels != self.config.num_channels:
             x = self.conv3(x)
         fused = x.dtype == h.dtype  # else type promotion, as h + x

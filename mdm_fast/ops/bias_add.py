@@ -8,12 +8,15 @@ one pass instead of cuDNN's broadcast bias pass and then the residual add). Back
 
 x (B, C, H, W) fp16/bf16/fp32, NCHW or channels_last; bias (C,) in any float dtype (an fp32
 parameter under autocast is read as is); residual None or x's shape, dtype and layout.
+``bias_add_for_norm(x, bias, residual, num_groups)`` also returns the partial moments that
+``group_norm_act(out, num_groups, ..., moments=)`` takes, where the triton backend runs and that norm
+takes its split path (channels_last sums of 32 MB and more), else None.
 Backends: ``triton`` (CUDA, or the CPU interpreter by name), ``ref`` (PyTorch: ``x + bias``, then
 ``+ residual``, each rounded to x's dtype, as the public code).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,32 +31,51 @@ def _channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: str) -> Tensor:
+def _moments_plan(x: Tensor, num_groups: int, backend: str):
+    """The plan of the norm that reads the sum, where this call writes its partial moments; else None."""
+    if backend != "triton" or num_groups == 0 or x.shape[1] % num_groups or not _channels_last(x):
+        return None
+    from mdm_fast.kernels import group_norm as gn
+
+    return gn.moments_plan(x.shape, num_groups, x.device)
+
+
+def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: str,
+                  num_groups: int = 0) -> Tuple[Tensor, Tensor]:
+    """(the sum, its partial moments for a norm of num_groups groups (2, B, nsplit, C) fp32, or an empty
+    tensor: none)."""
+    none = x.new_empty((0,), dtype=torch.float32)
     if backend == "triton":
         from mdm_fast.kernels import bias_add as kernel
 
-        return kernel.bias_add(x, bias, residual, _channels_last(x))
+        plan = _moments_plan(x, num_groups, backend)
+        if plan is not None:
+            return kernel.bias_add_with_moments(x, bias, residual, plan)
+        return kernel.bias_add(x, bias, residual, _channels_last(x)), none
     out = x + bias.to(x.dtype)[:, None, None]
-    return out if residual is None else out + residual
+    return (out if residual is None else out + residual), none
 
 
 _bias_add_op = torch.library.custom_op("mdm_fast::bias_add", mutates_args=())(_forward_impl)
 
 
 @_bias_add_op.register_fake
-def _(x, bias, residual, backend):
-    return torch.empty_like(x)
+def _(x, bias, residual, backend, num_groups=0):
+    plan = _moments_plan(x, num_groups, backend)
+    moments = (2, x.shape[0], plan.nsplit, x.shape[1]) if plan is not None else (0,)
+    return torch.empty_like(x), x.new_empty(moments, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    _, bias, residual, _ = inputs
+    bias, residual = inputs[1], inputs[2]
     ctx.bias_dtype, ctx.has_residual = bias.dtype, residual is not None
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, _dmoments):
     n = ctx.needs_input_grad
     dbias = dy.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if n[1] else None  # (C,)
-    return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None
+    return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None, None
 
 
 _bias_add_op.register_autograd(_backward, setup_context=_setup_context)
@@ -90,6 +112,16 @@ def _check(x, bias, residual) -> None:
 
 def bias_add(x: Tensor, bias: Tensor, residual: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
     """``x + bias[None, :, None, None] (+ residual)`` in x's dtype and memory format (see the module notes)."""
+    return bias_add_for_norm(x, bias, residual, 0, impl)[0]
+
+
+def bias_add_for_norm(x: Tensor, bias: Tensor, residual: Optional[Tensor], num_groups: int,
+                      impl: str = "auto") -> Tuple[Tensor, Optional[Tensor]]:
+    """(``bias_add(x, bias, residual)``, moments or None): moments are the partial moments that
+    ``group_norm_act(out, num_groups, ..., moments=)`` takes (see the module notes); num_groups 0: none."""
     _check(x, bias, residual)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"bias_add_for_norm: num_groups must be an int >= 0 (0: no moments), got {num_groups!r}")
     backend = dispatch.resolve(OP, impl, x, bias, residual)
-    return _bias_add(x, bias, residual, backend)
+    out, moments = _bias_add(x, bias, residual, backend, num_groups)
+    return out, (moments if moments.numel() else None)

@@ -1,0 +1,103 @@
+"""Row streaming for the producers of a group norm's input: write channels_last rows and, on request, the
+per-channel partial moments of what was written, in the layout of group_norm's split path.
+
+A channels_last (B, C, H, W) tensor is B samples of S = H*W rows of C contiguous channels. group_norm's
+split path (:mod:`mdm_fast.kernels.group_norm`) cuts each sample into parts of ROWS rows and starts with
+a launch that reads the tensor once for each part's per-channel mean and M2. An op that produces the
+tensor can compute the same partials while it writes the rows (:func:`stream_rows`), over the same
+parts: the norm then skips that launch (one full read of its input fewer). Moments are fp32, shifted by
+the part's first row (no cancellation for data far from zero), and taken of the values as stored.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from mdm_fast.kernels import group_norm as gn
+
+TILE = 8192  # elements per loaded tile (a part loops over its rows in tiles)
+PROGRAMS_PER_SM = 16  # parts per sample when no moments plan fixes them: several waves of programs
+
+
+@triton.jit
+def _load_produced(SRC, RES, BIAS, OUT, offs, out_offs, mask, c, cmask, HAS_BIAS: tl.constexpr,
+                   HAS_RES: tl.constexpr):
+    """src (+ bias[c]) (+ res) at ``offs``, in OUT's dtype (fp32 arithmetic, one rounding)."""
+    v = tl.load(SRC + offs, mask=mask, other=0.0)
+    if HAS_BIAS or HAS_RES:
+        v = v.to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            v += tl.load(RES + out_offs, mask=mask, other=0.0).to(tl.float32)
+    return v.to(OUT.dtype.element_ty)
+
+
+@triton.jit
+def stream_rows(SRC, RES, BIAS, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_offset,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_MOMENTS: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[row, c0 + c] = src[row, c] (+ bias[c]) (+ res[row, c0 + c]) for rows [lo, hi) of one sample
+    (row0: its first row; src rows hold CS channels, out and res rows C), c < CS; with HAS_MOMENTS the
+    per-channel mean and M2 of the stored values go to PMEAN / PM2 at part_offset + c0 + c. The next
+    tile's loads are issued before the current one is stored."""
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < CS
+    s = lo + tl.arange(0, BLOCK_S)
+    mask = (s < hi)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_C)
+    vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + s)[:, None] * CS + c[None, :],
+                        (row0 + s)[:, None] * C + (c0 + c)[None, :], mask, c, cmask, HAS_BIAS, HAS_RES)
+    k = tl.sum(tl.where((s == lo)[:, None] & cmask[None, :], vn.to(tl.float32), 0.0), axis=0)  # the first row
+    t1 = tl.zeros([BLOCK_C], tl.float32)
+    t2 = tl.zeros([BLOCK_C], tl.float32)
+    for r in range(lo, hi, BLOCK_S):
+        v = vn
+        s = r + tl.arange(0, BLOCK_S)
+        mask = (s < hi)[:, None] & cmask[None, :]
+        sn = s + BLOCK_S
+        vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + sn)[:, None] * CS + c[None, :],
+                            (row0 + sn)[:, None] * C + (c0 + c)[None, :], (sn < hi)[:, None] & cmask[None, :], c,
+                            cmask, HAS_BIAS, HAS_RES)
+        tl.store(OUT + (row0 + s)[:, None] * C + (c0 + c)[None, :], v, mask=mask)
+        if HAS_MOMENTS:
+            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+            t1 += tl.sum(d, axis=0)
+            t2 += tl.sum(d * d, axis=0)
+    if HAS_MOMENTS:
+        n = (hi - lo).to(tl.float32)
+        tl.store(PMEAN + part_offset + c0 + c, k + t1 / n, mask=cmask)
+        tl.store(PM2 + part_offset + c0 + c, tl.maximum(t2 - t1 * t1 / n, 0.0), mask=cmask)
+
+
+@triton.jit
+def part_rows(S, ROWS):
+    """This program's sample b, its first row, the part's rows [lo, hi) and the part's partials offset
+    (grid (B, nsplit), C channels per row)."""
+    b = tl.program_id(0)
+    part = tl.program_id(1)
+    lo = part * ROWS
+    return b, b.to(tl.int64) * S, lo, tl.minimum(S, lo + ROWS), (b * tl.num_programs(1) + part).to(tl.int64)
+
+
+def blocks(cs: int) -> Tuple[int, int]:
+    """(rows, channels) of a TILE-element tile of rows with ``cs`` channels."""
+    block_c = triton.next_power_of_2(cs)
+    return max(1, TILE // block_c), block_c
+
+
+def parts(out: torch.Tensor, moments: Optional[gn.Plan]) -> Tuple[int, int, Optional[torch.Tensor]]:
+    """(rows per part, parts per sample, partials (2, B, nsplit, C) fp32 or None) for writing ``out``
+    (B, C, H, W) channels_last: the norm's parts with moments, else enough parts to fill the card."""
+    B, C, H, W = out.shape
+    if moments is not None:
+        return moments.rows, moments.nsplit, torch.empty(2, B, moments.nsplit, C, device=out.device,
+                                                         dtype=torch.float32)
+    block_s = blocks(C)[0]
+    S = H * W
+    nsplit = min(triton.cdiv(PROGRAMS_PER_SM * gn._num_sms(out.device.index if out.is_cuda else None), B),
+                 triton.cdiv(S, block_s))
+    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
+    return rows, triton.cdiv(S, rows), None
