@@ -8,8 +8,9 @@ Shapes are the GroupNorm inputs of the public models (32 groups, bf16): the 256x
 model's outer levels (32/32/64 channels at 1024/512/256 px), at training batch (16 / 4) and sampling batch
 (32 / 8). GB/s counts one read of x and one write of y (forward), reads of x and dy and one write of dx
 (backward); "% copy" is that over the copy bandwidth measured in the same run. The quick suite times five
-sampling-batch cases (both layouts only at 128 and 1024 px) and one up-path concatenation of the 256x256 model
-(192 channels at 128 px, channels_last), and compiles one case (forward only); the full suite runs everything.
+sampling-batch cases (both layouts only at 128 and 1024 px), an up-path concatenation of the 256x256 model
+(192 channels at 128 px) and its 512-channel level (32 px), both channels_last, and compiles one case
+(forward only); the full suite runs everything.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ M256_INNER = [(256, 64), (512, 32), (768, 16)]
 M1024_OUTER = [(32, 1024), (32, 512), (64, 256)]
 # (batch, channels, pixels, channels_last): few cases, so that Triton compiles few kernels (< 40 s on an H200)
 QUICK = [(32, 128, 128, False), (32, 128, 128, True), (32, 768, 16, False), (8, 32, 1024, False),
-         (8, 32, 1024, True), (32, 192, 128, True)]  # the last: an up-path concatenation, 6 channels per group
+         (8, 32, 1024, True), (32, 192, 128, True),  # an up-path concatenation, 6 channels per group
+         (32, 512, 32, True)]  # fused forward (its second pass in L2), whole-row backward
 FAST = ("triton", "cuda")
 DEVICE = "cuda"
 
@@ -176,9 +178,11 @@ SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD",
          # L2; the split path's apply pass visits the parts in reverse, the last-read ones still in L2
          ("fused min programs / SM", "FUSED_MIN_PROGRAMS_PER_SM", (2, 1000)),
          # 2**62: never whole rows (channels_last takes the fused path or the split path over GPB groups)
-         ("NHWC whole rows from elements", "NHWC_WHOLE_ROWS_ELEMENTS", (1 << 24, 1 << 62)),
+         ("NHWC whole rows from elements", "NHWC_WHOLE_ROWS_ELEMENTS", (1 << 22, 1 << 62)),
+         # the L2 budget of a fused second pass, under which channels_last stays fused: 0 never, 2**40 always
+         ("fused L2 bytes", "FUSED_L2_BYTES", (24 << 20, 0, 1 << 40)),
          ("whole-row part min rows", "WHOLE_ROWS_MIN_ROWS", (64, 16, 256))]
-NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "WHOLE_ROWS_MIN_ROWS"}
+NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "FUSED_L2_BYTES", "WHOLE_ROWS_MIN_ROWS"}
 
 
 def sweep() -> Dict[str, str]:

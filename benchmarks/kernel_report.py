@@ -233,9 +233,15 @@ def diffusion_step_cases():
 def bias_add_cases():
     from mdm_fast.kernels import bias_add as kern
 
+    from mdm_fast.kernels import group_norm as gn
+
     for cl in (False, True):  # the 256x256 model's outer ResNets at training batch 16, with the skip
         x, bias = _empty(16, 128, 256, 256, channels_last=cl), _empty(128, dtype=torch.float32)
         yield f"(16,128,256,256){' NHWC' if cl else ''} + skip", lambda: kern.bias_add(x, bias, x, cl)
+    # after conv1, with the moments of norm2 (the 256x256 model's outer level at sampling batch 32)
+    x, bias = _empty(32, 64, 256, 256, channels_last=True), _empty(64, dtype=torch.float32)
+    plan = gn.moments_plan(x.shape, 32, torch.device("cuda", 0), 2)
+    yield "(32,64,256,256) NHWC + moments", lambda: kern.bias_add_with_moments(x, bias, None, plan)
 
 
 def concat_cases():
@@ -246,7 +252,7 @@ def concat_cases():
     # per group) and a deep one (768 + 512 at 32 px), with the moments of the norm that follows
     for c1, c2, p in ((128, 64, 256), (768, 512, 32)):
         a, b = _empty(32, c1, p, p, channels_last=True), _empty(32, c2, p, p, channels_last=True)
-        plan = gn.moments_plan((32, c1 + c2, p, p), 32, torch.device("cuda", 0))
+        plan = gn.moments_plan((32, c1 + c2, p, p), 32, torch.device("cuda", 0), 2)
         yield f"(32,{c1}+{c2},{p},{p}) NHWC + moments", lambda: kern.concat(a, b, plan)
 
 

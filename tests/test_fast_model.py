@@ -67,6 +67,7 @@ def whole_rows_norms(monkeypatch):
     from mdm_fast.kernels import group_norm as gn
 
     monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
+    monkeypatch.setattr(gn, "_fused_rereads_from_l2", lambda *a: False)
     monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
     monkeypatch.setattr(gn, "MAX_SPLIT", 2)  # two parts per sample: few interpreted programs
     for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):

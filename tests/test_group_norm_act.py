@@ -143,6 +143,7 @@ def whole_rows(monkeypatch):
     """Force the channels_last split path over whole rows on small tensors, with several tiles per part."""
     _small_tiles(monkeypatch, 64)
     monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
+    monkeypatch.setattr(kern, "_fused_rereads_from_l2", lambda *a: False)
     monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
     monkeypatch.setattr(kern, "MAX_SPLIT", 5)
 
@@ -177,15 +178,22 @@ def test_finalize_loops_over_the_parts(whole_rows, monkeypatch):
     _check_against_fp64(inputs, 4, "silu", "triton")
 
 
-def test_channels_last_large_tensors_take_whole_rows():
-    """The model's large channels_last norms read whole rows; small ones, and NCHW, keep their plans."""
-    for shape in [(32, 192, 256 * 256), (32, 64, 256 * 256), (32, 768, 64 * 64), (8, 32, 1024 * 1024),
-                  (32, 512, 32 * 32)]:
+def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():
+    """The 256x256 model's large channels_last norms (sampling batch 32, training batch 16) read whole
+    rows; those whose groups fit a tile, or whose fused second pass finds them in L2, stay fused; NCHW
+    keeps its plans."""
+    whole = [(32, 192, 256 * 256), (32, 64, 256 * 256), (32, 768, 64 * 64), (8, 32, 1024 * 1024),
+             (32, 256, 64 * 64), (32, 384, 64 * 64), (16, 256, 64 * 64)]
+    for shape in whole:
         p = kern.plan(*shape, 32, True)
         assert (p.gpb, p.block_c) == (32, triton.next_power_of_2(shape[1])) and 1 < p.nsplit <= kern.MAX_SPLIT
         assert p.rows >= kern.WHOLE_ROWS_MIN_ROWS
         assert kern.plan(*shape, 32, False).gpb == 1
-    assert kern.plan(32, 768, 16 * 16, 32, True) == kern.plan(32, 768, 16 * 16, 32, False)  # 12.6 MB: fused
+    # 1024 px x 64 B per program, 264 resident: 17 MB, in L2 (in backward, 8 per SM reading x and dy: not)
+    assert kern.plan(32, 512, 32 * 32, 32, True).fused
+    assert not kern.plan(32, 512, 32 * 32, 32, True, backward=True).fused
+    assert kern.plan(32, 768, 16 * 16, 32, True).single  # 12.6 MB, one tile per group
+    assert kern.plan(32, 1536, 16 * 16, 32, True).fused  # 25 MB; 6.3 MB resident
     assert kern.plan(1, 64, 1, 32, True).fused  # one row cannot be split
 
 

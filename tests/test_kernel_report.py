@@ -24,9 +24,9 @@ CASES = ";".join(["(32,128,128,128)", "(32,768,16,16)", "(8,32,1024,1024)", "256
 @pytest.fixture(scope="module")
 def launches():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--ops", "group_norm,diffusion_step,concat",
-                          "--only", CASES, "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--ops",
+                          "group_norm,diffusion_step,concat,bias_add", "--only", CASES, "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) >= 20, out.stdout[-2000:]

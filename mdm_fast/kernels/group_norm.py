@@ -24,14 +24,16 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     tiles at 3-4 programs per SM measured slower on an H200. C/G is a compile-time constant, so the
     channel masks of channels_last tiles with 24 channels per group stay 16-byte vectorised.
   * split path, where B*G/GPB programs cannot fill the card and groups are large (the 1024 model: 8 x 32
-    groups of 1M pixels), and for every channels_last tensor of 32 MB or more: each group is cut into
+    groups of 1M pixels), and for channels_last tensors the fused path would read twice from DRAM (see
+    NHWC_WHOLE_ROWS_ELEMENTS): each group is cut into
     NSPLIT row ranges; launch 1 writes per-(sample, part, channel) partial moments, launch 2 (one small
     program per (sample, group)) merges them (Chan's formula) into the group's mean and rstd, launch 3
     applies, visiting parts in reverse so that the last-read data is still in L2. The backward has the
     same three launches (partial sums of dz and dz * xhat; per-channel sums and the group's c1, c2; dx).
   * channels_last: the fused path's programs take GPB whole groups (32 channels when C/G is a power of
-    two) so that each row of its tile is >= 64 contiguous bytes. Large tensors go to the split path over
-    whole rows (all C channels: each program streams one contiguous stretch). Why: on the H200 (lease of
+    two) so that each row of its tile is >= 64 contiguous bytes. Tensors whose fused second pass would
+    miss L2 go to the split path over whole rows (all C channels: each program streams one contiguous
+    stretch). Why: on the H200 (lease of
     2026-11-28, benchmarks/results/profile-256-forward-b32-nvidia-h200.md) the 256x256 forward at batch
     32 spent 15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are
     large (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
@@ -84,9 +86,15 @@ FINALIZE_TILE = 8192
 # Channels a channels_last program of the fused path covers at least (when C/G is a power of two): 64 B rows
 # in bf16.
 NHWC_MIN_CHANNELS = 32
-# channels_last tensors of at least this many elements (32 MB in bf16: about an H100/H200's L2) take the
-# split path over whole rows: each program reads one contiguous stretch of all C channels, whatever C/G is.
-NHWC_WHOLE_ROWS_ELEMENTS = 1 << 24
+# channels_last tensors of at least this many elements (8 MB in bf16: enough work for the split path's
+# three launches) take the split path over whole rows, where each program reads one contiguous stretch of
+# all C channels whatever C/G is, unless the fused path reads them from DRAM once: its groups fit a tile,
+# or the groups of the programs resident at once (FUSED_RESIDENT_PER_SM per SM, forward / backward:
+# programs x tensors read twice) fit FUSED_L2_BYTES (half an H100/H200's 50 MB L2), where its second
+# pass finds them.
+NHWC_WHOLE_ROWS_ELEMENTS = 1 << 22
+FUSED_RESIDENT_PER_SM = {False: 2, True: 8}
+FUSED_L2_BYTES = 24 << 20
 # Rows a whole-row part holds at least: its partials (8 bytes per channel) stay under 7% of its bf16 data.
 WHOLE_ROWS_MIN_ROWS = 64
 
@@ -499,12 +507,33 @@ def _warps(tile: int) -> int:
     return 8 if tile >= 4096 else 4 if tile >= 1024 else 2
 
 
-def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, backward: bool = False) -> Plan:
+def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, backward: bool = False,
+         itemsize: int = 2) -> Plan:
+    """How to cut a (B, C, S) problem of G groups (``itemsize`` bytes per element) into programs."""
     max_tile = TILE_BWD if backward else TILE_FWD
-    if channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS:
+    base = _groups_plan(B, C, S, G, channels_last, sms, max_tile)
+    if (channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS
+            and not _fused_rereads_from_l2(base, B, C, S, G, sms, backward, itemsize)):
         whole = _whole_rows_plan(B, C, S, G, sms, max_tile)
         if whole is not None:
             return whole
+    return base
+
+
+def _fused_rereads_from_l2(p: Plan, B: int, C: int, S: int, G: int, sms: int, backward: bool,
+                           itemsize: int) -> bool:
+    """Whether the fused plan ``p`` reads its input from DRAM once: its groups fit one tile, or the
+    groups of the programs resident at once fit the L2 budget, where the second pass finds them."""
+    if not p.fused:
+        return False
+    if p.single:
+        return True
+    resident = min(B * G // p.gpb, FUSED_RESIDENT_PER_SM[backward] * sms)  # programs x tensors read twice
+    return resident * p.gpb * (C // G) * S * itemsize <= FUSED_L2_BYTES
+
+
+def _groups_plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int, max_tile: int) -> Plan:
+    """Programs of GPB whole groups: the fused path, or the split path where they cannot fill the card."""
     cg = C // G
     gpb = _groups_per_program(G, cg, channels_last)
     block_c = gpb * triton.next_power_of_2(cg)
@@ -528,7 +557,7 @@ def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, i
 def _plan_for(x: torch.Tensor, G: int, channels_last: bool, backward: bool) -> Plan:
     B, C = x.shape[:2]
     sms = _num_sms(x.device.index if x.is_cuda else None)
-    return plan(B, C, x[0, 0].numel(), G, channels_last, sms, backward)
+    return plan(B, C, x[0, 0].numel(), G, channels_last, sms, backward, x.element_size())
 
 
 def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool, backward: bool):
@@ -549,12 +578,13 @@ def _finalize_blocks(cg: int, p: Plan) -> dict:
     return dict(CGP=cgp, BLOCK_K=max(1, min(triton.next_power_of_2(p.nsplit), FINALIZE_TILE // cgp)))
 
 
-def moments_plan(shape: Sequence[int], num_groups: int, device: torch.device) -> Optional[Plan]:
-    """The split plan the forward takes for a channels_last input of ``shape`` (B, C, H, W) on ``device``, or
-    None where it takes the fused path: the parts (runs of whole rows) over which a producer of the input
-    hands over its partial moments (``forward(..., moments=)``)."""
+def moments_plan(shape: Sequence[int], num_groups: int, device: torch.device, itemsize: int) -> Optional[Plan]:
+    """The split plan the forward takes for a channels_last input of ``shape`` (B, C, H, W) on ``device``
+    (``itemsize`` bytes per element), or None where it takes the fused path: the parts (runs of whole
+    rows) over which a producer of the input hands over its partial moments (``forward(..., moments=)``)."""
     B, C, H, W = shape
-    p = plan(B, C, H * W, num_groups, True, _num_sms(device.index if device.type == "cuda" else None))
+    p = plan(B, C, H * W, num_groups, True, _num_sms(device.index if device.type == "cuda" else None), False,
+             itemsize)
     return None if p.fused else p
 
 

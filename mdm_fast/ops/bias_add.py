@@ -37,7 +37,7 @@ def _moments_plan(x: Tensor, num_groups: int, backend: str):
         return None
     from mdm_fast.kernels import group_norm as gn
 
-    return gn.moments_plan(x.shape, num_groups, x.device)
+    return gn.moments_plan(x.shape, num_groups, x.device, x.element_size())
 
 
 def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: str,

@@ -36,7 +36,8 @@ def _moments_plan(a: Tensor, b: Tensor, num_groups: int):
 
     if num_groups == 0 or (a.shape[1] + b.shape[1]) % num_groups:
         return None
-    return gn.moments_plan((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), num_groups, a.device)
+    return gn.moments_plan((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), num_groups, a.device,
+                           a.element_size())
 
 
 def _forward_impl(a: Tensor, b: Tensor, num_groups: int, backend: str) -> Tuple[Tensor, Tensor]:
