@@ -58,7 +58,8 @@ def small_parts(monkeypatch):
     monkeypatch.setattr(gn, "_fused_rereads_from_l2", lambda *a: False)
     monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
     monkeypatch.setattr(gn, "MAX_SPLIT", 3)
-    monkeypatch.setattr(rows, "TILE", 64)
+    monkeypatch.setattr(rows, "BLOCK_C", 8)  # rows of 24 channels in chunks of 8
+    monkeypatch.setattr(rows, "TILE", 32)
     for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
         monkeypatch.setattr(gn, name, 64)
 

@@ -25,6 +25,10 @@ def small_parts(monkeypatch):
     monkeypatch.setattr(gn, "MAX_SPLIT", 3)
     for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
         monkeypatch.setattr(gn, name, 64)
+    from mdm_fast.kernels import rows
+
+    monkeypatch.setattr(rows, "BLOCK_C", 8)  # the copy walks its rows in chunks of 8 channels
+    monkeypatch.setattr(rows, "TILE", 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -43,7 +47,8 @@ def test_triton_equals_torch_cat_forward_and_backward(dtype, shape):
 def test_copy_loops_over_tiles_and_parts(monkeypatch):
     from mdm_fast.kernels import rows
 
-    monkeypatch.setattr(rows, "TILE", 32)  # 4 rows of 8 channels per tile; 117 rows in 4 parts
+    monkeypatch.setattr(rows, "BLOCK_C", 4)  # rows of 8 and 5 channels in chunks of 4
+    monkeypatch.setattr(rows, "TILE", 16)  # 4 rows per tile; 117 rows in 4 parts
     monkeypatch.setattr(rows, "PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(gn, "_num_sms", lambda index: 8)
     a, b = _pair(2, 8, 5, 9, 13)

@@ -171,7 +171,7 @@ def test_triton_whole_rows_split_matches_reference(whole_rows, shape, G, dtype, 
 
 def test_finalize_loops_over_the_parts(whole_rows, monkeypatch):
     """A finalize program merging its parts a few at a time (the mean first, then M2 around it)."""
-    monkeypatch.setattr(kern, "FINALIZE_TILE", 2)  # 2 channels per group: one part per step
+    monkeypatch.setattr(kern, "FINALIZE_TILE", 2)  # fewer than a finalize program's lanes: one part per step
     inputs = _inputs((2, 8, 9, 13), 4, torch.float32)
     inputs[0] = (inputs[0] + 300.0).to(memory_format=torch.channels_last)  # offset data: M2 needs Chan's merge
     assert kern.plan(2, 8, 117, 4, True).nsplit == 5

@@ -65,8 +65,6 @@ def bias_add_with_moments(x: Tensor, bias: Tensor, residual: Optional[Tensor],
     out = torch.empty_like(x)
     B, C, H, W = x.shape
     nrows, nsplit, part = rows.parts(out, moments)
-    block_s, block_c = rows.blocks(C)
     _bias_add_rows_kernel[(B, nsplit)](x, bias, x if residual is None else residual, out, part[0], part[1], H * W,
-                                       C, nrows, HAS_RES=residual is not None, BLOCK_S=block_s, BLOCK_C=block_c,
-                                       num_warps=8)
+                                       C, nrows, HAS_RES=residual is not None, **rows.blocks(), num_warps=8)
     return out, part

@@ -25,15 +25,15 @@ from mdm_fast.kernels import rows
 
 
 @triton.jit
-def _concat_kernel(A, B, OUT, PMEAN, PM2, S, C1, C2, ROWS, HAS_MOMENTS: tl.constexpr, BLOCK_S1: tl.constexpr,
-                   BLOCK_C1: tl.constexpr, BLOCK_S2: tl.constexpr, BLOCK_C2: tl.constexpr):
+def _concat_kernel(A, B, OUT, PMEAN, PM2, S, C1, C2, ROWS, HAS_MOMENTS: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
     """One program per (sample, part): rows [part * ROWS, min(S, (part + 1) * ROWS)) of the sample."""
     _, row0, lo, hi, part = rows.part_rows(S, ROWS)
     C = C1 + C2
     rows.stream_rows(A, A, A, OUT, PMEAN, PM2, row0, lo, hi, C1, C, 0, part * C, False, False, HAS_MOMENTS,
-                     BLOCK_S1, BLOCK_C1)
+                     BLOCK_S, BLOCK_C)
     rows.stream_rows(B, B, B, OUT, PMEAN, PM2, row0, lo, hi, C2, C, C1, part * C, False, False, HAS_MOMENTS,
-                     BLOCK_S2, BLOCK_C2)
+                     BLOCK_S, BLOCK_C)
 
 
 def concat(a: torch.Tensor, b: torch.Tensor,
@@ -47,8 +47,6 @@ def concat(a: torch.Tensor, b: torch.Tensor,
     out = torch.empty((B, C1 + C2, H, W), device=a.device, dtype=a.dtype, memory_format=torch.channels_last)
     nrows, nsplit, part = rows.parts(out, moments)
     pmean, pm2 = (part[0], part[1]) if part is not None else (out, out)  # out stands in for absent partials
-    s1, c1 = rows.blocks(C1)
-    s2, c2 = rows.blocks(C2)
     _concat_kernel[(B, nsplit)](a, b, out, pmean, pm2, H * W, C1, C2, nrows, HAS_MOMENTS=part is not None,
-                                BLOCK_S1=s1, BLOCK_C1=c1, BLOCK_S2=s2, BLOCK_C2=c2, num_warps=8)
+                                **rows.blocks(), num_warps=8)
     return out, part

@@ -81,8 +81,10 @@ FUSED_MIN_PROGRAMS_PER_SM = 2
 SPLIT_MIN_ELEMENTS = 1 << 16
 SPLIT_PROGRAMS_PER_SM = 16
 MAX_SPLIT = 128
-# Largest (parts x channels) tile of partials a finalize program merges per step (it loops over the parts).
+# Largest (parts x channels) tile of partials a finalize program merges per step (it loops over the parts),
+# and the channel lanes it has at least (C/G is a run-time value: one compiled variant up to 64 per group).
 FINALIZE_TILE = 8192
+FINALIZE_MIN_CHANNELS = 64
 # Channels a channels_last program of the fused path covers at least (when C/G is a power of two): 64 B rows
 # in bf16.
 NHWC_MIN_CHANNELS = 32
@@ -276,7 +278,7 @@ def _finalize_channels(b, g, C, CG, nsplit, CGP: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _fwd_finalize(PMEAN, PM2, MEAN, RSTD, C, S, G, CG: tl.constexpr, ROWS, eps,
+def _fwd_finalize(PMEAN, PM2, MEAN, RSTD, C, S, G, CG, ROWS, eps,
                   CGP: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (sample, group): merges the group's per-(part, channel) moments (Chan's formula;
     part j holds min(ROWS, S - j*ROWS) rows) into the group's mean and rstd."""
@@ -413,7 +415,7 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.con
 
 
 @triton.jit
-def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, S1, S2, C1, C2, C, S, G, CG: tl.constexpr, ROWS,
+def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, S1, S2, C1, C2, C, S, G, CG, ROWS,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                   CGP: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (sample, group): the per-channel sums s1, s2 over all parts, and the group's
@@ -572,10 +574,11 @@ def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool,
     return B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, (B * num_groups // p.gpb, p.nsplit)
 
 
-def _finalize_blocks(cg: int, p: Plan) -> dict:
-    """Lanes of a finalize program: a group's channels (CGP) times the parts it merges at once (BLOCK_K)."""
-    cgp = triton.next_power_of_2(cg)
-    return dict(CGP=cgp, BLOCK_K=max(1, min(triton.next_power_of_2(p.nsplit), FINALIZE_TILE // cgp)))
+def _finalize_blocks(cg: int) -> dict:
+    """Lanes of a finalize program: a group's channels (CGP, at least FINALIZE_MIN_CHANNELS: one compiled
+    variant for the usual channels per group) times the parts it merges per step (BLOCK_K)."""
+    cgp = max(FINALIZE_MIN_CHANNELS, triton.next_power_of_2(cg))
+    return dict(CGP=cgp, BLOCK_K=max(1, FINALIZE_TILE // cgp))
 
 
 def moments_plan(shape: Sequence[int], num_groups: int, device: torch.device, itemsize: int) -> Optional[Plan]:
@@ -615,7 +618,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     elif tuple(part.shape) != (2, B, p.nsplit, C) or part.dtype != torch.float32:
         raise ValueError(f"group_norm: moments must be ({2}, {B}, {p.nsplit}, {C}) float32 (the parts of "
                          f"moments_plan), got {tuple(part.shape)} {part.dtype}")
-    _fwd_finalize[(B * G,)](part[0], part[1], mean, rstd, C, S, G, C // G, p.rows, eps, **_finalize_blocks(C // G, p))
+    _fwd_finalize[(B * G,)](part[0], part[1], mean, rstd, C, S, G, C // G, p.rows, eps, **_finalize_blocks(C // G))
     _fwd_split_apply[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows, **flags, ACT=silu,
                            **blocks, num_warps=p.num_warps)
     return y, mean, rstd
@@ -640,7 +643,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
                        **flags, ACT=silu, **blocks, num_warps=p.num_warps)
     c12 = torch.empty(2, B, G, device=x.device, dtype=torch.float32)
     _bwd_finalize[(B * G,)](part[0], part[1], *ptrs, s1, s2, c12[0], c12[1], C, S, G, C // G, p.rows, **flags,
-                            **_finalize_blocks(C // G, p))
+                            **_finalize_blocks(C // G))
     _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, c12[0], c12[1], C, S, G, C // G, stride_c, stride_s, p.rows,
                            **flags, ACT=silu, **blocks, num_warps=p.num_warps)
     return dx, s1, s2

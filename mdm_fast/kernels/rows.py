@@ -18,7 +18,8 @@ import triton.language as tl
 
 from mdm_fast.kernels import group_norm as gn
 
-TILE = 8192  # elements per loaded tile (a part loops over its rows in tiles)
+TILE = 8192  # elements per loaded tile: BLOCK_C channels of TILE // BLOCK_C rows
+BLOCK_C = 128  # channels per tile (256-byte pieces of each bf16 row); a row of more is walked in chunks
 PROGRAMS_PER_SM = 16  # parts per sample when no moments plan fixes them: several waves of programs
 
 
@@ -41,35 +42,37 @@ def stream_rows(SRC, RES, BIAS, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_o
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_MOMENTS: tl.constexpr,
                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[row, c0 + c] = src[row, c] (+ bias[c]) (+ res[row, c0 + c]) for rows [lo, hi) of one sample
-    (row0: its first row; src rows hold CS channels, out and res rows C), c < CS; with HAS_MOMENTS the
-    per-channel mean and M2 of the stored values go to PMEAN / PM2 at part_offset + c0 + c. The next
-    tile's loads are issued before the current one is stored."""
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < CS
-    s = lo + tl.arange(0, BLOCK_S)
-    mask = (s < hi)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_C)
-    vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + s)[:, None] * CS + c[None, :],
-                        (row0 + s)[:, None] * C + (c0 + c)[None, :], mask, c, cmask, HAS_BIAS, HAS_RES)
-    k = tl.sum(tl.where((s == lo)[:, None] & cmask[None, :], vn.to(tl.float32), 0.0), axis=0)  # the first row
-    t1 = tl.zeros([BLOCK_C], tl.float32)
-    t2 = tl.zeros([BLOCK_C], tl.float32)
-    for r in range(lo, hi, BLOCK_S):
-        v = vn
-        s = r + tl.arange(0, BLOCK_S)
-        mask = (s < hi)[:, None] & cmask[None, :]
-        sn = s + BLOCK_S
-        vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + sn)[:, None] * CS + c[None, :],
-                            (row0 + sn)[:, None] * C + (c0 + c)[None, :], (sn < hi)[:, None] & cmask[None, :], c,
-                            cmask, HAS_BIAS, HAS_RES)
-        tl.store(OUT + (row0 + s)[:, None] * C + (c0 + c)[None, :], v, mask=mask)
+    (row0: its first row; src rows hold CS channels, out and res rows C), c < CS, in chunks of BLOCK_C
+    channels (one compiled variant for every channel count); with HAS_MOMENTS the per-channel mean and M2
+    of the stored values go to PMEAN / PM2 at part_offset + c0 + c. The next tile's loads are issued
+    before the current one is stored."""
+    for cc in range(0, CS, BLOCK_C):
+        c = cc + tl.arange(0, BLOCK_C)
+        cmask = c < CS
+        s = lo + tl.arange(0, BLOCK_S)
+        mask = (s < hi)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_C)
+        vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + s)[:, None] * CS + c[None, :],
+                            (row0 + s)[:, None] * C + (c0 + c)[None, :], mask, c, cmask, HAS_BIAS, HAS_RES)
+        k = tl.sum(tl.where((s == lo)[:, None] & cmask[None, :], vn.to(tl.float32), 0.0), axis=0)  # first row
+        t1 = tl.zeros([BLOCK_C], tl.float32)
+        t2 = tl.zeros([BLOCK_C], tl.float32)
+        for r in range(lo, hi, BLOCK_S):
+            v = vn
+            s = r + tl.arange(0, BLOCK_S)
+            mask = (s < hi)[:, None] & cmask[None, :]
+            sn = s + BLOCK_S
+            vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + sn)[:, None] * CS + c[None, :],
+                                (row0 + sn)[:, None] * C + (c0 + c)[None, :], (sn < hi)[:, None] & cmask[None, :],
+                                c, cmask, HAS_BIAS, HAS_RES)
+            tl.store(OUT + (row0 + s)[:, None] * C + (c0 + c)[None, :], v, mask=mask)
+            if HAS_MOMENTS:
+                d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+                t1 += tl.sum(d, axis=0)
+                t2 += tl.sum(d * d, axis=0)
         if HAS_MOMENTS:
-            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
-            t1 += tl.sum(d, axis=0)
-            t2 += tl.sum(d * d, axis=0)
-    if HAS_MOMENTS:
-        n = (hi - lo).to(tl.float32)
-        tl.store(PMEAN + part_offset + c0 + c, k + t1 / n, mask=cmask)
-        tl.store(PM2 + part_offset + c0 + c, tl.maximum(t2 - t1 * t1 / n, 0.0), mask=cmask)
+            n = (hi - lo).to(tl.float32)
+            tl.store(PMEAN + part_offset + c0 + c, k + t1 / n, mask=cmask)
+            tl.store(PM2 + part_offset + c0 + c, tl.maximum(t2 - t1 * t1 / n, 0.0), mask=cmask)
 
 
 @triton.jit
@@ -82,10 +85,9 @@ def part_rows(S, ROWS):
     return b, b.to(tl.int64) * S, lo, tl.minimum(S, lo + ROWS), (b * tl.num_programs(1) + part).to(tl.int64)
 
 
-def blocks(cs: int) -> Tuple[int, int]:
-    """(rows, channels) of a TILE-element tile of rows with ``cs`` channels."""
-    block_c = triton.next_power_of_2(cs)
-    return max(1, TILE // block_c), block_c
+def blocks() -> dict:
+    """The tile of the row kernels: BLOCK_S rows of BLOCK_C channels."""
+    return dict(BLOCK_S=max(1, TILE // BLOCK_C), BLOCK_C=BLOCK_C)
 
 
 def parts(out: torch.Tensor, moments: Optional[gn.Plan]) -> Tuple[int, int, Optional[torch.Tensor]]:
@@ -95,7 +97,7 @@ def parts(out: torch.Tensor, moments: Optional[gn.Plan]) -> Tuple[int, int, Opti
     if moments is not None:
         return moments.rows, moments.nsplit, torch.empty(2, B, moments.nsplit, C, device=out.device,
                                                          dtype=torch.float32)
-    block_s = blocks(C)[0]
+    block_s = blocks()["BLOCK_S"]
     S = H * W
     nsplit = min(triton.cdiv(PROGRAMS_PER_SM * gn._num_sms(out.device.index if out.is_cuda else None), B),
                  triton.cdiv(S, block_s))
