@@ -164,7 +164,7 @@ class FastResNet(ResNet):
     def forward(self, x: torch.Tensor, proj: torch.Tensor,
                 input_moments: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_moments: x's partial moments from the op that produced it (the up path's concatenation,
-        ``ops.concat_channels_for_norm``), which norm1 then does not compute again."""
+        ``ops.concat_channels_for_norm``), which norm1 then does not compute again; None: norm1 does."""
         # the 3x3 convolutions run without their bias, which ops.bias_add adds in one vectorised pass:
         # alone after conv1 (handing norm2 its partial moments), with the skip after conv2 (where the
         # public code adds h + x)

@@ -14,6 +14,10 @@ model's behaviour pass that 4-D view. Statistics and arithmetic are fp32 for eve
 Backends: ``triton`` (:mod:`mdm_fast.kernels.group_norm`), ``cuda`` (``csrc/group_norm.cu``
 through ``mdm_fast._C``) and ``ref`` (the public PyTorch formulation; its backward is autograd
 through it). The forward saves only x and the (B, G) fp32 mean and rstd.
+
+``moments``: the op that produced a channels_last x may hand over x's partial moments, written as it
+wrote x (``concat_channels_for_norm``, ``bias_add_for_norm``); the triton backend's split path then
+skips its statistics pass (one read of x fewer). The other backends ignore them.
 """
 from __future__ import annotations
 
@@ -346,8 +350,9 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     x: (B, C, H, W) or (B, C, T, H, W) fp16/bf16/fp32, NCHW or channels_last (kept in the output).
     weight, bias: (C,) or None. scale, shift: (B, C) or None. act: "silu" or None.
     impl: "auto", "ref", "triton" or "cuda" (see :mod:`mdm_fast.ops.dispatch`).
-    moments: x's partial moments from the op that produced x (``concat_channels_for_norm``), or None; the
-    triton backend then skips its statistics pass, the others ignore them.
+    moments: x's partial moments from the op that produced x (``concat_channels_for_norm``,
+    ``bias_add_for_norm``), or None; the triton backend then skips its statistics pass, the others
+    ignore them.
     """
     _check(x, num_groups, weight, bias, eps, scale, shift, act)
     if moments is not None and (not isinstance(moments, Tensor) or moments.dtype != torch.float32
