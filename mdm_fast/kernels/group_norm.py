@@ -82,9 +82,10 @@ SPLIT_MIN_ELEMENTS = 1 << 16
 SPLIT_PROGRAMS_PER_SM = 16
 MAX_SPLIT = 128
 # Largest (parts x channels) tile of partials a finalize program merges per step (it loops over the parts),
-# and the channel lanes it has at least (C/G is a run-time value: one compiled variant up to 64 per group).
-FINALIZE_TILE = 8192
-FINALIZE_MIN_CHANNELS = 64
+# and the channel lanes it has at least (C/G is a run-time value: one compiled variant for 1-16 channels per
+# group, one per power of two above). 2048 lanes keep it at 16 values per thread (8192 took 255 registers).
+FINALIZE_TILE = 2048
+FINALIZE_MIN_CHANNELS = 16
 # Channels a channels_last program of the fused path covers at least (when C/G is a power of two): 64 B rows
 # in bf16.
 NHWC_MIN_CHANNELS = 32
@@ -575,8 +576,8 @@ def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool,
 
 
 def _finalize_blocks(cg: int) -> dict:
-    """Lanes of a finalize program: a group's channels (CGP, at least FINALIZE_MIN_CHANNELS: one compiled
-    variant for the usual channels per group) times the parts it merges per step (BLOCK_K)."""
+    """Lanes of a finalize program: a group's channels (CGP, at least FINALIZE_MIN_CHANNELS: few compiled
+    variants) times the parts it merges per step (BLOCK_K)."""
     cgp = max(FINALIZE_MIN_CHANNELS, triton.next_power_of_2(cg))
     return dict(CGP=cgp, BLOCK_K=max(1, FINALIZE_TILE // cgp))
 
