@@ -249,11 +249,13 @@ def concat_cases():
     from mdm_fast.kernels import group_norm as gn
 
     # the 256x256 model's decoder at sampling batch 32: its largest concatenation (128 + 64 channels, 6
-    # per group) and a deep one (768 + 512 at 32 px), with the moments of the norm that follows
+    # per group) and a deep one (768 + 512 at 32 px), with the moments of the norm that follows where that
+    # norm takes its split path
     for c1, c2, p in ((128, 64, 256), (768, 512, 32)):
         a, b = _empty(32, c1, p, p, channels_last=True), _empty(32, c2, p, p, channels_last=True)
         plan = gn.moments_plan((32, c1 + c2, p, p), 32, torch.device("cuda", 0), 2)
-        yield f"(32,{c1}+{c2},{p},{p}) NHWC + moments", lambda: kern.concat(a, b, plan)
+        label = "+ moments" if plan is not None else "(its norm is fused: no moments)"
+        yield f"(32,{c1}+{c2},{p},{p}) NHWC {label}", lambda: kern.concat(a, b, plan)
 
 
 OPS = {"group_norm": group_norm_cases, "attention": attention_cases, "upsample_conv": upsample_conv_cases,
