@@ -25,8 +25,8 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     channel masks of channels_last tiles with 24 channels per group stay 16-byte vectorised.
   * split path, where B*G/GPB programs cannot fill the card and groups are large (the 1024 model: 8 x 32
     groups of 1M pixels), and for channels_last tensors the fused path would read twice from DRAM (see
-    NHWC_WHOLE_ROWS_ELEMENTS): each group is cut into
-    NSPLIT row ranges; launch 1 writes per-(sample, part, channel) partial moments, launch 2 (one small
+    NHWC_WHOLE_ROWS_ELEMENTS): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
+    part, channel) partial moments (or x's producer did: ``forward(..., moments=)``), launch 2 (one small
     program per (sample, group)) merges them (Chan's formula) into the group's mean and rstd, launch 3
     applies, visiting parts in reverse so that the last-read data is still in L2. The backward has the
     same three launches (partial sums of dz and dz * xhat; per-channel sums and the group's c1, c2; dx).
@@ -86,8 +86,7 @@ MAX_SPLIT = 128
 # group, one per power of two above). 2048 lanes keep it at 16 values per thread (8192 took 255 registers).
 FINALIZE_TILE = 2048
 FINALIZE_MIN_CHANNELS = 16
-# Channels a channels_last program of the fused path covers at least (when C/G is a power of two): 64 B rows
-# in bf16.
+# Channels a channels_last program of the fused path covers at least (C/G a power of two): 64 B rows in bf16.
 NHWC_MIN_CHANNELS = 32
 # channels_last tensors of at least this many elements (8 MB in bf16: enough work for the split path's
 # three launches) take the split path over whole rows, where each program reads one contiguous stretch of
