@@ -136,6 +136,16 @@ def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
 
 
 @triton.jit
+def _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr):
+    """The (B, G) mean and rstd of each channel's group (grp), and the channels' k, d (_channel_affine)."""
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    return mean, rstd, k, d
+
+
+@triton.jit
 def _group_total(v, GPB: tl.constexpr, CGP: tl.constexpr):
     """(BLOCK_C,) per channel -> the sum over each channel's group, broadcast back to (BLOCK_C,)."""
     if GPB == 1:
@@ -312,9 +322,8 @@ def _fwd_split_apply(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG: tl.constexpr,
                      ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     _, lo, hi = _rows(S, ROWS, True)
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
+                                           HAS_SH)
     a = rstd * k
     _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
 
@@ -372,9 +381,8 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG: tl.con
                ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
+                                           HAS_SH)
     n = (S * 1.0) * CG
     if SINGLE:  # one tile: read x and dy once
         offs, mask = _tile(base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S)
@@ -404,9 +412,8 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.con
                  ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
-    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
+                                           HAS_SH)
     s1, s2 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
                              BLOCK_S, BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
@@ -445,11 +452,10 @@ def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, C1, C2, C, S, G, CG: 
                      ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     _, lo, hi = _rows(S, ROWS, True)
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
+                                           HAS_SH)
     c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
     c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
-    k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT, BLOCK_S)
 
 
@@ -499,10 +505,16 @@ def _whole_rows_plan(B: int, C: int, S: int, G: int, sms: int, max_tile: int) ->
     block_s = max(1, min(triton.next_power_of_2(S), max_tile // block_c))
     nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, B), triton.cdiv(S, max(block_s, WHOLE_ROWS_MIN_ROWS)),
                  MAX_SPLIT)
-    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
-    if rows >= S:
+    rows, nsplit = split_rows(S, nsplit, block_s)
+    if nsplit == 1:
         return None
-    return Plan(G, block_s, block_c, rows, triton.cdiv(S, rows), _warps(block_s * block_c))
+    return Plan(G, block_s, block_c, rows, nsplit, _warps(block_s * block_c))
+
+
+def split_rows(S: int, nsplit: int, block_s: int) -> Tuple[int, int]:
+    """(rows per part, parts): S rows cut into about nsplit parts of whole BLOCK_S-row tiles."""
+    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
+    return rows, triton.cdiv(S, rows)
 
 
 def _warps(tile: int) -> int:
@@ -546,8 +558,7 @@ def _groups_plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int, 
     nsplit = 1
     if programs < FUSED_MIN_PROGRAMS_PER_SM * sms and gpb * cg * S > SPLIT_MIN_ELEMENTS:
         nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), triton.cdiv(S, block_s), MAX_SPLIT)
-    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
-    return Plan(gpb, block_s, block_c, rows, triton.cdiv(S, rows), _warps(block_s * block_c))
+    return Plan(gpb, block_s, block_c, *split_rows(S, nsplit, block_s), _warps(block_s * block_c))
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, int]:

@@ -101,5 +101,4 @@ def parts(out: torch.Tensor, moments: Optional[gn.Plan]) -> Tuple[int, int, Opti
     S = H * W
     nsplit = min(triton.cdiv(PROGRAMS_PER_SM * gn._num_sms(out.device.index if out.is_cuda else None), B),
                  triton.cdiv(S, block_s))
-    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
-    return rows, triton.cdiv(S, rows), None
+    return (*gn.split_rows(S, nsplit, block_s), None)
