@@ -49,24 +49,9 @@ def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, r
         torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-5 * shape[0] * shape[2] * shape[3])
 
 
-@pytest.fixture
-def small_parts(monkeypatch):
-    """The norm's split path over whole rows on small tensors, with several tiles per part."""
-    from mdm_fast.kernels import rows
-
-    monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-    monkeypatch.setattr(gn, "_fused_rereads_from_l2", lambda *a: False)
-    monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
-    monkeypatch.setattr(gn, "MAX_SPLIT", 3)
-    monkeypatch.setattr(rows, "BLOCK_C", 8)  # rows of 24 channels in chunks of 8
-    monkeypatch.setattr(rows, "TILE", 32)
-    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
-        monkeypatch.setattr(gn, name, 64)
-
-
 @pytest.mark.parametrize("dtype,residual", [(torch.float32, False), (torch.float32, True), (torch.float16, True),
                                             (torch.bfloat16, False)])
-def test_moments_for_the_norm(small_parts, dtype, residual):
+def test_moments_for_the_norm(small_norm_parts, dtype, residual):
     """bias_add_for_norm: the same sum as bias_add, and the moments of that sum (as stored) per part of the
     norm's plan, with which the norm gives its own result; offset data checks the shifted sums."""
     x, b, r = _inputs((2, 24, 9, 13), dtype, True, residual, device="cpu")
@@ -90,7 +75,7 @@ def test_moments_for_the_norm(small_parts, dtype, residual):
                                                      torch.bfloat16: 3e-2}[dtype]
 
 
-def test_no_moments_without_a_split_norm(small_parts):
+def test_no_moments_without_a_split_norm(small_norm_parts):
     x, b, r = _inputs((2, 8, 5, 7), torch.float32, True, True, device="cpu")
     assert bias_add_for_norm(x, b, r, 4, impl="ref")[1] is None
     assert bias_add_for_norm(x, b, r, 0, impl="triton")[1] is None

@@ -16,21 +16,6 @@ def _pair(B, c1, c2, H, W, dtype=torch.float32, fmt=CL, device=DEVICE, offset=0.
     return a.requires_grad_(), b.requires_grad_()
 
 
-@pytest.fixture
-def small_parts(monkeypatch):
-    """The norm's split path over whole rows on small tensors, several tiles per part (and the copy's too)."""
-    monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-    monkeypatch.setattr(gn, "_fused_rereads_from_l2", lambda *a: False)
-    monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
-    monkeypatch.setattr(gn, "MAX_SPLIT", 3)
-    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
-        monkeypatch.setattr(gn, name, 64)
-    from mdm_fast.kernels import rows
-
-    monkeypatch.setattr(rows, "BLOCK_C", 8)  # the copy walks its rows in chunks of 8 channels
-    monkeypatch.setattr(rows, "TILE", 32)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 8, 4, 5, 7), (1, 3, 5, 1, 1), (2, 24, 40, 9, 13)])  # B, C1, C2, H, W
 def test_triton_equals_torch_cat_forward_and_backward(dtype, shape):
@@ -57,7 +42,7 @@ def test_copy_loops_over_tiles_and_parts(monkeypatch):
 
 @pytest.mark.parametrize("c1,c2,G,dtype", [(8, 4, 4, torch.float32), (10, 14, 6, torch.float32),
                                           (8, 8, 1, torch.float32), (16, 8, 24, torch.float16)])
-def test_moments_are_the_norms_partials(small_parts, c1, c2, G, dtype):
+def test_moments_are_the_norms_partials(small_norm_parts, c1, c2, G, dtype):
     """The moments equal those of the norm's own statistics launch, part by part, and the norm given them
     equals the norm without them; offset data checks the shifted sums."""
     a, b = _pair(2, c1, c2, 9, 13, dtype, offset=50.0)
@@ -79,7 +64,7 @@ def test_moments_are_the_norms_partials(small_parts, c1, c2, G, dtype):
     assert (y.double() - want).abs().max().item() < {torch.float32: 1e-4, torch.float16: 4e-3}[dtype]
 
 
-def test_the_norm_uses_the_moments(small_parts):
+def test_the_norm_uses_the_moments(small_norm_parts):
     """Moments of other data change the norm's output: the statistics launch really is skipped."""
     a, b = _pair(2, 8, 8, 9, 13)
     out, moments = concat_channels_for_norm(a, b, 4, impl="triton")
@@ -89,7 +74,7 @@ def test_the_norm_uses_the_moments(small_parts):
     assert not torch.allclose(y, group_norm_act(out, 4, None, None, impl="triton", moments=wrong), atol=0.1)
 
 
-def test_no_moments_where_the_norm_takes_its_fused_path_or_the_copy_is_torch_cat(small_parts):
+def test_no_moments_where_the_norm_takes_its_fused_path_or_the_copy_is_torch_cat(small_norm_parts):
     a, b = _pair(2, 8, 8, 9, 13)
     assert concat_channels_for_norm(a, b, 4, impl="ref")[1] is None
     assert concat_channels_for_norm(a, b, 0, impl="triton")[1] is None  # no norm named
@@ -98,7 +83,7 @@ def test_no_moments_where_the_norm_takes_its_fused_path_or_the_copy_is_torch_cat
     assert moments is None and out.is_contiguous() and torch.equal(out, torch.cat((a2, b2), 1))
 
 
-def test_the_norm_rejects_moments_that_do_not_fit(small_parts):
+def test_the_norm_rejects_moments_that_do_not_fit(small_norm_parts):
     a, b = _pair(2, 8, 8, 9, 13)
     out, moments = concat_channels_for_norm(a, b, 4, impl="triton")
     with pytest.raises(ValueError, match=r"moments must be None or a \(2, 2, parts, 16\) float32"):
