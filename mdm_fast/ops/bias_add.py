@@ -10,7 +10,7 @@ x (B, C, H, W) fp16/bf16/fp32, NCHW or channels_last; bias (C,) in any float dty
 parameter under autocast is read as is); residual None or x's shape, dtype and layout.
 ``bias_add_for_norm(x, bias, residual, num_groups)`` also returns the partial moments that
 ``group_norm_act(out, num_groups, ..., moments=)`` takes, where the triton backend runs and that norm
-takes its split path (channels_last sums of 32 MB and more), else None.
+takes its split path (channels_last sums its fused path would read twice from DRAM), else None.
 Backends: ``triton`` (CUDA, or the CPU interpreter by name), ``ref`` (PyTorch: ``x + bias``, then
 ``+ residual``, each rounded to x's dtype, as the public code).
 """
