@@ -50,7 +50,24 @@ jobs = []
 with _skipping_compiles(jobs):
     gn.forward(torch.empty(2, 40, 5, 7), torch.empty(40), torch.empty(40), None, None, 8, 1e-5, True, False)
 _compile_jobs(jobs, 90, 32, "__main__:Launcher")
-print(json.dumps(dict(kernels=stats.kernels, workers=stats.workers, dry_launches=dry_launches,
+
+import time
+def compiles_while_running():  # a new specialisation, then wait inside the dry run for its compilation
+    before = len(os.listdir(cache))
+    gn.forward(torch.empty(2, 24, 6, 6), torch.empty(24), torch.empty(24), None, None, 4, 1e-5, True, False)
+    deadline = time.time() + 240
+    while len(os.listdir(cache)) == before and time.time() < deadline:
+        time.sleep(0.2)
+    during.append(len(os.listdir(cache)) > before)
+during = []
+precompile(compiles_while_running, workers=1)
+
+from mdm_fast.engine.precompile import _Pool
+pool = _Pool(1)  # a job that kills its worker, then one nobody takes: close() must not hang
+pool.submit(("no_such_module", "kernel", "{}"))
+pool.submit(jobs[0])
+started, failed = pool.close()
+print(json.dumps(dict(compiled_during_dry_run=during == [True], dead_pool=[started, failed],kernels=stats.kernels, workers=stats.workers, dry_launches=dry_launches,
                       launches=len(launched), cached=len(cached), new_in_cache=len(new),
                       same_rng=same_rng, autotuned=len(uc._upsample_conv3x3_fwd.cache),
                       launcher_jobs=len(jobs), launchers_built=len(Launcher.built))))
@@ -85,6 +102,14 @@ def test_real_step_finds_every_kernel_in_the_cache(result):
     assert result["new_in_cache"] == 0  # nothing compiled by the real step
     assert result["launches"] >= result["kernels"]
     assert result["autotuned"] == 1  # chosen by the real step, not by the dry run's empty timings
+
+
+def test_workers_compile_while_the_dry_run_goes_on(result):
+    assert result["compiled_during_dry_run"]
+
+
+def test_a_worker_that_dies_is_reported_and_does_not_hang_the_pool(result):
+    assert result["dead_pool"] == [1, 1]
 
 
 def test_workers_build_the_launchers_of_the_kernels_they_compile(result):

@@ -4,9 +4,10 @@ A fresh process compiles every Triton kernel specialisation the first time it la
 the other: the 256x256 model's first forward at batch 2 launches 35 of them (group norm at each
 level's shape, the upsample-conv's autotune configs), about 1.5 s each on a 2-core machine (52.6 s in
 all), which is most of the time from process start to the first step. :func:`precompile` runs the step once with every not yet compiled
-launch *skipped* (Triton's ``jit_cache_hook``), compiles what it collected in a pool of worker
-processes into Triton's on-disk cache (with each one's launcher stub on a GPU), and returns; the step's
-first real run then loads each kernel from the cache in milliseconds.
+launch *skipped* (Triton's ``jit_cache_hook``); a pool of worker processes compiles each kernel it
+finds into Triton's on-disk cache (with its launcher stub on a GPU) while the dry run goes on, and
+:func:`precompile` returns when the last one is done; the step's first real run then loads each kernel
+from the cache in milliseconds.
 
 The dry run's skipped kernels write nothing, so its values are garbage: ``fn`` must have no effect
 but its outputs (a forward under ``no_grad``, or a loss and ``torch.autograd.grad`` without an
@@ -27,8 +28,11 @@ import importlib
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -44,15 +48,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class PrecompileStats:
     kernels: int  # specialisations collected by the dry run (compiled, or found in the disk cache)
-    dry_run_s: float
-    compile_s: float  # wall time of the parallel compilation
+    dry_run_s: float  # the workers compile during it
+    wait_s: float  # from the end of the dry run until the last worker finished
     workers: int
     failed_workers: int = 0
 
     def __str__(self) -> str:
         failed = f", {self.failed_workers} workers failed" if self.failed_workers else ""
-        return (f"{self.kernels} Triton kernels compiled by {self.workers} workers in {self.compile_s:.1f} s "
-                f"(dry run {self.dry_run_s:.1f} s{failed})")
+        return (f"{self.kernels} Triton kernels compiled by {self.workers} workers during a {self.dry_run_s:.1f} s "
+                f"dry run and {self.wait_s:.1f} s after it{failed}")
 
 
 # ---- a driver that compiles for a GPU without using it -------------------------------------------
@@ -122,13 +126,17 @@ Job = Tuple[str, str, str]  # (module, qualified name, Triton's serialized speci
 
 
 @contextlib.contextmanager
-def _skipping_compiles(jobs: List[Job]) -> Iterator[None]:
-    """Inside: every Triton launch that would compile is recorded in ``jobs`` and skipped."""
+def _skipping_compiles(jobs: List[Job], on_new: Optional[Callable[[Job], None]] = None) -> Iterator[None]:
+    """Inside: every Triton launch that would compile is recorded in ``jobs`` and skipped; ``on_new`` gets
+    each specialisation the first time it is seen."""
     from triton import knobs
 
     def hook(*, fn, compile, **kwargs):
         jit = fn.jit_function
-        jobs.append((jit.fn.__module__, jit.fn.__qualname__, compile["specialization_data"]))
+        job = (jit.fn.__module__, jit.fn.__qualname__, compile["specialization_data"])
+        if on_new is not None and job not in jobs:
+            on_new(job)
+        jobs.append(job)
         return True  # skip: no compilation, no launch
 
     previous = knobs.runtime.jit_cache_hook
@@ -183,27 +191,72 @@ def _launcher() -> Optional[str]:
 _WORKER = "from mdm_fast.engine.precompile import _worker_main; _worker_main()"
 
 
-def _run_workers(jobs: Sequence[Job], workers: int, arch: int, warp_size: int, launcher: Optional[str]) -> int:
-    """Compile ``jobs`` in ``workers`` fresh interpreters (:func:`_worker_main`, jobs on stdin): no fork
-    of a process holding a CUDA context, no re-import of the caller's main script.
-    Returns how many workers failed (their kernels then compile at their first launch, as without this)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    procs = []
-    for w in range(workers):
-        payload = json.dumps({"arch": arch, "warp_size": warp_size, "launcher": launcher,
-                              "jobs": list(jobs[w::workers])})
-        proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True)
-        proc.stdin.write(payload)
-        proc.stdin.close()
-        procs.append(proc)
-    failed = 0
-    for proc in procs:
-        err = proc.stderr.read()
-        if proc.wait() != 0:
-            failed += 1
-            log.warning("precompile worker failed (its kernels compile at first launch instead):\n%s", err[-2000:])
-    return failed
+class _Pool:
+    """Fresh interpreters (:func:`_worker_main`) that compile jobs while the dry run is still finding
+    them: no fork of a process holding a CUDA context, no re-import of the caller's main script. A
+    worker starts for every ``per_worker`` jobs submitted, up to ``workers`` (each pays an interpreter
+    start and a torch import, ~2-3 s, which the dry run hides); an idle worker takes the next job. A
+    worker that fails stops taking jobs: what it had not compiled compiles at its first launch, as
+    without precompiling."""
+
+    def __init__(self, workers: int, per_worker: int = 2):
+        self.workers, self.per_worker = workers, per_worker
+        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.procs: List[Tuple[subprocess.Popen, threading.Thread, "tempfile._TemporaryFileWrapper"]] = []
+        self.submitted = 0
+        self.header: Optional[str] = None  # the target, read from the parent's driver at the first job
+
+    def submit(self, job: Job) -> None:
+        if self.header is None:
+            arch, warp_size = _target()
+            self.header = json.dumps({"arch": arch, "warp_size": warp_size, "launcher": _launcher()})
+        self.submitted += 1
+        if len(self.procs) < min(self.workers, -(-self.submitted // self.per_worker)):
+            self._start()
+        self.jobs.put(job)
+
+    def _start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty worker cannot block on it
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, env=env, text=True)
+        feeder = threading.Thread(target=self._feed, args=(proc,), daemon=True)
+        feeder.start()
+        self.procs.append((proc, feeder, err))
+
+    def _feed(self, proc: subprocess.Popen) -> None:
+        """Hand ``proc`` one job at a time, the next when it reports the last one done."""
+        try:
+            proc.stdin.write(self.header + "\n")
+            for job in iter(self.jobs.get, None):
+                proc.stdin.write(json.dumps(job) + "\n")
+                proc.stdin.flush()
+                if not proc.stdout.readline():  # the worker died: its job compiles at first launch
+                    return
+            proc.stdin.close()
+        except OSError:  # a broken pipe: the worker died
+            pass
+
+    def close(self) -> Tuple[int, int]:
+        """Wait until every submitted job is compiled; (workers started, workers failed)."""
+        for _ in self.procs:
+            self.jobs.put(None)
+        failed = 0
+        for proc, feeder, err in self.procs:
+            feeder.join()
+            if proc.wait() != 0:
+                failed += 1
+                err.seek(0)
+                log.warning("precompile worker failed (its kernels compile at first launch instead):\n%s",
+                            err.read()[-2000:])
+            err.close()
+        return len(self.procs), failed
+
+    def kill(self) -> None:
+        for proc, _, err in self.procs:
+            proc.kill()
+            proc.wait()
+            err.close()
 
 
 def _target() -> Tuple[int, int]:
@@ -218,7 +271,9 @@ def _enabled() -> bool:
 
 
 def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> Optional[PrecompileStats]:
-    """Run ``fn(*args, **kwargs)`` dry and compile the Triton kernels it would compile, in parallel.
+    """Run ``fn(*args, **kwargs)`` dry and compile the Triton kernels it would compile, in parallel, each
+    from the moment the dry run finds it (the dry run's first CUDA library calls, seconds on a GPU,
+    hide the workers' start and most of the compilation).
 
     ``fn`` must have no effect but its outputs (see the module notes); its result is discarded. Returns
     what was done, or None when disabled (``MDM_FAST_PRECOMPILE=0``) or the dry run failed. Under
@@ -227,28 +282,29 @@ def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> 
     if not _enabled():
         return None
     jobs: List[Job] = []
+    pool = _Pool(workers or min(os.cpu_count() or 1, MAX_WORKERS))
+
+    def submit(job: Job) -> None:
+        if job[0] != "__main__":  # a kernel of the caller's main script cannot be imported by a worker
+            pool.submit(job)
+
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            with _skipping_compiles(jobs):
+            with _skipping_compiles(jobs, submit):
                 fn(*args, **kwargs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
     except Exception as e:  # an optimisation only: the real step will compile (and fail) on its own
+        pool.kill()
         log.warning("precompile: the dry run failed (%s: %s); kernels compile at their first launch",
                     type(e).__name__, e)
         return None
     finally:
         _forget_autotuning(jobs)
     dry = time.perf_counter() - t0
-    # a kernel defined in the caller's main script cannot be imported by a worker: it compiles at launch
-    unique = [j for j in dict.fromkeys(jobs) if j[0] != "__main__"]
-    # each worker pays an interpreter start and a torch import (~2-3 s): give each a few kernels
-    n = workers or min(os.cpu_count() or 1, MAX_WORKERS, -(-len(unique) // 2))
-    n = max(1, min(n, len(unique)))
-    t1 = time.perf_counter()
-    failed = _run_workers(unique, n, *_target(), _launcher()) if unique else 0
-    return PrecompileStats(len(unique), dry, time.perf_counter() - t1, n, failed)
+    started, failed = pool.close()
+    return PrecompileStats(pool.submitted, dry, time.perf_counter() - t0 - dry, started, failed)
 
 
 def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args,
@@ -267,6 +323,12 @@ def precompile_training(loss_fn: Callable, params: Sequence[torch.Tensor], *args
 
 
 def _worker_main() -> None:
-    """A worker of :func:`_run_workers`: its jobs, target and warp size come as JSON on stdin."""
-    task = json.loads(sys.stdin.read())
-    _compile_jobs([tuple(j) for j in task["jobs"]], task["arch"], task["warp_size"], task["launcher"])
+    """A worker of :class:`_Pool`: the target on stdin's first line, then one job a line; "done" on stdout
+    after each. Whatever compiling prints goes to stderr, so stdout carries the replies only."""
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    target = json.loads(sys.stdin.readline())
+    for line in sys.stdin:
+        _compile_jobs([tuple(json.loads(line))], target["arch"], target["warp_size"], target["launcher"])
+        print("done", file=reply, flush=True)
