@@ -156,6 +156,9 @@ def count(name: str, cfg: dict, size: int, kind: str, batch: int, tflops: float 
     """The tally of one forward (no_grad) or one forward + backward of the fast model ``build_model(name,
     cfg)`` at ``batch`` and image ``size``."""
     with fake_gpu_model(name, cfg, size, batch, text_tokens) as (model, args):
+        if kind == "forward":  # a sampler's steady state: what the first forward caches is not counted
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # (the batched projections' weights)
+                model(*args)
         counter = _Counter(tflops, gbps)
         with counter, torch.autocast("cpu", torch.bfloat16):
             if kind == "forward":

@@ -14,6 +14,8 @@ What changes on the hot path:
 - attention reads q, k, v straight from the qkv conv's output and writes what proj_out reads
   (:func:`mdm_fast.ops.attention_from_qkv`); a query whose text keys are all masked gets zero from
   the text branch where the public code gives NaN;
+- when sampling, every attention layer's text keys and values come from one LayerNorm and one GEMM
+  per forward (:mod:`mdm_fast.models.text_kv`);
 - a 1x1 conv on channels_last activations is a GEMM with the bias in its epilogue (:class:`FastConv2d`);
   a ResNet's 3x3 convs run without bias, added by :func:`mdm_fast.ops.bias_add` (with the skip after conv2);
 - nearest-2x upsampling + 3x3 conv is the sub-pixel conv (:func:`mdm_fast.ops.upsample_conv3x3`);
@@ -38,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mdm_fast import ops
 from mdm_fast.ops.dispatch import impl_for
+from mdm_fast.models.text_kv import batched_text_kv, text_kv
 from mdm_fast.ops.time_proj import TimeProjections
 from mdm_fast.reference.layers import ResNet, ResNetBlock, SelfAttention, repeat_to_batch
 from mdm_fast.reference.unet import NestedUNet, UNet
@@ -190,7 +193,7 @@ class FastSelfAttention(SelfAttention):
     def forward(self, x, cond=None, cond_mask=None):
         b, c, h, w = x.shape
         qkv = _norm_then(self, self.qkv, x, self.norm, act=None)  # (B, 3C, H, W)
-        kv_cond = self.kv_cond(self.norm_cond(cond)).to(qkv.dtype) if self.has_cross else None  # (B, T, 2C)
+        kv_cond = text_kv(self, cond).to(qkv.dtype) if self.has_cross else None  # (B, T, 2C)
         mask = cond_mask if self.has_cross else None
         out = ops.attention_from_qkv(qkv.flatten(2), kv_cond, mask, self.num_heads,
                                      impl=_impl(self, "attention"))  # (B, C, L)
@@ -267,6 +270,12 @@ class FastUNetMixin:
             return temb
         w, b = tp.weight_bias()
         return F.linear(F.silu(temb), w.to(temb.dtype), b.to(temb.dtype))  # (B, sum 2C): every ResNet's (a, b)
+
+    def forward_denoising(self, x_t, times, cond_emb=None, conditioning=None, cond_mask=None, micros=None):
+        """The reference's, with every attention layer's text keys and values from one GEMM when
+        sampling (:func:`mdm_fast.models.text_kv.batched_text_kv`)."""
+        with batched_text_kv(self, FastSelfAttention, conditioning):
+            return super().forward_denoising(x_t, times, cond_emb, conditioning, cond_mask, micros)
 
     def forward_output_layer(self, x):
         n_in, n_out = self._frame_grid("output")
