@@ -3,7 +3,7 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         10.25 minutes; `more` adds 4.7)
+#                                                         10.25 minutes; `more` adds 5.5)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
@@ -81,6 +81,7 @@ if want more; then  # the op suites measured in an earlier lease, and the group-
   stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
   stage sweep-group-norm 150 $PY -m benchmarks.group_norm --sweep --out "$OUT"
   stage profile-train 60 $PY -m benchmarks.profile_model --kind train --batch 16 --out "$OUT"
+  stage memory-train 45 $PY -m benchmarks.memory --gpu --out "$OUT"
 fi
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

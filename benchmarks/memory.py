@@ -1,6 +1,7 @@
 """What a training step of a public model keeps for backward, counted on any machine (no GPU needed).
 
     python -m benchmarks.memory [--model 256x256] [--batch 1] [--out DIR]
+    python -m benchmarks.memory --gpu [--model 256x256] [--out DIR]   (a GPU: one step measured by phase)
 
 Runs one forward of the fast model on CPU in fp32 at the given batch with a saved-tensor hook that records
 every tensor autograd keeps for backward (each storage once, parameters excluded), through the same
@@ -17,7 +18,7 @@ import collections
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -138,12 +139,73 @@ def run(stem: str, batch: int) -> str:
             f"default, {tracked[False]:.2f} GB keeping the norm outputs.\n")
 
 
+class _Phases:
+    """Peaks of allocated memory per phase of a train step on a GPU, over what was allocated before it."""
+
+    def __init__(self):
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        self.rows: List[list] = []
+        torch.cuda.reset_peak_memory_stats()
+
+    def mark(self, phase: str) -> None:
+        torch.cuda.synchronize()
+        now, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        self.rows.append([phase, (peak - self.base) / 1e9, (now - self.base) / 1e9])
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_phases(stem: str, batch: int) -> str:
+    """One eager bf16 train step of the fast model on this GPU (the models suite's loss and fused AdamW),
+    after a warm-up step: the peak and the live memory of each phase over the weights and optimizer
+    state, beside the fake-tensor count. The difference is what tensors do not show: cuDNN's and
+    cuBLAS's workspaces, the autocast weight cache, the allocator's rounding."""
+    from benchmarks import models as bm
+
+    name, cfg, size = public_config(stem)
+    model = bm.build(stem, fast=True)
+    args = bm.inputs(model, size, batch)
+    targets = [torch.randn_like(x) for x in args[0]]
+    loss_fn = bm.train_loss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    for _ in range(2):  # a warm-up step (AdamW allocates its state), then the measured one
+        opt.zero_grad(set_to_none=True)
+        phases = _Phases()
+        loss = loss_fn(*args, targets)
+        phases.mark("forward (autocast)")
+        loss.backward()
+        del loss
+        phases.mark("backward")
+        opt.step()
+        phases.mark("AdamW step")
+    state = phases.base / 1e9
+    tracked = peak_activation_bytes(name, cfg, size, batch) / 1e9
+    table = markdown_table(["phase", "peak GB over weights + state", "live GB after it"], phases.rows)
+    return (f"## Measured on {torch.cuda.get_device_name()}: one eager train step, batch {batch}\n\n{table}\n\n"
+            f"Before the step: {state:.2f} GB allocated (weights, AdamW state, inputs; gradients freed). "
+            f"Fake-tensor activation peak of the same step (no GPU): {tracked:.2f} GB; the forward's measured "
+            f"peak over it is what the tensors do not show.\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["256x256", "1024x1024"], default="256x256")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gpu", action="store_true",
+                   help="measure one train step at the models suite's batch on this GPU "
+                        "(memory-<model>-<card>.md)")
     p.add_argument("--out", type=Path, default=None, help="write memory-<model>.md here")
     args = p.parse_args(argv)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks.memory --gpu needs a CUDA device")
+        from benchmarks.common import card_slug
+
+        text = gpu_phases(args.model, GPU_BATCH[args.model])
+        print(text)
+        if args.out:
+            write_atomic(args.out / f"memory-{args.model}-{card_slug()}.md", text)
+        return
     text = run(args.model, args.batch)
     print(text)
     if args.out:

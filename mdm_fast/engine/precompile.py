@@ -3,23 +3,23 @@
 A fresh process compiles every Triton kernel specialisation the first time it launches, one after
 the other: the 256x256 model's first forward at batch 2 launches 35 of them (group norm at each
 level's shape, the upsample-conv's autotune configs), about 1.5 s each on a 2-core machine (52.6 s in
-all), which is most of the time from process start to the first step. :func:`precompile` runs the step once with every not yet compiled
-launch *skipped* (Triton's ``jit_cache_hook``); a pool of worker processes compiles each kernel it
-finds into Triton's on-disk cache (with its launcher stub on a GPU) while the dry run goes on, and
-:func:`precompile` returns when the last one is done; the step's first real run then loads each kernel
-from the cache in milliseconds.
+all), which is most of the time from process start to the first step. :func:`precompile` runs the
+step once with every not yet compiled launch *skipped* (Triton's ``jit_cache_hook``); a pool of
+worker processes compiles each kernel it finds into Triton's on-disk cache (with its launcher stub on
+a GPU) while the dry run goes on, and :func:`precompile` returns when the last one is done; the
+step's first real run then loads each kernel from the cache in milliseconds.
 
 The dry run's skipped kernels write nothing, so its values are garbage: ``fn`` must have no effect
 but its outputs (a forward under ``no_grad``, or a loss and ``torch.autograd.grad`` without an
 optimizer step, see :func:`precompile_training`); the random number generators are restored after
 it, so precompiling does not change what the run computes. A dry run that raises is reported as a
-warning and skipped: the real step then compiles as usual (and raises its own errors). Autotuned kernels compile every config in
-the pool and are benchmarked for real at their first real launch.
+warning and skipped: the real step then compiles as usual (and raises its own errors). Autotuned
+kernels compile every config in the pool and are benchmarked for real at their first real launch.
 
-Workers are fresh interpreters (``python -c`` running :func:`_worker_main`, jobs on stdin) that target the
-parent's GPU without touching it (:class:`CompileOnlyDriver`: no CUDA context); a kernel defined in the
-caller's ``__main__`` script cannot be imported there and compiles at its first launch as usual.
-``MDM_FAST_PRECOMPILE=0`` turns :func:`precompile` into a no-op.
+Workers are fresh interpreters (``python -c`` running :func:`_worker_main`, one job a line on stdin)
+that target the parent's GPU without touching it (:class:`CompileOnlyDriver`: no CUDA context); a
+kernel defined in the caller's ``__main__`` script cannot be imported there and compiles at its
+first launch as usual. ``MDM_FAST_PRECOMPILE=0`` turns :func:`precompile` into a no-op.
 """
 from __future__ import annotations
 
