@@ -3,7 +3,7 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         10.25 minutes; `more` adds 5.5)
+#                                                         10.25 minutes; `more` adds 6.2)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
@@ -82,6 +82,7 @@ if want more; then  # the op suites measured in an earlier lease, and the group-
   stage sweep-group-norm 150 $PY -m benchmarks.group_norm --sweep --out "$OUT"
   stage profile-train 60 $PY -m benchmarks.profile_model --kind train --batch 16 --out "$OUT"
   stage memory-train 45 $PY -m benchmarks.memory --gpu --out "$OUT"
+  stage profile-forward-b2 40 $PY -m benchmarks.profile_model --kind forward --batch 2 --out "$OUT"
 fi
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
