@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mdm_fast.ops import attention, attention_from_qkv, group_norm_act, upsample_conv3x3
+from mdm_fast.ops import (attention, attention_from_qkv, bias_add, concat_channels, group_norm_act,
+                          upsample_conv3x3)
 
 
 def _leaves(*shapes, dtype=torch.float32):
@@ -83,3 +84,39 @@ def test_no_grad_calls_skip_autograd():
     x, w, b, sc, sh = _leaves(*CASES["group_norm_act"][2])
     with torch.no_grad():
         assert _group_norm("triton")(x, w, b, sc, sh).grad_fn is None
+
+
+class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensors filled with zeros (what autograd makes for an output's missing gradient)."""
+
+    OPS = {"aten.zeros.default", "aten.zeros_like.default", "aten.new_zeros.default", "aten.zero_.default",
+           "aten.fill_.Scalar"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += str(func) in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+SIDE_OUTPUTS = {  # name: (call, input shapes) of ops with a side output (statistics, moments, log-sum-exps)
+    **{f"{name} {path}": (CASES[name][i], CASES[name][2]) for name in ("group_norm_act", "attention",
+                                                                      "attention_from_qkv")
+       for i, path in enumerate(("eager Function", "custom op"))},
+    "bias_add": (lambda x, b, r: bias_add(x, b, r, impl="triton"), [(2, 6, 5, 3), (6,), (2, 6, 5, 3)]),
+    "concat_channels": (lambda a, b: concat_channels(a, b, impl="ref"), [(2, 3, 5, 3), (2, 4, 5, 3)]),
+}
+
+
+@pytest.mark.parametrize("name", SIDE_OUTPUTS)
+def test_side_outputs_get_no_zero_gradients(name):
+    """Statistics, moments and log-sum-exps carry no gradient: backward gets None for them, not a
+    zero fill per call."""
+    fn, shapes = SIDE_OUTPUTS[name]
+    out = fn(*_leaves(*shapes))
+    grad = torch.randn_like(out)
+    with _ZeroFills() as fills:
+        out.backward(grad)
+    assert fills.n == 0

@@ -146,12 +146,14 @@ def _(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse, scale):
 def _attention_setup(ctx, inputs, output):
     q, k, v, k_cond, v_cond, cond_mask, self_mask, scale = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    dispatch.non_differentiable(ctx, lse)
     ctx.save_for_backward(q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse)
     ctx.scale = scale
 
 
 def _attention_grad(ctx, grad_out, backward: Callable) -> tuple:
+    if grad_out is None:
+        return (None,) * 8
     q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse = ctx.saved_tensors
     dq, dk, dv, dkc, dvc = backward(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse, ctx.scale)
     has_cond = k_cond is not None
@@ -240,12 +242,14 @@ def _(grad_out, qkv, kv_cond, cond_mask, out, lse, heads, scale):
 def _attention_qkv_setup(ctx, inputs, output):
     qkv, kv_cond, cond_mask, heads, scale = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    dispatch.non_differentiable(ctx, lse)
     ctx.save_for_backward(qkv, kv_cond, cond_mask, out, lse)
     ctx.heads, ctx.scale = heads, scale
 
 
 def _attention_qkv_grad(ctx, grad_out, backward: Callable) -> tuple:
+    if grad_out is None:
+        return (None,) * 5
     qkv, kv_cond, cond_mask, out, lse = ctx.saved_tensors
     dqkv, dkv = backward(grad_out, qkv, kv_cond, cond_mask, out, lse, ctx.heads, ctx.scale)
     return dqkv, dkv if kv_cond is not None else None, None, None, None

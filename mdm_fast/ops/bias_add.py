@@ -69,11 +69,13 @@ def _(x, bias, residual, backend, num_groups=0):
 def _setup_context(ctx, inputs, output):
     bias, residual = inputs[1], inputs[2]
     ctx.bias_dtype, ctx.has_residual = bias.dtype, residual is not None
-    ctx.mark_non_differentiable(output[1])
+    dispatch.non_differentiable(ctx, output[1])
 
 
 def _backward(ctx, dy, _dmoments):
     n = ctx.needs_input_grad
+    if dy is None:
+        return None, None, None, None, None
     dbias = dy.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if n[1] else None  # (C,)
     return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None, None
 

@@ -240,10 +240,12 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
     ctx.config = (num_groups, eps, act, backend)
-    ctx.mark_non_differentiable(mean, rstd)
+    dispatch.non_differentiable(ctx, mean, rstd)
 
 
 def _grads(ctx, dy, backward: Callable) -> tuple:
+    if dy is None:
+        return (None,) * 10
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     grads = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config)
     dx, params = grads[0], grads[1:]
