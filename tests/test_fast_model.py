@@ -209,6 +209,33 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.n = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_splits_the_time_projections_once():
+    """In training each level's projections are split once for all its ResNets: backward assembles
+    their gradient in one cat, not a zero-filled slice gradient per block plus their sum; the
+    gradients are the reference's."""
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    args = tiny_inputs(2)  # (a mixed batch slices temb for the outer level: its blocks slice too)
+    sum((o ** 2).mean() for o in ref(*args)).backward()
+    loss = sum((o ** 2).mean() for o in fast(*args))
+    with _OpCount(torch.ops.aten.slice_backward.default) as slices:
+        loss.backward()
+    assert slices.n == 0
+    assert not any("_split_proj" in m.__dict__ for m in fast.modules())  # every block took its pair
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
+
+
 def _saved_bytes(model, args):
     """Bytes autograd keeps for the backward of one forward (each storage once), and the gradients."""
     kept = {}

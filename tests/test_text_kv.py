@@ -133,3 +133,13 @@ def test_autocast_error_bounded_by_the_references_own():
     for e, r, f in zip(exact, ref_bf16, fast_bf16):
         ref_err = (r.double() - e).abs().max().item()
         assert (f.double() - e).abs().max().item() <= 2 * ref_err + 1e-3
+
+
+def test_same_view_is_the_same_elements():
+    from mdm_fast.models.text_kv import same_view
+
+    t = torch.randn(3, 4, 5)
+    v = t.view(3, 20).view(3, 4, 5)
+    assert same_view(t, t) and same_view(t, t[:3]) and same_view(t[:3], t) and same_view(v, t[:])
+    assert not same_view(t, t[:2]) and not same_view(t, t.clone()) and not same_view(t, t[:, :, :4])
+    assert not same_view(t, t.transpose(0, 1)) and not same_view(t, t[1:])

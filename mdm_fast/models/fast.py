@@ -31,7 +31,7 @@ import copy
 import functools
 import threading
 import weakref
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mdm_fast import ops
 from mdm_fast.ops.dispatch import impl_for
-from mdm_fast.models.text_kv import batched_text_kv, text_kv
+from mdm_fast.models.text_kv import batched_text_kv, same_view, text_kv
 from mdm_fast.ops.time_proj import TimeProjections
 from mdm_fast.reference.layers import ResNet, ResNetBlock, SelfAttention, repeat_to_batch
 from mdm_fast.reference.unet import NestedUNet, UNet
@@ -174,11 +174,8 @@ class FastResNet(ResNet):
         impl = _impl(self, "bias_add")
         h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1, moments=input_moments)
         h, moments = ops.bias_add_for_norm(h, self.conv1.bias, None, self.norm2.num_groups, impl=impl)  # for norm2
-        c, off = self.config.output_channels, self.proj_offset
-        if off is None:
-            proj, off = self.time_layer(F.silu(proj)), 0
-        ta = repeat_to_batch(proj[:, off:off + c], h.size(0))  # (B, C)
-        tb = repeat_to_batch(proj[:, off + c:off + 2 * c], h.size(0))
+        ta, tb = self._scale_shift(proj)
+        ta, tb = repeat_to_batch(ta, h.size(0)), repeat_to_batch(tb, h.size(0))  # (B, C)
         h = _norm_then(self, lambda y: _without_bias(self.conv2, self.dropout(y)), h, self.norm2, scale=ta,
                        shift=tb, moments=moments)
         if self.config.output_channels != self.config.num_channels:
@@ -186,6 +183,19 @@ class FastResNet(ResNet):
         fused = x.dtype == h.dtype  # else type promotion, as h + x
         out = ops.bias_add(h, self.conv2.bias, residual=x if fused else None, impl=impl)
         return out if fused else out + x
+
+
+    def _scale_shift(self, proj: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This block's (scale, shift) columns of the level's projections (its own projection of the time
+        embedding when ``proj_offset`` is None); the split the level made when gradients flow
+        (:meth:`FastUNetMixin.time_embedding`), if it is of this ``proj`` (or a view of all of it)."""
+        split = self.__dict__.pop("_split_proj", None)
+        if split is not None and same_view(split[0], proj):
+            return split[1], split[2]
+        c, off = self.config.output_channels, self.proj_offset
+        if off is None:
+            proj, off = self.time_layer(F.silu(proj)), 0
+        return proj[:, off:off + c], proj[:, off + c:off + 2 * c]
 
 
 class FastSelfAttention(SelfAttention):
@@ -261,7 +271,10 @@ class FastUNetMixin:
         return tp if batched else None
 
     def _own_resnets(self):
-        return [m for m in _own_modules(self) if isinstance(m, ResNet)]
+        resnets = self.__dict__.get("_resnets")  # found once: a training forward asks for them every step
+        if resnets is None:
+            resnets = self.__dict__["_resnets"] = [m for m in _own_modules(self) if isinstance(m, ResNet)]
+        return resnets
 
     def time_embedding(self, times, cond_emb, micros):
         temb = super().time_embedding(times, cond_emb, micros)  # (B, temporal_dim)
@@ -269,7 +282,14 @@ class FastUNetMixin:
         if tp is None:
             return temb
         w, b = tp.weight_bias()
-        return F.linear(F.silu(temb), w.to(temb.dtype), b.to(temb.dtype))  # (B, sum 2C): every ResNet's (a, b)
+        proj = F.linear(F.silu(temb), w.to(temb.dtype), b.to(temb.dtype))  # (B, sum 2C): every ResNet's (a, b)
+        if proj.requires_grad and not torch.compiler.is_compiling():
+            # one split for all blocks: its backward is one cat, where a slice per block costs a zero-filled
+            # (B, sum 2C) gradient each and the sum of them all (185 kernels in a 256x256 train step)
+            halves = proj.split([c // 2 for c in tp.sizes for _ in range(2)], dim=1)
+            for m, a, b in zip(self._own_resnets(), halves[0::2], halves[1::2]):
+                m.__dict__["_split_proj"] = (proj, a, b)
+        return proj
 
     def forward_denoising(self, x_t, times, cond_emb=None, conditioning=None, cond_mask=None, micros=None):
         """The reference's, with every attention layer's text keys and values from one GEMM when

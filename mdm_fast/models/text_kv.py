@@ -110,8 +110,8 @@ def _wanted(layers: Sequence[nn.Module], cond: Optional[Tensor]) -> bool:
 
 @contextlib.contextmanager
 def batched_text_kv(model: nn.Module, kind: type, cond: Optional[Tensor]) -> Iterator[None]:
-    """Inside: every ``kind`` attention layer of ``model`` that is called with this very ``cond``
-    tensor takes its text keys and values from one batched projection (:class:`TextProjections`),
+    """Inside: every ``kind`` attention layer of ``model`` that is called with this ``cond`` (or a view
+    of all of it, :func:`same_view`) takes its text keys and values from one batched projection (:class:`TextProjections`),
     computed here; other calls, and calls outside, project as usual. Nested uses for the same
     ``cond`` (an inner level of the same model) change nothing."""
     layers = [m for m in _cross_attention_layers(model, kind) if m.__dict__.get("_text_kv") is None]
@@ -130,10 +130,21 @@ def batched_text_kv(model: nn.Module, kind: type, cond: Optional[Tensor]) -> Ite
             m.__dict__.pop("_text_kv", None)
 
 
+def same_view(a: Tensor, b: Tensor) -> bool:
+    """``b`` is ``a`` or a view of the same elements: same base, offset, shape and strides (the nested
+    model hands its outer level ``temb[:bh]`` and ``conditioning[:bh]``, new views even when bh is the
+    whole batch)."""
+    if a is b:
+        return True
+    root = a if a._base is None else a._base
+    return ((b if b._base is None else b._base) is root and b.storage_offset() == a.storage_offset()
+            and b.shape == a.shape and b.stride() == a.stride() and b.dtype == a.dtype)
+
+
 def text_kv(layer: nn.Module, cond: Tensor) -> Tensor:
     """``layer.kv_cond(layer.norm_cond(cond))`` (B, T, 2C), from the batched projection when one is
     in place for this ``cond`` (:func:`batched_text_kv`)."""
     pre = layer.__dict__.get("_text_kv")
-    if pre is not None and pre[0] is cond:
+    if pre is not None and same_view(pre[0], cond):
         return pre[1]
     return layer.kv_cond(layer.norm_cond(cond))
