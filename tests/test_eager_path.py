@@ -120,3 +120,25 @@ def test_side_outputs_get_no_zero_gradients(name):
     with _ZeroFills() as fills:
         out.backward(grad)
     assert fills.n == 0
+
+
+class _NoGrad(torch.autograd.Function):
+    """y -> a copy whose backward hands y no gradient (None), as a consumer that needs none may."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+@pytest.mark.parametrize("name", SIDE_OUTPUTS)
+def test_a_missing_output_gradient_gives_no_input_gradients(name):
+    """With zero-filling off, a backward whose main output got no gradient returns None for every input."""
+    fn, shapes = SIDE_OUTPUTS[name]
+    leaves = _leaves(*shapes)
+    out = _NoGrad.apply(fn(*leaves))
+    grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+    assert all(g is None for g in grads)
