@@ -111,9 +111,9 @@ def _wanted(layers: Sequence[nn.Module], cond: Optional[Tensor]) -> bool:
 @contextlib.contextmanager
 def batched_text_kv(model: nn.Module, kind: type, cond: Optional[Tensor]) -> Iterator[None]:
     """Inside: every ``kind`` attention layer of ``model`` that is called with this ``cond`` (or a view
-    of all of it, :func:`same_view`) takes its text keys and values from one batched projection (:class:`TextProjections`),
-    computed here; other calls, and calls outside, project as usual. Nested uses for the same
-    ``cond`` (an inner level of the same model) change nothing."""
+    of all of it, :func:`same_view`) takes its text keys and values from one batched projection
+    (:class:`TextProjections`), computed here; other calls, and calls outside, project as usual.
+    Nested uses for the same ``cond`` (an inner level of the same model) change nothing."""
     layers = [m for m in _cross_attention_layers(model, kind) if m.__dict__.get("_text_kv") is None]
     if not _wanted(layers, cond):
         yield
