@@ -67,7 +67,8 @@ pool = _Pool(1)  # a job that kills its worker, then one nobody takes: close() m
 pool.submit(("no_such_module", "kernel", "{}"))
 pool.submit(jobs[0])
 started, failed = pool.close()
-print(json.dumps(dict(compiled_during_dry_run=during == [True], dead_pool=[started, failed],kernels=stats.kernels, workers=stats.workers, dry_launches=dry_launches,
+print(json.dumps(dict(compiled_during_dry_run=during == [True], dead_pool=[started, failed],
+                      kernels=stats.kernels, workers=stats.workers, dry_launches=dry_launches,
                       launches=len(launched), cached=len(cached), new_in_cache=len(new),
                       same_rng=same_rng, autotuned=len(uc._upsample_conv3x3_fwd.cache),
                       launcher_jobs=len(jobs), launchers_built=len(Launcher.built))))
