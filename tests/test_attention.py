@@ -205,6 +205,18 @@ def test_1d_attention_with_key_mask(impl):
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
+def test_autotuning_is_per_batch():
+    """The kernels' configs are timed per batch too: a choice made at batch 32 is not reused at batch 2."""
+    from mdm_fast.kernels import attention as kernels
+
+    for kernel in (kernels._fwd_kernel, kernels._bwd_dq_kernel, kernels._bwd_dkdv_kernel):
+        assert kernel.keys == kernels.AUTOTUNE_KEY
+    q, k = torch.empty(2, 8, 256, 64), torch.empty(2, 8, 256, 64)
+    keys = [tuple(kernels._common(q[:b], k[:b], None, None, None)[n] for n in kernels.AUTOTUNE_KEY
+                  if n in ("LQ", "LK", "T", "lse_branch")) for b in (1, 2)]
+    assert keys[0] != keys[1]
+
+
 def test_opcheck_custom_ops():
     q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(1, 1, 5, 3, 16, torch.float32))
     mask = torch.tensor([[True, False, True]])

@@ -9,7 +9,7 @@ Performance notes (H200, bf16; level 1 = B 32, 1024 tokens, 512 ch, 8 heads of 6
     0.180 ms (381 TFLOP/s, self branch only); level 2 (B 32, 256 tokens, 768 ch, d 96): einsum
     0.241 ms, SDPA 0.042 ms. Goal: 1.2x (fwd) / 1.1x (bwd) over the SDPA pair (self + masked
     cross + add) and >= 60% of 785 TFLOP/s (<= 0.164 ms) on level 1.
-  * Configs (``_HOPPER``): 3-4 candidates per (kernel, padded head dim), timed once per shape by
+  * Configs (``_HOPPER``): 3-4 candidates per (kernel, padded head dim), timed once per shape and batch by
     Triton's autotuner, so a first call compiles at most 4 + 4 + 4 variants per head dim (the
     alternatives to the first of each list come from the compile-only report,
     benchmarks/kernel_report.py: no spills, wgmma, at least as many resident programs per SM as the
@@ -117,10 +117,16 @@ def _prune(kernel: str):
     return prune
 
 
+AUTOTUNE_KEY = ["LQ", "LK", "T", "BLOCK_D", "HAS_COND", "HAS_SMASK",
+                "lse_branch"]  # B * H * LQ: the batch decides how many programs fill the card
+
+
 def _autotune(kernel: str):
-    """Timed once per shape among the candidates of ``_HOPPER`` (every kernel writes its outputs with
-    plain stores, so the repeated timing runs are harmless)."""
-    return triton.autotune(configs=_configs(kernel), key=["LQ", "LK", "T", "BLOCK_D", "HAS_COND", "HAS_SMASK"],
+    """Timed once per shape, batch included, among the candidates of ``_HOPPER`` (every kernel writes its
+    outputs with plain stores, so the repeated timing runs are harmless). Without the batch in the key,
+    a process that ran batch 32 first would sample at batch 2 with 128-query tiles: 32 programs for the
+    256x256 model's 16x16 level on a 132-SM card."""
+    return triton.autotune(configs=_configs(kernel), key=AUTOTUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune(kernel)})
 
 
