@@ -152,12 +152,13 @@ def fake_gpu_model(name: str, cfg: dict, size: int, batch: int,
 
 
 def count(name: str, cfg: dict, size: int, kind: str, batch: int, tflops: float = H200_TFLOPS,
-          gbps: float = H200_GBPS, text_tokens: int = TEXT_TOKENS) -> Tally:
+          gbps: float = H200_GBPS, text_tokens: int = TEXT_TOKENS, warmup: bool = True) -> Tally:
     """The tally of one forward (no_grad) or one forward + backward of the fast model ``build_model(name,
-    cfg)`` at ``batch`` and image ``size``."""
+    cfg)`` at ``batch`` and image ``size``; a forward with ``warmup`` after an uncounted one (a sampler's
+    steady state: what the first call caches, the batched projections' weights, is not counted)."""
     with fake_gpu_model(name, cfg, size, batch, text_tokens) as (model, args):
-        if kind == "forward":  # a sampler's steady state: what the first forward caches is not counted
-            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # (the batched projections' weights)
+        if kind == "forward" and warmup:
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
                 model(*args)
         counter = _Counter(tflops, gbps)
         with counter, torch.autocast("cpu", torch.bfloat16):
