@@ -225,12 +225,22 @@ def _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S: tl.con
 
 
 @triton.jit
+def _last_tile(lo, hi, BLOCK_S: tl.constexpr):
+    """First row of the last BLOCK_S-row tile of [lo, hi): the second passes walk their rows backwards,
+    so they re-read first what the first pass read last, the rows most likely still in L2."""
+    return lo + tl.maximum(tl.cdiv(hi - lo, BLOCK_S) - 1, 0) * BLOCK_S  # lo for an empty range
+
+
+@triton.jit
 def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT: tl.constexpr,
                     BLOCK_S: tl.constexpr):
-    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    for r in range(lo, hi, BLOCK_S):
+    last = _last_tile(lo, hi, BLOCK_S)
+    xn = _load_rows(X, base, c, cmask, last, hi, stride_c, stride_s, BLOCK_S)
+    for i in range(0, tl.cdiv(hi - lo, BLOCK_S)):  # tiles last to first
+        r = last - i * BLOCK_S
         x = xn
-        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)  # prefetch
+        # prefetch the tile before (the first one again at the end: a wasted L2 hit, never out of range)
+        xn = _load_rows(X, base, c, cmask, tl.maximum(r - BLOCK_S, lo), hi, stride_c, stride_s, BLOCK_S)
         offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
         z = x.to(tl.float32) * A[None, :] + D[None, :]
         if ACT:
@@ -363,12 +373,14 @@ def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rst
 @triton.jit
 def _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2,
                     ACT: tl.constexpr, BLOCK_S: tl.constexpr):
-    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    dyn = _load_rows(DY, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    for r in range(lo, hi, BLOCK_S):
+    last = _last_tile(lo, hi, BLOCK_S)
+    xn = _load_rows(X, base, c, cmask, last, hi, stride_c, stride_s, BLOCK_S)
+    dyn = _load_rows(DY, base, c, cmask, last, hi, stride_c, stride_s, BLOCK_S)
+    for i in range(0, tl.cdiv(hi - lo, BLOCK_S)):  # tiles last to first, as _fwd_apply_rows
+        r = last - i * BLOCK_S
         x, dy = xn.to(tl.float32), dyn.to(tl.float32)
-        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
-        dyn = _load_rows(DY, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        xn = _load_rows(X, base, c, cmask, tl.maximum(r - BLOCK_S, lo), hi, stride_c, stride_s, BLOCK_S)
+        dyn = _load_rows(DY, base, c, cmask, tl.maximum(r - BLOCK_S, lo), hi, stride_c, stride_s, BLOCK_S)
         offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
         dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
