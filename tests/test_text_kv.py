@@ -136,7 +136,7 @@ def test_autocast_error_bounded_by_the_references_own():
 
 
 def test_same_view_is_the_same_elements():
-    from mdm_fast.models.text_kv import same_view
+    from mdm_fast.models.tensors import same_view
 
     t = torch.randn(3, 4, 5)
     v = t.view(3, 20).view(3, 4, 5)

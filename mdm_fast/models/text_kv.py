@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdm_fast.models.tensors import is_sharded, same_view
+from mdm_fast.ops.time_proj import ParamCache
+
 
 class TextProjections:
     """``layers``: attention modules with ``norm_cond`` (nn.LayerNorm over D) and ``kv_cond``
@@ -34,7 +37,7 @@ class TextProjections:
     def __init__(self, layers: Sequence[nn.Module]):
         self.layers = list(layers)  # a plain list: no new state_dict entries
         self.sizes = [m.kv_cond.out_features for m in self.layers]
-        self._cache: Optional[Tuple[list, list, Tensor, Tensor]] = None
+        self._cache = ParamCache()
 
     @staticmethod
     def compatible(layers: Sequence[nn.Module]) -> bool:
@@ -54,15 +57,12 @@ class TextProjections:
 
     def weight_bias(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """(sum 2C, D) folded weight in ``dtype`` and (sum 2C,) folded bias in fp32."""
-        params = self._params()
-        key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params] + [dtype]
-        c = self._cache
-        if c is None or any(a is not b for a, b in zip(c[0], params)) or c[1] != key:
-            device = self.layers[0].kv_cond.weight.device.type
-            with torch.no_grad(), torch.autocast(device, enabled=False):  # the fold in fp32
-                w, b = zip(*(self._fold(m, dtype) for m in self.layers))
-                c = self._cache = (params, key, torch.cat(w).to(dtype), torch.cat(b))
-        return c[2], c[3]
+        return self._cache.get(self._params(), lambda: self._folded(dtype), extra=dtype)
+
+    def _folded(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        with torch.autocast(self.layers[0].kv_cond.weight.device.type, enabled=False):  # the fold in fp32
+            w, b = zip(*(self._fold(m, dtype) for m in self.layers))
+            return torch.cat(w).to(dtype), torch.cat(b)
 
     @staticmethod
     def _fold(m: nn.Module, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -103,7 +103,7 @@ def _wanted(layers: Sequence[nn.Module], cond: Optional[Tensor]) -> bool:
     if cond is None or cond.dim() != 3 or torch.compiler.is_compiling() or not TextProjections.compatible(layers):
         return False
     params = [p for m in layers for p in (*m.kv_cond.parameters(), *m.norm_cond.parameters())]
-    if any(type(p).__name__ == "DTensor" for p in params):
+    if any(is_sharded(p) for p in params):
         return False
     return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
@@ -128,17 +128,6 @@ def batched_text_kv(model: nn.Module, kind: type, cond: Optional[Tensor]) -> Ite
     finally:
         for m in layers:
             m.__dict__.pop("_text_kv", None)
-
-
-def same_view(a: Tensor, b: Tensor) -> bool:
-    """``b`` is ``a`` or a view of the same elements: same base, offset, shape and strides (the nested
-    model hands its outer level ``temb[:bh]`` and ``conditioning[:bh]``, new views even when bh is the
-    whole batch)."""
-    if a is b:
-        return True
-    root = a if a._base is None else a._base
-    return ((b if b._base is None else b._base) is root and b.storage_offset() == a.storage_offset()
-            and b.shape == a.shape and b.stride() == a.stride() and b.dtype == a.dtype)
 
 
 def text_kv(layer: nn.Module, cond: Tensor) -> Tensor:

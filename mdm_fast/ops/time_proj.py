@@ -23,7 +23,7 @@ carry more samples than temb (``einops.repeat(t, "b c h w -> (b n) c h w")`` = r
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,24 @@ def expand_batch(t: Tensor, batch: int) -> Tensor:
             raise ValueError(f"batch {batch} is not a multiple of the time embedding's batch {t.shape[0]}")
         return t.repeat_interleave(batch // t.shape[0], dim=0)
     return t
+
+
+class ParamCache:
+    """A value built from parameters, rebuilt only when one of them changes: another object, data
+    pointer, in-place version counter (``load_state_dict`` and optimiser steps bump it), dtype or device,
+    or the ``extra`` key. For weights derived once for sampling (concatenated, folded)."""
+
+    def __init__(self):
+        self._entry: Optional[Tuple[list, list, Any]] = None
+
+    def get(self, params: Sequence[Optional[Tensor]], build: Callable[[], Any], extra: Any = None) -> Any:
+        params = list(params)
+        key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params] + [extra]
+        e = self._entry
+        if e is None or len(e[0]) != len(params) or any(a is not b for a, b in zip(e[0], params)) or e[1] != key:
+            with torch.no_grad():
+                e = self._entry = (params, key, build())
+        return e[2]
 
 
 class TimeProjections:
@@ -55,7 +73,7 @@ class TimeProjections:
                                  f"{layers[0].in_features} like layers[0]")
         self.layers = layers  # a plain list: not submodules, so no new state_dict entries
         self.sizes = [layer.out_features for layer in layers]
-        self._cache: Optional[Tuple[list, list, Tensor, Tensor]] = None
+        self._cache = ParamCache()
 
     def _params(self) -> list:
         return [p for layer in self.layers for p in (layer.weight, layer.bias)]
@@ -65,12 +83,7 @@ class TimeProjections:
         params = self._params()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return torch.cat(params[0::2]), torch.cat(params[1::2])
-        key = [(p.data_ptr(), p._version, p.dtype, p.device) for p in params]
-        c = self._cache
-        if c is None or len(c[0]) != len(params) or any(a is not b for a, b in zip(c[0], params)) or c[1] != key:
-            with torch.no_grad():
-                c = self._cache = (params, key, torch.cat(params[0::2]), torch.cat(params[1::2]))
-        return c[2], c[3]
+        return self._cache.get(params, lambda: (torch.cat(params[0::2]), torch.cat(params[1::2])))
 
     def __call__(self, temb: Tensor, batch: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
         """temb (B, temb_dim) -> per layer (scale, shift), each (B, C) (or (batch, C), see expand_batch)."""
@@ -80,4 +93,10 @@ class TimeProjections:
         proj = F.linear(F.silu(temb), w, b)  # (B, sum 2C)
         if batch is not None:
             proj = expand_batch(proj, batch)
-        return [tuple(chunk.chunk(2, dim=1)) for chunk in proj.split(self.sizes, dim=1)]
+        return self.pairs(proj)
+
+    def pairs(self, proj: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """(B, sum 2C) projections -> per layer (scale, shift) views, (B, C) each, from one split: its
+        backward is one cat (a slice per layer would zero-fill a (B, sum 2C) gradient each, then sum them)."""
+        halves = proj.split([c // 2 for c in self.sizes for _ in range(2)], dim=1)
+        return list(zip(halves[0::2], halves[1::2]))
