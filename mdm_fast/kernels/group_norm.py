@@ -33,10 +33,10 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
   * channels_last: the fused path's programs take GPB whole groups (32 channels when C/G is a power of
     two) so that each row of its tile is >= 64 contiguous bytes. Tensors whose fused second pass would
     miss L2 go to the split path over whole rows (all C channels: each program streams one contiguous
-    stretch). Why: on the H200 (lease of
-    2026-11-28, benchmarks/results/profile-256-forward-b32-nvidia-h200.md) the 256x256 forward at batch
-    32 spent 15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are
-    large (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
+    stretch). Why: on the H200 (lease of 2026-11-28,
+    benchmarks/results/profile-256-forward-b32-nvidia-h200.md) the 256x256 forward at batch 32 spent
+    15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are large
+    (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
     per row (GPB = 1) and re-read from DRAM (a program's groups times the programs resident exceed L2);
     with C/G a power of two it read 64 B of each 128-256 B row (35% of copy at (32, 128, 128, 128)).
   Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2), backward
@@ -49,8 +49,8 @@ layouts, addressed through strides without copies:
   NCHW (contiguous):      offset = b*C*S + c*S + s   (stride_c = S, stride_s = 1)
   NHWC (channels_last):   offset = b*C*S + s*C + c   (stride_c = 1, stride_s = C)
 Tiles are (BLOCK_S rows, BLOCK_C channels); BLOCK_C = GPB * next_pow2(C/G) (GPB > 1 only when C/G is a
-power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32. The
-backward also returns, per (sample, channel),
+power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32.
+The backward also returns, per (sample, channel),
   s1 = sum_s dz        s2 = sum_s dz * xhat     (dz = dL/d(pre-activation))
 from which the parameter gradients follow (see ``mdm_fast.ops.group_norm_act``).
 """
@@ -606,9 +606,12 @@ def _finalize_blocks(cg: int) -> dict:
 
 def moments_plan(shape: Sequence[int], num_groups: int, device: torch.device, itemsize: int) -> Optional[Plan]:
     """The split plan the forward takes for a channels_last input of ``shape`` (B, C, H, W) on ``device``
-    (``itemsize`` bytes per element), or None where it takes the fused path: the parts (runs of whole
-    rows) over which a producer of the input hands over its partial moments (``forward(..., moments=)``)."""
+    (``itemsize`` bytes per element), or None where it takes the fused path (or num_groups is 0 or does
+    not divide C: no norm to hand moments to): the parts (runs of whole rows) over which a producer of
+    the input hands over its partial moments (``forward(..., moments=)``)."""
     B, C, H, W = shape
+    if num_groups == 0 or C % num_groups:
+        return None
     p = plan(B, C, H * W, num_groups, True, _num_sms(device.index if device.type == "cuda" else None), False,
              itemsize)
     return None if p.fused else p
@@ -639,7 +642,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
         _fwd_partial[grid](x, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows, **blocks,
                            num_warps=p.num_warps)
     elif tuple(part.shape) != (2, B, p.nsplit, C) or part.dtype != torch.float32:
-        raise ValueError(f"group_norm: moments must be ({2}, {B}, {p.nsplit}, {C}) float32 (the parts of "
+        raise ValueError(f"group_norm: moments must be (2, {B}, {p.nsplit}, {C}) float32 (the parts of "
                          f"moments_plan), got {tuple(part.shape)} {part.dtype}")
     _fwd_finalize[(B * G,)](part[0], part[1], mean, rstd, C, S, G, C // G, p.rows, eps, **_finalize_blocks(C // G))
     _fwd_split_apply[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows, **flags, ACT=silu,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mdm_fast.ops import dispatch
+from mdm_fast.ops.group_norm_act import check_moments_groups, moments_or_none, no_moments
 
 OP = "bias_add"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,7 +34,7 @@ def _channels_last(x: Tensor) -> bool:
 
 def _moments_plan(x: Tensor, num_groups: int, backend: str):
     """The plan of the norm that reads the sum, where this call writes its partial moments; else None."""
-    if backend != "triton" or num_groups == 0 or x.shape[1] % num_groups or not _channels_last(x):
+    if backend != "triton" or not _channels_last(x):
         return None
     from mdm_fast.kernels import group_norm as gn
 
@@ -44,16 +45,15 @@ def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: 
                   num_groups: int = 0) -> Tuple[Tensor, Tensor]:
     """(the sum, its partial moments for a norm of num_groups groups (2, B, nsplit, C) fp32, or an empty
     tensor: none)."""
-    none = x.new_empty((0,), dtype=torch.float32)
     if backend == "triton":
         from mdm_fast.kernels import bias_add as kernel
 
         plan = _moments_plan(x, num_groups, backend)
         if plan is not None:
             return kernel.bias_add_with_moments(x, bias, residual, plan)
-        return kernel.bias_add(x, bias, residual, _channels_last(x)), none
+        return kernel.bias_add(x, bias, residual, _channels_last(x)), no_moments(x)
     out = x + bias.to(x.dtype)[:, None, None]
-    return (out if residual is None else out + residual), none
+    return (out if residual is None else out + residual), no_moments(x)
 
 
 _bias_add_op = torch.library.custom_op("mdm_fast::bias_add", mutates_args=())(_forward_impl)
@@ -62,8 +62,9 @@ _bias_add_op = torch.library.custom_op("mdm_fast::bias_add", mutates_args=())(_f
 @_bias_add_op.register_fake
 def _(x, bias, residual, backend, num_groups=0):
     plan = _moments_plan(x, num_groups, backend)
-    moments = (2, x.shape[0], plan.nsplit, x.shape[1]) if plan is not None else (0,)
-    return torch.empty_like(x), x.new_empty(moments, dtype=torch.float32)
+    if plan is None:
+        return torch.empty_like(x), no_moments(x)
+    return torch.empty_like(x), x.new_empty((2, x.shape[0], plan.nsplit, x.shape[1]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,8 +123,7 @@ def bias_add_for_norm(x: Tensor, bias: Tensor, residual: Optional[Tensor], num_g
     """(``bias_add(x, bias, residual)``, moments or None): moments are the partial moments that
     ``group_norm_act(out, num_groups, ..., moments=)`` takes (see the module notes); num_groups 0: none."""
     _check(x, bias, residual)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
-        raise ValueError(f"bias_add_for_norm: num_groups must be an int >= 0 (0: no moments), got {num_groups!r}")
+    check_moments_groups("bias_add_for_norm", num_groups)
     backend = dispatch.resolve(OP, impl, x, bias, residual)
     out, moments = _bias_add(x, bias, residual, backend, num_groups)
-    return out, (moments if moments.numel() else None)
+    return out, moments_or_none(moments)

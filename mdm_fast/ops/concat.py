@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mdm_fast.ops import dispatch
+from mdm_fast.ops.group_norm_act import check_moments_groups, moments_or_none, no_moments
 
 OP = "concat_channels"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,8 +35,6 @@ def _moments_plan(a: Tensor, b: Tensor, num_groups: int):
     """The norm's split plan for the (B, C1 + C2, H, W) channels_last result, or None (no moments)."""
     from mdm_fast.kernels import group_norm as gn
 
-    if num_groups == 0 or (a.shape[1] + b.shape[1]) % num_groups:
-        return None
     return gn.moments_plan((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), num_groups, a.device,
                            a.element_size())
 
@@ -49,7 +48,7 @@ def _forward_impl(a: Tensor, b: Tensor, num_groups: int, backend: str) -> Tuple[
         out, moments = kernel.concat(a, b, plan)
     else:
         out, moments = torch.cat((a, b), dim=1), None
-    return out, (moments if moments is not None else a.new_empty((0,), dtype=torch.float32))
+    return out, (moments if moments is not None else no_moments(a))
 
 
 _concat_op = torch.library.custom_op("mdm_fast::concat_channels", mutates_args=())(_forward_impl)
@@ -58,13 +57,14 @@ _concat_op = torch.library.custom_op("mdm_fast::concat_channels", mutates_args=(
 @_concat_op.register_fake
 def _(a, b, num_groups, backend):
     if backend != "triton":
-        return torch.cat((a, b), dim=1), a.new_empty((0,), dtype=torch.float32)
+        return torch.cat((a, b), dim=1), no_moments(a)
     B, _, H, W = a.shape
     out = torch.empty((B, a.shape[1] + b.shape[1], H, W), dtype=a.dtype, device=a.device,
                       memory_format=torch.channels_last)
     plan = _moments_plan(a, b, num_groups)
-    shape = (2, B, plan.nsplit, out.shape[1]) if plan is not None else (0,)
-    return out, a.new_empty(shape, dtype=torch.float32)
+    if plan is None:
+        return out, no_moments(a)
+    return out, a.new_empty((2, B, plan.nsplit, out.shape[1]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -114,9 +114,7 @@ def concat_channels_for_norm(a: Tensor, b: Tensor, num_groups: int,
     ``group_norm_act(out, num_groups, ..., moments=)`` takes, where the triton backend ran and that norm
     takes its split path; None elsewhere (the norm then computes its statistics itself)."""
     _check(a, b)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
-        raise ValueError(f"concat_channels_for_norm: num_groups must be an int >= 0 (0: no moments), "
-                         f"got {num_groups!r}")
+    check_moments_groups("concat_channels_for_norm", num_groups)
     backend = dispatch.resolve(OP, impl, a, b)
     out, moments = _concat(a, b, num_groups, backend)
-    return out, (moments if moments.numel() else None)
+    return out, moments_or_none(moments)

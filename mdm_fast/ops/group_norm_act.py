@@ -268,6 +268,25 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
+# ---- the ops that produce a norm's input and hand it its moments (bias_add_for_norm, concat_channels_for_norm)
+
+
+def check_moments_groups(op: str, num_groups) -> None:
+    """A producer's ``num_groups``: the group count of the norm that reads its output, 0 for no moments."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"{op}: num_groups must be an int >= 0 (0: no moments), got {num_groups!r}")
+
+
+def no_moments(like: Tensor) -> Tensor:
+    """What a producer's custom op returns for "no moments" (an empty fp32 tensor: custom ops return tensors)."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+def moments_or_none(moments: Tensor) -> Optional[Tensor]:
+    """A producer's moments output as its public function returns it: None for :func:`no_moments`."""
+    return moments if moments.numel() else None
+
+
 def _check_param(name: str, t: Optional[Tensor], shape: Tuple[int, ...], x: Tensor) -> None:
     if t is None:
         return
