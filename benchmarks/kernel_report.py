@@ -232,7 +232,6 @@ def diffusion_step_cases():
 
 def bias_add_cases():
     from mdm_fast.kernels import bias_add as kern
-
     from mdm_fast.kernels import group_norm as gn
 
     for cl in (False, True):  # the 256x256 model's outer ResNets at training batch 16, with the skip

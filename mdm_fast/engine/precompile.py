@@ -253,6 +253,8 @@ class _Pool:
         return len(self.procs), failed
 
     def kill(self) -> None:
+        for _ in self.procs:  # the feeders waiting for a job end too
+            self.jobs.put(None)
         for proc, _, err in self.procs:
             proc.kill()
             proc.wait()

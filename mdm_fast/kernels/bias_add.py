@@ -53,7 +53,7 @@ def bias_add(x: Tensor, bias: Tensor, residual: Optional[Tensor], channels_last:
 def _bias_add_rows_kernel(X, BIAS, R, OUT, PMEAN, PM2, S, C, ROWS, HAS_RES: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_C: tl.constexpr):
     """One program per (sample, part of the norm's): its rows of x + bias (+ residual), and their moments."""
-    _, row0, lo, hi, part = rows.part_rows(S, ROWS)
+    row0, lo, hi, part = rows.part_rows(S, ROWS)
     rows.stream_rows(X, R, BIAS, OUT, PMEAN, PM2, row0, lo, hi, C, C, 0, part * C, True, HAS_RES, True, BLOCK_S,
                      BLOCK_C)
 

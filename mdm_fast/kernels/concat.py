@@ -28,7 +28,7 @@ from mdm_fast.kernels import rows
 def _concat_kernel(A, B, OUT, PMEAN, PM2, S, C1, C2, ROWS, HAS_MOMENTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """One program per (sample, part): rows [part * ROWS, min(S, (part + 1) * ROWS)) of the sample."""
-    _, row0, lo, hi, part = rows.part_rows(S, ROWS)
+    row0, lo, hi, part = rows.part_rows(S, ROWS)
     C = C1 + C2
     rows.stream_rows(A, A, A, OUT, PMEAN, PM2, row0, lo, hi, C1, C, 0, part * C, False, False, HAS_MOMENTS,
                      BLOCK_S, BLOCK_C)

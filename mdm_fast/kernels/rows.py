@@ -77,12 +77,12 @@ def stream_rows(SRC, RES, BIAS, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_o
 
 @triton.jit
 def part_rows(S, ROWS):
-    """This program's sample b, its first row, the part's rows [lo, hi) and the part's partials offset
+    """This program's sample's first row, the part's rows [lo, hi) and the part's partials offset
     (grid (B, nsplit), C channels per row)."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     lo = part * ROWS
-    return b, b.to(tl.int64) * S, lo, tl.minimum(S, lo + ROWS), (b * tl.num_programs(1) + part).to(tl.int64)
+    return b.to(tl.int64) * S, lo, tl.minimum(S, lo + ROWS), (b * tl.num_programs(1) + part).to(tl.int64)
 
 
 def blocks() -> dict:
