@@ -32,8 +32,8 @@ def _custom_op_group_norm() -> None:
     """The group norm's CPU fast path is PyTorch autograd through the formula (it keeps intermediates);
     a GPU runs the custom op. Count what the GPU keeps."""
     gna = sys.modules["mdm_fast.ops.group_norm_act"]
-    gna._plain_reference = lambda x, g, w, b, eps, sc, sh, act: gna.group_norm_act_fwd(
-        x, w, b, sc, sh, g, float(eps), act or "none", "ref")[0]
+    gna._plain_reference = lambda x, g, w, b, eps, sc, sh, act, xb: gna.group_norm_act_fwd(
+        x, w, b, sc, sh, g, float(eps), act or "none", "ref", None, xb)[0]
 
 
 class _AttentionStandIn:

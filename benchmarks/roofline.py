@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import knob, markdown_table, write_atomic
 from benchmarks.models import TEXT_TOKENS, TEXT_WIDTH, public_config
+from mdm_fast.models.cast_weights import CastEachCall, CastWeights
 
 H200_TFLOPS, H200_GBPS = 787.0, 4190.0  # measured: benchmarks/results/models-nvidia-h200.md, attention suite
 _FREE = {"aten.detach.default", "aten.lift_fresh.default", "aten.empty.memory_format", "aten.empty_strided.default",
@@ -94,6 +95,7 @@ _KINDS = [("aten.convolution_backward", "convolution backward"), ("aten.convolut
           ("mdm_fast.group_norm_act_fwd", "group norm (fused)"), ("aten.mm", "matmul"), ("aten.addmm", "matmul"),
           ("aten.bmm", "matmul"), ("aten.cat", "concatenation (skips)"),
           ("mdm_fast.concat_channels", "concatenation (skips)"), ("aten._to_copy", "dtype casts"),
+          ("aten._foreach_copy_", "dtype casts"),
           ("mdm_fast.bias_add", "conv bias (+ ResNet skip) adds"),
           ("aten.add", "residual adds and other adds"), ("aten.gelu", "GELU (attention FFN)")]
 
@@ -152,21 +154,23 @@ def fake_gpu_model(name: str, cfg: dict, size: int, batch: int,
 
 
 def count(name: str, cfg: dict, size: int, kind: str, batch: int, tflops: float = H200_TFLOPS,
-          gbps: float = H200_GBPS, text_tokens: int = TEXT_TOKENS, warmup: bool = True) -> Tally:
+          gbps: float = H200_GBPS, text_tokens: int = TEXT_TOKENS, as_sampler: bool = True) -> Tally:
     """The tally of one forward (no_grad) or one forward + backward of the fast model ``build_model(name,
-    cfg)`` at ``batch`` and image ``size``; a forward with ``warmup`` after an uncounted one (a sampler's
-    steady state: what the first call caches, the batched projections' weights, is not counted)."""
+    cfg)`` at ``batch`` and image ``size``; a forward ``as_sampler`` runs as the sampler runs it, in its steady
+    state: on weights cast once (CastWeights), after an uncounted call (what that first call caches, the
+    batched projections' weights, is not counted); a train step as the trainer runs it (CastEachCall)."""
     with fake_gpu_model(name, cfg, size, batch, text_tokens) as (model, args):
-        if kind == "forward" and warmup:
+        if kind == "forward" and as_sampler:
+            sampler_model = CastWeights(model, torch.bfloat16)
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-                model(*args)
+                sampler_model(*args)
         counter = _Counter(tflops, gbps)
         with counter, torch.autocast("cpu", torch.bfloat16):
             if kind == "forward":
                 with torch.no_grad():
-                    model(*args)
-            else:
-                out = model(*args)
+                    (sampler_model if as_sampler else model)(*args)
+            else:  # as the trainer runs it: the weights cast in one pass (CastEachCall)
+                out = CastEachCall(model, model, torch.bfloat16)(*args)
                 loss = sum(F.mse_loss(o.float(), torch.zeros_like(o, dtype=torch.float32)) for o in out)
         if kind == "train":
             with counter:

@@ -37,6 +37,10 @@ __device__ __forceinline__ float dsilu(float z) {
 
 // z = xhat * k + d for channel c of sample b.
 struct Affine { float k, d; };
+__device__ __forceinline__ float input_bias(const GroupNormParams& p, int64_t c) {
+  return p.input_bias ? p.input_bias[c] : 0.f;
+}
+
 __device__ __forceinline__ Affine channel_affine(const GroupNormParams& p, int64_t b, int64_t c, int64_t C) {
   const float w = p.weight ? p.weight[c] : 1.f;
   const float bias = p.bias ? p.bias[c] : 0.f;
@@ -185,8 +189,8 @@ void launch_partial(const Op& op, const GroupNormShape& sh, cudaStream_t stream)
 
 // ---- finalize --------------------------------------------------------------------------------
 
-// Block per (b, g): merge the group's partials (chunk k holds min(rows, S - k*rows) rows) into mean, rstd,
-// then write A, D for the group's channels.
+// Block per (b, g): merge the group's partials of x (chunk k holds min(rows, S - k*rows) rows) into the mean
+// and rstd of x + input_bias, then write A, D for the group's channels.
 __global__ void fwd_finalize(const float* pmean, const float* pm2, float* mean_out, float* rstd_out, float* coef,
                              GroupNormParams p, GroupNormShape sh, float eps) {
   __shared__ Sum2 smem[32];
@@ -197,7 +201,8 @@ __global__ void fwd_finalize(const float* pmean, const float* pm2, float* mean_o
   Sum2 acc;
   for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
     const int64_t k = i / cg, c = g * cg + i % cg;
-    acc.a += static_cast<float>(min(sh.rows, sh.S - k * sh.rows)) * pmean[(b * nchunk + k) * sh.C + c];
+    acc.a += static_cast<float>(min(sh.rows, sh.S - k * sh.rows)) * (pmean[(b * nchunk + k) * sh.C + c] +
+                                                                     input_bias(p, c));
   }
   acc = block_reduce(acc, smem);
   if (threadIdx.x == 0) stat[0] = acc.a / n;
@@ -206,7 +211,7 @@ __global__ void fwd_finalize(const float* pmean, const float* pm2, float* mean_o
   acc = Sum2{};
   for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
     const int64_t k = i / cg, c = g * cg + i % cg, j = (b * nchunk + k) * sh.C + c;
-    const float dm = pmean[j] - mean;
+    const float dm = pmean[j] + input_bias(p, c) - mean;
     acc.a += pm2[j] + static_cast<float>(min(sh.rows, sh.S - k * sh.rows)) * dm * dm;
   }
   acc = block_reduce(acc, smem);
@@ -222,7 +227,7 @@ __global__ void fwd_finalize(const float* pmean, const float* pm2, float* mean_o
     const Affine af = channel_affine(p, b, c, sh.C);
     float* k = coef + (b * sh.C + c) * kCoefStride;
     k[kA] = rstd * af.k;
-    k[kD] = af.d - mean * rstd * af.k;
+    k[kD] = af.d - (mean - input_bias(p, c)) * rstd * af.k;
   }
 }
 
@@ -231,7 +236,7 @@ __global__ void bwd_coef(const float* mean, const float* rstd, float* coef, Grou
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < sh.B * sh.C;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / sh.C, c = i % sh.C, bg = b * sh.G + c / cg;
-    const float m = mean[bg], r = rstd[bg];
+    const float m = mean[bg] - input_bias(p, c), r = rstd[bg];  // x + input_bias - mean = x - m
     const Affine af = channel_affine(p, b, c, sh.C);
     float* k = coef + i * kCoefStride;
     k[kA] = r * af.k;

@@ -5,7 +5,8 @@
 //   NHWC (channels_last): offset = b*C*S + s*C + c
 // The work is split in passes: per-channel partial statistics over chunks of `rows` rows, a per-(sample,
 // group) finalize that turns them into per-(sample, channel) coefficients, and an element-wise apply.
-// All arithmetic is fp32. Parameters (weight, bias: (C,); scale, shift: (B, C)) are fp32 and may be null.
+// All arithmetic is fp32. Parameters (weight, bias, input_bias: (C,); scale, shift: (B, C)) are fp32 and may
+// be null. The norm reads x + input_bias[c] (the bias of the convolution that wrote x without it).
 #pragma once
 
 #include <cstdint>
@@ -29,13 +30,14 @@ struct GroupNormParams {
   const float* bias;    // (C,) or null (0)
   const float* scale;   // (B, C) or null (0)
   const float* shift;   // (B, C) or null (0)
+  const float* input_bias;  // (C,) or null (0): added to x before the norm
 };
 
 // Floats per (sample, channel) in the coefficient workspace `coef` (B, C, kCoefStride).
 constexpr int kCoefStride = 8;
 
-// y = act((x - mean) * rstd * w * (1 + scale) + bias * (1 + scale) + shift).
-// Workspace: pmean, pm2 (B, nchunk, C); coef (B, C, kCoefStride). Outputs mean, rstd (B, G).
+// y = act((x + input_bias - mean) * rstd * w * (1 + scale) + bias * (1 + scale) + shift).
+// Workspace: pmean, pm2 (B, nchunk, C); coef (B, C, kCoefStride). Outputs mean, rstd (B, G) of x + input_bias.
 cudaError_t group_norm_fwd(DType dtype, const void* x, void* y, GroupNormParams p, float* mean, float* rstd,
                            float* pmean, float* pm2, float* coef, GroupNormShape shape, float eps, bool silu,
                            cudaStream_t stream);

@@ -33,8 +33,8 @@ mdm_fast::DType make_dtype(int code) {
 
 template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-mdm_fast::GroupNormParams params(uintptr_t w, uintptr_t b, uintptr_t sc, uintptr_t sh) {
-  return {ptr<const float>(w), ptr<const float>(b), ptr<const float>(sc), ptr<const float>(sh)};
+mdm_fast::GroupNormParams params(uintptr_t w, uintptr_t b, uintptr_t sc, uintptr_t sh, uintptr_t xb) {
+  return {ptr<const float>(w), ptr<const float>(b), ptr<const float>(sc), ptr<const float>(sh), ptr<const float>(xb)};
 }
 
 void check(cudaError_t err, const char* what) {
@@ -46,25 +46,27 @@ void check(cudaError_t err, const char* what) {
 void bind_group_norm(py::module_& m) {
   m.def(
       "group_norm_fwd",
-      [](uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t b, uintptr_t sc, uintptr_t sh, uintptr_t mean,
-         uintptr_t rstd, uintptr_t pmean, uintptr_t pm2, uintptr_t coef, int64_t B, int64_t C, int64_t S, int64_t G,
-         int64_t rows, bool channels_last, double eps, bool silu, int dtype, uintptr_t stream) {
-        check(mdm_fast::group_norm_fwd(make_dtype(dtype), ptr<const void>(x), ptr<void>(y), params(w, b, sc, sh),
-                                       ptr<float>(mean), ptr<float>(rstd), ptr<float>(pmean), ptr<float>(pm2),
-                                       ptr<float>(coef), make_shape(B, C, S, G, rows, channels_last),
-                                       static_cast<float>(eps), silu, reinterpret_cast<cudaStream_t>(stream)),
+      [](uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t b, uintptr_t sc, uintptr_t sh, uintptr_t xb,
+         uintptr_t mean, uintptr_t rstd, uintptr_t pmean, uintptr_t pm2, uintptr_t coef, int64_t B, int64_t C,
+         int64_t S, int64_t G, int64_t rows, bool channels_last, double eps, bool silu, int dtype,
+         uintptr_t stream) {
+        check(mdm_fast::group_norm_fwd(make_dtype(dtype), ptr<const void>(x), ptr<void>(y),
+                                       params(w, b, sc, sh, xb), ptr<float>(mean), ptr<float>(rstd),
+                                       ptr<float>(pmean), ptr<float>(pm2), ptr<float>(coef),
+                                       make_shape(B, C, S, G, rows, channels_last), static_cast<float>(eps), silu,
+                                       reinterpret_cast<cudaStream_t>(stream)),
               "group_norm_fwd");
       },
-      "GroupNorm + scale-shift + SiLU forward. Workspace: pmean, pm2 (B, ceil(S/rows), C) and coef (B, C, 8) "
-      "fp32; outputs y (x's dtype and layout), mean and rstd (B, G) fp32.");
+      "GroupNorm of x + input_bias, scale-shift, SiLU: forward. Workspace: pmean, pm2 (B, ceil(S/rows), C) "
+      "and coef (B, C, 8) fp32; outputs y (x's dtype and layout), mean and rstd (B, G) fp32.");
   m.def(
       "group_norm_bwd",
       [](uintptr_t dy, uintptr_t x, uintptr_t dx, uintptr_t w, uintptr_t b, uintptr_t sc, uintptr_t sh,
-         uintptr_t mean, uintptr_t rstd, uintptr_t ps1, uintptr_t ps2, uintptr_t s1, uintptr_t s2, uintptr_t coef,
-         int64_t B, int64_t C, int64_t S, int64_t G, int64_t rows, bool channels_last, bool silu, int dtype,
-         uintptr_t stream) {
+         uintptr_t xb, uintptr_t mean, uintptr_t rstd, uintptr_t ps1, uintptr_t ps2, uintptr_t s1, uintptr_t s2,
+         uintptr_t coef, int64_t B, int64_t C, int64_t S, int64_t G, int64_t rows, bool channels_last, bool silu,
+         int dtype, uintptr_t stream) {
         check(mdm_fast::group_norm_bwd(make_dtype(dtype), ptr<const void>(dy), ptr<const void>(x), ptr<void>(dx),
-                                       params(w, b, sc, sh), ptr<const float>(mean), ptr<const float>(rstd),
+                                       params(w, b, sc, sh, xb), ptr<const float>(mean), ptr<const float>(rstd),
                                        ptr<float>(ps1), ptr<float>(ps2), ptr<float>(s1), ptr<float>(s2),
                                        ptr<float>(coef), make_shape(B, C, S, G, rows, channels_last), silu,
                                        reinterpret_cast<cudaStream_t>(stream)),

@@ -36,7 +36,7 @@ def _seed():
 @pytest.fixture
 def small_norm_parts(monkeypatch):
     """group_norm's split path over whole rows on small channels_last tensors, with several tiles per part,
-    and the row kernels of its input's producers (concatenation, bias add) in chunks of 8 channels."""
+    and the row kernel of its input's producer (the concatenation) in chunks of 8 channels."""
     from mdm_fast.kernels import group_norm as gn
     from mdm_fast.kernels import rows
 

@@ -28,6 +28,22 @@ def _group_norm_op(x, w, b, sc, sh):
     return torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 3, 1e-5, "silu", "triton")[0]
 
 
+def _group_norm_input_bias(x, w, b, sc, sh, xb):
+    return group_norm_act(x, 3, w, b, 1e-5, sc, sh, impl="triton", input_bias=xb)
+
+
+def _group_norm_input_bias_op(x, w, b, sc, sh, xb):
+    return torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 3, 1e-5, "silu", "triton", None, xb)[0]
+
+
+def _bias_add(x, b, r):
+    return bias_add(x, b, r, impl="triton")
+
+
+def _bias_add_op(x, b, r):
+    return torch.ops.mdm_fast.bias_add(x, b, r, "triton")
+
+
 def _attention(q, k, v, kc, vc):
     return attention(q, k, v, kc, vc, torch.tensor([[1, 1, 0], [1, 0, 0]]), impl="triton")
 
@@ -56,6 +72,9 @@ def _upsample_op(x, w, b):
 CASES = {  # name: (public call, the custom op's call, input shapes, the eager Function's backward node)
     "group_norm_act": (_group_norm("triton"), _group_norm_op, [(2, 6, 5, 3), (6,), (6,), (2, 6), (2, 6)],
                        "GroupNormActBackward"),
+    "group_norm_act input_bias": (_group_norm_input_bias, _group_norm_input_bias_op,
+                                  [(2, 6, 5, 3), (6,), (6,), (2, 6), (2, 6), (6,)], "GroupNormActBackward"),
+    "bias_add": (_bias_add, _bias_add_op, [(2, 6, 5, 3), (6,), (2, 6, 5, 3)], "BiasAddBackward"),
     "attention": (_attention, _attention_op, [(2, 2, 7, 16)] * 3 + [(2, 2, 3, 16)] * 2, "AttentionBackward"),
     "attention_from_qkv": (_qkv, _qkv_op, [(2, 48, 9), (2, 3, 32)], "AttentionQKVBackward"),
     "upsample_conv3x3": (_upsample, _upsample_op, [(2, 4, 3, 5), (6, 4, 3, 3), (6,)], "UpsampleConv3x3Backward"),
@@ -105,7 +124,6 @@ SIDE_OUTPUTS = {  # name: (call, input shapes) of ops with a side output (statis
     **{f"{name} {path}": (CASES[name][i], CASES[name][2]) for name in ("group_norm_act", "attention",
                                                                       "attention_from_qkv")
        for i, path in enumerate(("eager Function", "custom op"))},
-    "bias_add": (lambda x, b, r: bias_add(x, b, r, impl="triton"), [(2, 6, 5, 3), (6,), (2, 6, 5, 3)]),
     "concat_channels": (lambda a, b: concat_channels(a, b, impl="ref"), [(2, 3, 5, 3), (2, 4, 5, 3)]),
 }
 

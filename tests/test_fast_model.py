@@ -1,4 +1,5 @@
 """The fast NestedUNet against the reference: golden cases, random configs, gradients, conversion."""
+import collections
 import copy
 import gc
 import weakref
@@ -62,8 +63,8 @@ def tiny_inputs(batch=2, low_batch=None):
 @pytest.fixture
 def whole_rows_norms(monkeypatch):
     """Every channels_last norm on its split path over whole rows (the large norms of the public models):
-    the decoder's concatenations and the ResNets' conv1 bias adds hand their norms the partial moments;
-    records the norms given them."""
+    the decoder's concatenations hand their norms the partial moments; records, per norm forward,
+    whether it was given moments and whether an input bias."""
     from mdm_fast.kernels import group_norm as gn
 
     monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
@@ -76,7 +77,8 @@ def whole_rows_norms(monkeypatch):
     forward = gn.forward
 
     def recording(*args, **kwargs):
-        given.append(kwargs.get("moments", args[9] if len(args) > 9 else None) is not None)
+        given.append(tuple(kwargs.get(name, args[i] if len(args) > i else None) is not None
+                           for i, name in ((9, "moments"), (10, "input_bias"))))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(gn, "forward", recording)
@@ -90,26 +92,32 @@ def test_triton_backends_match_reference_forward_and_gradients(low_batch):
 
 def test_triton_model_with_the_concatenations_moments(whole_rows_norms):
     _check_triton_model(2)
-    assert any(whole_rows_norms) and not all(whole_rows_norms)
+    moments = [m for m, _ in whole_rows_norms]
+    assert any(moments) and not all(moments)
 
 
-def test_both_producers_hand_over_moments(whole_rows_norms, monkeypatch):
-    """The up path's concatenations (norm1) and the ResNets' conv1 bias adds (norm2) both write moments."""
-    from mdm_fast.kernels import bias_add as bias_kernel
+def test_norms_get_the_concatenations_moments_and_conv1s_bias(whole_rows_norms, monkeypatch):
+    """The up path's concatenations hand norm1 their moments; every ResNet's norm2 reads conv1's output
+    without its bias, which it adds itself (input_bias): no bias pass runs between them."""
     from mdm_fast.kernels import concat as concat_kernel
+    from mdm_fast.models.fast import FastResNet
 
     produced = []
-    for module, name in ((bias_kernel, "bias_add_with_moments"), (concat_kernel, "concat")):
-        def recording(*args, _f=getattr(module, name), _n=name):
-            out = _f(*args)
-            produced.append(_n if out[1] is not None else None)
-            return out
-        monkeypatch.setattr(module, name, recording)
+    concat = concat_kernel.concat
+
+    def recording(*args):
+        out = concat(*args)
+        produced.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(concat_kernel, "concat", recording)
     model = mdm_fast.build_model("nested_unet", tiny_nested_config(), impl="triton")
     with torch.no_grad():
         model(*tiny_inputs(2))
-    assert {"bias_add_with_moments", "concat"} <= set(produced)
-    assert sum(whole_rows_norms) == sum(p is not None for p in produced)  # every moment reaches its norm
+    assert any(produced)
+    assert sum(m for m, _ in whole_rows_norms) == sum(produced)  # every moment reaches its norm
+    resnets = sum(isinstance(m, FastResNet) for m in model.modules())
+    assert sum(b for _, b in whole_rows_norms) == resnets > 0
 
 
 def _check_triton_model(low_batch: int) -> None:
@@ -377,6 +385,77 @@ def test_cast_weights_gives_autocasts_numbers_without_its_casts(fast):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert n_plain > 0 and n_cast == 0, (n_plain, n_cast)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the calls of each aten operator."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _train_step(fn, model, args):
+    """Outputs and every parameter's gradient (None where it gets none) of one autocast step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = fn(*args)
+        loss = sum((o.float() ** 2).mean() for o in out)
+    loss.backward()
+    return [o.detach() for o in out], {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("frozen_inner", [False, True])
+def test_cast_each_call_gives_autocasts_numbers_and_gradients(fast, frozen_inner):
+    """CastEachCall (the trainer's forward under autocast): bit-identical outputs and gradients, the
+    weights cast by one multi-tensor copy forward and one backward instead of a cast per layer; a frozen
+    inner model gets no gradients (nothing computes them) either way."""
+    from mdm_fast.models import CastEachCall
+
+    build = mdm_fast.build_model if fast else build_reference
+    model = randomize(build("nested_unet", tiny_nested_config()))
+    if frozen_inner:
+        model.inner_unet.requires_grad_(False)
+    args = tiny_inputs(2)
+    cast = CastEachCall(model, model, torch.bfloat16)
+    results = []
+    for fn in (model, cast):
+        with _WeightCasts(cast.params) as casts, _Ops() as ops:
+            results.append((*_train_step(fn, model, args), casts.n, ops.calls["aten._foreach_copy_.default"]))
+    (want, want_grads, n_plain, _), (got, got_grads, n_cast, foreach) = results
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert want_grads.keys() == got_grads.keys()
+    for name, g in want_grads.items():
+        assert (g is None) == (got_grads[name] is None), name
+        assert g is None or (torch.equal(g, got_grads[name]) and g.stride() == got_grads[name].stride()), name
+    assert (want_grads["inner_unet.conv_in.weight"] is None) == frozen_inner
+    assert n_plain > 0 and n_cast == 0 and foreach == 2 + frozen_inner, (n_plain, n_cast, foreach)
+    with torch.autocast("cpu", torch.float16), _Ops() as ops:  # another dtype: autocast's own casts
+        cast(*args)
+    assert ops.calls["aten._foreach_copy_.default"] == 0
+
+
+def test_cast_each_call_through_ddp(tmp_path):
+    """CastEachCall on a DistributedDataParallel wrapper (a one-rank gloo group): the wrapped module's
+    weights are cast, DDP's gradient hooks see the parameters' gradients, the same as autocast gives."""
+    from mdm_fast.models import CastEachCall
+
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config()))
+    args = tiny_inputs(2)
+    want, want_grads = _train_step(model, model, args)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        got, got_grads = _train_step(CastEachCall(ddp, model, torch.bfloat16), model, args)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(torch.equal(g, got_grads[n]) for n, g in want_grads.items())
 
 
 def test_fast_model_has_no_graph_breaks_under_compile():

@@ -32,15 +32,24 @@ def _inputs(shape, G, dtype, channels_last=False, scale_shift=True, affine=True,
     return [None if t is None else t.to(dtype) for t in (x, w, b, sc, sh)]  # all in the input precision
 
 
+def _with_input_bias(inputs):
+    """The inputs and a (C,) input bias (the bias of the convolution that wrote x), as fp32 as the model's."""
+    x = inputs[0]
+    return [*inputs, 2.0 * torch.randn(x.shape[1], device=x.device)]
+
+
 def _run(inputs, G, act, impl, dy, dtype=None) -> List[torch.Tensor]:
-    """Output and the gradients of (x, weight, bias, scale, shift) that exist; dtype casts everything first."""
+    """Output and the gradients of (x, weight, bias, scale, shift[, input_bias]) that exist; dtype casts
+    everything first."""
     leaves = [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
               for t in inputs]
-    x, w, b, sc, sh = leaves
+    x, w, b, sc, sh, xb = (leaves + [None])[:6]
     if impl == "public":
+        if xb is not None:  # the public code: the convolution's output with its bias, in x's precision
+            x = x + xb.to(x.dtype).reshape(-1, *[1] * (x.dim() - 2))
         y = reference(x, G, w, b, 1e-5, sc, sh, act)
     else:
-        y = group_norm_act(x, G, w, b, 1e-5, sc, sh, act=act, impl=impl)
+        y = group_norm_act(x, G, w, b, 1e-5, sc, sh, act=act, impl=impl, input_bias=xb)
     grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype))
     return [y.detach(), *grads]
 
@@ -70,7 +79,8 @@ def _check_against_fp64(inputs, G, act, impl):
     got = _run(inputs, G, act, impl, dy)
     want = _run(inputs, G, act, "public", dy, dtype=torch.float64)
     tol_f, tol_b = TOL[x.dtype]
-    names = ["y", "dx"] + [n for n, t in zip(["dweight", "dbias", "dscale", "dshift"], inputs[1:]) if t is not None]
+    names = ["y", "dx"] + [n for n, t in zip(["dweight", "dbias", "dscale", "dshift", "dinput_bias"], inputs[1:])
+                           if t is not None]
     for name, g, r in zip(names, got, want):
         tol = tol_f if name == "y" else tol_b
         scale = max(1.0, r.abs().max().item())
@@ -178,6 +188,70 @@ def test_finalize_loops_over_the_parts(whole_rows, monkeypatch):
     _check_against_fp64(inputs, 4, "silu", "triton")
 
 
+INPUT_BIAS_CASES = [
+    ((2, 8, 5, 7), 4, torch.float32, False, True, True, "silu"),
+    ((2, 48, 3, 5), 16, torch.float32, True, True, True, "silu"),  # C not a multiple of 32
+    ((2, 6, 9, 7), 6, torch.float32, True, False, False, None),  # one channel per group, nothing else
+    ((2, 8, 6, 6), 2, torch.float16, True, True, True, "silu"),
+    ((2, 8, 3, 4, 5), 4, torch.float32, False, True, True, "silu"),  # 5-D
+]
+
+
+def _path(name, monkeypatch):
+    """Force one of the triton paths on small tensors (as the fixtures above)."""
+    if name in ("looping", "split"):
+        _small_tiles(monkeypatch, 32)
+    if name == "split":
+        monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
+        monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(kern, "MAX_SPLIT", 4)
+    if name == "whole_rows":
+        _small_tiles(monkeypatch, 64)
+        monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
+        monkeypatch.setattr(kern, "_fused_rereads_from_l2", lambda *a: False)
+        monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
+
+
+@pytest.mark.parametrize("path", ["single", "looping", "split", "whole_rows"])
+@pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", INPUT_BIAS_CASES)
+def test_triton_input_bias_matches_reference(monkeypatch, path, shape, G, dtype, cl, ss, affine, act):
+    """group_norm(x + input_bias[c]) on every path, forward and every gradient (dinput_bias: dx summed)."""
+    if path == "whole_rows" and not cl:
+        pytest.skip("whole rows are a channels_last path")
+    _path(path, monkeypatch)
+    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
+    assert {"single": p.single, "looping": p.fused and not p.single, "split": p.nsplit > 1,
+            "whole_rows": p.nsplit > 1 and p.block_c == triton.next_power_of_2(shape[1])}[path], p
+    _check_against_fp64(_with_input_bias(_inputs(shape, G, dtype, cl, ss, affine)), G, act, "triton")
+
+
+def test_input_bias_with_a_producers_moments(small_norm_parts):
+    """The moments a producer hands over are those of x; the input bias is added to them when merged."""
+    from mdm_fast.ops import concat_channels_for_norm
+
+    a = torch.randn(2, 4, 9, 13).to(memory_format=torch.channels_last)
+    b = torch.randn(2, 4, 9, 13).to(memory_format=torch.channels_last) + 3.0
+    x, moments = concat_channels_for_norm(a, b, 4, impl="triton")
+    assert moments is not None
+    xb = 5.0 * torch.randn(8)
+    y = group_norm_act(x, 4, None, None, impl="triton", moments=moments, input_bias=xb)
+    want = reference(x.double() + xb.double()[:, None, None], 4, None, None)
+    assert _max_err(y, want) <= 2e-5 * want.abs().max().item()
+
+
+def test_ref_backend_input_bias_gradients():
+    """The ref backend with an input bias: PyTorch's autograd outside compile, and the custom op's formula."""
+    inputs = _with_input_bias(_inputs((2, 12, 5, 7), 4, torch.float32, channels_last=True))
+    _check_against_fp64(inputs, 4, "silu", "ref")
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = torch.ops.mdm_fast.group_norm_act_fwd(*leaves[:5], 4, 1e-5, "silu", "ref", None, leaves[5])[0]
+    dy = torch.randn_like(y)
+    got = [y, *torch.autograd.grad(y, leaves, dy)]
+    want = _run(inputs, 4, "silu", "public", dy, dtype=torch.float64)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert _max_err(g, r) <= 1e-4 * max(1.0, r.abs().max().item()), i
+
+
 def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():
     """The 256x256 model's large channels_last norms (sampling batch 32, training batch 16) read whole
     rows; those whose groups fit a tile, or whose fused second pass finds them in L2, stay fused; NCHW
@@ -263,6 +337,9 @@ def test_opcheck(backend):
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_bwd.default,
                           (dy, x.detach(), w.detach(), b, sc.detach(), sh, mean, rstd, 2, 1e-5, "silu", backend))
+    xb = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_fwd.default,
+                          (x, w, b, sc, sh, 2, 1e-5, "silu", backend, None, xb))
 
 
 def test_compiles_without_graph_breaks():
@@ -320,6 +397,7 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
     (dict(bias=torch.randn(4, 1)), r"bias must have shape \(4,\)"),
     (dict(scale=torch.randn(4)), r"scale must have shape \(2, 4\)"),
     (dict(shift=torch.randn(2, 4, 1, 1)), r"shift must have shape \(2, 4\)"),
+    (dict(input_bias=torch.randn(2, 4)), r"input_bias must have shape \(4,\)"),
     (dict(act="relu"), "act must be 'silu' or None"),
     (dict(eps=-1.0), "eps"),
 ])
@@ -375,6 +453,17 @@ def test_gpu_matches_reference(impl, dtype, cl, shape, G, ss):
 def test_gpu_model_shapes(impl, shape, cl):
     inputs = _inputs(shape, 32, torch.bfloat16, cl, device="cuda")
     _check_against_pytorch_error(inputs, 32, "silu", impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape,G", [GPU_CASES[0], GPU_CASES[1], ((16, 256, 64, 64), 32), ((8, 192, 128, 128), 32)])
+def test_gpu_input_bias(impl, dtype, cl, shape, G):
+    """group_norm(x + input_bias): against the public code's conv output with its bias, in x's precision."""
+    inputs = _with_input_bias(_inputs(shape, G, dtype, cl, device="cuda"))
+    _check_against_pytorch_error(inputs, G, "silu", impl)
 
 
 @pytest.mark.gpu

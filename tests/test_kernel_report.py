@@ -44,13 +44,14 @@ def test_outputs_are_stored_in_16_byte_vectors(launches):
 
 
 def test_channels_last_group_norm_loads_are_vectorised(launches):
-    """The streamed rows load 16 bytes at a time. At most the four per-channel parameter vectors (weight,
-    bias, scale, shift: one load each per program) may come in 2-byte pieces, where a program's channel
-    vector spreads one channel per thread; the finalize launches read (parts x group) partials only."""
+    """The streamed rows load 16 bytes at a time. At most the five per-channel parameter vectors (weight,
+    bias, scale, shift, input bias: one load each per program) may come in 2-byte pieces, where a
+    program's channel vector spreads one channel per thread; the finalize launches read (parts x group)
+    partials only."""
     rows = [r for r in launches if r["case"].startswith("group_norm") and "NHWC" in r["case"]
             and not r["kernel"].endswith("_finalize")]
     assert rows
-    narrow = [(r["case"], r["kernel"], r["loads"]) for r in rows if r["loads"].get("2", 0) > 4]
+    narrow = [(r["case"], r["kernel"], r["loads"]) for r in rows if r["loads"].get("2", 0) > 5]
     assert not narrow
 
 

@@ -1,7 +1,10 @@
 """benchmarks.roofline: its FLOP counts agree with PyTorch's own counter, its byte counts with the shapes."""
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import mdm_fast
 from benchmarks import roofline
+from mdm_fast.models.cast_weights import cast_targets
 from test_fast_model import tiny_nested_config
 
 
@@ -24,7 +27,7 @@ def test_flops_match_torch_flop_counter_and_bytes_the_shapes(monkeypatch):
     monkeypatch.setattr(roofline._Counter, "__torch_dispatch__", record)
     flops = FlopCounterMode(display=False)
     with flops:  # one forward only (the cached projections' first build has no convolution or matmul)
-        roofline.count("nested_unet", cfg, 16, "forward", 2, text_tokens=5, warmup=False)
+        roofline.count("nested_unet", cfg, 16, "forward", 2, text_tokens=5, as_sampler=False)
     by_op = {str(k): v for k, v in flops.get_flop_counts()["Global"].items()}
     assert tally.flops["convolution"] == by_op["aten.convolution"] > 0
     assert tally.flops["matmul"] == sum(v for k, v in by_op.items() if k in ("aten.mm", "aten.addmm", "aten.bmm"))
@@ -42,3 +45,17 @@ def test_a_train_step_counts_backward_and_the_optimizer():
     # the norm outputs are recomputed in backward: twice the forward's norms
     assert tally.calls["group norm (fused)"] == 2 * tally.calls["group norm backward"]
     assert tally.bytes["optimizer (fused AdamW)"] > 0 and tally.bytes["EMA update"] > 0
+    # as the trainer runs it (CastEachCall): the weights cast in one pass each way, not each one per layer
+    # and its gradient back (the casts left are of activations, and inside the upsample-conv)
+    assert roofline._kind("aten._foreach_copy_.default") == "dtype casts"
+    weights = len(cast_targets(mdm_fast.build_model("nested_unet", tiny_nested_config()), torch.bfloat16))
+    assert tally.calls["dtype casts"] < weights, (tally.calls["dtype casts"], weights)
+
+
+def test_a_sampler_forward_casts_no_weights():
+    """Counted as the sampler runs it (weights cast once), a forward casts only its inputs, not the
+    conv and linear weights that autocast casts at every call of the plain model."""
+    cfg = tiny_nested_config()
+    plain = roofline.count("nested_unet", cfg, 16, "forward", 2, text_tokens=5, as_sampler=False)
+    sampler = roofline.count("nested_unet", cfg, 16, "forward", 2, text_tokens=5)
+    assert sampler.calls["dtype casts"] <= 8 < plain.calls["dtype casts"], (sampler.calls, plain.calls)

@@ -5,22 +5,16 @@ channel ``(i // inner) % C`` with ``inner`` = H*W for NCHW and 1 for channels_la
 and store is contiguous (vectorised). Arithmetic in fp32, one rounding to the output dtype.
 PyTorch adds a convolution's bias with a broadcasting kernel that cannot vectorise (about a third
 of the copy rate on an H200, 18 ms of the 256x256 forward at batch 32).
-
-With the partial moments of the group norm that reads the sum (the ResNet's ``norm2`` after conv1), a
-channels_last sum is written by rows instead, over the norm's parts, with the moments of each part
-(:mod:`mdm_fast.kernels.rows`): the norm then skips its statistics pass.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from mdm_fast.kernels import group_norm as gn
-from mdm_fast.kernels import rows
 from mdm_fast.ops.dispatch import triton_interpreting
 
 _BLOCK, _INTERPRET_BLOCK = 4096, 256
@@ -48,23 +42,3 @@ def bias_add(x: Tensor, bias: Tensor, residual: Optional[Tensor], channels_last:
                                                HAS_RES=residual is not None, BLOCK=block, num_warps=8)
     return out
 
-
-@triton.jit
-def _bias_add_rows_kernel(X, BIAS, R, OUT, PMEAN, PM2, S, C, ROWS, HAS_RES: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """One program per (sample, part of the norm's): its rows of x + bias (+ residual), and their moments."""
-    row0, lo, hi, part = rows.part_rows(S, ROWS)
-    rows.stream_rows(X, R, BIAS, OUT, PMEAN, PM2, row0, lo, hi, C, C, 0, part * C, True, HAS_RES, True, BLOCK_S,
-                     BLOCK_C)
-
-
-def bias_add_with_moments(x: Tensor, bias: Tensor, residual: Optional[Tensor],
-                          moments: gn.Plan) -> Tuple[Tensor, Tensor]:
-    """(x + bias (+ residual), its partial moments (2, B, nsplit, C) fp32 over ``moments``' parts); x and
-    residual channels_last-dense."""
-    out = torch.empty_like(x)
-    B, C, H, W = x.shape
-    nrows, nsplit, part = rows.parts(out, moments)
-    _bias_add_rows_kernel[(B, nsplit)](x, bias, x if residual is None else residual, out, part[0], part[1], H * W,
-                                       C, nrows, HAS_RES=residual is not None, **rows.blocks(), num_warps=8)
-    return out, part

@@ -30,10 +30,8 @@ def _concat_kernel(A, B, OUT, PMEAN, PM2, S, C1, C2, ROWS, HAS_MOMENTS: tl.const
     """One program per (sample, part): rows [part * ROWS, min(S, (part + 1) * ROWS)) of the sample."""
     row0, lo, hi, part = rows.part_rows(S, ROWS)
     C = C1 + C2
-    rows.stream_rows(A, A, A, OUT, PMEAN, PM2, row0, lo, hi, C1, C, 0, part * C, False, False, HAS_MOMENTS,
-                     BLOCK_S, BLOCK_C)
-    rows.stream_rows(B, B, B, OUT, PMEAN, PM2, row0, lo, hi, C2, C, C1, part * C, False, False, HAS_MOMENTS,
-                     BLOCK_S, BLOCK_C)
+    rows.stream_rows(A, OUT, PMEAN, PM2, row0, lo, hi, C1, C, 0, part * C, HAS_MOMENTS, BLOCK_S, BLOCK_C)
+    rows.stream_rows(B, OUT, PMEAN, PM2, row0, lo, hi, C2, C, C1, part * C, HAS_MOMENTS, BLOCK_S, BLOCK_C)
 
 
 def concat(a: torch.Tensor, b: torch.Tensor,

@@ -136,10 +136,21 @@ def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
 
 
 @triton.jit
-def _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C,
-                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr):
-    """The (B, G) mean and rstd of each channel's group (grp), and the channels' k, d (_channel_affine)."""
-    mean = tl.load(MEAN + grp, mask=cmask, other=0.0)
+def _input_bias(XB, c, cmask, HAS_XB: tl.constexpr):
+    """The channels' input bias (the norm reads x + xb[c]); zeros without one."""
+    xb = c.to(tl.float32) * 0.0
+    if HAS_XB:
+        xb = tl.load(XB + c, mask=cmask, other=0.0).to(tl.float32)
+    return xb
+
+
+@triton.jit
+def _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                        HAS_XB: tl.constexpr):
+    """The (B, G) mean and rstd of each channel's group (grp), and the channels' k, d (_channel_affine).
+    The mean is the one of x itself: the group's, less the channel's input bias (x + xb - mean)."""
+    mean = tl.load(MEAN + grp, mask=cmask, other=0.0) - _input_bias(XB, c, cmask, HAS_XB)
     rstd = tl.load(RSTD + grp, mask=cmask, other=0.0)
     k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     return mean, rstd, k, d
@@ -249,29 +260,30 @@ def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT:
 
 
 @triton.jit
-def _fwd_fused(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, eps,
+def _fwd_fused(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, eps,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-               ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
-               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+               HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
+               SINGLE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
+    xb = _input_bias(XB, c, cmask, HAS_XB)  # the channel means of x + xb are x's plus xb
     n_c = (S * 1.0)
     if SINGLE:  # the whole group is one tile: read once, keep it in registers
         offs, mask = _tile(base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean_c = tl.sum(x, axis=0) / n_c
         dx = tl.where(mask, x - mean_c[None, :], 0.0)
-        mean, rstd = _group_moments(mean_c, tl.sum(dx * dx, axis=0), cmask, n_c, CG, eps, GPB, CGP)
+        mean, rstd = _group_moments(mean_c + xb, tl.sum(dx * dx, axis=0), cmask, n_c, CG, eps, GPB, CGP)
         a = rstd * k
-        z = x * a[None, :] + (d - mean * a)[None, :]
+        z = x * a[None, :] + (d - (mean - xb) * a)[None, :]
         if ACT:
             z = _silu(z)
         tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
     else:  # pass 1 statistics, pass 2 re-reads the group (from L2) and writes
         mean_c, m2_c = _chan_moments(X, base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S, BLOCK_C)
-        mean, rstd = _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB, CGP)
+        mean, rstd = _group_moments(mean_c + xb, m2_c, cmask, n_c, CG, eps, GPB, CGP)
         a = rstd * k
-        _fwd_apply_rows(X, Y, base, c, cmask, 0, S, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
+        _fwd_apply_rows(X, Y, base, c, cmask, 0, S, stride_c, stride_s, a, d - (mean - xb) * a, ACT, BLOCK_S)
     tl.store(MEAN + grp, mean, mask=cmask)  # lanes of one group store the same value
     tl.store(RSTD + grp, rstd, mask=cmask)
 
@@ -298,10 +310,10 @@ def _finalize_channels(b, g, C, CG, nsplit, CGP: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
-def _fwd_finalize(PMEAN, PM2, MEAN, RSTD, C, S, G, CG, ROWS, eps,
-                  CGP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per (sample, group): merges the group's per-(part, channel) moments (Chan's formula;
-    part j holds min(ROWS, S - j*ROWS) rows) into the group's mean and rstd."""
+def _fwd_finalize(PMEAN, PM2, XB, MEAN, RSTD, C, S, G, CG, ROWS, eps,
+                  HAS_XB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (sample, group): merges the group's per-(part, channel) moments of x (Chan's
+    formula; part j holds min(ROWS, S - j*ROWS) rows) into the mean and rstd of x + xb over the group."""
     pid = tl.program_id(0)
     b, g = pid // G, pid % G
     nsplit = tl.cdiv(S, ROWS)
@@ -321,19 +333,21 @@ def _fwd_finalize(PMEAN, PM2, MEAN, RSTD, C, S, G, CG, ROWS, eps,
         nj = tl.where(jj < nsplit, tl.minimum(ROWS, S - jj * ROWS), 0).to(tl.float32)
         dm = tl.where(m, tl.load(PMEAN + idx + j0 * C, mask=m, other=0.0) - mean_c[None, :], 0.0)
         m2_c += tl.sum(tl.load(PM2 + idx + j0 * C, mask=m, other=0.0) + nj[:, None] * dm * dm, axis=0)
-    mean, rstd = _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, 1, CGP)
+    xb = _input_bias(XB, g * CG + cl, cmask, HAS_XB)
+    mean, rstd = _group_moments(mean_c + xb, m2_c, cmask, n_c, CG, eps, 1, CGP)
     tl.store(MEAN + pid + cl * 0, mean, mask=cl == 0)  # every lane holds the group's value
     tl.store(RSTD + pid + cl * 0, rstd, mask=cl == 0)
 
 
 @triton.jit
-def _fwd_split_apply(X, Y, W, Bi, SC, SH, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
+def _fwd_split_apply(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                     ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     _, lo, hi = _rows(S, ROWS, True)
-    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
-                                           HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
+                                           HAS_SC, HAS_SH, HAS_XB)
     a = rstd * k
     _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
 
@@ -388,13 +402,13 @@ def _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean,
 
 
 @triton.jit
-def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
+def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, S1, S2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-               ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr, SINGLE: tl.constexpr,
-               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+               HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
+               SINGLE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
-    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
-                                           HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
+                                           HAS_SC, HAS_SH, HAS_XB)
     n = (S * 1.0) * CG
     if SINGLE:  # one tile: read x and dy once
         offs, mask = _tile(base, c, cmask, 0, S, stride_c, stride_s, BLOCK_S)
@@ -419,13 +433,14 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, S1, S2, C, S, G, CG: tl.con
 
 
 @triton.jit
-def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                 ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
+                 ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
+                 HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
-    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
-                                           HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
+                                           HAS_SC, HAS_SH, HAS_XB)
     s1, s2 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
                              BLOCK_S, BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
@@ -434,9 +449,9 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.con
 
 
 @triton.jit
-def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, S1, S2, C1, C2, C, S, G, CG, ROWS,
+def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, XB, S1, S2, C1, C2, C, S, G, CG, ROWS,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                  CGP: tl.constexpr, BLOCK_K: tl.constexpr):
+                  HAS_XB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (sample, group): the per-channel sums s1, s2 over all parts, and the group's
     c1 = sum_c k s1 / n and c2 = sum_c k s2 / n (n = S * CG) that dx needs, (B, G) each."""
     pid = tl.program_id(0)
@@ -459,13 +474,14 @@ def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, S1, S2, C1, C2, C, S, G, CG, ROWS,
 
 
 @triton.jit
-def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, MEAN, RSTD, C1, C2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
-                     ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                     ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, C1, C2, C, S, G, CG: tl.constexpr, stride_c,
+                     stride_s, ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
+                     HAS_SH: tl.constexpr, HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     _, lo, hi = _rows(S, ROWS, True)
-    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, b, c, cmask, grp, C, HAS_W, HAS_B, HAS_SC,
-                                           HAS_SH)
+    mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
+                                           HAS_SC, HAS_SH, HAS_XB)
     c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
     c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
     _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT, BLOCK_S)
@@ -585,13 +601,13 @@ def _plan_for(x: torch.Tensor, G: int, channels_last: bool, backward: bool) -> P
     return plan(B, C, x[0, 0].numel(), G, channels_last, sms, backward, x.element_size())
 
 
-def _launch(x, weight, bias, scale, shift, num_groups: int, channels_last: bool, backward: bool):
+def _launch(x, weight, bias, scale, shift, input_bias, num_groups: int, channels_last: bool, backward: bool):
     """What every launch of a forward or backward shares: B, C, S, the two strides, the parameter pointers
     (x stands in for absent ones) and their HAS_* flags, the plan, its block sizes and the grid."""
     B, C, S, stride_c, stride_s = _layout(x, channels_last)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
-                 HAS_SH=shift is not None)
-    ptrs = [t if t is not None else x for t in (weight, bias, scale, shift)]
+    params = (weight, bias, scale, shift, input_bias)
+    flags = {f"HAS_{n}": t is not None for n, t in zip(("W", "B", "SC", "SH", "XB"), params)}
+    ptrs = [t if t is not None else x for t in params]
     p = _plan_for(x, num_groups, channels_last, backward)
     blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
     return B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, (B * num_groups // p.gpb, p.nsplit)
@@ -619,13 +635,14 @@ def moments_plan(shape: Sequence[int], num_groups: int, device: torch.device, it
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], num_groups: int, eps: float,
-            silu: bool, channels_last: bool,
-            moments: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y (x's layout), mean and rstd (B, G) fp32. x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous.
+            silu: bool, channels_last: bool, moments: Optional[torch.Tensor] = None,
+            input_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (x's layout), mean and rstd (B, G) fp32 of the normalised x + input_bias[c] (input_bias (C,) or None).
+    x is NCHW- or channels_last-contiguous; scale/shift (B, C) contiguous.
     moments: x's partial moments (2, B, nsplit, C) fp32 over the parts of ``moments_plan``, from x's producer
     (channels_last x only); the split path then skips its statistics launch."""
-    B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
-                                                                        channels_last, False)
+    B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, input_bias,
+                                                                        num_groups, channels_last, False)
     G = num_groups
     y = torch.empty_like(x)
     mean = torch.empty(B, G, device=x.device, dtype=torch.float32)
@@ -644,7 +661,8 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     elif tuple(part.shape) != (2, B, p.nsplit, C) or part.dtype != torch.float32:
         raise ValueError(f"group_norm: moments must be (2, {B}, {p.nsplit}, {C}) float32 (the parts of "
                          f"moments_plan), got {tuple(part.shape)} {part.dtype}")
-    _fwd_finalize[(B * G,)](part[0], part[1], mean, rstd, C, S, G, C // G, p.rows, eps, **_finalize_blocks(C // G))
+    _fwd_finalize[(B * G,)](part[0], part[1], ptrs[4], mean, rstd, C, S, G, C // G, p.rows, eps,
+                            HAS_XB=flags["HAS_XB"], **_finalize_blocks(C // G))
     _fwd_split_apply[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows, **flags, ACT=silu,
                            **blocks, num_warps=p.num_warps)
     return y, mean, rstd
@@ -652,10 +670,12 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-             num_groups: int, silu: bool, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x's layout), s1 = sum_s dz and s2 = sum_s dz * xhat, both (B, C) fp32. dy has x's layout."""
-    B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, num_groups,
-                                                                        channels_last, True)
+             num_groups: int, silu: bool, channels_last: bool,
+             input_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's layout), s1 = sum_s dz and s2 = sum_s dz * xhat, both (B, C) fp32. dy has x's layout; mean,
+    rstd those of the forward (of x + input_bias)."""
+    B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, input_bias,
+                                                                        num_groups, channels_last, True)
     G = num_groups
     dx = torch.empty_like(x)
     s1 = torch.empty(B, C, device=x.device, dtype=torch.float32)

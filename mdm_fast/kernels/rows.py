@@ -24,25 +24,10 @@ PROGRAMS_PER_SM = 16  # parts per sample when no moments plan fixes them: severa
 
 
 @triton.jit
-def _load_produced(SRC, RES, BIAS, OUT, offs, out_offs, mask, c, cmask, HAS_BIAS: tl.constexpr,
-                   HAS_RES: tl.constexpr):
-    """src (+ bias[c]) (+ res) at ``offs``, in OUT's dtype (fp32 arithmetic, one rounding)."""
-    v = tl.load(SRC + offs, mask=mask, other=0.0)
-    if HAS_BIAS or HAS_RES:
-        v = v.to(tl.float32)
-        if HAS_BIAS:
-            v += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_RES:
-            v += tl.load(RES + out_offs, mask=mask, other=0.0).to(tl.float32)
-    return v.to(OUT.dtype.element_ty)
-
-
-@triton.jit
-def stream_rows(SRC, RES, BIAS, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_offset,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_MOMENTS: tl.constexpr,
+def stream_rows(SRC, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_offset, HAS_MOMENTS: tl.constexpr,
                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[row, c0 + c] = src[row, c] (+ bias[c]) (+ res[row, c0 + c]) for rows [lo, hi) of one sample
-    (row0: its first row; src rows hold CS channels, out and res rows C), c < CS, in chunks of BLOCK_C
+    """out[row, c0 + c] = src[row, c] for rows [lo, hi) of one sample (row0: its first row; src rows
+    hold CS channels, out rows C), c < CS, in chunks of BLOCK_C
     channels (one compiled variant for every channel count); with HAS_MOMENTS the per-channel mean and M2
     of the stored values go to PMEAN / PM2 at part_offset + c0 + c. The next tile's loads are issued
     before the current one is stored."""
@@ -51,8 +36,7 @@ def stream_rows(SRC, RES, BIAS, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_o
         cmask = c < CS
         s = lo + tl.arange(0, BLOCK_S)
         mask = (s < hi)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_C)
-        vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + s)[:, None] * CS + c[None, :],
-                            (row0 + s)[:, None] * C + (c0 + c)[None, :], mask, c, cmask, HAS_BIAS, HAS_RES)
+        vn = tl.load(SRC + (row0 + s)[:, None] * CS + c[None, :], mask=mask, other=0.0)
         k = tl.sum(tl.where((s == lo)[:, None] & cmask[None, :], vn.to(tl.float32), 0.0), axis=0)  # first row
         t1 = tl.zeros([BLOCK_C], tl.float32)
         t2 = tl.zeros([BLOCK_C], tl.float32)
@@ -61,9 +45,8 @@ def stream_rows(SRC, RES, BIAS, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, part_o
             s = r + tl.arange(0, BLOCK_S)
             mask = (s < hi)[:, None] & cmask[None, :]
             sn = s + BLOCK_S
-            vn = _load_produced(SRC, RES, BIAS, OUT, (row0 + sn)[:, None] * CS + c[None, :],
-                                (row0 + sn)[:, None] * C + (c0 + c)[None, :], (sn < hi)[:, None] & cmask[None, :],
-                                c, cmask, HAS_BIAS, HAS_RES)
+            vn = tl.load(SRC + (row0 + sn)[:, None] * CS + c[None, :], mask=(sn < hi)[:, None] & cmask[None, :],
+                         other=0.0)
             tl.store(OUT + (row0 + s)[:, None] * C + (c0 + c)[None, :], v, mask=mask)
             if HAS_MOMENTS:
                 d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)

@@ -11,7 +11,7 @@ from typing import Any, Dict, Union
 import torch.nn as nn
 
 from mdm_fast import reference
-from mdm_fast.models.cast_weights import CastWeights  # noqa: F401
+from mdm_fast.models.cast_weights import CastEachCall, CastWeights  # noqa: F401
 from mdm_fast.models.fast import (FastNestedUNet, FastUNet, convert, is_fast,  # noqa: F401
                                   set_activation_checkpointing, set_channels_last, set_norm_recompute)
 from mdm_fast.reference.config import UNetConfig

@@ -1,40 +1,135 @@
-"""A model called with its convolution and linear weights cast once, for sampling under autocast.
+"""A model called with its convolution and linear weights cast ahead of the ops that read them, under autocast.
 
 Under ``torch.autocast`` every convolution and linear layer casts its fp32 weight and bias at every
 call: 459 casting kernels per forward of the public 256x256 model (counted on fake tensors), about 40%
-of its kernels, which a CUDA-graph step at batch 2 replays one after another. :class:`CastWeights` holds those parameters
-cast to the autocast dtype once and calls the model on them (``torch.func.functional_call``): the
-same values autocast would produce, without the kernels. Other parameters (norms, embeddings) keep
-their dtype, so the ops autocast runs in fp32 see what they saw before.
+of its kernels, which a CUDA-graph step replays one after another; a training step's backward casts
+each of their gradients back to fp32, as many kernels again. Both wrappers call the model on copies
+of those parameters in the autocast dtype (``torch.func.functional_call``): the same values autocast
+would produce, without its kernels.
 
-The copies are the weights when built (as a captured graph is, and the fast model's cached
-time-projection weights): after the weights change (loading, training), build a new one. Sharded
-(FSDP2) parameters are left to autocast.
+- :class:`CastWeights` (sampling, no gradients) casts once, when built: the copies are the weights
+  then (as a captured graph is, and the fast model's cached time-projection weights); after the
+  weights change (loading, training), build a new one.
+- :class:`CastEachCall` (training) casts at every call, all parameters in one multi-tensor copy
+  (``torch._foreach_copy_``, a few kernels), differentiable: backward hands each parameter its
+  gradient cast back to its dtype the same way. Parameters that need no gradient (a frozen inner
+  model) are copied outside autograd, so nothing computes their gradients.
+
+Other parameters (norms, embeddings) keep their dtype, so the ops autocast runs in fp32 see what they
+saw before, and so do the convolution biases a fast module hands to its own ops in fp32
+(``fp32_params``: the ResNet's conv1 and conv2 biases, which its norm and bias pass add in fp32).
+Sharded (FSDP2) parameters are left to autocast.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from mdm_fast.models.tensors import is_sharded
+
+
+def cast_targets(model: nn.Module, dtype: torch.dtype) -> Dict[str, Tensor]:
+    """name -> parameter: the convolution (any dimension, transposed too) and linear parameters of
+    ``model`` that autocast to ``dtype`` would cast, less the modules' ``fp32_params``."""
+    modules = dict(model.named_modules())
+    kept = {_join(prefix, name) for prefix, m in modules.items() for name in getattr(m, "fp32_params", ())}
+    targets: Dict[str, Tensor] = {}
+    for prefix, module in modules.items():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            for name, p in module.named_parameters(recurse=False):
+                key = _join(prefix, name)
+                if key not in kept and not is_sharded(p) and p.is_floating_point() and p.dtype != dtype:
+                    targets[key] = p
+    return targets
+
 
 class CastWeights:
-    """``CastWeights(model, torch.bfloat16)(*args)`` = ``model(*args)`` with the nn.Conv2d / nn.Linear
-    parameters replaced by ``dtype`` copies; meant for no-grad calls under autocast to ``dtype``."""
+    """``CastWeights(model, torch.bfloat16)(*args)`` = ``model(*args)`` with the parameters of
+    :func:`cast_targets` replaced by ``dtype`` copies made now; meant for no-grad calls under autocast
+    to ``dtype``."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.model = model
-        self.params: Dict[str, Tensor] = {}  # name -> the model's parameter
-        for prefix, module in model.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                for name, p in module.named_parameters(recurse=False):
-                    if type(p) in (nn.Parameter, Tensor) and p.is_floating_point() and p.dtype != dtype:
-                        self.params[f"{prefix}.{name}" if prefix else name] = p
+        self.params = cast_targets(model, dtype)  # name -> the model's parameter
         with torch.no_grad():
             copies: Dict[int, Tensor] = {}  # a parameter shared by two modules gets one copy
             self.copies = {k: copies.setdefault(id(p), p.detach().to(dtype)) for k, p in self.params.items()}
 
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self.model, self.copies, args, kwargs, strict=False)
+
+
+class CastEachCall:
+    """``CastEachCall(fn, model, torch.bfloat16)(*args)`` = ``fn(*args)`` with ``model``'s parameters of
+    :func:`cast_targets` cast to ``dtype`` by one multi-tensor copy at every call, gradients flowing back
+    to them. ``fn`` is ``model`` or a module that calls it (a DistributedDataParallel wrapper). Outside
+    autocast to ``dtype`` (on the parameters' device type), ``fn(*args)`` as it is."""
+
+    def __init__(self, fn: nn.Module, model: nn.Module, dtype: torch.dtype):
+        prefix = next(name for name, m in fn.named_modules() if m is model)
+        self.fn, self.dtype = fn, dtype
+        targets = cast_targets(model, dtype)
+        unique: Dict[int, int] = {}  # a parameter shared by two modules is cast once
+        self.params: List[Tensor] = []
+        self.slots: List[Tuple[str, int]] = []  # (name under fn, index into params)
+        for name, p in targets.items():
+            if id(p) not in unique:
+                unique[id(p)] = len(self.params)
+                self.params.append(p)
+            self.slots.append((_join(prefix, name), unique[id(p)]))
+
+    def __call__(self, *args, **kwargs):
+        if not self.params:
+            return self.fn(*args, **kwargs)
+        device = self.params[0].device.type
+        if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != self.dtype:
+            return self.fn(*args, **kwargs)
+        copies = cast_all(self.params, self.dtype)
+        return torch.func.functional_call(self.fn, {name: copies[i] for name, i in self.slots}, args, kwargs,
+                                          strict=False)
+
+
+def cast_all(params: Sequence[Tensor], dtype: torch.dtype) -> List[Tensor]:
+    """``[p.to(dtype) for p in params]`` (same layouts) in one multi-tensor copy; those that require a
+    gradient get it back cast to their own dtype, the same way."""
+    grad = [i for i, p in enumerate(params) if p.requires_grad and torch.is_grad_enabled()]
+    out: List[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    if grad:
+        for i, t in zip(grad, _CastAll.apply(dtype, *(params[i] for i in grad))):
+            out[i] = t
+    rest = [i for i in range(len(params)) if out[i] is None]
+    if rest:
+        with torch.no_grad():
+            for i, t in zip(rest, _copy_cast([params[i] for i in rest], [dtype] * len(rest))):
+                out[i] = t
+    return out
+
+
+class _CastAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        ctx.dtypes = [p.dtype for p in params]
+        return tuple(_copy_cast(params, [dtype] * len(params)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        out = [None] * len(grads)
+        for i, g in zip(present, _copy_cast([grads[i] for i in present], [ctx.dtypes[i] for i in present])):
+            out[i] = g
+        return (None, *out)
+
+
+def _copy_cast(tensors: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> List[Tensor]:
+    """Copies of ``tensors`` in ``dtypes``, each with its source's layout, by one ``_foreach_copy_``."""
+    out = [torch.empty_like(t, dtype=d) for t, d in zip(tensors, dtypes)]
+    if out:
+        torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -125,7 +125,7 @@ def _norm_then(module: nn.Module, consumer: Callable[[torch.Tensor], torch.Tenso
                                            **kwargs))
     # the backend is fixed now: backward may run on another thread, where use_impl() does not apply
     impl = ops.dispatch.resolve("group_norm_act", impl, x, norm.weight, norm.bias, kwargs.get("scale"),
-                                kwargs.get("shift"))
+                                kwargs.get("shift"), kwargs.get("input_bias"))
     return _recomputed_input(module, functools.partial(ops.group_norm_act, x, norm.num_groups, norm.weight,
                                                        norm.bias, norm.eps, impl=impl, **kwargs), consumer)
 
@@ -156,6 +156,7 @@ class FastConv2d(nn.Conv2d):
 
 class FastResNet(ResNet):
     recompute_norms = True  # see set_norm_recompute
+    fp32_params = ("conv1.bias", "conv2.bias")  # read by norm2 and ops.bias_add as they are (CastWeights)
     # first column of this block's (scale, shift) in the level's batched projections; None: the level
     # passes the time embedding itself and the block projects it (FSDP-sharded weights)
     proj_offset: Optional[int] = None
@@ -164,20 +165,17 @@ class FastResNet(ResNet):
                 input_moments: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_moments: x's partial moments from the op that produced it (the up path's concatenation,
         ``ops.concat_channels_for_norm``), which norm1 then does not compute again; None: norm1 does."""
-        # the 3x3 convolutions run without their bias, which ops.bias_add adds in one vectorised pass:
-        # alone after conv1 (handing norm2 its partial moments), with the skip after conv2 (where the
-        # public code adds h + x)
-        impl = _impl(self, "bias_add")
+        # the 3x3 convolutions run without their bias: norm2 adds conv1's to what it reads (no pass writes
+        # the sum), ops.bias_add adds conv2's in one vectorised pass with the skip (the public h + x)
         h = _norm_then(self, functools.partial(_without_bias, self.conv1), x, self.norm1, moments=input_moments)
-        h, moments = ops.bias_add_for_norm(h, self.conv1.bias, None, self.norm2.num_groups, impl=impl)  # for norm2
         ta, tb = self._scale_shift(proj)
         ta, tb = repeat_to_batch(ta, h.size(0)), repeat_to_batch(tb, h.size(0))  # (B, C)
         h = _norm_then(self, lambda y: _without_bias(self.conv2, self.dropout(y)), h, self.norm2, scale=ta,
-                       shift=tb, moments=moments)
+                       shift=tb, input_bias=self.conv1.bias)
         if self.config.output_channels != self.config.num_channels:
             x = self.conv3(x)
         fused = x.dtype == h.dtype  # else type promotion, as h + x
-        out = ops.bias_add(h, self.conv2.bias, residual=x if fused else None, impl=impl)
+        out = ops.bias_add(h, self.conv2.bias, residual=x if fused else None, impl=_impl(self, "bias_add"))
         return out if fused else out + x
 
     def _scale_shift(self, proj: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

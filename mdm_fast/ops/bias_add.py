@@ -1,28 +1,25 @@
 """``bias_add(x, bias, residual=None)``: ``x + bias[c] (+ residual)``, the bias of a convolution run
 without one, added in one vectorised pass together with what follows it.
 
-The fast ResNet runs its 3x3 convolutions without bias and adds the bias here: after ``conv1`` alone
-(the group norm reads the sum), after ``conv2`` with the block's skip (``h + x`` of the public code:
-one pass instead of cuDNN's broadcast bias pass and then the residual add). Backward: ``dx = dresidual
+The fast ResNet runs its 3x3 convolutions without bias: ``conv2``'s is added here with the block's
+skip (``h + x`` of the public code: one pass instead of cuDNN's broadcast bias pass and then the
+residual add); ``conv1``'s is added by the group norm that reads its output
+(``group_norm_act(..., input_bias=)``), so that no pass writes that sum. Backward: ``dx = dresidual
 = dy``, ``dbias = dy`` summed over batch and pixels (fp32).
 
 x (B, C, H, W) fp16/bf16/fp32, NCHW or channels_last; bias (C,) in any float dtype (an fp32
 parameter under autocast is read as is); residual None or x's shape, dtype and layout.
-``bias_add_for_norm(x, bias, residual, num_groups)`` also returns the partial moments that
-``group_norm_act(out, num_groups, ..., moments=)`` takes, where the triton backend runs and that norm
-takes its split path (channels_last sums its fused path would read twice from DRAM), else None.
 Backends: ``triton`` (CUDA, or the CPU interpreter by name), ``ref`` (PyTorch: ``x + bias``, then
 ``+ residual``, each rounded to x's dtype, as the public code).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from mdm_fast.ops import dispatch
-from mdm_fast.ops.group_norm_act import check_moments_groups, moments_or_none, no_moments
 
 OP = "bias_add"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,53 +29,32 @@ def _channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _moments_plan(x: Tensor, num_groups: int, backend: str):
-    """The plan of the norm that reads the sum, where this call writes its partial moments; else None."""
-    if backend != "triton" or not _channels_last(x):
-        return None
-    from mdm_fast.kernels import group_norm as gn
-
-    return gn.moments_plan(x.shape, num_groups, x.device, x.element_size())
-
-
-def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: str,
-                  num_groups: int = 0) -> Tuple[Tensor, Tensor]:
-    """(the sum, its partial moments for a norm of num_groups groups (2, B, nsplit, C) fp32, or an empty
-    tensor: none)."""
+def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: str) -> Tensor:
     if backend == "triton":
         from mdm_fast.kernels import bias_add as kernel
 
-        plan = _moments_plan(x, num_groups, backend)
-        if plan is not None:
-            return kernel.bias_add_with_moments(x, bias, residual, plan)
-        return kernel.bias_add(x, bias, residual, _channels_last(x)), no_moments(x)
+        return kernel.bias_add(x, bias, residual, _channels_last(x))
     out = x + bias.to(x.dtype)[:, None, None]
-    return (out if residual is None else out + residual), no_moments(x)
+    return out if residual is None else out + residual
 
 
 _bias_add_op = torch.library.custom_op("mdm_fast::bias_add", mutates_args=())(_forward_impl)
 
 
 @_bias_add_op.register_fake
-def _(x, bias, residual, backend, num_groups=0):
-    plan = _moments_plan(x, num_groups, backend)
-    if plan is None:
-        return torch.empty_like(x), no_moments(x)
-    return torch.empty_like(x), x.new_empty((2, x.shape[0], plan.nsplit, x.shape[1]), dtype=torch.float32)
+def _(x, bias, residual, backend):
+    return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
     bias, residual = inputs[1], inputs[2]
     ctx.bias_dtype, ctx.has_residual = bias.dtype, residual is not None
-    dispatch.non_differentiable(ctx, output[1])
 
 
-def _backward(ctx, dy, _dmoments):
+def _backward(ctx, dy):
     n = ctx.needs_input_grad
-    if dy is None:
-        return None, None, None, None, None
     dbias = dy.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if n[1] else None  # (C,)
-    return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None, None
+    return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None
 
 
 _bias_add_op.register_autograd(_backward, setup_context=_setup_context)
@@ -115,15 +91,6 @@ def _check(x, bias, residual) -> None:
 
 def bias_add(x: Tensor, bias: Tensor, residual: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
     """``x + bias[None, :, None, None] (+ residual)`` in x's dtype and memory format (see the module notes)."""
-    return bias_add_for_norm(x, bias, residual, 0, impl)[0]
-
-
-def bias_add_for_norm(x: Tensor, bias: Tensor, residual: Optional[Tensor], num_groups: int,
-                      impl: str = "auto") -> Tuple[Tensor, Optional[Tensor]]:
-    """(``bias_add(x, bias, residual)``, moments or None): moments are the partial moments that
-    ``group_norm_act(out, num_groups, ..., moments=)`` takes (see the module notes); num_groups 0: none."""
     _check(x, bias, residual)
-    check_moments_groups("bias_add_for_norm", num_groups)
     backend = dispatch.resolve(OP, impl, x, bias, residual)
-    out, moments = _bias_add(x, bias, residual, backend, num_groups)
-    return out, moments_or_none(moments)
+    return _bias_add(x, bias, residual, backend)

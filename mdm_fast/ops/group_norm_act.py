@@ -15,9 +15,14 @@ Backends: ``triton`` (:mod:`mdm_fast.kernels.group_norm`), ``cuda`` (``csrc/grou
 through ``mdm_fast._C``) and ``ref`` (the public PyTorch formulation; its backward is autograd
 through it). The forward saves only x and the (B, G) fp32 mean and rstd.
 
+``input_bias``: a (C,) bias added to x before the norm, ``group_norm(x + input_bias[c])``: the bias of
+the convolution that produced x, which then runs without it (the fast ResNet's ``conv1`` before ``norm2``),
+so that no pass writes the sum. The kernels add it to the channels' statistics, in fp32; its gradient is
+dx summed over the batch and the pixels.
+
 ``moments``: the op that produced a channels_last x may hand over x's partial moments, written as it
-wrote x (``concat_channels_for_norm``, ``bias_add_for_norm``); the triton backend's split path then
-skips its statistics pass (one read of x fewer). The other backends ignore them.
+wrote x (``concat_channels_for_norm``); the triton backend's split path then skips its statistics pass
+(one read of x fewer). The other backends ignore them.
 """
 from __future__ import annotations
 
@@ -71,15 +76,24 @@ def _group_stats(x: Tensor, num_groups: int, eps: float) -> Tuple[Tensor, Tensor
     return mean, torch.rsqrt(var + eps)  # (B, G) fp32
 
 
+def _plus_input_bias(x: Tensor, input_bias: Optional[Tensor]) -> Tensor:
+    """x + input_bias[c] in x's dtype promoted to at least fp32 (x itself without an input bias)."""
+    if input_bias is None:
+        return x
+    ct = torch.promote_types(x.dtype, torch.float32)
+    return x.to(ct) + input_bias.to(ct)[(...,) + (None,) * (x.dim() - 2)]
+
+
 # ---- backends: forward -> (y, mean, rstd); backward -> (dx, dweight, dbias, dscale, dshift) fp32 params
 
 
-def _ref_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None):
-    y = reference(x, num_groups, weight, bias, eps, scale, shift, "silu" if silu else None)
-    return (y.contiguous(memory_format=_format(x)), *_group_stats(x, num_groups, eps))
+def _ref_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None, input_bias=None):
+    xb = _plus_input_bias(x, input_bias)
+    y = reference(xb, num_groups, weight, bias, eps, scale, shift, "silu" if silu else None).to(x.dtype)
+    return (y.contiguous(memory_format=_format(x)), *_group_stats(xb, num_groups, eps))
 
 
-def _ref_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+def _ref_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu, input_bias=None):
     """The analytic gradient in PyTorch ops (autograd is not available inside a custom op's backward)."""
     B, C = x.shape[:2]
     ct = torch.promote_types(x.dtype, torch.float32)
@@ -88,7 +102,7 @@ def _ref_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps
     d = gain * bias.to(ct) if bias is not None else torch.zeros_like(gain)
     if shift is not None:
         d = d + shift.to(ct)
-    xhat = (x.to(ct).reshape(B, num_groups, -1) - mean[..., None]) * rstd[..., None]
+    xhat = (_plus_input_bias(x, input_bias).to(ct).reshape(B, num_groups, -1) - mean[..., None]) * rstd[..., None]
     xhat = xhat.reshape(B, C, -1)  # (B, C, S)
     dz = dy.to(ct).reshape(B, C, -1)
     if silu:
@@ -118,19 +132,19 @@ def _small(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None):
+def _triton_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None, input_bias=None):
     from mdm_fast.kernels import group_norm as kern
 
     return kern.forward(x, _small(weight), _small(bias), _small(scale), _small(shift), num_groups, eps, silu,
-                        _is_channels_last(x), moments)
+                        _is_channels_last(x), moments, _small(input_bias))
 
 
-def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu, input_bias=None):
     from mdm_fast.kernels import group_norm as kern
 
-    w, b, sc, sh = (_small(t) for t in (weight, bias, scale, shift))
+    w, b, sc, sh, xb = (_small(t) for t in (weight, bias, scale, shift, input_bias))
     dy = dy.contiguous(memory_format=_format(x))
-    dx, s1, s2 = kern.backward(dy, x, w, b, sc, sh, mean, rstd, num_groups, silu, _is_channels_last(x))
+    dx, s1, s2 = kern.backward(dy, x, w, b, sc, sh, mean, rstd, num_groups, silu, _is_channels_last(x), xb)
     return (dx, *_param_grads(s1, s2, weight, bias, scale))
 
 
@@ -151,7 +165,7 @@ def _cuda_rows(S: int, channels_last: bool) -> int:
     return min(S, 1024 if channels_last else 4096)  # rows per partial-statistics block
 
 
-def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None):
+def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=None, input_bias=None):
     from mdm_fast._ext import ext
 
     B, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
@@ -164,14 +178,14 @@ def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=
     pmean = torch.empty(B, nchunk, C, device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     coef = torch.empty(B, C, _CUDA_COEF_STRIDE, device=x.device, dtype=torch.float32)
-    params = [_f32_ptr(t) for t in (weight, bias, scale, shift)]
+    params = [_f32_ptr(t) for t in (weight, bias, scale, shift, input_bias)]
     ext.group_norm_fwd(x.data_ptr(), y.data_ptr(), *(p for p, _ in params), mean.data_ptr(), rstd.data_ptr(),
                        pmean.data_ptr(), pm2.data_ptr(), coef.data_ptr(), B, C, S, num_groups, rows, cl, float(eps),
                        silu, _CUDA_DTYPE[x.dtype], torch.cuda.current_stream(x.device).cuda_stream)
     return y, mean, rstd
 
 
-def _cuda_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu):
+def _cuda_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, silu, input_bias=None):
     from mdm_fast._ext import ext
 
     B, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
@@ -184,7 +198,7 @@ def _cuda_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, ep
     ps1, ps2 = torch.empty(B, nchunk, C, **f32), torch.empty(B, nchunk, C, **f32)
     s1, s2 = torch.empty(B, C, **f32), torch.empty(B, C, **f32)
     coef = torch.empty(B, C, _CUDA_COEF_STRIDE, **f32)
-    params = [_f32_ptr(t) for t in (weight, bias, scale, shift)]
+    params = [_f32_ptr(t) for t in (weight, bias, scale, shift, input_bias)]
     ext.group_norm_bwd(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), *(p for p, _ in params),
                        mean.data_ptr(), rstd.data_ptr(), ps1.data_ptr(), ps2.data_ptr(), s1.data_ptr(),
                        s2.data_ptr(), coef.data_ptr(), B, C, S, num_groups, rows, cl, silu,
@@ -201,34 +215,38 @@ _BACKWARD: Dict[str, Callable] = {"ref": _ref_backward, "triton": _triton_backwa
 
 def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
                   shift: Optional[Tensor], num_groups: int, eps: float, act: str, backend: str,
-                  moments: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): y in x's dtype and memory format, mean/rstd (B, G) fp32. act: "silu" or "none".
-    moments: x's partial moments from its producer (the triton backend uses them, the others ignore them)."""
-    return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, eps, act == "silu", moments)
+                  moments: Optional[Tensor] = None,
+                  input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): y in x's dtype and memory format, mean/rstd (B, G) fp32 (of x + input_bias).
+    act: "silu" or "none". moments: x's partial moments from its producer (the triton backend uses them,
+    the others ignore them). input_bias: (C,) or None."""
+    return _FORWARD[backend](x, weight, bias, scale, shift, num_groups, eps, act == "silu", moments, input_bias)
 
 
 group_norm_act_fwd = torch.library.custom_op("mdm_fast::group_norm_act_fwd", mutates_args=())(_forward_impl)
 
 
 @group_norm_act_fwd.register_fake
-def _(x, weight, bias, scale, shift, num_groups, eps, act, backend, moments=None):
+def _(x, weight, bias, scale, shift, num_groups, eps, act, backend, moments=None, input_bias=None):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
 def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   num_groups: int, eps: float, act: str,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dscale, dshift); the parameter gradients are fp32, (C,) and (B, C), zeros when absent."""
-    return _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act == "silu")
+                   num_groups: int, eps: float, act: str, backend: str,
+                   input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); the parameter gradients are fp32, (C,) and (B, C), zeros when
+    absent. dx is also the gradient of x + input_bias (dinput_bias: dx summed over batch and pixels)."""
+    return _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act == "silu",
+                              input_bias)
 
 
 group_norm_act_bwd = torch.library.custom_op("mdm_fast::group_norm_act_bwd", mutates_args=())(_backward_impl)
 
 
 @group_norm_act_bwd.register_fake
-def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backend):
+def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backend, input_bias=None):
     B, C = x.shape[:2]
     per_c = x.new_empty((C,), dtype=torch.float32)
     per_bc = x.new_empty((B, C), dtype=torch.float32)
@@ -237,21 +255,26 @@ def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backe
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, shift, num_groups, eps, act, backend = inputs[:9]
+    input_bias = inputs[10] if len(inputs) > 10 else None
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, scale, shift, input_bias, mean, rstd)
     ctx.config = (num_groups, eps, act, backend)
     dispatch.non_differentiable(ctx, mean, rstd)
 
 
 def _grads(ctx, dy, backward: Callable) -> tuple:
     if dy is None:
-        return (None,) * 10
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    grads = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config)
+        return (None,) * 11
+    x, weight, bias, scale, shift, input_bias, mean, rstd = ctx.saved_tensors
+    grads = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config, input_bias)
     dx, params = grads[0], grads[1:]
     wanted = (weight, bias, scale, shift)
+    dinput_bias = None
+    if input_bias is not None and ctx.needs_input_grad[10]:
+        dims = [0, *range(2, dx.dim())]  # (C,): summed over the batch and the pixels, in fp32
+        dinput_bias = dx.sum(dim=dims, dtype=torch.float32).to(input_bias.dtype)
     return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(params, wanted)), None, None, None, None,
-            None)
+            None, dinput_bias)
 
 
 torch.library.register_autograd("mdm_fast::group_norm_act_fwd",
@@ -302,7 +325,7 @@ def _check_param(name: str, t: Optional[Tensor], shape: Tuple[int, ...], x: Tens
         raise ValueError(f"group_norm_act: {name} is on {t.device} but x is on {x.device}")
 
 
-def _check(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
+def _check(x, num_groups, weight, bias, eps, scale, shift, act, input_bias) -> None:
     if not isinstance(x, Tensor) or x.dim() not in (4, 5):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"group_norm_act: x must be (B, C, H, W) or (B, C, T, H, W), got {got}")
@@ -322,6 +345,7 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
     _check_param("bias", bias, (C,), x)
     _check_param("scale", scale, (B, C), x)
     _check_param("shift", shift, (B, C), x)
+    _check_param("input_bias", input_bias, (C,), x)
 
 
 def _ref_reason(x, *params) -> Optional[str]:
@@ -353,29 +377,29 @@ dispatch.register(OP, {"ref": _ref_reason, "triton": _triton_reason, "cuda": _cu
 # ---- the public function -------------------------------------------------------------------
 
 
-def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act) -> Tensor:
+def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act, input_bias) -> Tensor:
     """The ref backend outside torch.compile: the public formula in fp32 (fp64 kept) with PyTorch's own
     kernels and autograd, which on a CPU is faster than the custom op's formula-by-formula backward.
     Under torch.compile the custom op (same numbers, traceable) runs instead."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     up = [None if t is None else t.to(acc) for t in (x, weight, bias, scale, shift)]
-    y = reference(up[0], num_groups, up[1], up[2], eps, up[3], up[4], act)
+    y = reference(_plus_input_bias(up[0], input_bias), num_groups, up[1], up[2], eps, up[3], up[4], act)
     return y.to(x.dtype).contiguous(memory_format=_format(x))
 
 
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                   act: Optional[str] = "silu", impl: str = "auto", moments: Optional[Tensor] = None) -> Tensor:
-    """``act(group_norm(x, num_groups, weight, bias, eps) * (1 + scale) + shift)``.
+                   act: Optional[str] = "silu", impl: str = "auto", moments: Optional[Tensor] = None,
+                   input_bias: Optional[Tensor] = None) -> Tensor:
+    """``act(group_norm(x + input_bias[c], num_groups, weight, bias, eps) * (1 + scale) + shift)``.
 
     x: (B, C, H, W) or (B, C, T, H, W) fp16/bf16/fp32, NCHW or channels_last (kept in the output).
-    weight, bias: (C,) or None. scale, shift: (B, C) or None. act: "silu" or None.
+    weight, bias, input_bias: (C,) or None. scale, shift: (B, C) or None. act: "silu" or None.
     impl: "auto", "ref", "triton" or "cuda" (see :mod:`mdm_fast.ops.dispatch`).
-    moments: x's partial moments from the op that produced x (``concat_channels_for_norm``,
-    ``bias_add_for_norm``), or None; the triton backend then skips its statistics pass, the others
-    ignore them.
+    moments: x's partial moments from the op that produced x (``concat_channels_for_norm``), or None;
+    the triton backend then skips its statistics pass, the others ignore them.
     """
-    _check(x, num_groups, weight, bias, eps, scale, shift, act)
+    _check(x, num_groups, weight, bias, eps, scale, shift, act, input_bias)
     if moments is not None and (not isinstance(moments, Tensor) or moments.dtype != torch.float32
                                 or moments.dim() != 4 or tuple(moments.shape[1:4:2]) != tuple(x.shape[:2])):
         got = f"{tuple(moments.shape)} {moments.dtype}" if isinstance(moments, Tensor) else type(moments).__name__
@@ -383,8 +407,8 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
                          f"tensor from x's producer, got {got}")
     if not (x.is_contiguous() or _is_channels_last(x)):
         x, moments = x.contiguous(), None  # (a producer's moments follow its dense layout)
-    backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift)
+    backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift, input_bias)
     if backend == "ref" and not torch.compiler.is_compiling():
-        return _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act)
+        return _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act, input_bias)
     return _group_norm_act(x, weight, bias, scale, shift, num_groups, float(eps), act or "none", backend,
-                           moments)[0]
+                           moments, input_bias)[0]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mdm_fast.config import ExperimentConfig
 from mdm_fast.data import build_dataset, make_loader, to_model_range
+from mdm_fast.models.cast_weights import CastEachCall
 from mdm_fast.text import build_text_encoder
 from mdm_fast.train import checkpoint as ckpt_io
 from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
@@ -137,6 +138,8 @@ class Trainer:
         # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
         self.wrapped = wrap_model(self.model, self.dist, cfg.distributed,
                                   for_capture=cfg.cuda_graphs == "on" and self.device.type == "cuda")
+        dtype = autocast_dtype(cfg, self.device)  # the weights cast in one pass, not per layer (none sharded)
+        self.step_model = self.wrapped if dtype is None else CastEachCall(self.wrapped, self.model, dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # (sharded under FSDP)
         if not self.params:
             raise ValueError("no trainable parameters (is every level frozen?)")
@@ -292,7 +295,7 @@ class Trainer:
     def _loss(self, images, cond, mask):
         """(loss * loss_factor, stats) of one micro-batch, noise from ``self.generator``."""
         with self._autocast():
-            loss, stats = self.diffusion.loss(self.wrapped, images, cond, mask, generator=self.generator)
+            loss, stats = self.diffusion.loss(self.step_model, images, cond, mask, generator=self.generator)
             return loss * self.cfg.loss_factor, stats
 
     def _micro_inputs(self, batch, micro: int):
