@@ -13,7 +13,7 @@ import triton
 
 from mdm_fast.kernels import group_norm as kern
 from mdm_fast.ops import BackendUnavailable, dispatch, group_norm_act, use_impl
-from mdm_fast.ops.group_norm_act import reference
+from mdm_fast.ops.group_norm_act import _backward_impl, reference
 
 OP = "group_norm_act"
 # Per dtype: (forward, backward) tolerance, relative to max(1, max |reference|).
@@ -250,6 +250,36 @@ def test_ref_backend_input_bias_gradients():
     want = _run(inputs, 4, "silu", "public", dy, dtype=torch.float64)
     for i, (g, r) in enumerate(zip(got, want)):
         assert _max_err(g, r) <= 1e-4 * max(1.0, r.abs().max().item()), i
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path):
+    """Besides its kernels, the triton backward runs two torch ops: the sums over the batch of the
+    per-sample terms the kernels wrote (dweight, dbias), not the per-(sample, channel) arithmetic."""
+    _path(path, monkeypatch)
+    x, w, b, sc, sh = _inputs((2, 8, 9, 13), 4, torch.float32, channels_last=True)
+    y, mean, rstd = torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 4, 1e-5, "silu", "triton")
+    dy = torch.randn_like(y)
+    launches = kern.backward
+
+    def uncounted(*args):  # the launches (and the interpreter's copies around them) are not counted
+        with torch.utils._python_dispatch._disable_current_modes():
+            return launches(*args)
+
+    monkeypatch.setattr(kern, "backward", uncounted)
+    with _Ops() as ops:  # the custom op's implementation, which the op hides from dispatch modes
+        _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "triton")
+    assert {k: v for k, v in ops.calls.items() if k != "aten.select.int"} == {"aten.sum.dim_IntList": 2}, ops.calls
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():

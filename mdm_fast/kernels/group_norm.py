@@ -50,9 +50,10 @@ layouts, addressed through strides without copies:
   NHWC (channels_last):   offset = b*C*S + s*C + c   (stride_c = 1, stride_s = C)
 Tiles are (BLOCK_S rows, BLOCK_C channels); BLOCK_C = GPB * next_pow2(C/G) (GPB > 1 only when C/G is a
 power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32.
-The backward also returns, per (sample, channel),
+The backward also writes, per (sample, channel), from
   s1 = sum_s dz        s2 = sum_s dz * xhat     (dz = dL/d(pre-activation))
-from which the parameter gradients follow (see ``mdm_fast.ops.group_norm_act``).
+the parameter gradients' terms: dshift = s1, dscale = s2 w + s1 bias, and gain s1, gain s2 (gain =
+1 + scale), whose sums over the batch are dbias and dweight (one reduction in ``mdm_fast.ops``).
 """
 from __future__ import annotations
 
@@ -133,6 +134,29 @@ def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
     if HAS_SH:
         sh = tl.load(SH + b * C + c, mask=cmask, other=0.0).to(tl.float32)
     return w * g1, bias * g1 + sh
+
+
+@triton.jit
+def _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr):
+    """The parameter gradients' terms of sample b's channels c from s1 = sum_s dz, s2 = sum_s dz * xhat:
+    dshift = s1 and dscale = s2 w + s1 bias (B, C), and GS (2, B, C) = gain s1, gain s2 (gain = 1 +
+    scale), whose sums over the samples are dbias and dweight."""
+    zero = c.to(tl.float32) * 0.0
+    w = zero + 1.0
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    bias = zero
+    if HAS_B:
+        bias = tl.load(Bi + c, mask=cmask, other=0.0).to(tl.float32)
+    gain = zero + 1.0
+    if HAS_SC:
+        gain = 1.0 + tl.load(SC + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+    o = b * C + c
+    tl.store(DSH + o, s1, mask=cmask)
+    tl.store(DSC + o, s2 * w + s1 * bias, mask=cmask)
+    tl.store(GS + o, gain * s1, mask=cmask)
+    tl.store(GS + BC + o, gain * s2, mask=cmask)
 
 
 @triton.jit
@@ -402,7 +426,8 @@ def _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean,
 
 
 @triton.jit
-def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, S1, S2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
+def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, CG: tl.constexpr, stride_c,
+               stride_s, BC,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
                SINGLE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -428,8 +453,7 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, S1, S2, C, S, G, CG: tl
         c2 = _group_total(k * s2, GPB, CGP) / n
         _bwd_apply_rows(X, DY, DX, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT,
                         BLOCK_S)
-    tl.store(S1 + b * C + c, s1, mask=cmask)
-    tl.store(S2 + b * C + c, s2, mask=cmask)
+    _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2, HAS_W, HAS_B, HAS_SC)
 
 
 @triton.jit
@@ -449,11 +473,12 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl
 
 
 @triton.jit
-def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, XB, S1, S2, C1, C2, C, S, G, CG, ROWS,
+def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, XB, DSH, DSC, GS, C1, C2, C, S, G, CG, ROWS, BC,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                   HAS_XB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per (sample, group): the per-channel sums s1, s2 over all parts, and the group's
-    c1 = sum_c k s1 / n and c2 = sum_c k s2 / n (n = S * CG) that dx needs, (B, G) each."""
+    """One program per (sample, group): the per-channel sums s1, s2 over all parts (the parameter
+    gradients' terms from them, _store_param_grads), and the group's c1 = sum_c k s1 / n and
+    c2 = sum_c k s2 / n (n = S * CG) that dx needs, (B, G) each."""
     pid = tl.program_id(0)
     b, g = pid // G, pid % G
     nsplit = tl.cdiv(S, ROWS)
@@ -467,8 +492,7 @@ def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, XB, S1, S2, C1, C2, C, S, G, CG, ROWS
     c = g * CG + cl
     k, _ = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     n = (S * 1.0) * CG
-    tl.store(S1 + b * C + c, s1, mask=cmask)
-    tl.store(S2 + b * C + c, s2, mask=cmask)
+    _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2, HAS_W, HAS_B, HAS_SC)
     tl.store(C1 + pid, tl.sum(tl.where(cmask, k * s1, 0.0), axis=0) / n)
     tl.store(C2 + pid, tl.sum(tl.where(cmask, k * s2, 0.0), axis=0) / n)
 
@@ -671,25 +695,28 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
              num_groups: int, silu: bool, channels_last: bool,
-             input_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x's layout), s1 = sum_s dz and s2 = sum_s dz * xhat, both (B, C) fp32. dy has x's layout; mean,
-    rstd those of the forward (of x + input_bias)."""
+             input_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """dx (x's layout), dshift and dscale (B, C) fp32, and (2, B, C) fp32 gain * s1, gain * s2, whose sums
+    over the batch are dbias and dweight (_store_param_grads; s1 = sum_s dz, s2 = sum_s dz * xhat). dy has
+    x's layout; mean, rstd those of the forward (of x + input_bias)."""
     B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, input_bias,
                                                                         num_groups, channels_last, True)
     G = num_groups
     dx = torch.empty_like(x)
-    s1 = torch.empty(B, C, device=x.device, dtype=torch.float32)
-    s2 = torch.empty_like(s1)
+    dshift = torch.empty(B, C, device=x.device, dtype=torch.float32)
+    dscale = torch.empty_like(dshift)
+    gs = torch.empty(2, B, C, device=x.device, dtype=torch.float32)
+    grads = (dshift, dscale, gs)
     if p.fused:
-        _bwd_fused[grid](x, dy, dx, *ptrs, mean, rstd, s1, s2, C, S, G, C // G, stride_c, stride_s, **flags,
+        _bwd_fused[grid](x, dy, dx, *ptrs, mean, rstd, *grads, C, S, G, C // G, stride_c, stride_s, B * C, **flags,
                          ACT=silu, CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
-        return dx, s1, s2
+        return (dx, *grads)
     part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial s1, s2
     _bwd_partial[grid](x, dy, *ptrs, mean, rstd, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows,
                        **flags, ACT=silu, **blocks, num_warps=p.num_warps)
     c12 = torch.empty(2, B, G, device=x.device, dtype=torch.float32)
-    _bwd_finalize[(B * G,)](part[0], part[1], *ptrs, s1, s2, c12[0], c12[1], C, S, G, C // G, p.rows, **flags,
-                            **_finalize_blocks(C // G))
+    _bwd_finalize[(B * G,)](part[0], part[1], *ptrs, *grads, c12[0], c12[1], C, S, G, C // G, p.rows, B * C,
+                            **flags, **_finalize_blocks(C // G))
     _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, c12[0], c12[1], C, S, G, C // G, stride_c, stride_s, p.rows,
                            **flags, ACT=silu, **blocks, num_warps=p.num_warps)
-    return dx, s1, s2
+    return (dx, *grads)

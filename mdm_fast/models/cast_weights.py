@@ -13,7 +13,9 @@ would produce, without its kernels.
 - :class:`CastEachCall` (training) casts at every call, all parameters in one multi-tensor copy
   (``torch._foreach_copy_``, a few kernels), differentiable: backward hands each parameter its
   gradient cast back to its dtype the same way. Parameters that need no gradient (a frozen inner
-  model) are copied outside autograd, so nothing computes their gradients.
+  model) are copied outside autograd, so nothing computes their gradients. Every gradient reaches
+  its parameter at the end of backward: under DistributedDataParallel, whose all-reduce overlaps
+  backward as gradients arrive, it works (tested) but leaves nothing to overlap.
 
 Other parameters (norms, embeddings) keep their dtype, so the ops autocast runs in fp32 see what they
 saw before, and so do the convolution biases a fast module hands to its own ops in fp32

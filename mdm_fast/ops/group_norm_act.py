@@ -144,8 +144,9 @@ def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, 
 
     w, b, sc, sh, xb = (_small(t) for t in (weight, bias, scale, shift, input_bias))
     dy = dy.contiguous(memory_format=_format(x))
-    dx, s1, s2 = kern.backward(dy, x, w, b, sc, sh, mean, rstd, num_groups, silu, _is_channels_last(x), xb)
-    return (dx, *_param_grads(s1, s2, weight, bias, scale))
+    dx, dshift, dscale, gs = kern.backward(dy, x, w, b, sc, sh, mean, rstd, num_groups, silu, _is_channels_last(x),
+                                           xb)
+    return dx, gs[1].sum(0), gs[0].sum(0), dscale, dshift  # the kernels wrote the per-sample terms
 
 
 # -- cuda (mdm_fast._C): raw pointers, fp32 parameters, the caller's stream

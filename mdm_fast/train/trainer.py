@@ -138,7 +138,9 @@ class Trainer:
         # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
         self.wrapped = wrap_model(self.model, self.dist, cfg.distributed,
                                   for_capture=cfg.cuda_graphs == "on" and self.device.type == "cuda")
-        dtype = autocast_dtype(cfg, self.device)  # the weights cast in one pass, not per layer (none sharded)
+        # one process: the weights cast in one pass, not per layer. Not under DDP/FSDP: every gradient
+        # would reach its parameter at the very end of backward, leaving no all-reduce to overlap
+        dtype = autocast_dtype(cfg, self.device) if self.dist.world_size == 1 else None
         self.step_model = self.wrapped if dtype is None else CastEachCall(self.wrapped, self.model, dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # (sharded under FSDP)
         if not self.params:
