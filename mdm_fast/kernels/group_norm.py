@@ -153,8 +153,8 @@ def _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2,
     if HAS_SC:
         gain = 1.0 + tl.load(SC + b * C + c, mask=cmask, other=0.0).to(tl.float32)
     o = b * C + c
-    tl.store(DSH + o, s1, mask=cmask)
-    tl.store(DSC + o, s2 * w + s1 * bias, mask=cmask)
+    tl.store(DSH + o, s1.to(DSH.dtype.element_ty), mask=cmask)
+    tl.store(DSC + o, (s2 * w + s1 * bias).to(DSC.dtype.element_ty), mask=cmask)
     tl.store(GS + o, gain * s1, mask=cmask)
     tl.store(GS + BC + o, gain * s2, mask=cmask)
 
@@ -696,15 +696,16 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
              scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
              num_groups: int, silu: bool, channels_last: bool,
              input_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
-    """dx (x's layout), dshift and dscale (B, C) fp32, and (2, B, C) fp32 gain * s1, gain * s2, whose sums
-    over the batch are dbias and dweight (_store_param_grads; s1 = sum_s dz, s2 = sum_s dz * xhat). dy has
-    x's layout; mean, rstd those of the forward (of x + input_bias)."""
+    """dx (x's layout), dshift and dscale (B, C) in shift's and scale's dtypes (fp32 without them), and
+    (2, B, C) fp32 gain * s1, gain * s2, whose sums over the batch are dbias and dweight
+    (_store_param_grads; s1 = sum_s dz, s2 = sum_s dz * xhat; all computed in fp32). dy has x's layout;
+    mean, rstd those of the forward (of x + input_bias)."""
     B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, input_bias,
                                                                         num_groups, channels_last, True)
     G = num_groups
     dx = torch.empty_like(x)
-    dshift = torch.empty(B, C, device=x.device, dtype=torch.float32)
-    dscale = torch.empty_like(dshift)
+    dshift, dscale = (torch.empty(B, C, device=x.device, dtype=torch.float32 if t is None else t.dtype)
+                      for t in (shift, scale))  # the dtypes autograd wants: no cast kernels after
     gs = torch.empty(2, B, C, device=x.device, dtype=torch.float32)
     grads = (dshift, dscale, gs)
     if p.fused:

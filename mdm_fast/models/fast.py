@@ -285,7 +285,10 @@ class FastUNetMixin:
 
     def forward_denoising(self, x_t, times, cond_emb=None, conditioning=None, cond_mask=None, micros=None):
         """The reference's, with every attention layer's text keys and values from one GEMM when
-        sampling (:func:`mdm_fast.models.text_kv.batched_text_kv`)."""
+        sampling (:func:`mdm_fast.models.text_kv.batched_text_kv`), and the text mask made bool once
+        (the attention op would convert it in every layer; the reference reads ``mask == 0`` alike)."""
+        if cond_mask is not None and cond_mask.dtype != torch.bool:
+            cond_mask = cond_mask != 0  # (B, T)
         with batched_text_kv(self, FastSelfAttention, conditioning):
             return super().forward_denoising(x_t, times, cond_emb, conditioning, cond_mask, micros)
 

@@ -328,7 +328,7 @@ def _check_mask(name: str, mask: Tensor, shape: Tuple[int, int], what: str, ref:
         raise ValueError(f"{name} must be bool, integer or float, got {mask.dtype}")
     if mask.device != ref.device:
         raise ValueError(f"{name} is on {mask.device} but q is on {ref.device}")
-    return mask != 0  # (B, keys) bool
+    return mask if mask.dtype == torch.bool else mask != 0  # (B, keys) bool
 
 
 def _check_cond(q, k_cond, v_cond, cond_mask):

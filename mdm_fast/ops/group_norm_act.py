@@ -237,10 +237,16 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
                    scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    num_groups: int, eps: float, act: str, backend: str,
                    input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dscale, dshift); the parameter gradients are fp32, (C,) and (B, C), zeros when
-    absent. dx is also the gradient of x + input_bias (dinput_bias: dx summed over batch and pixels)."""
-    return _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act == "silu",
-                              input_bias)
+    """(dx, dweight, dbias, dscale, dshift); the parameter gradients are (C,) fp32 and (B, C) in scale's and
+    shift's dtypes (fp32 where absent: computed either way). dx is also the gradient of x + input_bias
+    (dinput_bias: dx summed over batch and pixels)."""
+    dx, dweight, dbias, dscale, dshift = _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd,
+                                                            num_groups, eps, act == "silu", input_bias)
+    return dx, dweight, dbias, _in_dtype_of(dscale, scale), _in_dtype_of(dshift, shift)
+
+
+def _in_dtype_of(g: Tensor, t: Optional[Tensor]) -> Tensor:
+    return g if t is None else g.to(t.dtype)
 
 
 group_norm_act_bwd = torch.library.custom_op("mdm_fast::group_norm_act_bwd", mutates_args=())(_backward_impl)
@@ -250,8 +256,8 @@ group_norm_act_bwd = torch.library.custom_op("mdm_fast::group_norm_act_bwd", mut
 def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backend, input_bias=None):
     B, C = x.shape[:2]
     per_c = x.new_empty((C,), dtype=torch.float32)
-    per_bc = x.new_empty((B, C), dtype=torch.float32)
-    return (torch.empty_like(x), per_c, torch.empty_like(per_c), per_bc, torch.empty_like(per_bc))
+    dscale, dshift = (x.new_empty((B, C), dtype=torch.float32 if t is None else t.dtype) for t in (scale, shift))
+    return torch.empty_like(x), per_c, torch.empty_like(per_c), dscale, dshift
 
 
 def _setup_context(ctx, inputs, output):
@@ -292,7 +298,7 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
-# ---- the ops that produce a norm's input and hand it its moments (bias_add_for_norm, concat_channels_for_norm)
+# ---- the op that produces a norm's input and hands it its moments (concat_channels_for_norm)
 
 
 def check_moments_groups(op: str, num_groups) -> None:

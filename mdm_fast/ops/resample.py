@@ -3,8 +3,10 @@
 ``upsample_conv3x3(x, weight, bias)`` == ``conv2d(interpolate(x, scale_factor=2), weight, bias,
 padding=1)`` (every up block), computed from the low-resolution input as four 2x2 phase convs
 (2.25x fewer FLOPs, no upsampled tensor). The public 3x3 weights stay the parameters; the phase
-weights are derived from them on every call (a (Cout, Cin, 16) tensor: ~10 us for 768 channels on
-an H100, a few percent of the conv) so gradients and the state_dict stay public. Backends:
+weights are derived from them (a (Cout, Cin, 16) tensor: 8-9 small kernels, ~10 us for 768 channels
+on an H100) so gradients and the state_dict stay public; the derived weights of a weight that
+needs no gradient (a sampler's cast copies) are kept while it lives and is unchanged: one derivation,
+not one per step. Backends:
 
 - ``ref``: the literal interpolate + conv2d.
 - ``torch``: the four phases are exactly ``conv_transpose2d(x, W4, stride=2, padding=1)`` with a
@@ -33,10 +35,11 @@ fp16/bf16 and accumulate in fp32), validated.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.weak
 from torch import Tensor
 
 from mdm_fast.ops import dispatch
@@ -84,12 +87,30 @@ def phase_weights(weight: Tensor) -> Tensor:
     return wp.permute(2, 4, 3, 5, 1, 0).to(weight.dtype).contiguous()
 
 
+_DERIVED = torch.utils.weak.WeakIdKeyDictionary()  # weight -> {derive: ((data_ptr, version), derived)}
+
+
+def _derived(derive: Callable[[Tensor], Tensor], weight: Tensor) -> Tensor:
+    """``derive(weight)``, kept while ``weight`` lives, rebuilt after an in-place change (its version
+    counter) or a new storage. Only for a weight that needs no gradient (a sampler's cast copies, an EMA
+    or frozen model): a trained one may be updated by a fused optimiser, which does not bump version
+    counters. Never for an inference tensor (no version counter) or a traced one (fake, functional)."""
+    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference() or weight.requires_grad:
+        return derive(weight)
+    key = (weight.data_ptr(), weight._version)
+    entries = _DERIVED.setdefault(weight, {})
+    entry = entries.get(derive)
+    if entry is None or entry[0] != key:
+        entry = entries[derive] = (key, derive(weight))
+    return entry[1]
+
+
 def _phases_as_one_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], fmt: torch.memory_format) -> Tensor:
     """The upsample-conv as one 2x2 conv with the four phases as output channels, then interleaved:
     output (2m + py, 2n + px) is window (m + py, n + px) of the 1-padded input, phase (py, px)."""
     B, _, H, W = x.shape
     co = weight.shape[0]
-    wp = phase_weights(weight)  # [py, px, ty, tx, ci, co]
+    wp = _derived(phase_weights, weight)  # [py, px, ty, tx, ci, co]
     w2 = wp.permute(0, 1, 5, 4, 2, 3).reshape(4 * co, -1, 2, 2).contiguous(memory_format=fmt)  # [(py,px,co),ci,..]
     z = F.conv2d(x, w2, None, padding=1)  # (B, 4 co, H + 1, W + 1)
     sb, sc, sh, sw = z.stride()
@@ -149,13 +170,13 @@ def _upsample_conv3x3_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], im
     elif impl == "torch" and TORCH_FORM == "phases":
         y = _phases_as_one_conv(x, weight, bias, fmt)
     elif impl == "torch":
-        y = F.conv_transpose2d(x, transposed_weight(weight), bias, stride=2, padding=1)
+        y = F.conv_transpose2d(x, _derived(transposed_weight, weight), bias, stride=2, padding=1)
     elif impl == "triton":
         from mdm_fast.kernels.upsample_conv import upsample_conv3x3_fwd
 
         B, _, H, W = x.shape
         y = torch.empty((B, weight.shape[0], 2 * H, 2 * W), dtype=x.dtype, device=x.device, memory_format=fmt)
-        upsample_conv3x3_fwd(x, phase_weights(weight), bias, y)
+        upsample_conv3x3_fwd(x, _derived(phase_weights, weight), bias, y)
     else:
         raise ValueError(f"upsample_conv3x3: unknown backend {impl!r}")
     return y.contiguous(memory_format=fmt)
@@ -187,7 +208,7 @@ def _upsample_conv3x3_grad(ctx, grad):
         B, C, H, W = x.shape
         gx = None if gu is None else gu.reshape(B, C, H, 2, W, 2).sum((3, 5))
         return gx, gw, gb, None
-    gx, gw4, gb = _conv_backward(grad, x, transposed_weight(weight), ctx.has_bias, needs,
+    gx, gw4, gb = _conv_backward(grad, x, _derived(transposed_weight, weight), ctx.has_bias, needs,
                                  stride=2, padding=1, transposed=True)
     gw = None if gw4 is None else _weight_grad_from_transposed(gw4, weight.dtype)
     return gx, gw, gb, None

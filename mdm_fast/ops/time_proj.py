@@ -42,7 +42,10 @@ def expand_batch(t: Tensor, batch: int) -> Tensor:
 class ParamCache:
     """A value built from parameters, rebuilt only when one of them changes: another object, data
     pointer, in-place version counter (``load_state_dict`` and optimiser steps bump it), dtype or device,
-    or the ``extra`` key. For weights derived once for sampling (concatenated, folded)."""
+    or the ``extra`` key. For weights derived once for sampling (concatenated, folded). A fused optimiser
+    step (``torch.optim.AdamW(fused=True)``) changes parameters without bumping their version counters:
+    sample from such a model through a new :class:`mdm_fast.models.CastWeights` (new copies), its EMA
+    (updated by ops that do bump them), or after ``torch.autograd.graph.increment_version``."""
 
     def __init__(self):
         self._entry: Optional[Tuple[list, list, Any]] = None
