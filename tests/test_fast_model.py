@@ -387,8 +387,8 @@ def test_cast_weights_gives_autocasts_numbers_without_its_casts(fast):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
 
 
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the calls of each aten operator."""
+class OpCounts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the calls of each operator (``calls``: name -> count)."""
 
     def __init__(self):
         super().__init__()
@@ -425,7 +425,7 @@ def test_cast_each_call_gives_autocasts_numbers_and_gradients(fast, frozen_inner
     cast = CastEachCall(model, model, torch.bfloat16)
     results = []
     for fn in (model, cast):
-        with _WeightCasts(cast.params) as casts, _Ops() as ops:
+        with _WeightCasts(cast.params) as casts, OpCounts() as ops:
             results.append((*_train_step(fn, model, args), casts.n, ops.calls["aten._foreach_copy_.default"]))
     (want, want_grads, n_plain, _), (got, got_grads, n_cast, foreach) = results
     assert all(torch.equal(a, b) for a, b in zip(want, got))
@@ -435,7 +435,7 @@ def test_cast_each_call_gives_autocasts_numbers_and_gradients(fast, frozen_inner
         assert g is None or (torch.equal(g, got_grads[name]) and g.stride() == got_grads[name].stride()), name
     assert (want_grads["inner_unet.conv_in.weight"] is None) == frozen_inner
     assert n_plain > 0 and n_cast == 0 and foreach == 2 + frozen_inner, (n_plain, n_cast, foreach)
-    with torch.autocast("cpu", torch.float16), _Ops() as ops:  # another dtype: autocast's own casts
+    with torch.autocast("cpu", torch.float16), OpCounts() as ops:  # another dtype: autocast's own casts
         cast(*args)
     assert ops.calls["aten._foreach_copy_.default"] == 0
 

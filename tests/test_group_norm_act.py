@@ -14,6 +14,7 @@ import triton
 from mdm_fast.kernels import group_norm as kern
 from mdm_fast.ops import BackendUnavailable, dispatch, group_norm_act, use_impl
 from mdm_fast.ops.group_norm_act import _backward_impl, reference
+from test_fast_model import OpCounts
 
 OP = "group_norm_act"
 # Per dtype: (forward, backward) tolerance, relative to max(1, max |reference|).
@@ -118,13 +119,17 @@ def _small_tiles(monkeypatch, tile: int) -> None:
         monkeypatch.setattr(kern, name, tile)
 
 
-@pytest.fixture
-def split_path(monkeypatch):
-    """Force the split reduction on small tensors: several parts per group, several tiles per part."""
+def _force_split(monkeypatch) -> None:
+    """The split reduction on small tensors: several parts per group, several tiles per part."""
     _small_tiles(monkeypatch, 32)
     monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
     monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kern, "MAX_SPLIT", 4)
+
+
+@pytest.fixture
+def split_path(monkeypatch):
+    _force_split(monkeypatch)
 
 
 SPLIT_CASES = [
@@ -148,14 +153,18 @@ def test_split_plan_loops_over_tiles(split_path):
     assert p.nsplit == 4 and p.rows == 2 * p.block_s and p.nsplit == -(-117 // p.rows)
 
 
-@pytest.fixture
-def whole_rows(monkeypatch):
-    """Force the channels_last split path over whole rows on small tensors, with several tiles per part."""
+def _force_whole_rows(monkeypatch) -> None:
+    """The channels_last split path over whole rows on small tensors, with several tiles per part."""
     _small_tiles(monkeypatch, 64)
     monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
     monkeypatch.setattr(kern, "_fused_rereads_from_l2", lambda *a: False)
     monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
     monkeypatch.setattr(kern, "MAX_SPLIT", 5)
+
+
+@pytest.fixture
+def whole_rows(monkeypatch):
+    _force_whole_rows(monkeypatch)
 
 
 WHOLE_ROWS_CASES = [
@@ -198,18 +207,14 @@ INPUT_BIAS_CASES = [
 
 
 def _path(name, monkeypatch):
-    """Force one of the triton paths on small tensors (as the fixtures above)."""
-    if name in ("looping", "split"):
+    """Force one of the triton paths on small tensors: "single" (the default here), "looping" (the fused
+    path over several tiles), "split" or "whole_rows"."""
+    if name == "looping":
         _small_tiles(monkeypatch, 32)
-    if name == "split":
-        monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
-        monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(kern, "MAX_SPLIT", 4)
-    if name == "whole_rows":
-        _small_tiles(monkeypatch, 64)
-        monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-        monkeypatch.setattr(kern, "_fused_rereads_from_l2", lambda *a: False)
-        monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
+    elif name == "split":
+        _force_split(monkeypatch)
+    elif name == "whole_rows":
+        _force_whole_rows(monkeypatch)
 
 
 @pytest.mark.parametrize("path", ["single", "looping", "split", "whole_rows"])
@@ -270,23 +275,13 @@ def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path,
             return launches(*args)
 
     monkeypatch.setattr(kern, "backward", uncounted)
-    with _Ops() as ops:  # the custom op's implementation, which the op hides from dispatch modes
+    with OpCounts() as ops:  # the custom op's implementation, which the op hides from dispatch modes
         grads = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "triton")
     assert [g.dtype for g in grads] == [x.dtype, torch.float32, torch.float32, ss_dtype, ss_dtype]
     want = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "ref")
     for g, r in zip(grads, want):
         assert torch.allclose(g.float(), r.float(), rtol=1e-2 if ss_dtype == torch.bfloat16 else 1e-4, atol=1e-4)
     assert {k: v for k, v in ops.calls.items() if k != "aten.select.int"} == {"aten.sum.dim_IntList": 2}, ops.calls
-
-
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():

@@ -117,9 +117,8 @@ def _dsilu(z):
 
 
 @triton.jit
-def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr):
-    """Per-channel k, d with pre-activation z = xhat * k + d (k = w (1 + scale), d = bias (1 + scale) + shift)."""
+def _channel_params(W, Bi, SC, b, c, cmask, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr):
+    """The channels' weight, bias and gain = 1 + scale of sample b, fp32 (1, 0 and 1 where absent)."""
     one = c.to(tl.float32) * 0.0 + 1.0
     w = one
     if HAS_W:
@@ -130,7 +129,15 @@ def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
     g1 = one
     if HAS_SC:
         g1 = 1.0 + tl.load(SC + b * C + c, mask=cmask, other=0.0).to(tl.float32)
-    sh = one * 0.0
+    return w, bias, g1
+
+
+@triton.jit
+def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr):
+    """Per-channel k, d with pre-activation z = xhat * k + d (k = w (1 + scale), d = bias (1 + scale) + shift)."""
+    w, bias, g1 = _channel_params(W, Bi, SC, b, c, cmask, C, HAS_W, HAS_B, HAS_SC)
+    sh = bias * 0.0
     if HAS_SH:
         sh = tl.load(SH + b * C + c, mask=cmask, other=0.0).to(tl.float32)
     return w * g1, bias * g1 + sh
@@ -142,16 +149,7 @@ def _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2,
     """The parameter gradients' terms of sample b's channels c from s1 = sum_s dz, s2 = sum_s dz * xhat:
     dshift = s1 and dscale = s2 w + s1 bias (B, C), and GS (2, B, C) = gain s1, gain s2 (gain = 1 +
     scale), whose sums over the samples are dbias and dweight."""
-    zero = c.to(tl.float32) * 0.0
-    w = zero + 1.0
-    if HAS_W:
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    bias = zero
-    if HAS_B:
-        bias = tl.load(Bi + c, mask=cmask, other=0.0).to(tl.float32)
-    gain = zero + 1.0
-    if HAS_SC:
-        gain = 1.0 + tl.load(SC + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+    w, bias, gain = _channel_params(W, Bi, SC, b, c, cmask, C, HAS_W, HAS_B, HAS_SC)
     o = b * C + c
     tl.store(DSH + o, s1.to(DSH.dtype.element_ty), mask=cmask)
     tl.store(DSC + o, (s2 * w + s1 * bias).to(DSC.dtype.element_ty), mask=cmask)

@@ -43,6 +43,7 @@ import torch.utils.weak
 from torch import Tensor
 
 from mdm_fast.ops import dispatch
+from mdm_fast.ops.time_proj import ParamCache
 
 _aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,22 +88,18 @@ def phase_weights(weight: Tensor) -> Tensor:
     return wp.permute(2, 4, 3, 5, 1, 0).to(weight.dtype).contiguous()
 
 
-_DERIVED = torch.utils.weak.WeakIdKeyDictionary()  # weight -> {derive: ((data_ptr, version), derived)}
+_DERIVED = torch.utils.weak.WeakIdKeyDictionary()  # weight -> {derive: ParamCache}
 
 
 def _derived(derive: Callable[[Tensor], Tensor], weight: Tensor) -> Tensor:
-    """``derive(weight)``, kept while ``weight`` lives, rebuilt after an in-place change (its version
-    counter) or a new storage. Only for a weight that needs no gradient (a sampler's cast copies, an EMA
-    or frozen model): a trained one may be updated by a fused optimiser, which does not bump version
-    counters. Never for an inference tensor (no version counter) or a traced one (fake, functional)."""
+    """``derive(weight)``, kept while ``weight`` lives and rebuilt when it changes (:class:`ParamCache`).
+    Only for a weight that needs no gradient (a sampler's cast copies, an EMA or frozen model): a trained
+    one may be updated by a fused optimiser, which does not bump version counters. Never for an
+    inference tensor (no version counter) or a traced one (fake, functional)."""
     if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference() or weight.requires_grad:
         return derive(weight)
-    key = (weight.data_ptr(), weight._version)
-    entries = _DERIVED.setdefault(weight, {})
-    entry = entries.get(derive)
-    if entry is None or entry[0] != key:
-        entry = entries[derive] = (key, derive(weight))
-    return entry[1]
+    cache = _DERIVED.setdefault(weight, {}).setdefault(derive, ParamCache())
+    return cache.get([weight], lambda: derive(weight))
 
 
 def _phases_as_one_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], fmt: torch.memory_format) -> Tensor:
