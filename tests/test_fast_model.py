@@ -167,6 +167,25 @@ def test_optimize_converts_in_place_and_keeps_the_state_dict():
             assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
 
 
+def test_sampling_a_live_model_after_fused_optimizer_steps_sees_the_new_weights():
+    """A fused AdamW step changes the parameters without bumping their version counters: what the fast
+    model derives from them for sampling (concatenated time projections, folded text projections,
+    sub-pixel weights) must follow anyway."""
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).eval()
+    args = tiny_inputs(2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        with torch.no_grad():
+            model(*args)  # sampling: derives what it may keep
+        sum(o.square().mean() for o in model(*args)).backward()
+        optimizer.step()
+    fresh = mdm_fast.build_model("nested_unet", tiny_nested_config()).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for a, b in zip(model(*args), fresh(*args)):
+            assert torch.equal(a, b)
+
+
 def _conv_weights(model):
     return [p for p in model.parameters() if p.dim() == 4]
 
@@ -385,6 +404,29 @@ def test_cast_weights_gives_autocasts_numbers_without_its_casts(fast):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert n_plain > 0 and n_cast == 0, (n_plain, n_cast)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+
+
+def test_cast_weights_is_a_snapshot_that_keeps_what_the_model_derives(monkeypatch):
+    """CastWeights copies every parameter: later changes to the model do not reach it, and the folded
+    text projections are built once; the live model, whose parameters require gradients, folds at
+    every call (an optimiser may have changed them unseen)."""
+    from mdm_fast.models import CastWeights
+    from mdm_fast.models.text_kv import TextProjections
+
+    folds = []
+    fold = TextProjections._folded
+    monkeypatch.setattr(TextProjections, "_folded", lambda self, dtype: folds.append(1) or fold(self, dtype))
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).eval()
+    args = tiny_inputs(2)
+    cast = CastWeights(model, torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        first = cast(*args)
+        for p in model.parameters():
+            p.mul_(1.5)
+        again = cast(*args)
+        assert len(folds) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+        model(*args), model(*args)
+        assert len(folds) == 3
 
 
 class OpCounts(torch.utils._python_dispatch.TorchDispatchMode):

@@ -309,12 +309,16 @@ def test_time_projections_cache_follows_parameters():
     proj = TimeProjections(layers)
     temb = torch.randn(2, 16)
     with torch.no_grad():
+        w_first, _ = proj.weight_bias()
+        assert proj.weight_bias()[0] is not w_first  # trainable: an optimiser may change them unseen
+        for layer in layers:
+            layer.requires_grad_(False)
         proj(temb)
         w_first, _ = proj.weight_bias()
         assert proj.weight_bias()[0] is w_first  # cached while nothing changes
-        layers[1].weight.add_(1.0)  # in place (load_state_dict, optimiser step)
+        layers[1].weight.add_(1.0)  # in place (load_state_dict)
         assert _max_err(proj(temb)[1][0], _public_proj(layers[1], temb, 2)[0]) <= 1e-5
-        layers[2].bias = nn.Parameter(torch.randn(16))  # a new Parameter object
+        layers[2].bias = nn.Parameter(torch.randn(16), requires_grad=False)  # a new Parameter object
         assert _max_err(proj(temb)[2][1], _public_proj(layers[2], temb, 2)[1]) <= 1e-5
 
 

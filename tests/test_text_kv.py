@@ -53,11 +53,14 @@ def test_folded_weights_are_rebuilt_when_a_parameter_changes():
     layers = _layers()
     tp, cond = TextProjections(layers), torch.randn(2, 7, 24)
     w0, _ = tp.weight_bias(torch.float32)
+    assert tp.weight_bias(torch.float32)[0] is not w0  # trainable: an optimiser may change them unseen
+    for m in layers:
+        m.requires_grad_(False)
+    w0, _ = tp.weight_bias(torch.float32)
     assert tp.weight_bias(torch.float32)[0] is w0  # cached
-    with torch.no_grad():
-        layers[1].norm_cond.bias.add_(1.0)  # an in-place step bumps the version
+    layers[1].norm_cond.bias.add_(1.0)  # an in-place change bumps the version
     torch.testing.assert_close(tp(cond)[1], layers[1].kv_cond(layers[1].norm_cond(cond)), rtol=1e-5, atol=1e-5)
-    layers[0].kv_cond.weight = nn.Parameter(torch.randn_like(layers[0].kv_cond.weight))  # another object
+    layers[0].kv_cond.weight = nn.Parameter(torch.randn_like(layers[0].kv_cond.weight), requires_grad=False)
     torch.testing.assert_close(tp(cond)[0], layers[0].kv_cond(layers[0].norm_cond(cond)), rtol=1e-5, atol=1e-5)
 
 

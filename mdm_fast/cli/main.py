@@ -63,7 +63,7 @@ def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.devi
     model = build_network(cfg, encoder.embed_dim, device)
     state = ckpt["ema_state_dict"] if use_ema and "ema_state_dict" in ckpt else ckpt["state_dict"]
     model.load_state_dict(state, strict=True)
-    model.eval()
+    model.eval().requires_grad_(False)  # sampling only: the fast model keeps the weights it derives
     return cfg, encoder, model, build_diffusion(cfg, model)
 
 

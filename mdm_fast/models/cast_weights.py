@@ -7,9 +7,11 @@ each of their gradients back to fp32, as many kernels again. Both wrappers call 
 of those parameters in the autocast dtype (``torch.func.functional_call``): the same values autocast
 would produce, without its kernels.
 
-- :class:`CastWeights` (sampling, no gradients) casts once, when built: the copies are the weights
-  then (as a captured graph is, and the fast model's cached time-projection weights); after the
-  weights change (loading, training), build a new one.
+- :class:`CastWeights` (sampling, no gradients) casts once, when built, and copies the other
+  parameters as they are (0.17M of the 256x256 model's 378M): the copies are the weights then (as a
+  captured graph is), and, needing no gradient, they let the fast model keep what it derives from them
+  (batched time and text projections, sub-pixel weights: :class:`mdm_fast.ops.time_proj.ParamCache`);
+  after the weights change (loading, training), build a new one.
 - :class:`CastEachCall` (training) casts at every call, all parameters in one multi-tensor copy
   (``torch._foreach_copy_``, a few kernels), differentiable: backward hands each parameter its
   gradient cast back to its dtype the same way. Parameters that need no gradient (a frozen inner
@@ -50,8 +52,8 @@ def cast_targets(model: nn.Module, dtype: torch.dtype) -> Dict[str, Tensor]:
 
 class CastWeights:
     """``CastWeights(model, torch.bfloat16)(*args)`` = ``model(*args)`` with the parameters of
-    :func:`cast_targets` replaced by ``dtype`` copies made now; meant for no-grad calls under autocast
-    to ``dtype``."""
+    :func:`cast_targets` replaced by ``dtype`` copies made now, and the others (not sharded) by copies
+    in their own dtype; meant for no-grad calls under autocast to ``dtype``."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.model = model
@@ -59,6 +61,9 @@ class CastWeights:
         with torch.no_grad():
             copies: Dict[int, Tensor] = {}  # a parameter shared by two modules gets one copy
             self.copies = {k: copies.setdefault(id(p), p.detach().to(dtype)) for k, p in self.params.items()}
+            for k, p in model.named_parameters():
+                if k not in self.copies and not is_sharded(p):
+                    self.copies[k] = copies.setdefault(id(p), p.detach().clone())
 
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self.model, self.copies, args, kwargs, strict=False)

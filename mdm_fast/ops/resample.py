@@ -92,11 +92,10 @@ _DERIVED = torch.utils.weak.WeakIdKeyDictionary()  # weight -> {derive: ParamCac
 
 
 def _derived(derive: Callable[[Tensor], Tensor], weight: Tensor) -> Tensor:
-    """``derive(weight)``, kept while ``weight`` lives and rebuilt when it changes (:class:`ParamCache`).
-    Only for a weight that needs no gradient (a sampler's cast copies, an EMA or frozen model): a trained
-    one may be updated by a fused optimiser, which does not bump version counters. Never for an
-    inference tensor (no version counter) or a traced one (fake, functional)."""
-    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference() or weight.requires_grad:
+    """``derive(weight)``, kept while ``weight`` lives and rebuilt when it changes (:class:`ParamCache`:
+    only for a weight that needs no gradient). Never kept for an inference tensor (no version counter)
+    or a traced one (fake, functional)."""
+    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference():
         return derive(weight)
     cache = _DERIVED.setdefault(weight, {}).setdefault(derive, ParamCache())
     return cache.get([weight], lambda: derive(weight))

@@ -8,14 +8,13 @@ and hands each block views of its columns.
 The parameters stay the blocks' own (the object is not an ``nn.Module``, so the state_dict is
 untouched). ``W_cat`` is built from them:
 
-- when gradients flow to them (training): ``torch.cat`` of the parameters on every call, so autograd
-  routes each block's gradient back to its own weight through cat's backward (a split: views, no
-  copies). The price is one copy of the time-layer weights per step (about 2 * sum(2 C) * temb_dim
-  bytes in bf16, e.g. ~20 MB for the 256x256 model's outer level: ~10 us on an H100), far below
-  the launch overhead of the dozens of small GEMMs it replaces;
-- otherwise (sampling): the concatenation is cached and rebuilt only when a parameter changes
-  (another Parameter object, data pointer, dtype, device, or in-place version counter, which
-  ``load_state_dict`` and optimiser steps bump).
+- from parameters that require a gradient (training, or sampling a model being trained): ``torch.cat``
+  of the parameters on every call, so autograd routes each block's gradient back to its own weight
+  through cat's backward (a split: views, no copies). The price is one copy of the time-layer weights
+  per step (about 2 * sum(2 C) * temb_dim bytes in bf16, e.g. ~20 MB for the 256x256 model's outer
+  level: ~10 us on an H100), far below the launch overhead of the dozens of small GEMMs it replaces;
+- from parameters that need none (a sampler's cast copies, an EMA or frozen model): the
+  concatenation is cached (:class:`ParamCache`).
 
 Ask for the projections where temb is known, once per level and step; each ResNet then takes its
 (scale, shift) pair, widened with :func:`expand_batch` like the public ResNet when its activations
@@ -40,23 +39,25 @@ def expand_batch(t: Tensor, batch: int) -> Tensor:
 
 
 class ParamCache:
-    """A value built from parameters, rebuilt only when one of them changes: another object, data
-    pointer, in-place version counter (``load_state_dict`` and optimiser steps bump it), dtype or device,
-    or the ``extra`` key. For weights derived once for sampling (concatenated, folded). A fused optimiser
-    step (``torch.optim.AdamW(fused=True)``) changes parameters without bumping their version counters:
-    sample from such a model through a new :class:`mdm_fast.models.CastWeights` (new copies), its EMA
-    (updated by ops that do bump them), or after ``torch.autograd.graph.increment_version``."""
+    """A value built from parameters, kept while none of them changes: another object, data pointer,
+    in-place version counter (``load_state_dict`` and ``copy_`` bump it), dtype or device, or the
+    ``extra`` key. For weights derived for sampling (concatenated, folded). Built anew at every call
+    when a parameter requires a gradient: an optimiser may update it, and a fused one
+    (``torch.optim.AdamW(fused=True)``) leaves version counters as they were, so a key cannot see it.
+    Sampling keeps the value through parameters that need no gradient: the copies of
+    :class:`mdm_fast.models.CastWeights`, an EMA model, a model after ``requires_grad_(False)``."""
 
     def __init__(self):
         self._entry: Optional[Tuple[list, list, Any]] = None
 
     def get(self, params: Sequence[Optional[Tensor]], build: Callable[[], Any], extra: Any = None) -> Any:
         params = list(params)
+        if any(p is not None and p.requires_grad for p in params):
+            return build()
         key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params] + [extra]
         e = self._entry
         if e is None or len(e[0]) != len(params) or any(a is not b for a, b in zip(e[0], params)) or e[1] != key:
-            with torch.no_grad():
-                e = self._entry = (params, key, build())
+            e = self._entry = (params, key, build())
         return e[2]
 
 
@@ -84,8 +85,6 @@ class TimeProjections:
     def weight_bias(self) -> Tuple[Tensor, Tensor]:
         """(sum 2C, temb_dim) weight and (sum 2C,) bias of the concatenated projection."""
         params = self._params()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return torch.cat(params[0::2]), torch.cat(params[1::2])
         return self._cache.get(params, lambda: (torch.cat(params[0::2]), torch.cat(params[1::2])))
 
     def __call__(self, temb: Tensor, batch: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
