@@ -14,8 +14,9 @@ cast once to the compute dtype), as close to the reference as the per-layer path
 Only without gradients (sampling): in training the fold would cost passes over the weights and
 their gradients every step. The folded weights are cached as the batched time projections are
 (:class:`mdm_fast.ops.time_proj.ParamCache`: for parameters that need no gradient, such as a sampler's
-copies; folded at every call from trainable ones). The layers' results are column views of one (B, T, sum 2C) tensor, alive during the forward
-(at batch 32 with 128 tokens: 0.37 GB in bf16 for the 256x256 model).
+copies; folded at every call from trainable ones). The layers' results are column views of one
+(B, T, sum 2C) tensor, alive during the forward (at batch 32 with 128 tokens: 0.37 GB in bf16 for the
+256x256 model).
 """
 from __future__ import annotations
 
