@@ -37,14 +37,9 @@ def _seed():
 def small_norm_parts(monkeypatch):
     """group_norm's split path over whole rows on small channels_last tensors, with several tiles per part,
     and the row kernel of its input's producer (the concatenation) in chunks of 8 channels."""
-    from mdm_fast.kernels import group_norm as gn
     from mdm_fast.kernels import rows
+    from norm_paths import force_whole_rows
 
-    monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-    monkeypatch.setattr(gn, "_fused_rereads_from_l2", lambda *a: False)
-    monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
-    monkeypatch.setattr(gn, "MAX_SPLIT", 3)
-    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
-        monkeypatch.setattr(gn, name, 64)
+    force_whole_rows(monkeypatch, 64, 3)
     monkeypatch.setattr(rows, "BLOCK_C", 8)
     monkeypatch.setattr(rows, "TILE", 32)

@@ -11,6 +11,7 @@ import mdm_fast
 from mdm_fast.models import set_activation_checkpointing, set_channels_last
 from mdm_fast.models.fast import FastConv2d, FastNestedUNet, FastUNet, _recomputed_input
 from mdm_fast.reference import build_model as build_reference
+from norm_paths import force_whole_rows
 from test_reference import CASES, as_list, load_case, model_inputs
 
 # max |fast - reference| allowed, per backend, in float32 (the fused ops reorder fp32 sums)
@@ -67,12 +68,8 @@ def whole_rows_norms(monkeypatch):
     whether it was given moments and whether an input bias."""
     from mdm_fast.kernels import group_norm as gn
 
-    monkeypatch.setattr(gn, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-    monkeypatch.setattr(gn, "_fused_rereads_from_l2", lambda *a: False)
-    monkeypatch.setattr(gn, "WHOLE_ROWS_MIN_ROWS", 1)
-    monkeypatch.setattr(gn, "MAX_SPLIT", 2)  # two parts per sample: few interpreted programs
-    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
-        monkeypatch.setattr(gn, name, 1024)  # tiles of fewer rows than the tiny model's 8x8 and 16x16 levels
+    # tiles of fewer rows than the tiny model's 8x8 and 16x16 levels, two parts per sample: few programs
+    force_whole_rows(monkeypatch, 1024, 2)
     given = []
     forward = gn.forward
 

@@ -14,6 +14,7 @@ import triton
 from mdm_fast.kernels import group_norm as kern
 from mdm_fast.ops import BackendUnavailable, dispatch, group_norm_act, use_impl
 from mdm_fast.ops.group_norm_act import _backward_impl, reference
+from norm_paths import force_whole_rows, small_tiles
 from test_fast_model import OpCounts
 
 OP = "group_norm_act"
@@ -114,14 +115,9 @@ def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
-def _small_tiles(monkeypatch, tile: int) -> None:
-    for name in ("TILE_FWD", "TILE_BWD", "SINGLE_TILE"):
-        monkeypatch.setattr(kern, name, tile)
-
-
 def _force_split(monkeypatch) -> None:
     """The split reduction on small tensors: several parts per group, several tiles per part."""
-    _small_tiles(monkeypatch, 32)
+    small_tiles(monkeypatch, 32)
     monkeypatch.setattr(kern, "FUSED_MIN_PROGRAMS_PER_SM", 10**6)
     monkeypatch.setattr(kern, "SPLIT_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kern, "MAX_SPLIT", 4)
@@ -153,18 +149,9 @@ def test_split_plan_loops_over_tiles(split_path):
     assert p.nsplit == 4 and p.rows == 2 * p.block_s and p.nsplit == -(-117 // p.rows)
 
 
-def _force_whole_rows(monkeypatch) -> None:
-    """The channels_last split path over whole rows on small tensors, with several tiles per part."""
-    _small_tiles(monkeypatch, 64)
-    monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-    monkeypatch.setattr(kern, "_fused_rereads_from_l2", lambda *a: False)
-    monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
-    monkeypatch.setattr(kern, "MAX_SPLIT", 5)
-
-
 @pytest.fixture
 def whole_rows(monkeypatch):
-    _force_whole_rows(monkeypatch)
+    force_whole_rows(monkeypatch, 64, 5)  # several tiles per part
 
 
 WHOLE_ROWS_CASES = [
@@ -210,11 +197,11 @@ def _path(name, monkeypatch):
     """Force one of the triton paths on small tensors: "single" (the default here), "looping" (the fused
     path over several tiles), "split" or "whole_rows"."""
     if name == "looping":
-        _small_tiles(monkeypatch, 32)
+        small_tiles(monkeypatch, 32)
     elif name == "split":
         _force_split(monkeypatch)
     elif name == "whole_rows":
-        _force_whole_rows(monkeypatch)
+        force_whole_rows(monkeypatch, 64, 5)  # several tiles per part
 
 
 @pytest.mark.parametrize("path", ["single", "looping", "split", "whole_rows"])
@@ -306,7 +293,7 @@ def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", [SPLIT_CASES[0], SPLIT_CASES[1], SPLIT_CASES[3]])
 def test_triton_fused_looping_matches_reference(monkeypatch, shape, G, dtype, cl, ss, affine, act):
     """The fused path with groups larger than one tile: statistics pass, then a second pass over the group."""
-    _small_tiles(monkeypatch, 32)
+    small_tiles(monkeypatch, 32)
     p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
     assert p.fused and not p.single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
@@ -322,7 +309,7 @@ def test_channels_last_programs_take_several_groups():
 def test_large_mean_is_stable(monkeypatch, tile):
     """Statistics in fp32 with a mean far from zero (no plain E[x^2] - E[x]^2)."""
     if tile:
-        _small_tiles(monkeypatch, tile)
+        small_tiles(monkeypatch, tile)
     inputs = _inputs((2, 8, 6, 6), 4, torch.float32, scale_shift=False)
     inputs[0] = inputs[0] + 300.0
     _check_against_fp64(inputs, 4, "silu", "triton")
