@@ -244,16 +244,19 @@ def test_ref_backend_input_bias_gradients():
         assert _max_err(g, r) <= 1e-4 * max(1.0, r.abs().max().item()), i
 
 
-@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("path", ["single", "looping", "split"])
 @pytest.mark.parametrize("ss_dtype", [torch.float32, torch.bfloat16])  # bf16: a projection under autocast
-def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path, ss_dtype):
-    """Besides its kernels, the triton backward runs two torch ops: the sums over the batch of the
-    per-sample terms the kernels wrote (dweight, dbias), not the per-(sample, channel) arithmetic; it
-    writes dscale and dshift in their parameters' dtype (no casts after)."""
+@pytest.mark.parametrize("with_input_bias", [False, True])
+def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path, ss_dtype, with_input_bias):
+    """Besides its kernels, the triton backward runs one torch op: the sum over the batch of the
+    per-sample terms the kernels wrote (dweight, dbias, and dinput_bias: no pass over dx), not the
+    per-(sample, channel) arithmetic; it writes dscale and dshift in their parameters' dtype (no casts
+    after)."""
     _path(path, monkeypatch)
-    x, w, b, sc, sh = _inputs((2, 8, 9, 13), 4, torch.float32, channels_last=True)
+    inputs = _inputs((2, 8, 9, 13), 4, torch.float32, channels_last=True)
+    x, w, b, sc, sh, xb = _with_input_bias(inputs) if with_input_bias else [*inputs, None]
     sc, sh = sc.to(ss_dtype), sh.to(ss_dtype)
-    y, mean, rstd = torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 4, 1e-5, "silu", "triton")
+    y, mean, rstd = torch.ops.mdm_fast.group_norm_act_fwd(x, w, b, sc, sh, 4, 1e-5, "silu", "triton", None, xb)
     dy = torch.randn_like(y)
     launches = kern.backward
 
@@ -263,12 +266,13 @@ def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path,
 
     monkeypatch.setattr(kern, "backward", uncounted)
     with OpCounts() as ops:  # the custom op's implementation, which the op hides from dispatch modes
-        grads = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "triton")
-    assert [g.dtype for g in grads] == [x.dtype, torch.float32, torch.float32, ss_dtype, ss_dtype]
-    want = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "ref")
+        grads = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "triton", xb)
+    assert [g.dtype for g in grads] == [x.dtype, torch.float32, ss_dtype, ss_dtype]
+    assert grads[1].shape == (3 if with_input_bias else 2, 8)  # dweight, dbias (, dinput_bias)
+    want = _backward_impl(dy, x, w, b, sc, sh, mean, rstd, 4, 1e-5, "silu", "ref", xb)
     for g, r in zip(grads, want):
         assert torch.allclose(g.float(), r.float(), rtol=1e-2 if ss_dtype == torch.bfloat16 else 1e-4, atol=1e-4)
-    assert {k: v for k, v in ops.calls.items() if k != "aten.select.int"} == {"aten.sum.dim_IntList": 2}, ops.calls
+    assert ops.calls == {"aten.sum.dim_IntList": 1}, ops.calls
 
 
 def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():

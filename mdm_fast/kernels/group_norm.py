@@ -147,14 +147,21 @@ def _channel_affine(W, Bi, SC, SH, b, c, cmask, C,
 def _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr):
     """The parameter gradients' terms of sample b's channels c from s1 = sum_s dz, s2 = sum_s dz * xhat:
-    dshift = s1 and dscale = s2 w + s1 bias (B, C), and GS (2, B, C) = gain s1, gain s2 (gain = 1 +
-    scale), whose sums over the samples are dbias and dweight."""
+    dshift = s1 and dscale = s2 w + s1 bias (B, C), and GS (2, B, C) = gain s2, gain s1 (gain = 1 +
+    scale), whose sums over the samples are dweight and dbias."""
     w, bias, gain = _channel_params(W, Bi, SC, b, c, cmask, C, HAS_W, HAS_B, HAS_SC)
     o = b * C + c
     tl.store(DSH + o, s1.to(DSH.dtype.element_ty), mask=cmask)
     tl.store(DSC + o, (s2 * w + s1 * bias).to(DSC.dtype.element_ty), mask=cmask)
-    tl.store(GS + o, gain * s1, mask=cmask)
-    tl.store(GS + BC + o, gain * s2, mask=cmask)
+    tl.store(GS + o, gain * s2, mask=cmask)
+    tl.store(GS + BC + o, gain * s1, mask=cmask)
+
+
+@triton.jit
+def _store_input_bias_grad(GS, b, c, cmask, C, BC, rstd, k, s1, s3, c1, c2, S):
+    """GS[2] (B, C) = sum_s dx of sample b's channels c (their sum over the samples is dinput_bias), from
+    dx = rstd (dz k - c1 - xhat c2): rstd (k s1 - S c1 - c2 s3), s3 = sum_s xhat; no pass over dx."""
+    tl.store(GS + 2 * BC + b * C + c, rstd * (k * s1 - S * c1 - c2 * s3), mask=cmask)
 
 
 @triton.jit
@@ -389,10 +396,12 @@ def _dz(x, dy, mask, mean, rstd, k, d, ACT: tl.constexpr):
 
 @triton.jit
 def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel sum dz and sum dz * xhat over rows [lo, hi) (next tiles prefetched)."""
+                    HAS_XB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel sum dz, sum dz * xhat and (with an input bias, else zeros) sum xhat over rows [lo, hi)
+    (next tiles prefetched)."""
     s1 = tl.zeros([BLOCK_C], tl.float32)
     s2 = tl.zeros([BLOCK_C], tl.float32)
+    s3 = tl.zeros([BLOCK_C], tl.float32)
     xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
     dyn = _load_rows(DY, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
     for r in range(lo, hi, BLOCK_S):
@@ -403,7 +412,9 @@ def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rst
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
         s1 += tl.sum(dz, axis=0)
         s2 += tl.sum(dz * xhat, axis=0)
-    return s1, s2
+        if HAS_XB:
+            s3 += tl.sum(xhat, axis=0)
+    return s1, s2, s3
 
 
 @triton.jit
@@ -440,22 +451,25 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
         s1 = tl.sum(dz, axis=0)
         s2 = tl.sum(dz * xhat, axis=0)
+        s3 = tl.sum(xhat, axis=0)
         c1 = _group_total(k * s1, GPB, CGP) / n
         c2 = _group_total(k * s2, GPB, CGP) / n
         dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     else:
-        s1, s2 = _chan_grad_sums(X, DY, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, ACT,
-                                 BLOCK_S, BLOCK_C)
+        s1, s2, s3 = _chan_grad_sums(X, DY, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, ACT,
+                                     HAS_XB, BLOCK_S, BLOCK_C)
         c1 = _group_total(k * s1, GPB, CGP) / n
         c2 = _group_total(k * s2, GPB, CGP) / n
         _bwd_apply_rows(X, DY, DX, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT,
                         BLOCK_S)
     _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2, HAS_W, HAS_B, HAS_SC)
+    if HAS_XB:
+        _store_input_bias_grad(GS, b, c, cmask, C, BC, rstd, k, s1, s3, c1, c2, S)
 
 
 @triton.jit
-def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl.constexpr, stride_c, stride_s,
+def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, PS3, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                  ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                  HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr,
                  BLOCK_C: tl.constexpr):
@@ -463,36 +477,45 @@ def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, C, S, G, CG: tl
     part, lo, hi = _rows(S, ROWS, False)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
-    s1, s2 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
-                             BLOCK_S, BLOCK_C)
+    s1, s2, s3 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
+                                 HAS_XB, BLOCK_S, BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
     tl.store(PS1 + out, s1, mask=cmask)
     tl.store(PS2 + out, s2, mask=cmask)
+    if HAS_XB:
+        tl.store(PS3 + out, s3, mask=cmask)
 
 
 @triton.jit
-def _bwd_finalize(PS1, PS2, W, Bi, SC, SH, XB, DSH, DSC, GS, C1, C2, C, S, G, CG, ROWS, BC,
+def _bwd_finalize(PS1, PS2, PS3, RSTD, W, Bi, SC, SH, XB, DSH, DSC, GS, C1, C2, C, S, G, CG, ROWS, BC,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                   HAS_XB: tl.constexpr, CGP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per (sample, group): the per-channel sums s1, s2 over all parts (the parameter
-    gradients' terms from them, _store_param_grads), and the group's c1 = sum_c k s1 / n and
-    c2 = sum_c k s2 / n (n = S * CG) that dx needs, (B, G) each."""
+    """One program per (sample, group): the per-channel sums s1, s2 (and s3 with an input bias) over all
+    parts (the parameter gradients' terms from them, _store_param_grads, _store_input_bias_grad), and
+    the group's c1 = sum_c k s1 / n and c2 = sum_c k s2 / n (n = S * CG) that dx needs, (B, G) each."""
     pid = tl.program_id(0)
     b, g = pid // G, pid % G
     nsplit = tl.cdiv(S, ROWS)
     idx, j, cl, cmask = _finalize_channels(b, g, C, CG, nsplit, CGP, BLOCK_K)
     s1 = tl.zeros([CGP], tl.float32)
     s2 = tl.zeros([CGP], tl.float32)
+    s3 = tl.zeros([CGP], tl.float32)
     for j0 in range(0, nsplit, BLOCK_K):
         m = ((j0 + j) < nsplit)[:, None] & cmask[None, :]
         s1 += tl.sum(tl.load(PS1 + idx + j0 * C, mask=m, other=0.0), axis=0)
         s2 += tl.sum(tl.load(PS2 + idx + j0 * C, mask=m, other=0.0), axis=0)
+        if HAS_XB:
+            s3 += tl.sum(tl.load(PS3 + idx + j0 * C, mask=m, other=0.0), axis=0)
     c = g * CG + cl
     k, _ = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     n = (S * 1.0) * CG
     _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2, HAS_W, HAS_B, HAS_SC)
-    tl.store(C1 + pid, tl.sum(tl.where(cmask, k * s1, 0.0), axis=0) / n)
-    tl.store(C2 + pid, tl.sum(tl.where(cmask, k * s2, 0.0), axis=0) / n)
+    c1 = tl.sum(tl.where(cmask, k * s1, 0.0), axis=0) / n
+    c2 = tl.sum(tl.where(cmask, k * s2, 0.0), axis=0) / n
+    tl.store(C1 + pid, c1)
+    tl.store(C2 + pid, c2)
+    if HAS_XB:
+        _store_input_bias_grad(GS, b, c, cmask, C, BC, tl.load(RSTD + pid), k, s1, s3, c1, c2, S)
 
 
 @triton.jit
@@ -695,27 +718,29 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
              num_groups: int, silu: bool, channels_last: bool,
              input_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """dx (x's layout), dshift and dscale (B, C) in shift's and scale's dtypes (fp32 without them), and
-    (2, B, C) fp32 gain * s1, gain * s2, whose sums over the batch are dbias and dweight
-    (_store_param_grads; s1 = sum_s dz, s2 = sum_s dz * xhat; all computed in fp32). dy has x's layout;
-    mean, rstd those of the forward (of x + input_bias)."""
+    (2, B, C) fp32 gain * s2, gain * s1, whose sums over the batch are dweight and dbias
+    (_store_param_grads; s1 = sum_s dz, s2 = sum_s dz * xhat; all computed in fp32), with a third row
+    sum_s dx with an input bias (its sum over the batch is dinput_bias: _store_input_bias_grad). dy has
+    x's layout; mean, rstd those of the forward (of x + input_bias)."""
     B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, grid = _launch(x, weight, bias, scale, shift, input_bias,
                                                                         num_groups, channels_last, True)
     G = num_groups
     dx = torch.empty_like(x)
     dshift, dscale = (torch.empty(B, C, device=x.device, dtype=torch.float32 if t is None else t.dtype)
                       for t in (shift, scale))  # the dtypes autograd wants: no cast kernels after
-    gs = torch.empty(2, B, C, device=x.device, dtype=torch.float32)
+    gs = torch.empty(2 if input_bias is None else 3, B, C, device=x.device, dtype=torch.float32)
     grads = (dshift, dscale, gs)
     if p.fused:
         _bwd_fused[grid](x, dy, dx, *ptrs, mean, rstd, *grads, C, S, G, C // G, stride_c, stride_s, B * C, **flags,
                          ACT=silu, CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
         return (dx, *grads)
-    part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial s1, s2
-    _bwd_partial[grid](x, dy, *ptrs, mean, rstd, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows,
-                       **flags, ACT=silu, **blocks, num_warps=p.num_warps)
+    part = torch.empty(len(gs), B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial s1, s2 (, s3)
+    ps3 = part[-1]  # not written without an input bias
+    _bwd_partial[grid](x, dy, *ptrs, mean, rstd, part[0], part[1], ps3, C, S, G, C // G, stride_c, stride_s,
+                       p.rows, **flags, ACT=silu, **blocks, num_warps=p.num_warps)
     c12 = torch.empty(2, B, G, device=x.device, dtype=torch.float32)
-    _bwd_finalize[(B * G,)](part[0], part[1], *ptrs, *grads, c12[0], c12[1], C, S, G, C // G, p.rows, B * C,
-                            **flags, **_finalize_blocks(C // G))
+    _bwd_finalize[(B * G,)](part[0], part[1], ps3, rstd, *ptrs, *grads, c12[0], c12[1], C, S, G, C // G, p.rows,
+                            B * C, **flags, **_finalize_blocks(C // G))
     _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, c12[0], c12[1], C, S, G, C // G, stride_c, stride_s, p.rows,
                            **flags, ACT=silu, **blocks, num_warps=p.num_warps)
     return (dx, *grads)

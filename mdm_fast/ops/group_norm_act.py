@@ -18,7 +18,8 @@ through it). The forward saves only x and the (B, G) fp32 mean and rstd.
 ``input_bias``: a (C,) bias added to x before the norm, ``group_norm(x + input_bias[c])``: the bias of
 the convolution that produced x, which then runs without it (the fast ResNet's ``conv1`` before ``norm2``),
 so that no pass writes the sum. The kernels add it to the channels' statistics, in fp32; its gradient is
-dx summed over the batch and the pixels.
+dx summed over the batch and the pixels, which the triton kernels get from the sums they already make
+(with sum_s xhat), without a pass over dx.
 
 ``moments``: the op that produced a channels_last x may hand over x's partial moments, written as it
 wrote x (``concat_channels_for_norm``); the triton backend's split path then skips its statistics pass
@@ -114,18 +115,24 @@ def _ref_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps
     c1 = (k * s1).reshape(B, num_groups, -1).sum(-1) / n  # (B, G)
     c2 = (k * s2).reshape(B, num_groups, -1).sum(-1) / n
     expand = lambda t: t.repeat_interleave(C // num_groups, dim=1)[..., None]  # (B, G) -> (B, C, 1)
-    dx = expand(rstd) * (dz * k[..., None] - expand(c1) - xhat * expand(c2))
+    dx = expand(rstd) * (dz * k[..., None] - expand(c1) - xhat * expand(c2))  # (B, C, S)
+    dx_terms = None if input_bias is None else dx.sum(2)  # (B, C), from dx before it is rounded
     dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=_format(x))
-    return (dx, *(g.float() for g in _param_grads(s1, s2, weight, bias, scale)))
+    terms, dscale, dshift = _param_grads(s1, s2, weight, bias, scale, dx_terms)
+    return dx, terms.float(), dscale.float(), dshift.float()
 
 
-def _param_grads(s1: Tensor, s2: Tensor, weight, bias, scale) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dweight, dbias (C,) and dscale, dshift (B, C) from s1 = sum_s dz, s2 = sum_s dz * xhat (B, C)."""
+def _param_grads(s1: Tensor, s2: Tensor, weight, bias, scale,
+                 dx_terms: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """From s1 = sum_s dz, s2 = sum_s dz * xhat (B, C): the per-sample terms (2, B, C) of dweight and
+    dbias, with ``dx_terms`` (sum_s dx, (B, C), with an input bias) as a third row, and dscale, dshift
+    (B, C)."""
     dscale = s2 * weight.float() if weight is not None else s2.clone()
     if bias is not None:
         dscale = dscale + s1 * bias.float()
     gain = 1 + scale.float() if scale is not None else 1.0  # (B, C)
-    return (gain * s2).sum(0), (gain * s1).sum(0), dscale, s1
+    rows = [gain * s2, gain * s1] + ([] if dx_terms is None else [dx_terms])
+    return torch.stack(rows), dscale, s1
 
 
 def _small(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -146,7 +153,7 @@ def _triton_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, 
     dy = dy.contiguous(memory_format=_format(x))
     dx, dshift, dscale, gs = kern.backward(dy, x, w, b, sc, sh, mean, rstd, num_groups, silu, _is_channels_last(x),
                                            xb)
-    return dx, gs[1].sum(0), gs[0].sum(0), dscale, dshift  # the kernels wrote the per-sample terms
+    return dx, gs, dscale, dshift  # the kernels wrote the per-sample terms of dweight, dbias (, dinput_bias)
 
 
 # -- cuda (mdm_fast._C): raw pointers, fp32 parameters, the caller's stream
@@ -204,7 +211,8 @@ def _cuda_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, ep
                        mean.data_ptr(), rstd.data_ptr(), ps1.data_ptr(), ps2.data_ptr(), s1.data_ptr(),
                        s2.data_ptr(), coef.data_ptr(), B, C, S, num_groups, rows, cl, silu,
                        _CUDA_DTYPE[x.dtype], torch.cuda.current_stream(x.device).cuda_stream)
-    return (dx, *_param_grads(s1, s2, weight, bias, scale))
+    dx_terms = None if input_bias is None else dx.sum(dim=list(range(2, dx.dim())), dtype=torch.float32)
+    return (dx, *_param_grads(s1, s2, weight, bias, scale, dx_terms))
 
 
 _FORWARD: Dict[str, Callable] = {"ref": _ref_forward, "triton": _triton_forward, "cuda": _cuda_forward}
@@ -236,13 +244,15 @@ def _(x, weight, bias, scale, shift, num_groups, eps, act, backend, moments=None
 def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    num_groups: int, eps: float, act: str, backend: str,
-                   input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dscale, dshift); the parameter gradients are (C,) fp32 and (B, C) in scale's and
-    shift's dtypes (fp32 where absent: computed either way). dx is also the gradient of x + input_bias
-    (dinput_bias: dx summed over batch and pixels)."""
-    dx, dweight, dbias, dscale, dshift = _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd,
-                                                            num_groups, eps, act == "silu", input_bias)
-    return dx, dweight, dbias, _in_dtype_of(dscale, scale), _in_dtype_of(dshift, shift)
+                   input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dparams, dscale, dshift): dparams (2, C) fp32 holds dweight and dbias, and dinput_bias as a
+    third row with an input bias (dx summed over the batch and the pixels, before dx is rounded to x's
+    dtype; dx is also the gradient of x + input_bias); dscale and dshift (B, C) in scale's and shift's
+    dtypes (fp32 where absent: computed either way). The backends hand over the per-sample terms of
+    dparams: one sum over the batch makes them."""
+    dx, terms, dscale, dshift = _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps,
+                                                   act == "silu", input_bias)
+    return dx, terms.sum(1), _in_dtype_of(dscale, scale), _in_dtype_of(dshift, shift)
 
 
 def _in_dtype_of(g: Tensor, t: Optional[Tensor]) -> Tensor:
@@ -255,9 +265,9 @@ group_norm_act_bwd = torch.library.custom_op("mdm_fast::group_norm_act_bwd", mut
 @group_norm_act_bwd.register_fake
 def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, act, backend, input_bias=None):
     B, C = x.shape[:2]
-    per_c = x.new_empty((C,), dtype=torch.float32)
+    dparams = x.new_empty((2 if input_bias is None else 3, C), dtype=torch.float32)
     dscale, dshift = (x.new_empty((B, C), dtype=torch.float32 if t is None else t.dtype) for t in (scale, shift))
-    return torch.empty_like(x), per_c, torch.empty_like(per_c), dscale, dshift
+    return torch.empty_like(x), dparams, dscale, dshift
 
 
 def _setup_context(ctx, inputs, output):
@@ -273,14 +283,11 @@ def _grads(ctx, dy, backward: Callable) -> tuple:
     if dy is None:
         return (None,) * 11
     x, weight, bias, scale, shift, input_bias, mean, rstd = ctx.saved_tensors
-    grads = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config, input_bias)
-    dx, params = grads[0], grads[1:]
+    dx, dparams, dscale, dshift = backward(dy, x, weight, bias, scale, shift, mean, rstd, *ctx.config, input_bias)
+    grads = [*dparams[:2], dscale, dshift]
     wanted = (weight, bias, scale, shift)
-    dinput_bias = None
-    if input_bias is not None and ctx.needs_input_grad[10]:
-        dims = [0, *range(2, dx.dim())]  # (C,): summed over the batch and the pixels, in fp32
-        dinput_bias = dx.sum(dim=dims, dtype=torch.float32).to(input_bias.dtype)
-    return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(params, wanted)), None, None, None, None,
+    dinput_bias = dparams[2].to(input_bias.dtype) if input_bias is not None and ctx.needs_input_grad[10] else None
+    return (dx, *(g.to(t.dtype) if t is not None else None for g, t in zip(grads, wanted)), None, None, None, None,
             None, dinput_bias)
 
 
