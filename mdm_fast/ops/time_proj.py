@@ -43,7 +43,9 @@ class ParamCache:
     in-place version counter (``load_state_dict`` and ``copy_`` bump it), dtype or device, or the
     ``extra`` key. For weights derived for sampling (concatenated, folded). Built anew at every call
     when a parameter requires a gradient: an optimiser may update it, and a fused one
-    (``torch.optim.AdamW(fused=True)``) leaves version counters as they were, so a key cannot see it.
+    (``torch.optim.AdamW(fused=True)``) leaves version counters as they were, so a key cannot see it
+    (requires_grad, not the grad mode: a custom op runs its implementation with gradients off, in a
+    training step too).
     Sampling keeps the value through parameters that need no gradient: the copies of
     :class:`mdm_fast.models.CastWeights`, an EMA model, a model after ``requires_grad_(False)``."""
 
