@@ -52,8 +52,9 @@ Tiles are (BLOCK_S rows, BLOCK_C channels); BLOCK_C = GPB * next_pow2(C/G) (GPB 
 power of two), or next_pow2(C) on the whole-row split path (GPB = G). Everything is computed in fp32.
 The backward also writes, per (sample, channel), from
   s1 = sum_s dz        s2 = sum_s dz * xhat     (dz = dL/d(pre-activation))
-the parameter gradients' terms: dshift = s1, dscale = s2 w + s1 bias, and gain s1, gain s2 (gain =
-1 + scale), whose sums over the batch are dbias and dweight (one reduction in ``mdm_fast.ops``).
+the parameter gradients' terms: dshift = s1, dscale = s2 w + s1 bias, and gain s2, gain s1 (gain =
+1 + scale), with an input bias also sum_s dx (from s1, s2 and sum_s xhat), whose sums over the batch
+are dweight, dbias and dinput_bias (one reduction in ``mdm_fast.ops``).
 """
 from __future__ import annotations
 

@@ -95,10 +95,12 @@ def _derived(derive: Callable[[Tensor], Tensor], weight: Tensor) -> Tensor:
     """``derive(weight)``, kept while ``weight`` lives and rebuilt when it changes (:class:`ParamCache`:
     only for a weight that needs no gradient). Never kept for an inference tensor (no version counter)
     or a traced one (fake, functional)."""
-    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference():
+    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference() or not ParamCache.keeps([weight]):
         return derive(weight)
-    cache = _DERIVED.setdefault(weight, {}).setdefault(derive, ParamCache())
-    return cache.get([weight], lambda: derive(weight))
+    caches = _DERIVED.setdefault(weight, {})
+    if derive not in caches:
+        caches[derive] = ParamCache()
+    return caches[derive].get([weight], lambda: derive(weight))
 
 
 def _phases_as_one_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], fmt: torch.memory_format) -> Tensor:

@@ -52,9 +52,14 @@ class ParamCache:
     def __init__(self):
         self._entry: Optional[Tuple[list, list, Any]] = None
 
+    @staticmethod
+    def keeps(params: Sequence[Optional[Tensor]]) -> bool:
+        """Whether a value built from ``params`` is kept: none of them requires a gradient."""
+        return not any(p is not None and p.requires_grad for p in params)
+
     def get(self, params: Sequence[Optional[Tensor]], build: Callable[[], Any], extra: Any = None) -> Any:
         params = list(params)
-        if any(p is not None and p.requires_grad for p in params):
+        if not self.keeps(params):
             return build()
         key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params] + [extra]
         e = self._entry
