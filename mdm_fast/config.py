@@ -24,7 +24,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from mdm_fast.config_values import coerce, field_kinds, none_string, parse_override
 from mdm_fast.data.reader_config import ReaderConfig
+from mdm_fast.files import write_text_atomic
 
 _ALIASES = {"vision_model": "model"}
 
@@ -124,13 +126,13 @@ class ExperimentConfig:
     def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            write_text_atomic(path, text)
         return text
 
     def replace(self, **overrides) -> "ExperimentConfig":
         d = self.to_dict()
         for k, v in overrides.items():
-            set_dotted(d, k, v)
+            apply_override(d, k, v)
         return load_experiment(d)
 
 
@@ -154,47 +156,21 @@ def _undash(d: Any) -> Any:
     return d
 
 
-def _none_string(v: Any) -> Any:
-    return None if isinstance(v, str) and v.strip().lower() in ("none", "null") else v
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Cast a YAML / command-line value to the type of the field's default."""
-    value = _none_string(value)
-    if value is None or default is None:
-        return value
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("true", "yes", "1"):
-                    return True
-                if low in ("false", "no", "0"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, str):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config field {name!r}: expected {type(default).__name__}, got {value!r}") from None
-    return value
-
-
 def _dataclass_from(cls, d: Dict[str, Any], where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
     inst = cls()
+    kinds = field_kinds(cls)
     for k, v in d.items():
-        setattr(inst, k, _coerce(f"{where}.{k}", v, getattr(inst, k)))
+        setattr(inst, k, coerce(f"{where}.{k}", v, kinds[k]))
     return inst
+
+
+# Fields the public YAMLs set at the top level that belong to the nested diffusion config: one setting
+# in two places. A file that sets both differently is refused; an override of either sets both.
+MIRRORED = ("mixed_ratio", "multi_res_weights")
 
 
 def _diffusion_config(model: str, d: Dict[str, Any], top: Dict[str, Any]):
@@ -202,11 +178,42 @@ def _diffusion_config(model: str, d: Dict[str, Any], top: Dict[str, Any]):
 
     d = dict(d or {})
     if model != "unet":
-        for key in ("mixed_ratio", "multi_res_weights"):  # top-level in the public YAMLs
-            if top.get(key) is not None:
-                d[key] = top[key]
+        for key in MIRRORED:
+            section, value = none_string(d.get(key)), none_string(top.get(key))
+            if value is not None and section is not None and str(section) != str(value):
+                raise ValueError(f"config: {key}={value!r} contradicts diffusion_config.{key}={section!r} "
+                                 "(one setting: give one of them, or the same value)")
+            if value is not None:
+                d[key] = value
         return dconf.NestedDiffusionConfig.from_dict(d)
     return dconf.DiffusionConfig.from_dict(d)
+
+
+def _override_kind(key: str) -> Optional[type]:
+    """The annotated type of the field a dotted override names (None where not a scalar field)."""
+    from mdm_fast.diffusion.config import NestedDiffusionConfig, SamplerConfig
+    from mdm_fast.reference.config import NestedUNetConfig
+
+    sections = {"diffusion_config": NestedDiffusionConfig, "sampler_config": SamplerConfig,
+                "reader_config": ReaderConfig, "unet_config": NestedUNetConfig, "inner_config": NestedUNetConfig}
+    *path, name = key.split(".")
+    cls = ExperimentConfig
+    for part in path:
+        cls = sections.get(part)
+        if cls is None:
+            return None
+    return field_kinds(cls).get(name)
+
+
+def apply_override(raw: Dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` of the config dict ``raw``; a mirrored field is set in both of its places."""
+    set_dotted(raw, key, value)
+    name = key.rpartition(".")[2]
+    if name in MIRRORED and key in (name, f"diffusion_config.{name}"):
+        raw[name] = value
+        section = raw.get("diffusion_config")
+        if isinstance(section, dict) and name in section:
+            section[name] = value
 
 
 def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
@@ -231,7 +238,8 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r}: expected KEY=VALUE (dotted keys reach nested configs)")
-        set_dotted(raw, key.replace("-", "_"), yaml.safe_load(value))
+        key = key.replace("-", "_")
+        apply_override(raw, key, parse_override(value, _override_kind(key)))
     for alias, target in _ALIASES.items():
         if alias in raw:
             value = raw.pop(alias)
@@ -250,15 +258,28 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
     cfg = _dataclass_from(ExperimentConfig, flat, "experiment config")
     for key, build in sections.items():
         setattr(cfg, key, build(_plain(raw.get(key))))
-    if cfg.num_gradient_accumulations < 1:
-        raise ValueError(f"num_gradient_accumulations: expected >= 1, got {cfg.num_gradient_accumulations}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    _check_ranges(cfg)
     if cfg.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"distributed: expected 'ddp' or 'fsdp', got {cfg.distributed!r}")
     if cfg.cuda_graphs not in ("auto", "on", "off"):
         raise ValueError(f"cuda_graphs: expected 'auto', 'on' or 'off', got {cfg.cuda_graphs!r}")
     return cfg
+
+
+# (field, lowest allowed value, highest, whether the lowest is allowed)
+_RANGES = (("num_gradient_accumulations", 1, None, True), ("batch_size", 1, None, True), ("lr", 0, None, False),
+           ("gradient_clip_norm", 0, None, False), ("warmup_steps", 0, None, True), ("log_freq", 1, None, True),
+           ("save_freq", 1, None, True), ("sample_freq", 0, None, True), ("keep_checkpoints", 1, None, True),
+           ("cond_drop_prob", 0, 1, True), ("ema_decay", 0, 1, True), ("ema_warmup_steps", 0, None, True),
+           ("loss_factor", 0, None, False))
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
+    for name, low, high, closed in _RANGES:
+        value = getattr(cfg, name)
+        if value is None or value < low or (value == low and not closed) or (high is not None and value > high):
+            bound = f"{'>=' if closed else '>'} {low}" + ("" if high is None else f" and <= {high}")
+            raise ValueError(f"{name}: expected {bound}, got {value!r}")
 
 
 def set_dotted(d: Dict[str, Any], key: str, value: Any) -> None:

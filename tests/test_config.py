@@ -98,3 +98,43 @@ def test_bad_values_and_overrides():
     cfg = load_experiment(_minimal(), ["batch_size=7", "reader_config.image_size=24", "lr=3e-4", "sample-dir=s"])
     assert (cfg.batch_size, cfg.reader_config.image_size, cfg.lr, cfg.sample_dir) == (7, 24, 3e-4, "s")
     assert cfg.replace(batch_size=3).batch_size == 3
+
+
+def _nested(**top):
+    return {"model": "nested_unet", "unet_config": {"inner_config": {}},
+            "diffusion_config": {"no_use_residual": True, "use_double_loss": True}, **top}
+
+
+def test_values_take_their_fields_types():
+    sampler = "diffusion_config.sampler_config"
+    cfg = load_experiment(_minimal(), [f"{sampler}.beta_start=1e-4", f"{sampler}.schedule_shifted='false'",
+                                       f"{sampler}.rescale_signal=None", "diffusion_config.model_output_scale=1e0",
+                                       "output_dir=0123", "seed=1e3"])
+    sc = cfg.diffusion_config.sampler_config
+    assert (sc.beta_start, sc.schedule_shifted, sc.rescale_signal) == (1e-4, False, None)
+    assert (cfg.diffusion_config.model_output_scale, cfg.output_dir, cfg.seed) == (1.0, "0123", 1000)
+    # in a YAML file: 1e-4 is read as a string, a quoted 'false' too
+    d = _minimal()
+    d["diffusion_config"] = {"sampler_config": {"beta_start": "1e-4", "schedule_shifted": "false"}}
+    sc = load_experiment(d).diffusion_config.sampler_config
+    assert (sc.beta_start, sc.schedule_shifted) == (1e-4, False)
+    for bad, field in ((f"{sampler}.schedule_shifted=maybe", "schedule_shifted"), ("seed=1.5", "seed"),
+                       (f"{sampler}.beta_end=much", "beta_end")):
+        with pytest.raises(ValueError, match=f"{field}.*expected"):
+            load_experiment(_minimal(), [bad])
+
+
+def test_top_level_mixed_ratio_and_weights_are_one_setting_with_the_diffusion_configs():
+    cfg = load_experiment(_nested(mixed_ratio="2:1"))
+    assert cfg.diffusion_config.mixed_ratio == "2:1"
+    for key in ("mixed_ratio", "diffusion_config.mixed_ratio"):  # an override of either sets both
+        cfg = load_experiment(_nested(mixed_ratio="2:1"), [f"{key}=3:1"])  # (YAML would read 3:1 as 181)
+        assert (cfg.mixed_ratio, cfg.diffusion_config.mixed_ratio) == ("3:1", "3:1"), key
+        cfg = cfg.replace(**{key: "1:1"})
+        assert (cfg.mixed_ratio, cfg.diffusion_config.mixed_ratio) == ("1:1", "1:1"), key
+    cfg = load_experiment(_nested(multi_res_weights="16:4"), ["diffusion_config.multi_res_weights=1:1"])
+    assert (cfg.multi_res_weights, cfg.diffusion_config.multi_res_weights) == ("1:1", "1:1")
+    d = _nested(mixed_ratio="2:1")
+    d["diffusion_config"]["mixed_ratio"] = "3:1"
+    with pytest.raises(ValueError, match=r"mixed_ratio='2:1' contradicts diffusion_config.mixed_ratio='3:1'"):
+        load_experiment(d)

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
+from mdm_fast.config_values import coerce, field_kinds
+
 
 class _NamedEnum(enum.Enum):
     """An enum parsed from its name in any case (``"deepfloyd"``, ``"V_PREDICTION"``)."""
@@ -56,7 +58,8 @@ def _from_dict(cls: Type[T], d: Dict[str, Any], ignored=()) -> T:
     unknown = sorted(set(d) - names - set(ignored))
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}")
-    return cls(**{k: v for k, v in d.items() if k in names})
+    kinds = field_kinds(cls)
+    return cls(**{k: coerce(f"{cls.__name__}.{k}", v, kinds[k]) for k, v in d.items() if k in names})
 
 
 def _to_dict(obj) -> Dict[str, Any]:

@@ -1,0 +1,75 @@
+"""Config values from YAML files and ``KEY=VALUE`` overrides, converted to their dataclass field's
+annotated type (bool, int, float, str, or Optional of one), with a ValueError naming the field.
+
+YAML guesses types from the text: ``1e-4`` is a string, ``'false'`` quoted is a string, ``2:1`` is the
+integer 121 and ``0123`` the integer 83 (YAML 1.1). A field's annotation decides instead: an override
+of a str field keeps its text as typed, and every value of a bool/int/float field is converted or
+rejected. ``None`` / ``null`` (any case) is None for every field, as in the public YAMLs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from typing import Any, Dict, Optional
+
+import yaml
+
+SCALARS = (bool, int, float, str)
+
+
+def none_string(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() in ("none", "null") else value
+
+
+@functools.lru_cache(maxsize=None)
+def field_kinds(cls) -> Dict[str, Optional[type]]:
+    """Field name -> bool/int/float/str (Optional unwrapped), or None for any other annotation."""
+    hints = typing.get_type_hints(cls)
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(args) == 1:
+            kind = args[0]
+        kinds[f.name] = kind if kind in SCALARS else None
+    return kinds
+
+
+def coerce(name: str, value: Any, kind: Optional[type]) -> Any:
+    """``value`` as a ``kind`` (see :func:`field_kinds`; None: as it is)."""
+    value = none_string(value)
+    if value is None or kind is None:
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "yes", "on", "1"):
+                    return True
+                if low in ("false", "no", "off", "0"):
+                    return False
+                raise ValueError
+            if value not in (0, 1):
+                raise ValueError
+            return bool(value)
+        if kind is int:
+            if isinstance(value, str):
+                value = float(value) if any(ch in value for ch in ".eE") else int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {name!r}: expected {kind.__name__}, got {value!r}") from None
+
+
+def parse_override(text: str, kind: Optional[type]) -> Any:
+    """An override's text as YAML, except for a str field, whose text is kept as typed."""
+    if kind is str:
+        return none_string(text)
+    return yaml.safe_load(text)
