@@ -261,6 +261,7 @@ def test_dispatch_rules(monkeypatch):
     (dict(cond_mask=torch.ones(2, 3)), "cond_mask given without"),
     (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), "float16, bfloat16 or float32"),
     (dict(self_mask=torch.ones(2, 4)), r"self_mask must have shape \(B, S\)"),
+    (dict(scale=-0.5), r"scale must be a finite float > 0"),
 ])
 def test_bad_inputs_raise(bad, match):
     args = dict(q=torch.randn(2, 2, 5, 16), k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16))

@@ -47,6 +47,13 @@ def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, r
         torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-5 * shape[0] * shape[2] * shape[3])
 
 
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_a_strided_or_expanded_bias(impl):
+    x = torch.randn(2, 4, 3, 5, device=DEVICE)
+    for b in (torch.arange(8.0, device=DEVICE)[::2], torch.tensor([0.5], device=DEVICE).expand(4)):
+        torch.testing.assert_close(bias_add(x, b, impl=impl), x + b[:, None, None])
+
+
 def test_opcheck():
     x, b, r = _inputs((2, 3, 4, 5), torch.float32, True, True, device="cpu")
     torch.library.opcheck(torch.ops.mdm_fast.bias_add, (x, b, r, "ref"))

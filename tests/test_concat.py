@@ -107,6 +107,9 @@ def test_dispatch_reasons():
     assert "torch.cat promotes" in dispatch.why_not("concat_channels", "triton", a, b.half())
     with pytest.raises(BackendUnavailable, match="channels_last"):
         concat_channels(a.contiguous(), b, impl="triton")
+    empty_a, empty_b = a[:0], b[:0]  # an empty batch: nothing to launch, torch.cat's result
+    assert "empty" in dispatch.why_not("concat_channels", "triton", empty_a, empty_b)
+    assert concat_channels(empty_a, empty_b).shape == (0, 8, 3, 3)
 
 
 @pytest.mark.parametrize("args,match", [

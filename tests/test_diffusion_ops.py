@@ -192,6 +192,9 @@ def test_update_validation():
         sampler_update(x, p, g_t, g_s, thresh="soft")
     with pytest.raises(BackendUnavailable, match="some levels"):
         sampler_update(x, p, g_t, g_s, [n[0], None], impl="triton")
+    empty = [t[:0] for t in x]  # an empty batch: the ref backend's empty result, not a launch error
+    x0, x_s, _ = sampler_update(empty, [t[:0] for t in p], g_t[:, :0], g_s[:, :0], [t[:0] for t in n])
+    assert [tuple(t.shape) for t in x_s] == [(0, 3, 4, 4), (0, 3, 2, 2)]
 
 
 def test_custom_ops_opcheck():

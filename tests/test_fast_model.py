@@ -9,6 +9,7 @@ import torch
 
 import mdm_fast
 from mdm_fast.models import set_activation_checkpointing, set_channels_last
+from mdm_fast.ops import use_impl
 from mdm_fast.models.fast import FastConv2d, FastNestedUNet, FastUNet, _recomputed_input
 from mdm_fast.reference import build_model as build_reference
 from norm_paths import force_whole_rows
@@ -218,6 +219,26 @@ def test_channels_last_model_matches_reference():
 def test_optimize_rejects_other_modules():
     with pytest.raises(ValueError, match="UNet"):
         mdm_fast.optimize(torch.nn.Linear(2, 2))
+    ref = build_reference("nested_unet", tiny_nested_config())
+    with pytest.raises(ValueError, match="torch.compile wrapper"):
+        mdm_fast.optimize(torch.compile(ref))
+
+
+def test_a_global_backend_preference_runs_the_whole_model(monkeypatch):
+    """MDM_FAST_IMPL / use_impl name a backend that some ops lack (the norms have no torch backend, the
+    nesting adapters no triton one): those ops choose automatically, as with build_model(impl=)."""
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    args = tiny_inputs()
+    with torch.no_grad():
+        want = ref(*args)
+        monkeypatch.setenv("MDM_FAST_IMPL", "torch")
+        env = fast(*args)
+        monkeypatch.delenv("MDM_FAST_IMPL")
+        with use_impl("torch"):
+            ctx = fast(*args)
+    for w, a, b in zip(want, env, ctx):
+        assert (w - a).abs().max().item() <= FP32_ATOL["ref"] and torch.equal(a, b)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -401,6 +422,29 @@ def test_cast_weights_gives_autocasts_numbers_without_its_casts(fast):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert n_plain > 0 and n_cast == 0, (n_plain, n_cast)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+
+
+def test_writes_through_data_need_forget_derived_weights():
+    """A frozen model keeps the weights it derives (time and text projections, sub-pixel upsample
+    weights) while no version counter moves; a write through .data moves none, and
+    forget_derived_weights() makes them rebuild."""
+    from mdm_fast.models import forget_derived_weights
+
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).eval().requires_grad_(False)
+    args = tiny_inputs(2)
+    with torch.no_grad():
+        model(*args)  # derives and keeps
+        for p in model.parameters():
+            p.data.mul_(1.5)  # seen by no version counter
+        fresh = copy.deepcopy(model)
+        want = fresh(*args)
+        forget_derived_weights()
+        for a, b in zip(want, model(*args)):
+            torch.testing.assert_close(a, b)
+        for p in model.parameters():
+            p.mul_(0.5)  # an in-place op under no_grad: seen without help
+        for a, b in zip(copy.deepcopy(model)(*args), model(*args)):
+            torch.testing.assert_close(a, b)
 
 
 def test_cast_weights_is_a_snapshot_that_keeps_what_the_model_derives(monkeypatch):

@@ -398,6 +398,10 @@ def test_overrides(monkeypatch):
     with use_impl("ref"):
         assert _resolve(x) == "ref"
     assert _resolve(x, impl="ref") == "ref"
+    with use_impl("sdpa"):  # a global preference this op has no backend for: automatic choice
+        assert _resolve(x) == _resolve(x, impl="auto")
+    with pytest.raises(BackendUnavailable, match="no sdpa backend"):
+        _resolve(x, impl="sdpa")  # named in the call: an error
 
 
 def test_explicit_backend_that_cannot_run_says_why(monkeypatch):

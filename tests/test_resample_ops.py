@@ -128,6 +128,14 @@ def test_upsample_conv3x3_backward(monkeypatch, impl, fmt, bias):
         assert _max_err(a, e) <= _tol(dtype, e.abs().max().item())
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_upsample_conv3x3_strided_bias(monkeypatch, impl):
+    x, w = _rand(1, 4, 3, 5), _rand(6, 4, 3, 3)
+    for b in (_rand(12)[::2], torch.tensor([0.5]).expand(6)):  # a strided and an expanded bias
+        ref = _public_upsample_conv(x.double(), w.double(), b.double())
+        assert _max_err(upsample_conv3x3(x, w, b, impl=impl), ref) <= _tol(torch.float32, ref.abs().max().item())
+
+
 def test_upsample_conv3x3_weight_grad_only():
     x, w = _rand(1, 3, 2, 3), _rand(4, 3, 3, 3, grad=True)
     (gw,) = torch.autograd.grad(upsample_conv3x3(x, w, None, impl="torch").sum(), [w])

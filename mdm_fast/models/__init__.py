@@ -26,6 +26,16 @@ def build_model(model_name: str, unet_config: Union[Dict[str, Any], UNetConfig],
     return convert(model, impl, channels_last)
 
 
+def forget_derived_weights() -> None:
+    """Make every fast model rebuild the weights it derives and keeps for sampling (time and text
+    projections, sub-pixel upsample weights). Needed only after writing a frozen model's weights through
+    ``.data``, which no version counter sees; ``copy_``, ``load_state_dict`` and in-place ops under
+    ``torch.no_grad()`` are seen."""
+    from mdm_fast.ops.time_proj import ParamCache
+
+    ParamCache.forget_all()
+
+
 def _depth(config) -> int:
     depth = 0
     while getattr(config, "inner_config", None) is not None:
@@ -40,6 +50,9 @@ def optimize(module: nn.Module, impl: str = "auto", channels_last: bool = True) 
     references to parameters stay valid) and returned. A model of the public code is rebuilt as
     a fast mdm_fast model with the same weights (a copy; the public instance is untouched).
     """
+    if isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        raise ValueError("optimize: got a torch.compile wrapper; pass the model itself "
+                         "(torch.compile(mdm_fast.optimize(model)) compiles the fast model)")
     if isinstance(module, reference.UNet):
         return convert(module, impl, channels_last)
     config = getattr(module, "config", None)

@@ -350,8 +350,8 @@ def _check_cond(q, k_cond, v_cond, cond_mask):
 def _scale(scale: Optional[float], d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite float, got {scale}")
+    if not math.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale}")
     return float(scale)
 
 

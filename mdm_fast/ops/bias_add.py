@@ -33,7 +33,7 @@ def _forward_impl(x: Tensor, bias: Tensor, residual: Optional[Tensor], backend: 
     if backend == "triton":
         from mdm_fast.kernels import bias_add as kernel
 
-        return kernel.bias_add(x, bias, residual, _channels_last(x))
+        return kernel.bias_add(x, bias.contiguous(), residual, _channels_last(x))  # the kernel reads bias[c]
     out = x + bias.to(x.dtype)[:, None, None]
     return out if residual is None else out + residual
 

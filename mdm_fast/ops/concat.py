@@ -87,7 +87,8 @@ def _triton_reason(a, b) -> Optional[str]:
         dispatch.triton_reason(a, b),
         dispatch.dtype_reason(_DTYPES, a, b),
         None if a.dtype == b.dtype else f"a is {a.dtype} and b {b.dtype} (torch.cat promotes)",
-        None if _channels_last(a) and _channels_last(b) else "the inputs are not both channels_last-dense")
+        None if _channels_last(a) and _channels_last(b) else "the inputs are not both channels_last-dense",
+        None if a.numel() and b.numel() else "an empty input (nothing to launch)")
 
 
 dispatch.register(OP, {"ref": lambda *a: None, "triton": _triton_reason}, preference=["triton", "ref"])

@@ -284,6 +284,7 @@ def _pyramid_triton_reason(images, ratios, gammas, noises, signal_scales, target
         dispatch.dtype_reason(_TRITON_DTYPES, images, *noises),
         None if len(ratios) <= MAX_LEVELS else f"more than {MAX_LEVELS} levels",
         None if all(_pow2(r) for r in ratios) else f"ratios {list(ratios)} are not all powers of two",
+        None if images.numel() else "an empty batch (nothing to launch)",
     )
 
 
@@ -294,6 +295,7 @@ def _update_triton_reason(x_t, pred, g_t, g_s, noise, signal_scales, kind, eta, 
         None if len(x_t) <= MAX_LEVELS else f"more than {MAX_LEVELS} levels",
         None if thresh in ("none", "clip") else f"threshold {thresh!r} needs a per-sample quantile (ref only)",
         None if len({n is None for n in noise}) == 1 else "noise given for some levels only",
+        None if all(x.numel() for x in x_t) else "an empty batch (nothing to launch)",
     )
 
 

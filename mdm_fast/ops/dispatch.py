@@ -117,9 +117,13 @@ def impl_for(op_name: str, impl: str) -> str:
 
 
 def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
-    """The concrete backend that will run ``op_name`` on these arguments."""
+    """The concrete backend that will run ``op_name`` on these arguments. A global request
+    (:func:`use_impl`, ``MDM_FAST_IMPL``) is a preference as :func:`impl_for` makes it: ops without that
+    backend choose automatically; an op that has it but cannot run these inputs raises, saying why."""
     want = requested_impl(impl)
     op = _REGISTRY[op_name]
+    if impl == "auto" and want != "auto":
+        want = impl_for(op_name, want)
     if want != "auto":
         reason = why_not(op_name, want, *args, **kwargs)
         if reason is not None:

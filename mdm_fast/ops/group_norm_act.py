@@ -344,7 +344,8 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, act, input_bias) -> N
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"group_norm_act: x must be (B, C, H, W) or (B, C, T, H, W), got {got}")
     if x.dtype not in _DTYPES:
-        raise ValueError(f"group_norm_act: x must be float16, bfloat16 or float32, got {_dtype_name(x.dtype)}")
+        raise ValueError(f"group_norm_act: x must be float16, bfloat16 or float32 (float64 on the ref backend), "
+                         f"got {_dtype_name(x.dtype)}")
     B, C = x.shape[:2]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"group_norm_act: num_groups must be a positive int dividing the {C} channels, "

@@ -174,7 +174,7 @@ def _upsample_conv3x3_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], im
 
         B, _, H, W = x.shape
         y = torch.empty((B, weight.shape[0], 2 * H, 2 * W), dtype=x.dtype, device=x.device, memory_format=fmt)
-        upsample_conv3x3_fwd(x, _derived(phase_weights, weight), bias, y)
+        upsample_conv3x3_fwd(x, _derived(phase_weights, weight), None if bias is None else bias.contiguous(), y)
     else:
         raise ValueError(f"upsample_conv3x3: unknown backend {impl!r}")
     return y.contiguous(memory_format=fmt)

@@ -47,10 +47,18 @@ class ParamCache:
     (requires_grad, not the grad mode: a custom op runs its implementation with gradients off, in a
     training step too).
     Sampling keeps the value through parameters that need no gradient: the copies of
-    :class:`mdm_fast.models.CastWeights`, an EMA model, a model after ``requires_grad_(False)``."""
+    :class:`mdm_fast.models.CastWeights`, an EMA model, a model after ``requires_grad_(False)``.
+    A write through ``p.data`` (``p.data.mul_(d)``, an old EMA idiom) bumps no version counter: after
+    one, :meth:`forget_all` (``mdm_fast.models.forget_derived_weights()``) makes every cache rebuild."""
+
+    _epoch = 0  # bumped by forget_all: part of every key
 
     def __init__(self):
         self._entry: Optional[Tuple[list, list, Any]] = None
+
+    @classmethod
+    def forget_all(cls) -> None:
+        cls._epoch += 1
 
     @staticmethod
     def keeps(params: Sequence[Optional[Tensor]]) -> bool:
@@ -61,7 +69,8 @@ class ParamCache:
         params = list(params)
         if not self.keeps(params):
             return build()
-        key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params] + [extra]
+        key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params]
+        key += [extra, ParamCache._epoch]
         e = self._entry
         if e is None or len(e[0]) != len(params) or any(a is not b for a, b in zip(e[0], params)) or e[1] != key:
             e = self._entry = (params, key, build())
