@@ -4,6 +4,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,10 +121,42 @@ def test_quick_demo_then_sample(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "3", "--num-per-prompt", "1", "--steps", "2",
                  "--precision", "bf16", "--out", str(tmp_path / "s4")]) == 0  # autocast works on a CPU too
     assert (tmp_path / "s4" / "000_00_level0_32px.png").stat().st_size > 0
+    # the same label twice: two sets of files; one noise stream per run (seed 0's second image is not
+    # seed 1's first, which a seed per batch made it)
+    for seed in (0, 1):
+        assert main(["sample", "--checkpoint", str(ckpt), "--labels", "5", "5", "--num-per-prompt", "1", "--steps",
+                     "2", "--batch", "1", "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}")]) == 0
+    first, second = (np.asarray(Image.open(tmp_path / "seed0" / f"00{k}_00_level0_32px.png")) for k in (0, 1))
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(second, np.asarray(Image.open(tmp_path / "seed1" / "000_00_level0_32px.png")))
     assert main(["sample", "--checkpoint", str(ckpt), "--prompts", "a cat", "--out", str(tmp_path / "s2")]) == 2
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--cuda-graphs",
                  "--out", str(tmp_path / "s3")]) == 2  # bare --cuda-graphs = on: needs CUDA
     assert "cuda_graphs needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch: expected >= 1, got 0"),
+    (["--steps", "0"], "--steps: expected >= 1, got 0"),
+    (["--num-per-prompt", "-1"], "--num-per-prompt: expected >= 1"),
+    (["--grid-scale", "0"], "--grid-scale: expected >= 1"),
+    (["--negative-prompt", "blurry"], "only used with --guidance != 1"),
+    (["--prompts", "a cat", "diffusion_config.sampler_config.threshold_function=NONE"], "go before --prompts"),
+])
+def test_sample_refuses_bad_arguments_before_loading(tmp_path, capsys, args, message):
+    # the checkpoint does not exist: each check runs before anything is loaded
+    assert main(["sample", "--checkpoint", str(tmp_path / "none.pt"), "--labels", "1", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_to_delete_another_runs_checkpoints(tmp_path, capsys):
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "config.yaml").write_text("name: my_big_run\n")
+    (other / "ckpt_00100000.pt").write_bytes(b"weights")
+    assert main(["demo", "--quick", "--out", str(other)]) == 2
+    assert "holds checkpoints of another run" in capsys.readouterr().err
+    assert (other / "ckpt_00100000.pt").read_bytes() == b"weights"
 
 
 def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):

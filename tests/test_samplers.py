@@ -108,8 +108,12 @@ def test_partial_start_and_step_counts():
     assert steps[0].t == 7 and steps[-1].s == 0 and all(st.t <= 7 for st in steps)
     with pytest.raises(ValueError, match="start step"):
         sampler.noised_start(images, 0)
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        diff.sampler(num_inference_steps=21)
+    for bad in (0, -3, 21):  # start_t 0 ran no step and returned the noise as the image
+        with pytest.raises(ValueError, match=r"start_t must be in \[1, 20\]"):
+            next(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), start, start_t=bad))
+    for bad in (0, 21):  # 0 ran all 20 steps
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            diff.sampler(num_inference_steps=bad)
     with pytest.raises(ValueError, match="ddim_eta"):
         diff.sampler(ddim_eta=-0.5)
 

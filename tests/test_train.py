@@ -5,6 +5,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -88,8 +89,9 @@ def _assert_same(a, b):
 def test_resume_after_a_crash_is_bit_identical(tmp_path):
     Trainer(tiny(tmp_path / "full"), quiet=True).train()
     crashed = Trainer(tiny(tmp_path / "cut"), quiet=True)
-    crashed.train(stop_after=3)  # "killed" after step 3: only the step-2 checkpoint survives
-    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2]
+    crashed.train(stop_after=3)  # a run stopped after 3 steps saves step 3 ...
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [3, 2]
+    (tmp_path / "cut" / "ckpt_00000003.pt").unlink()  # ... "killed" before that save: step 2's survives
     del crashed
     resumed = Trainer(tiny(tmp_path / "cut"), quiet=True)
     assert resumed.step == 2
@@ -126,6 +128,44 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(target)["state_dict"]["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt"]  # no temp file left
+
+
+def test_an_image_interrupted_while_written_leaves_the_old_one(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mdm_fast.files import save_image_atomic
+
+    target = tmp_path / "grid.png"
+    save_image_atomic(Image.new("RGB", (4, 4), (255, 0, 0)), target)
+
+    def interrupted(self, fp, *a, **k):
+        fp.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_image_atomic(Image.new("RGB", (4, 4)), target)
+    monkeypatch.undo()
+    assert Image.open(target).getpixel((0, 0)) == (255, 0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    with pytest.raises(ValueError, match="unknown image suffix"):
+        save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "grid.nope")
+
+
+def test_metrics_log_drops_a_torn_last_line_on_resume(tmp_path, caplog):
+    from mdm_fast.train.metrics import MetricsLog
+
+    log_ = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2):
+        log_.write({"step": step, "loss": 0.5})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a crash while appending
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", resume_step=2)
+    assert resumed.read() == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}]
+    assert "torn last line" in caplog.text
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        resumed.read()
 
 
 def test_checkpoint_loads_into_the_public_model_layout(tmp_path):
@@ -221,6 +261,63 @@ def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
     (tmp_path / "cap.tsv").write_text("file\tcaption\n")
     with pytest.raises(ValueError, match="no rows"):
         Trainer(tiny(tmp_path, file_list=str(tmp_path / "cap.tsv")), quiet=True)
+    for field, value, bound in (("gradient_clip_norm", 0, "> 0"), ("gradient_clip_norm", -1, "> 0"),
+                                ("lr", 0.0, "> 0"), ("cond_drop_prob", 1.5, ">= 0 and <= 1"), ("log_freq", 0, ">= 1"),
+                                ("save_freq", 0, ">= 1"), ("keep_checkpoints", 0, ">= 1")):
+        with pytest.raises(ValueError, match=f"{field}: expected {bound}"):
+            tiny(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match="pretrained_vision_file: no file"):
+        Trainer(tiny(tmp_path / "fresh", pretrained_vision_file=str(tmp_path / "missing.pt")), quiet=True)
+    inner = {**OUTER, "initialize_inner_with_pretrained": str(tmp_path / "low.pt")}
+    with pytest.raises(ValueError, match="unet_config.initialize_inner_with_pretrained: no file"):
+        Trainer(tiny(tmp_path / "fresh", unet_config=inner), quiet=True)
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, images=np.zeros((4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="sample_freq"):
+        Trainer(tiny(tmp_path / "fresh", file_list=str(emb), categorical_conditioning=0,
+                     use_precomputed_text_embeddings=1, text_dim=6, sample_freq=2), quiet=True)
+
+
+def test_starting_from_weights_without_ema_a_new_lr_and_a_stop_after_steps(tmp_path):
+    """A converted public file (weights, batch_num, no EMA) as pretrained_vision_file or in the output
+    folder: the EMA starts from its weights; a resume with a new lr trains at it; a run stopped after
+    --steps N leaves its checkpoint."""
+    Trainer(tiny(tmp_path / "src", num_training_steps=2), quiet=True).train()
+    src = load_checkpoint(tmp_path / "src" / "ckpt_00000002.pt")
+    public = tmp_path / "public.pt"
+    torch.save({"state_dict": src["ema_state_dict"], "batch_num": 2}, public)
+    tr = Trainer(tiny(tmp_path / "run", num_training_steps=10, save_freq=100, pretrained_vision_file=str(public)),
+                 quiet=True)
+    assert tr.step == 2
+    for name, value in src["ema_state_dict"].items():
+        assert torch.equal(tr.model.state_dict()[name], value) and torch.equal(tr.ema.module.state_dict()[name], value)
+    tr.train(stop_after=1)
+    assert [p.name for p in sorted((tmp_path / "run").glob("ckpt_*.pt"))] == ["ckpt_00000003.pt"]
+    tr = Trainer(tiny(tmp_path / "run", num_training_steps=10, save_freq=100, warmup_steps=0, lr=1e-5), quiet=True)
+    assert tr.step == 3 and tr.optimizer.param_groups[0]["lr"] == 1e-5 and tr.scheduler.get_last_lr() == [1e-5]
+    tr.train(stop_after=1)
+    assert load_checkpoint(tmp_path / "run" / "ckpt_00000004.pt")["scheduler"]["base_lrs"] == [1e-5]
+    # resume_from_ema: the model starts from a checkpoint's EMA weights
+    tr = Trainer(tiny(tmp_path / "ema", pretrained_vision_file=str(tmp_path / "src" / "ckpt_00000002.pt"),
+                      resume_from_ema=True), quiet=True)
+    assert all(torch.equal(tr.model.state_dict()[k], v) for k, v in src["ema_state_dict"].items())
+
+
+def test_saved_files_follow_the_umask_and_unreadable_later_checkpoints_are_set_aside(tmp_path, caplog):
+    from mdm_fast.train.checkpoint import save_rotating
+
+    old = os.umask(0o022)
+    try:
+        save_rotating({"state_dict": {}}, tmp_path, 1)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt_00000001.pt").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "ckpt_00000009.pt").write_bytes(b"torn")  # a resume skipped it and went on from step 1
+    save_rotating({"state_dict": {}}, tmp_path, 2)
+    save_rotating({"state_dict": {}}, tmp_path, 3)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 2]
+    assert (tmp_path / "ckpt_00000009.pt.unreadable").read_bytes() == b"torn"
+    assert "unreadable" in caplog.text
 
 
 

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
+import yaml
 
 from mdm_fast.config import ExperimentConfig, load_experiment
+
+DEMO_NAME = "demo_digits"
 
 
 def demo_config(out: Path, gpu: bool, steps: int, quick: bool) -> ExperimentConfig:
@@ -35,7 +38,7 @@ def demo_config(out: Path, gpu: bool, steps: int, quick: bool) -> ExperimentConf
                      resnet_config={"num_groups_norm": 8, "dropout": 0.0})
         outer.update(resolution_channels=[8, 8, 16], temporal_dim=64, resnet_config={"num_groups_norm": 8, "dropout": 0.0})
     d: Dict[str, Any] = {
-        "name": "demo_digits", "model": "nested_unet", "unet_config": outer,
+        "name": DEMO_NAME, "model": "nested_unet", "unet_config": outer,
         "diffusion_config": {
             "sampler_config": {"num_diffusion_steps": 1000, "schedule_type": "DEEPFLOYD",
                                "prediction_type": "V_PREDICTION", "loss_target_type": "V_PREDICTION",
@@ -53,6 +56,14 @@ def demo_config(out: Path, gpu: bool, steps: int, quick: bool) -> ExperimentConf
     return load_experiment(d)
 
 
+def _is_demo_run(out: Path) -> bool:
+    """Whether ``out`` was written by a demo (its config.yaml names the demo's run)."""
+    try:
+        return yaml.safe_load((out / "config.yaml").read_text()).get("name") == DEMO_NAME
+    except (OSError, AttributeError, yaml.YAMLError):
+        return False
+
+
 def run_demo(out: Path, steps: int = 0, minutes: float = 0, quick: bool = False, resume: bool = False
              ) -> Dict[str, Any]:
     from mdm_fast.train import Trainer
@@ -67,7 +78,11 @@ def run_demo(out: Path, steps: int = 0, minutes: float = 0, quick: bool = False,
     minutes = minutes or (1.0 if quick else 5.5)  # leaves room for start-up and sampling in 10 minutes
     out = Path(out)
     if not resume:
-        for _, path in list_checkpoints(out):
+        found = list_checkpoints(out)
+        if found and not _is_demo_run(out):
+            raise ValueError(f"demo: {out} holds checkpoints of another run ({found[0][1].name}, ...); a fresh "
+                             "demo would delete them: pick another --out, or --resume a demo run")
+        for _, path in found:
             path.unlink()
     cfg = demo_config(out, gpu, steps, quick)
     trainer = Trainer(cfg)

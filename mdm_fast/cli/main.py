@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -68,9 +69,20 @@ def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.devi
 
 
 def cmd_sample(args) -> int:
+    from mdm_fast.files import save_image_atomic
     from mdm_fast.train.grids import generate, grid_image, to_uint8
     from mdm_fast.train.trainer import autocast_dtype
 
+    for name in ("num_per_prompt", "batch", "steps", "grid_scale"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.negative_prompt is not None and args.guidance == 1.0:
+        raise ValueError("--negative-prompt: only used with --guidance != 1 (classifier-free guidance)")
+    overrides = [p for p in args.prompts or [] if re.fullmatch(r"[A-Za-z_][\w.-]*=\S*", p)]
+    if overrides:
+        raise ValueError(f"--prompts {overrides}: these look like KEY=VALUE config overrides, which go before "
+                         "--prompts (every word after it is read as a prompt); such a prompt can come from "
+                         "--prompt-file")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
                                                        args.overrides)
@@ -85,23 +97,26 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     levels_all: List[List[torch.Tensor]] = []
-    jobs = [(p, i) for p in prompts for i in range(args.num_per_prompt)]
+    jobs = [(k, p, i) for k, p in enumerate(prompts) for i in range(args.num_per_prompt)]
     cache: dict = {}  # the batches share their sampler, conditioning buffers and captured step
+    generator = torch.Generator(device).manual_seed(args.seed)  # one stream: no two batches share noise
     for start in range(0, len(jobs), args.batch):
         chunk = jobs[start:start + args.batch]
-        levels = generate(diffusion, model, encoder, [p for p, _ in chunk], 1, image_size, device,
-                          steps=args.steps, guidance=args.guidance, seed=args.seed + start, ddim_eta=args.eta,
-                          progress=True, cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+        levels = generate(diffusion, model, encoder, [p for _, p, _ in chunk], 1, image_size, device,
+                          steps=args.steps, guidance=args.guidance, generator=generator,
+                          negative_prompt=args.negative_prompt, ddim_eta=args.eta, progress=True,
+                          cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
                           cache=cache, autocast=autocast)
         levels_all.append([lvl.cpu() for lvl in levels])
         from PIL import Image
 
-        for j, (p, i) in enumerate(chunk):
-            stem = f"{prompts.index(p):03d}_{i:02d}"
+        for j, (k, _, i) in enumerate(chunk):
             for depth, lvl in enumerate(levels):
-                Image.fromarray(to_uint8(lvl[j:j + 1])[0]).save(out / f"{stem}_level{depth}_{lvl.shape[-1]}px.png")
+                save_image_atomic(Image.fromarray(to_uint8(lvl[j:j + 1])[0]),
+                                  out / f"{k:03d}_{i:02d}_level{depth}_{lvl.shape[-1]}px.png")
     levels = [torch.cat([chunk[d] for chunk in levels_all]) for d in range(len(levels_all[0]))]
-    grid_image(levels, len(prompts), [p[:24] for p in prompts], scale=args.grid_scale).save(out / "grid.png")
+    save_image_atomic(grid_image(levels, len(prompts), [p[:24] for p in prompts], scale=args.grid_scale),
+                      out / "grid.png")
     print(json.dumps({"images": len(jobs), "out": str(out), "grid": str(out / "grid.png")}))
     return 0
 
@@ -239,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-per-prompt", type=int, default=4)
     s.add_argument("--steps", type=int, default=50, help="inference steps")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    s.add_argument("--negative-prompt", help="what guidance steers away from (default: the empty caption's "
+                                             "encoding for text models, as the public sampler; zeros for class models)")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta (default: ancestral DDPM)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seeds one noise stream for the whole run: the same seed, "
+                                                       "prompts and --batch give the same images")
     s.add_argument("--batch", type=int, default=16, help="images per forward batch")
     s.add_argument("--image-size", type=int, default=0)
     s.add_argument("--grid-scale", type=int, default=1)

@@ -29,6 +29,10 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".gif")
 MAX_SKIPS = 64
 
 
+class LongCaption(ValueError):
+    """A caption over ``reader_config.max_caption_length``: the public reader drops such samples."""
+
+
 class SampleDataset(Dataset):
     """Base: subclasses implement ``__len__`` and ``load(index, rng) -> dict`` (CorruptImage on bad data)."""
 
@@ -44,7 +48,9 @@ class SampleDataset(Dataset):
 
     def caption(self, text: str) -> str:
         limit = self.reader.max_caption_length
-        return text[:limit] if limit > 0 else text
+        if 0 <= limit < len(text):
+            raise LongCaption(f"a caption of {len(text)} characters, over max_caption_length {limit}")
+        return text
 
     def __getitem__(self, item) -> Dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, item)
@@ -53,6 +59,9 @@ class SampleDataset(Dataset):
             i = (index + skipped) % len(self)
             try:
                 sample = self.load(i, rng)
+            except LongCaption as e:  # dropped, as the public reader does (counted, not logged one by one)
+                log.debug("skipping sample %d of %s: %s", i, type(self).__name__, e)
+                continue
             except (CorruptImage, OSError, KeyError, ValueError) as e:
                 log.warning("skipping sample %d of %s: %s", i, type(self).__name__, e)
                 continue
@@ -113,7 +122,12 @@ def _read_table(path: Path) -> List[Dict[str, str]]:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
     with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quotechar='"'))
+        return list(csv.DictReader(f, delimiter=_delimiter(path), quotechar='"'))
+
+
+def _delimiter(path: Path) -> str:
+    """The public index files are tab-separated (.tsv); a .csv is comma-separated."""
+    return "," if path.suffix == ".csv" else "\t"
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -375,7 +389,7 @@ def build_dataset(spec: str, reader: ReaderConfig, video_frames: int = 0) -> Sam
         if path.suffix == ".jsonl":
             return CaptionFolder(path, reader)
         with open(path) as f:
-            header = f.readline().rstrip("\n").split("\t")
+            header = f.readline().rstrip("\r\n").split(_delimiter(path))
         if header == ["filename"]:
             return TarIndexDataset([_resolve(r["filename"], path.parent) for r in _read_table(path)], reader)
         if "tar" in header and "file" in header:

@@ -19,6 +19,7 @@ from mdm_fast.diffusion.config import ThresholdType
 from mdm_fast.models.cast_weights import CastWeights
 from mdm_fast.ops import diffusion_step as ops
 from mdm_fast.ops.resample import resize
+from mdm_fast.text.encoders import pad_tokens
 
 Denoise = Callable[[List[Tensor], Tensor], List[Tensor]]
 
@@ -60,10 +61,10 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     null = null_mask = None
     if scale != 1 and uncond_conditioning is not None:
         n, T = conditioning.shape[:2]
-        null = _pad_tokens(uncond_conditioning, T).expand(n, T, *conditioning.shape[2:])
+        null = pad_tokens(uncond_conditioning, T).expand(n, T, *conditioning.shape[2:])
         if cond_mask is not None:
             m = uncond_mask if uncond_mask is not None else torch.ones_like(cond_mask[:1, :1])
-            null_mask = _pad_tokens(m.to(cond_mask.dtype), T).expand(n, T)
+            null_mask = pad_tokens(m.to(cond_mask.dtype), T).expand(n, T)
 
     def inputs():  # (B or 2B rows of conditioning, mask)
         if null is None:
@@ -98,14 +99,6 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     return denoise
 
 
-def _pad_tokens(t: Tensor, tokens: int) -> Tensor:
-    """(N, T, ...) -> (N, tokens, ...) with zeros after the first T (T <= tokens)."""
-    if t.shape[1] > tokens:
-        raise ValueError(f"uncond_conditioning has {t.shape[1]} tokens, more than the conditioning's {tokens}")
-    pad = [0, 0] * (t.dim() - 2) + [0, tokens - t.shape[1]]
-    return torch.nn.functional.pad(t, pad)
-
-
 @dataclass
 class SamplerStep:
     """One step t -> s; x0 and x_s in level units, one tensor per level (top first)."""
@@ -123,7 +116,7 @@ class Sampler:
                  threshold: Union[None, str, ThresholdType] = None, impl: str = "auto"):
         self.diffusion = diffusion
         N = diffusion.schedule.num_steps
-        self.timesteps = inference_timesteps(N, num_inference_steps or N)
+        self.timesteps = inference_timesteps(N, N if num_inference_steps is None else num_inference_steps)
         if ddim_eta is not None and ddim_eta < 0:
             raise ValueError(f"ddim_eta must be None (ancestral DDPM) or >= 0, got {ddim_eta}")
         self.ddim_eta = ddim_eta
@@ -187,6 +180,8 @@ class Sampler:
         bound), e.g. by its CUDA-graph replay (:class:`mdm_fast.engine.GraphedCallable`); it then
         always gets a noise tensor, zeros where none is injected.
         """
+        if start_t is not None and not 1 <= start_t <= self.diffusion.schedule.num_steps:
+            raise ValueError(f"start_t must be in [1, {self.diffusion.schedule.num_steps}], got {start_t}")
         ts = [t for t in self.timesteps if start_t is None or t <= start_t]
         if start_t is not None and ts[0] != start_t:
             ts = [int(start_t)] + ts

@@ -100,8 +100,8 @@ class LevelSchedule:
 
     ``scales[i]`` is level i's size over the lowest level's (``model.nest_ratio + [1]``; ``[1]`` for a
     plain UNet). With ``schedule_shifted`` level i's SNR is divided by scales[i]**power; otherwise level
-    i's signal is divided by scales[i] instead (the public ``get_image_rescaled``), and a plain UNet
-    divides by ``rescale_signal``.
+    i's signal is divided by scales[i] instead (the public ``get_image_rescaled``). A plain UNet (one
+    level) divides by ``rescale_signal``, shifted or not.
     """
 
     def __init__(self, config: SamplerConfig, scales: Sequence[int]):
@@ -111,15 +111,14 @@ class LevelSchedule:
         self.scales: List[int] = [int(s) for s in scales]
         base = gamma_table(config)
         self.vdm_weights = vdm_loss_weights(base)  # (N+1,)
-        if config.schedule_shifted:
+        if len(self.scales) == 1:  # the public plain UNet reads neither schedule_shifted nor the scales
+            tables, self.signal_scales = [base], [float(config.rescale_signal or 1.0)]
+        elif config.schedule_shifted:
             tables = [shift_gammas(base, s, config.schedule_shifted_power) for s in self.scales]
             self.signal_scales = [1.0] * len(self.scales)
         else:
             tables = [base] * len(self.scales)
-            if len(self.scales) == 1:
-                self.signal_scales = [float(config.rescale_signal or 1.0)]
-            else:
-                self.signal_scales = [float(s) for s in self.scales]
+            self.signal_scales = [float(s) for s in self.scales]
         self.gammas = torch.stack(tables)  # (L, N+1) float32
         self._copies = {}  # (name, device) -> the table on that device
 

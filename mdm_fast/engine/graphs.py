@@ -269,11 +269,14 @@ class GraphedTrainStep:
 
     def _capture(self) -> None:
         lrs = [g["lr"].clone() for g in self.optimizer.param_groups]
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        rng = generator.get_state()
         self.set_lr(0.0)
         with side_stream():
             for _ in range(self.warmup):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._step()
+        generator.set_state(rng)  # the first replay draws what an eager first step would
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"].copy_(lr)
         self._reset_optimizer_state()

@@ -28,7 +28,8 @@ Cond = Tuple[torch.Tensor, torch.Tensor]
 
 
 class TextEncoder(nn.Module):
-    """Base class: ``embed_dim`` and ``encode_batch``; ``null`` is the unconditional input for guidance."""
+    """Base class: ``embed_dim`` and ``encode_batch``; ``null`` is the unconditional input, which the
+    trainer's conditioning dropout shows the model and classifier-free guidance contrasts with."""
 
     embed_dim: int = 0
 
@@ -36,9 +37,26 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
-        """Zero conditioning with one unmasked token (the classifier-free-guidance negative)."""
+        """Zero conditioning with one unmasked token: (B, 1, D), (B, 1)."""
         return (torch.zeros(batch_size, 1, self.embed_dim, device=device),
                 torch.ones(batch_size, 1, device=device))
+
+
+def pad_tokens(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(N, T, ...) -> (N, tokens, ...) with zeros (masked tokens) after the first T (T <= tokens)."""
+    if t.shape[1] > tokens:
+        raise ValueError(f"conditioning of {t.shape[1]} tokens cannot be padded to {tokens}")
+    pad = [0, 0] * (t.dim() - 2) + [0, tokens - t.shape[1]]
+    return F.pad(t, pad)
+
+
+def drop_conditioning(encoder: TextEncoder, cond: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> Cond:
+    """``cond`` (B, T, D) and ``mask`` (B, T) with the rows where ``drop`` (B,) is true replaced by the
+    encoder's null, both padded to the longer token count."""
+    null, null_mask = encoder.null(cond.shape[0], cond.device)
+    tokens = max(cond.shape[1], null.shape[1])
+    cond, mask, null, null_mask = (pad_tokens(t, tokens) for t in (cond, mask, null, null_mask.to(mask.dtype)))
+    return torch.where(drop[:, None, None], null, cond), torch.where(drop[:, None], null_mask, mask)
 
 
 class ClassLabelEncoder(TextEncoder):
@@ -130,6 +148,18 @@ class HFTextEncoder(TextEncoder):
         self.embed_dim = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_tokens = int(max_tokens) if max_tokens and max_tokens > 0 else 128
         self.pad_to_max = bool(pad_to_max)
+        self._null: Dict[str, Cond] = {}
+
+    def null(self, batch_size: int, device: torch.device) -> Cond:
+        """The empty caption's encoding (B, T, D), (B, T): the public sampler's default negative prompt
+        (``generate_sample.py``: ``negative_prompt=""`` encoded by the language model); encoded once per
+        device (the encoder is frozen)."""
+        key = str(device)
+        if key not in self._null:
+            with torch.autocast(torch.device(device).type, enabled=False):  # fp32, whoever asks first
+                self._null[key] = self.encode_text([""], device)
+        cond, mask = self._null[key]
+        return cond.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str], device: torch.device) -> Cond:
@@ -194,14 +224,14 @@ def build_text_encoder(cfg, device: Optional[torch.device] = None) -> TextEncode
     return enc.to(device) if device is not None else enc
 
 
-def encode_prompts(encoder: TextEncoder, prompts: List[str], device: torch.device) -> Cond:
+def encode_prompts(encoder: TextEncoder, prompts: List[str], device: torch.device, what: str = "prompts") -> Cond:
     """Prompts for sampling: class indices (as strings or ints) for a class encoder, else captions."""
     if isinstance(encoder, ClassLabelEncoder):
         try:
             labels = [int(p) for p in prompts]
         except ValueError:
-            raise ValueError(f"class-conditioned model: prompts must be class indices, got {prompts}") from None
+            raise ValueError(f"class-conditioned model: {what} must be class indices, got {prompts}") from None
         return encoder.encode_labels(labels, device)
     if isinstance(encoder, HFTextEncoder):
         return encoder.encode_text(prompts, device)
-    raise ValueError(f"{type(encoder).__name__} cannot encode prompts at sampling time")
+    raise ValueError(f"{type(encoder).__name__} cannot encode {what} at sampling time")

@@ -14,11 +14,12 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+from mdm_fast.files import write_atomic
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -46,36 +47,9 @@ def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Dict[str, Any], path: Path) -> Path:
     """``torch.save`` to ``path`` atomically (temp file + fsync + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _reason(e: Exception) -> str:
@@ -120,8 +94,14 @@ def load_latest(folder: Path, map_location: Any = "cpu") -> Optional[Tuple[Path,
 
 def save_rotating(obj: Dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
     """Write ``ckpt_<step>.pt`` atomically, then drop all but the newest ``keep`` (>= 2: the previous
-    good one is always kept)."""
+    good one is always kept). Files of later steps are ones a resume skipped as unreadable: they are
+    renamed ``*.unreadable`` (kept for inspection, no longer counted or loaded)."""
     path = save_atomic(obj, checkpoint_path(folder, step))
+    for later, stale in list_checkpoints(folder):
+        if later > step:
+            log.warning("%s: a later step than this run's %d, skipped as unreadable; renamed *.unreadable",
+                        stale, step)
+            stale.rename(stale.with_name(stale.name + ".unreadable"))
     for _, old in list_checkpoints(folder)[max(2, keep):]:
         old.unlink(missing_ok=True)
     return path

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from mdm_fast.files import save_image_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -61,9 +63,16 @@ def grid_image(levels: Sequence[torch.Tensor], rows: int, row_labels: Optional[L
 @torch.no_grad()
 def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int, image_size: int,
              device: torch.device, *, steps: int = 50, guidance: float = 1.0, seed: int = 0,
+             generator: Optional[torch.Generator] = None, negative_prompt: Optional[str] = None,
              ddim_eta: Optional[float] = None, progress: bool = False, cuda_graphs: Optional[bool] = None,
              cache: Optional[dict] = None, autocast: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Samples for every prompt (``per_prompt`` each, prompt-major): the list of levels, highest first.
+
+    Noise comes from ``generator`` (on ``device``; a caller sampling several batches passes one, so
+    that no two batches share noise), else from a new one seeded with ``seed``. With ``guidance`` != 1
+    the unconditional rows are the encoder's null (a text encoder's: the empty caption's encoding, as
+    the public sampler's default), or ``negative_prompt`` encoded as a prompt is (the prompts and it
+    are padded to the longer, as the public code encodes them in one batch).
 
     ``cuda_graphs``: each denoising step (every level, guidance, sampler update) is captured once and
     replayed (:func:`mdm_fast.engine.graphed_sampler_step`); needs a CUDA device. None: on CUDA (an
@@ -72,23 +81,33 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
     job): the sampler, the conditioning buffers the steps read and the captured step are made once per
     shape and reused, so later batches neither compile nor capture again. ``autocast``: the model runs
     under torch.autocast to that dtype (see :func:`mdm_fast.diffusion.sampler.make_denoise`)."""
-    from mdm_fast.text import encode_prompts
+    from mdm_fast.text import encode_prompts, pad_tokens
 
     expanded = [p for p in prompts for _ in range(per_prompt)]
     cond, mask = encode_prompts(encoder, expanded, device)
+    uncond = None
+    if guidance != 1.0:
+        uncond = (encoder.null(1, device) if negative_prompt is None
+                  else encode_prompts(encoder, [negative_prompt], device, what="negative_prompt"))
+        tokens = max(cond.shape[1], uncond[0].shape[1])
+        cond, mask = pad_tokens(cond, tokens), pad_tokens(mask, tokens)
+    elif negative_prompt is not None:
+        raise ValueError("negative_prompt: only used with guidance != 1 (classifier-free guidance)")
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
-    generator = torch.Generator(device).manual_seed(seed)
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, ddim_eta, cuda_graphs, autocast)
+        key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, negative_prompt, ddim_eta,
+               cuda_graphs, autocast)
         pipe = None if cache is None else cache.get(key)
         fresh = pipe is None
         if fresh:
-            pipe = _Pipeline.make(diffusion, model, encoder, cond, mask, steps, guidance, ddim_eta, cuda_graphs,
+            pipe = _Pipeline.make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
                                   autocast)
             if cache is not None:
                 cache[key] = pipe
@@ -102,7 +121,7 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
             if stats is not None and stats.kernels:
                 log.info("sampling: %s", stats)
         levels = x_t
-        bar = tqdm(total=len(pipe.sampler.timesteps), desc="sampling", disable=not progress, leave=False)
+        bar = tqdm(total=len(pipe.sampler.timesteps) - 1, desc="sampling", disable=not progress, leave=False)
         for step in pipe.sampler.steps(pipe.denoise, x_t, generator=generator, step_fn=pipe.step_fn):
             levels = step.x_s
             bar.update(1)
@@ -124,12 +143,11 @@ class _Pipeline:
     step_fn: Optional[Callable]
 
     @staticmethod
-    def make(diffusion, model, encoder, cond, mask, steps, guidance, ddim_eta, cuda_graphs,
+    def make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
              autocast) -> "_Pipeline":
         kwargs = {}
-        if guidance != 1.0:
-            uncond, umask = encoder.null(cond.shape[0], cond.device)
-            kwargs = {"uncond_conditioning": uncond, "uncond_mask": umask}
+        if uncond is not None:
+            kwargs = {"uncond_conditioning": uncond[0], "uncond_mask": uncond[1]}
         sampler = diffusion.sampler(num_inference_steps=steps, ddim_eta=ddim_eta)
         cond, mask = cond.clone(), mask.clone()
         denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=guidance, autocast=autocast, **kwargs)
@@ -155,5 +173,5 @@ def save_grid(levels: Sequence[torch.Tensor], path: Path, rows: int, row_labels:
               scale: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(levels, rows, row_labels, scale).save(path)
+    save_image_atomic(grid_image(levels, rows, row_labels, scale), path)
     return path

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, List
+
+from mdm_fast.files import write_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -13,18 +18,28 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step > 0 and self.path.exists():  # drop lines past the checkpoint we resume from
             kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step == 0:
-            self.path.write_text("")
+            write_text_atomic(self.path, "")
 
     def write(self, record: Dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
     def read(self) -> List[Dict[str, Any]]:
+        """The logged records; a torn last line (a crash while appending) is dropped with a warning."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for k, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if k < len(lines) - 1:
+                    raise ValueError(f"{self.path}: line {k + 1} is not JSON ({e})") from None
+                log.warning("%s: dropping its torn last line (a crash while it was written): %r", self.path, line)
+        return records
 
 
 def _plain(v: Any) -> Any:
@@ -58,5 +73,5 @@ def plot_loss(records: List[Dict[str, Any]], path: Path, title: str = "training 
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mdm_fast.config import ExperimentConfig
 from mdm_fast.data import build_dataset, make_loader, to_model_range
 from mdm_fast.models.cast_weights import CastEachCall
-from mdm_fast.text import build_text_encoder
+from mdm_fast.text import build_text_encoder, drop_conditioning
 from mdm_fast.train import checkpoint as ckpt_io
 from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
                                         init_distributed, unwrap, wrap_model)
@@ -127,14 +127,22 @@ class Trainer:
         resume = ckpt_io.load_latest(self.out)
         if resume is not None:
             self.seed = int(resume[1].get("seed", self.seed))
+        else:
+            _check_start_files(cfg)
         torch.manual_seed(self.seed)
         self.encoder = build_text_encoder(cfg, self.device)
         self.model = build_network(cfg, self.encoder.embed_dim, self.device)
         self.diffusion = build_diffusion(cfg, self.model)
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
+        if cfg.sample_freq and not _can_sample(self.encoder):
+            raise ValueError(f"sample_freq: {type(self.encoder).__name__} cannot encode prompts for the periodic "
+                             "sample grids (precomputed text embeddings); set sample_freq: 0")
         self.step = 0
         if resume is not None:
             self._restore_weights(*resume)
+        elif cfg.pretrained_vision_file:  # the public way to start from a checkpoint: weights and batch_num
+            path = Path(cfg.pretrained_vision_file)
+            self._restore_weights(path, ckpt_io.load_checkpoint(path), model_from_ema=cfg.resume_from_ema)
         # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
         self.wrapped = wrap_model(self.model, self.dist, cfg.distributed,
                                   for_capture=cfg.cuda_graphs == "on" and self.device.type == "cuda")
@@ -217,12 +225,22 @@ class Trainer:
         barrier(self.dist)
         return path
 
-    def _restore_weights(self, path: Path, ckpt: Dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["state_dict"], strict=True)
-        if "ema_state_dict" in ckpt:
-            self.ema.module.load_state_dict(ckpt["ema_state_dict"], strict=True)
+    def _restore_weights(self, path: Path, ckpt: Dict[str, Any], model_from_ema: bool = False) -> None:
+        """The model, EMA and step of ``ckpt``. A checkpoint without EMA weights (a converted public
+        file holds the public EMA as its ``state_dict``) starts the EMA from its weights; with
+        ``model_from_ema`` (``resume_from_ema``) the model starts from the EMA weights too."""
+        ema = ckpt.get("ema_state_dict")
+        self.model.load_state_dict(ema if model_from_ema and ema is not None else ckpt["state_dict"], strict=True)
+        if ema is not None:
+            self.ema.module.load_state_dict(ema, strict=True)
             self.ema.set_count(int(ckpt.get("ema", {}).get("counter", 0)))
+        else:
+            self.ema.module.load_state_dict(ckpt["state_dict"], strict=True)
+            if not self.quiet:
+                log.info("%s has no EMA weights: the EMA starts from its weights", path)
         self.step = int(ckpt.get("step", ckpt.get("batch_num", 0)))
+        if not self.quiet:
+            log.info("weights from %s (step %d)", path, self.step)
 
     def _restore_training_state(self, path: Path, ckpt: Dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -233,10 +251,26 @@ class Trainer:
             self._keep_optimizer_kind()
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            self._apply_config_lr()
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         if not self.quiet:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _apply_config_lr(self) -> None:
+        """The config's ``lr`` over the checkpoint's: a resumed run with a new ``lr=`` trains at it (the
+        warm-up's progress is kept)."""
+        old = self.scheduler.base_lrs[0]
+        if old == self.cfg.lr:
+            return
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if not self.quiet:
+            log.info("lr: %g (the config) replaces the checkpoint's %g", self.cfg.lr, old)
 
     def _keep_optimizer_kind(self) -> None:
         """A checkpoint's param groups carry the implementation flags of the run that wrote it (fused
@@ -260,11 +294,7 @@ class Trainer:
         p = self.cfg.cond_drop_prob
         if p > 0:  # classifier-free guidance training: some samples see the null conditioning
             drop = (torch.rand(cond.shape[0], generator=generator, device=self.device) < p)
-            keep = (~drop).float()
-            cond = cond * keep[:, None, None]
-            first = torch.zeros_like(mask)
-            first[:, 0] = 1
-            mask = torch.where(drop[:, None], first, mask)
+            cond, mask = drop_conditioning(self.encoder, cond, mask, drop)
         return cond, mask
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -368,7 +398,7 @@ class Trainer:
     def train(self, stop_after: Optional[int] = None, sample_fn: Optional[Callable[["Trainer"], None]] = None,
               deadline: Optional[float] = None) -> Dict[str, Any]:
         """Train until ``num_training_steps``, or ``stop_after`` more steps, or the wall-clock
-        ``deadline`` (time.time() value; a checkpoint is written where it stops)."""
+        ``deadline`` (time.time() value); a checkpoint is written where it stops."""
         cfg = self.cfg
         total = cfg.num_training_steps
         todo = total - self.step
@@ -376,7 +406,7 @@ class Trainer:
             todo = min(todo, stop_after)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            cfg.to_yaml(self.out / "config.yaml")
         metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.is_main else None
         if todo <= 0:
             return {"step": self.step}
@@ -401,9 +431,10 @@ class Trainer:
             saved = self.step % cfg.save_freq == 0 or self.step == total
             if saved:
                 self.save()
-            if deadline is not None and self._past(deadline):
-                if not saved:
-                    self.save()
+            late = deadline is not None and self._past(deadline)
+            if (late or i == todo - 1) and not saved:  # where it stops, it saves (also after stop_after steps)
+                self.save()
+            if late:
                 break
             if cfg.sample_freq and self.step % cfg.sample_freq == 0 and self.dist.is_main:
                 (sample_fn or periodic_samples)(self)
@@ -458,6 +489,25 @@ class _Window:
 
     def seconds(self) -> float:
         return time.time() - self.start
+
+
+def _check_start_files(cfg: ExperimentConfig) -> None:
+    """A fresh run's weight files exist (the public code skips a missing one with a log line, training a
+    random model that was meant to start from it)."""
+    if cfg.pretrained_vision_file and not Path(cfg.pretrained_vision_file).is_file():
+        raise ValueError(f"pretrained_vision_file: no file {cfg.pretrained_vision_file!r}")
+    level, where = cfg.unet_config, "unet_config"
+    while level is not None:
+        path = getattr(level, "initialize_inner_with_pretrained", None)
+        if path and not Path(path).is_file():
+            raise ValueError(f"{where}.initialize_inner_with_pretrained: no file {path!r}")
+        level, where = getattr(level, "inner_config", None), f"{where}.inner_config"
+
+
+def _can_sample(encoder) -> bool:
+    from mdm_fast.text import ClassLabelEncoder, HFTextEncoder
+
+    return isinstance(encoder, (ClassLabelEncoder, HFTextEncoder))
 
 
 def autocast_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
