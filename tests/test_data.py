@@ -45,6 +45,25 @@ def test_caption_folder(tmp_path, table):
     assert tuple(s["image"][8, 8]) == (80, 10, 200)
 
 
+def test_a_csv_table_is_comma_separated(tmp_path):
+    _folder(tmp_path)
+    rows = ["file,caption,label"] + [f'img{i}.png,"caption, {i}",{i}' for i in range(5)]
+    (tmp_path / "index.csv").write_text("\n".join(rows) + "\n")
+    s = build_dataset(str(tmp_path / "index.csv"), R)[(3, 0)]
+    assert s["caption"] == "caption, 3" and s["label"] == 3
+
+
+def test_samples_with_captions_over_max_caption_length_are_dropped(tmp_path):
+    """As the public reader's filter: the sample is skipped (and counted), not its caption cut."""
+    folder = _folder(tmp_path)
+    rows = ["file\tcaption\tlabel"] + [f"img{i}.png\t{'long caption ' * i}{i}\t{i}" for i in range(5)]
+    (folder / "captions.tsv").write_text("\n".join(rows) + "\n")
+    ds = build_dataset(str(folder), ReaderConfig(image_size=16, max_caption_length=20))
+    s = ds[(2, 0)]  # 'long caption long caption 2' (27 characters): the next short one instead
+    assert s["label"] == 0 and s["_skipped"] == 3 and s["caption"] == "0"
+    assert ds[(1, 0)]["caption"] == "long caption 1"  # 14 characters: kept whole
+
+
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
     ds = build_dataset(str(_folder(tmp_path, corrupt=(1, 3))), R)
     loader = make_loader(ds, batch_size=5, num_steps=1, seed=0)
