@@ -114,7 +114,8 @@ def _picked_configs() -> str:
     """The config the autotuner picked per kernel and shape (2-4 candidates per head dim)."""
     from mdm_fast.kernels import attention as kernels
 
-    picked = [f"{name} LQ={k[0]}, d<={k[3]}: {v}" for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    names = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    picked = [f"{name} LQ={k[0]}, d<={k[3]}, B*H*LQ={k[6]}: {v}" for name in names
               for k, v in getattr(getattr(kernels, name), "cache", {}).items()]
     return "; ".join(picked) or "none recorded"
 

@@ -21,6 +21,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from mdm_fast.files import write_text_atomic as write_atomic  # tables: temp file, fsync, rename
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -194,16 +196,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 DEVICE_TIMES = ("Times are medians of GPU time (CUDA events around back-to-back kernels, host overhead hidden "
                 "behind a queued spin kernel, L2 flushed before each call).")
 WALL_TIMES = "Times are medians of wall time per call (CUDA events on an idle GPU, host overhead included)."
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file renamed into place (no half-written table), making
-    its folder if needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def source_fingerprint() -> str:

@@ -174,7 +174,7 @@ def group_norm_cases():
 
     for b, c, p, cl in shapes("full"):
         x = _empty(b, c, p, p, channels_last=cl)
-        w, bias, xb = _empty(c), _empty(c), _empty(c)
+        w, bias, xb = (_empty(c, dtype=torch.float32) for _ in range(3))  # fp32 parameters, as the model's
         sc, sh = _empty(b, c), _empty(b, c)
         name = f"({b},{c},{p},{p}){' NHWC' if cl else ''}"  # as the ResNet's norm2: conv1's bias, scale-shift
         yield f"fwd {name}", lambda: kern.forward(x, w, bias, sc, sh, GROUPS, 1e-5, True, cl, None, xb)

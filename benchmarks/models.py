@@ -8,10 +8,15 @@ Workloads (bf16 autocast as the public trainer, text width 2048, 128 tokens half
 batch 4. "train step" = forward of every resolution + MSE on every output + backward + AdamW step
 (the definition of shared/reference/BASELINE.md). Reports ms, speed-ups over reference eager and
 compiled, TFLOP/s and MFU against the bf16 matmul rate measured in the same run, peak memory and
-time to the first step. The quick suite skips torch.compile (2-4 minutes per model). At the
-convolution-bound forward batches (32, 8) it also times the sampler's step with cuDNN's algorithm
-search on while the graph is captured (``torch.backends.cudnn.benchmark``, which neither the public
-code nor mdm_fast turns on): what that search would be worth as a default.
+time to the first step. The quick suite skips torch.compile (2-4 minutes per model).
+``--cudnn-benchmark`` runs the whole process with cuDNN's algorithm search on
+(``torch.backends.cudnn.benchmark``, which neither the public code nor mdm_fast turns on) and writes
+``models-cudnn-benchmark-<card>.md``: what that search is worth, against the default run's table. It
+must be its own process: cuDNN keeps the plans it chose per convolution shape, search or not, so a
+search turned on after other variants ran those shapes would search nothing.
+The fast model's train rows run it as the trainer does, its weights cast by one multi-tensor copy per
+step (``CastEachCall``); "peak GB" counts the measured model only (the other one's weights, resident
+in the same process, are subtracted).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from benchmarks.common import (TRITON_COMPILES, WALL_TIMES, ceilings, knob, markdown_table, parser,
+from benchmarks.common import (TRITON_COMPILES, WALL_TIMES, ceilings, markdown_table, parser,
                                record_triton_compiles, time_ms, write_report)
 
 try:  # process start, for the time to the first step
@@ -154,25 +159,20 @@ def graphed_forward_fn(model, args) -> Callable[[], object]:
     return lambda: graphed(*args)
 
 
-def cudnn_autotuned(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` whose first call (a graph's warm-up and capture) runs with cuDNN's algorithm search on
-    (``torch.backends.cudnn.benchmark``, off by default and in the public code): each convolution shape
-    times cuDNN's algorithms once and keeps the fastest; the captured graph replays them."""
-    first = [True]
+def step_model(model):
+    """What a train step calls: an mdm_fast model as the trainer runs it (:class:`CastEachCall`: its
+    weights cast to bf16 by one multi-tensor copy per step, not per layer by autocast), else the model."""
+    from mdm_fast.models import CastEachCall, is_fast
 
-    def run():
-        if not first[0]:
-            return fn()
-        first[0] = False
-        with knob(torch.backends.cudnn, "benchmark", True):
-            return fn()
-    return run
+    return CastEachCall(model, model, torch.bfloat16) if is_fast(model) else model
 
 
 def train_loss(model):
+    call = step_model(model)
+
     def loss_fn(x_t, times, cond, mask, targets):
         with torch.autocast("cuda", torch.bfloat16):
-            out = model(x_t, times, cond, mask)
+            out = call(x_t, times, cond, mask)
         return sum(F.mse_loss(o.float(), t) for o, t in zip(out, targets))
     return loss_fn
 
@@ -226,7 +226,9 @@ class Result:
     first_step_s: float
 
 
-def measure(wl: Workload, variant: str, make: Callable[[], Callable[[], object]], iters: int) -> Result:
+def measure(wl: Workload, variant: str, make: Callable[[], Callable[[], object]], iters: int,
+            idle_bytes: int = 0) -> Result:
+    """``idle_bytes``: memory held by what the variant does not use (the other model), not counted."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -236,7 +238,7 @@ def measure(wl: Workload, variant: str, make: Callable[[], Callable[[], object]]
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     ms = time_ms(fn, warmup=2, iters=iters)
-    peak = torch.cuda.max_memory_allocated() / 1e9
+    peak = (torch.cuda.max_memory_allocated() - idle_bytes) / 1e9
     print(f"{wl.model} {wl.kind} B={wl.batch} {variant}: {ms:.2f} ms, peak {peak:.1f} GB, first step {first:.1f} s",
           flush=True)
     return Result(wl, variant, ms, peak, first)
@@ -257,9 +259,6 @@ def variants(suite: str, ref, fast, wl: Workload, size: int) -> Dict[str, Callab
         if suite == "full":
             out["mdm_fast + CUDA graphs, NCHW"] = lambda: graphed_forward_fn(nchw(fast), args)
             out["mdm_fast + torch.compile"] = lambda: forward_fn(torch.compile(fast), args)
-        if wl.batch >= 8 or suite == "full":  # the convolution-bound batches; last: the search's choices stay cached
-            out["mdm_fast + CUDA graphs, weights cast once, cuDNN autotuned"] = lambda: cudnn_autotuned(
-                graphed_forward_fn(cast_once(fast), args))
     else:
         out["reference eager"] = lambda: train_fn(ref, args, graphed=False)
         if suite == "full":
@@ -310,8 +309,12 @@ def run(suite: str, first_step: str, out_dir: Optional[Path]) -> None:
         flops[stem] = forward_flops_per_image(ref, size)
         for wl in wls:
             for name, make in variants(suite, ref, fast, wl, size).items():
+                for model in (ref, fast):  # no gradients left over from an earlier variant
+                    model.zero_grad(set_to_none=True)
+                idle = fast if name.startswith("reference") else ref
                 try:
-                    results.append(measure(wl, name, make, iters=10 if wl.kind == "train" else 20))
+                    results.append(measure(wl, name, make, iters=10 if wl.kind == "train" else 20,
+                                           idle_bytes=_bytes(idle)))
                 except Exception as e:  # a failing variant is reported, the others still run
                     print(f"{wl} {name} FAILED: {type(e).__name__}: {e}", flush=True)
             done = sum(1 for w in QUICK if any(r.workload == w for r in results))
@@ -319,6 +322,10 @@ def run(suite: str, first_step: str, out_dir: Optional[Path]) -> None:
         del ref, fast
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def report(results: List[Result], flops: Dict[str, float], first_step: str, out_dir: Optional[Path],
@@ -344,13 +351,18 @@ def report(results: List[Result], flops: Dict[str, float], first_step: str, out_
              f"cold Triton cache): {first_step}.")
     if pending:
         notes += f"\n\nPARTIAL: {pending} workload(s) not measured yet when this table was written."
-    write_report("models", {"Models": table, "Notes": notes}, out_dir, timing=WALL_TIMES, echo=not pending)
+    suite = "models-cudnn-benchmark" if torch.backends.cudnn.benchmark else "models"
+    write_report(suite, {"Models": table, "Notes": notes}, out_dir, timing=WALL_TIMES, echo=not pending)
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN's algorithm search on for the whole process (its own table)")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.models needs a CUDA device")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mdm-fast-triton-")  # a first run's cold cache
     record_triton_compiles()
     try:

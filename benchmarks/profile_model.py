@@ -2,7 +2,8 @@
 
     python -m benchmarks.profile_model [--kind forward|train] [--batch 32] [--out DIR]
 
-Runs mdm_fast eager (bf16 autocast) under torch.profiler after a warm-up and writes markdown tables
+Runs mdm_fast eager (bf16 autocast; a forward on weights cast once, as the sampler runs it, a train
+step as the trainer runs it) under torch.profiler after a warm-up and writes markdown tables
 of the kernels that take the most device time, grouped by name, with their share of the step, and of
 the operators that take the most host (CPU) time: an eager step whose wall time exceeds its kernel
 time is host-bound, and the second table says where the host goes.
@@ -34,7 +35,10 @@ def main() -> None:
 
     fast = optimize(copy.deepcopy(bm.build("256x256", fast=False)))
     wl = bm.Workload("256x256", args.kind, args.batch)
-    step = bm.variants("quick", fast, fast, wl, 256)["mdm_fast eager"]()
+    if args.kind == "forward":  # the sampler's model: weights cast once, derived weights kept
+        step = bm.forward_fn(bm.cast_once(fast), bm.inputs(fast, 256, args.batch))
+    else:
+        step = bm.variants("quick", fast, fast, wl, 256)["mdm_fast eager"]()
     for _ in range(3):
         step()
     wall = time_ms(step, warmup=0, iters=5)  # unprofiled, host included
@@ -47,7 +51,8 @@ def main() -> None:
     host = _top(averages, "self_cpu_time_total", args.steps, args.top)
     kernel_ms = sum(e.self_device_time_total for e in averages) / args.steps / 1e3
     host_ms = sum(e.self_cpu_time_total for e in averages) / args.steps / 1e3
-    title = f"mdm_fast eager, {args.kind} batch {args.batch}, bf16"
+    title = f"mdm_fast eager, {args.kind} batch {args.batch}, bf16" + (
+        ", weights cast once" if args.kind == "forward" else "")
     write_report(f"profile-256-{args.kind}-b{args.batch}",
                  {f"Top kernels, {title}": markdown_table(["kernel", "calls per step", "ms per step", "share"],
                                                           kernels),

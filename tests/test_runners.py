@@ -455,14 +455,14 @@ def test_the_models_suite_trainer_variant_runs_its_logic():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_the_models_suite_cudnn_variant_searches_only_while_capturing():
-    """benchmarks.models.cudnn_autotuned: cuDNN's algorithm search is on for the first call (a graph's
-    warm-up and capture) only, and the flag is restored after it."""
-    from benchmarks.models import cudnn_autotuned
+def test_the_models_suite_trains_the_fast_model_as_the_trainer_does():
+    """benchmarks.models' train rows: the fast model's weights cast by one multi-tensor copy per step
+    (CastEachCall, as the Trainer), the reference's by autocast per layer (the public code)."""
+    from benchmarks.models import step_model
+    from mdm_fast.models import CastEachCall
+    from mdm_fast.reference import build_model as build_reference
 
-    seen = []
-    step = cudnn_autotuned(lambda: seen.append(torch.backends.cudnn.benchmark))
-    before = torch.backends.cudnn.benchmark
-    for _ in range(3):
-        step()
-    assert seen == [True, before, before] and torch.backends.cudnn.benchmark == before
+    fast, _, _, _ = tiny_setup()
+    assert isinstance(step_model(fast), CastEachCall)
+    ref = build_reference("nested_unet", tiny_nested_config())
+    assert step_model(ref) is ref
