@@ -246,8 +246,9 @@ def _backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
                    num_groups: int, eps: float, act: str, backend: str,
                    input_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dparams, dscale, dshift): dparams (2, C) fp32 holds dweight and dbias, and dinput_bias as a
-    third row with an input bias (dx summed over the batch and the pixels, before dx is rounded to x's
-    dtype; dx is also the gradient of x + input_bias); dscale and dshift (B, C) in scale's and shift's
+    third row with an input bias (dx summed over the batch and the pixels: from the unrounded fp32
+    values on the ref and triton backends, from dx in x's dtype on the cuda one; dx is also the
+    gradient of x + input_bias); dscale and dshift (B, C) in scale's and shift's
     dtypes (fp32 where absent: computed either way). The backends hand over the per-sample terms of
     dparams: one sum over the batch makes them."""
     dx, terms, dscale, dshift = _BACKWARD[backend](dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps,
