@@ -133,10 +133,13 @@ class Sampler:
 
     def noised_start(self, images: Tensor, t: int, generator: Optional[torch.Generator] = None) -> List[Tensor]:
         """The pyramid of ``images`` ((B, C, H, W) in [-1, 1]) noised to schedule step t (partial diffusion)."""
-        if not 1 <= t <= self.diffusion.schedule.num_steps:
-            raise ValueError(f"start step must be in [1, {self.diffusion.schedule.num_steps}], got {t}")
+        self._check_start("start step", t)
         times = torch.full((images.shape[0],), t - 1, dtype=torch.long, device=images.device)
         return self.diffusion.pyramid(images, times, generator)[1]
+
+    def _check_start(self, name: str, t: int) -> None:
+        if not 1 <= t <= self.diffusion.schedule.num_steps:
+            raise ValueError(f"{name} must be in [1, {self.diffusion.schedule.num_steps}], got {t}")
 
     def _gammas(self, step: int, batch: int, device) -> Tensor:
         return self.diffusion.schedule.table(device)[:, step, None].expand(-1, batch)  # (L, B)
@@ -180,8 +183,8 @@ class Sampler:
         bound), e.g. by its CUDA-graph replay (:class:`mdm_fast.engine.GraphedCallable`); it then
         always gets a noise tensor, zeros where none is injected.
         """
-        if start_t is not None and not 1 <= start_t <= self.diffusion.schedule.num_steps:
-            raise ValueError(f"start_t must be in [1, {self.diffusion.schedule.num_steps}], got {start_t}")
+        if start_t is not None:
+            self._check_start("start_t", start_t)
         ts = [t for t in self.timesteps if start_t is None or t <= start_t]
         if start_t is not None and ts[0] != start_t:
             ts = [int(start_t)] + ts

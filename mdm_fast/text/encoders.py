@@ -224,14 +224,19 @@ def build_text_encoder(cfg, device: Optional[torch.device] = None) -> TextEncode
     return enc.to(device) if device is not None else enc
 
 
+def encodes_prompts(encoder: TextEncoder) -> bool:
+    """Whether :func:`encode_prompts` takes this encoder (precomputed embeddings come only with data)."""
+    return isinstance(encoder, (ClassLabelEncoder, HFTextEncoder))
+
+
 def encode_prompts(encoder: TextEncoder, prompts: List[str], device: torch.device, what: str = "prompts") -> Cond:
     """Prompts for sampling: class indices (as strings or ints) for a class encoder, else captions."""
+    if not encodes_prompts(encoder):
+        raise ValueError(f"{type(encoder).__name__} cannot encode {what} at sampling time")
     if isinstance(encoder, ClassLabelEncoder):
         try:
             labels = [int(p) for p in prompts]
         except ValueError:
             raise ValueError(f"class-conditioned model: {what} must be class indices, got {prompts}") from None
         return encoder.encode_labels(labels, device)
-    if isinstance(encoder, HFTextEncoder):
-        return encoder.encode_text(prompts, device)
-    raise ValueError(f"{type(encoder).__name__} cannot encode {what} at sampling time")
+    return encoder.encode_text(prompts, device)

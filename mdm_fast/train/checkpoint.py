@@ -97,11 +97,12 @@ def save_rotating(obj: Dict[str, Any], folder: Path, step: int, keep: int = 2) -
     good one is always kept). Files of later steps are ones a resume skipped as unreadable: they are
     renamed ``*.unreadable`` (kept for inspection, no longer counted or loaded)."""
     path = save_atomic(obj, checkpoint_path(folder, step))
-    for later, stale in list_checkpoints(folder):
+    found = list_checkpoints(folder)
+    for later, stale in found:
         if later > step:
             log.warning("%s: a later step than this run's %d, skipped as unreadable; renamed *.unreadable",
                         stale, step)
             stale.rename(stale.with_name(stale.name + ".unreadable"))
-    for _, old in list_checkpoints(folder)[max(2, keep):]:
+    for _, old in [(s, p) for s, p in found if s <= step][max(2, keep):]:
         old.unlink(missing_ok=True)
     return path

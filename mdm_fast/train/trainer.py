@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mdm_fast.config import ExperimentConfig
 from mdm_fast.data import build_dataset, make_loader, to_model_range
 from mdm_fast.models.cast_weights import CastEachCall
-from mdm_fast.text import build_text_encoder, drop_conditioning
+from mdm_fast.text import build_text_encoder, drop_conditioning, encodes_prompts
 from mdm_fast.train import checkpoint as ckpt_io
 from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
                                         init_distributed, unwrap, wrap_model)
@@ -134,7 +134,7 @@ class Trainer:
         self.model = build_network(cfg, self.encoder.embed_dim, self.device)
         self.diffusion = build_diffusion(cfg, self.model)
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
-        if cfg.sample_freq and not _can_sample(self.encoder):
+        if cfg.sample_freq and not encodes_prompts(self.encoder):
             raise ValueError(f"sample_freq: {type(self.encoder).__name__} cannot encode prompts for the periodic "
                              "sample grids (precomputed text embeddings); set sample_freq: 0")
         self.step = 0
@@ -502,12 +502,6 @@ def _check_start_files(cfg: ExperimentConfig) -> None:
         if path and not Path(path).is_file():
             raise ValueError(f"{where}.initialize_inner_with_pretrained: no file {path!r}")
         level, where = getattr(level, "inner_config", None), f"{where}.inner_config"
-
-
-def _can_sample(encoder) -> bool:
-    from mdm_fast.text import ClassLabelEncoder, HFTextEncoder
-
-    return isinstance(encoder, (ClassLabelEncoder, HFTextEncoder))
 
 
 def autocast_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
