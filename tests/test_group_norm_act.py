@@ -304,6 +304,15 @@ def test_triton_fused_looping_matches_reference(monkeypatch, shape, G, dtype, cl
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
+def test_register_cap_is_for_channels_last_plans():
+    """The compiler's register cap (kernel_report checks what it buys) goes with channels_last plans, fused
+    and whole-row; NCHW plans keep the compiler's choice."""
+    for shape in [(32, 512, 32 * 32), (32, 768, 16 * 16), (32, 128, 128 * 128)]:
+        assert kern.plan(*shape, 32, True).max_registers == kern.MAX_REGISTERS
+        assert kern.plan(*shape, 32, True, backward=True).max_registers == kern.MAX_REGISTERS
+        assert kern.plan(*shape, 32, False).max_registers is None
+
+
 def test_channels_last_programs_take_several_groups():
     assert kern.plan(8, 32, 1 << 20, 32, True).gpb == 32  # one channel per group: 32 groups, 64 B rows
     assert kern.plan(8, 32, 1 << 20, 32, False).gpb == 1

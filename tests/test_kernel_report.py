@@ -7,7 +7,8 @@ decide a bandwidth-bound kernel's speed and can regress silently under the CPU i
   * every bf16 store of a group-norm / diffusion-step / concatenation output is a 16-byte vector (no
     2-byte stores), and channels_last group-norm tiles load 16-byte vectors (2-byte pieces only for the
     per-channel parameters);
-  * the forward streaming kernels keep at least 16 warps per SM (loads in flight).
+  * the forward streaming kernels, and the channels_last kernels that reduce over rows, keep at least 16
+    warps per SM (loads in flight).
 """
 import json
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ";".join(["(32,128,128,128)", "(32,768,16,16)", "(8,32,1024,1024)", "256 model", "+ moments"])
+CASES = ";".join(["(32,128,128,128)", "(32,768,16,16)", "(32,512,32,32) NHWC", "(8,32,1024,1024)", "256 model",
+                  "+ moments"])
 
 
 @pytest.fixture(scope="module")
@@ -69,4 +71,17 @@ def test_forward_streaming_kernels_keep_16_warps_per_sm(launches):
                or (r["kernel"] == "_fwd_fused" and "(32,128,128,128)" in r["case"] and "NHWC" not in r["case"])]
     assert looping
     low = [(r["case"], r["kernel"], r["regs"], r["per_sm"]) for r in looping if r["per_sm"] * r["num_warps"] < 16]
+    assert not low
+
+
+def test_channels_last_reducing_kernels_keep_16_warps_per_sm(launches):
+    """The channels_last launches that reduce over rows (fused, statistics), forward and backward, under
+    the plan's register cap: uncapped, the fused kernels at 512 channels x 32x32 (forward) and 768 x 16x16
+    (backward) took 166-169 registers, one 8-warp program per SM, and the whole-row backward statistics at
+    512 channels three 4-warp programs."""
+    reducing = [r for r in launches if r["case"].startswith("group_norm") and "NHWC" in r["case"]
+                and r["kernel"] in ("_fwd_fused", "_bwd_fused", "_fwd_partial", "_bwd_partial")]
+    cases = {r["case"] for r in reducing}
+    assert {"group_norm fwd (32,512,32,32) NHWC", "group_norm bwd (32,768,16,16) NHWC"} <= cases
+    low = [(r["case"], r["kernel"], r["regs"], r["per_sm"]) for r in reducing if r["per_sm"] * r["num_warps"] < 16]
     assert not low

@@ -99,6 +99,15 @@ NHWC_MIN_CHANNELS = 32
 NHWC_WHOLE_ROWS_ELEMENTS = 1 << 22
 FUSED_RESIDENT_PER_SM = {False: 2, True: 8}
 FUSED_L2_BYTES = 24 << 20
+# Registers per thread at most (Triton's maxnreg) of a channels_last launch that reduces over rows (fused,
+# statistics): 16 warps resident per SM (two 8-warp or four 4-warp programs). Its rows lie across warps;
+# with the model's fp32 norm parameters the compiler gave the fused kernels at 512 channels x 32x32
+# (forward) and 768 x 16x16 (backward) 166-169 registers, one 8-warp program per SM, and the whole-row
+# backward statistics at 512 channels 158 (3 programs of 4 warps); under the cap they compile without
+# spills (benchmarks/results/kernel_report-sm90.md, sm_90). Not for the apply launches nor NCHW: none of
+# them needs more, and under a cap the compiler takes all of it (kernels of 40-100 registers went to
+# 118-128, from 5-12 programs per SM to 4). None: the compiler's choice (the sweep times both).
+MAX_REGISTERS = 128
 # Rows a whole-row part holds at least: its partials (8 bytes per channel) stay under 7% of its bf16 data.
 WHOLE_ROWS_MIN_ROWS = 64
 
@@ -546,6 +555,7 @@ class Plan:
     rows: int  # rows per program (a multiple of block_s; >= S on the fused path)
     nsplit: int  # programs per group block (1: the fused path)
     num_warps: int
+    max_registers: Optional[int] = None  # per thread of the fused and statistics launches (Triton's maxnreg)
 
     @property
     def fused(self) -> bool:
@@ -582,7 +592,7 @@ def _whole_rows_plan(B: int, C: int, S: int, G: int, sms: int, max_tile: int) ->
     rows, nsplit = split_rows(S, nsplit, block_s)
     if nsplit == 1:
         return None
-    return Plan(G, block_s, block_c, rows, nsplit, _warps(block_s * block_c))
+    return Plan(G, block_s, block_c, rows, nsplit, _warps(block_s * block_c), MAX_REGISTERS)
 
 
 def split_rows(S: int, nsplit: int, block_s: int) -> Tuple[int, int]:
@@ -632,7 +642,13 @@ def _groups_plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int, 
     nsplit = 1
     if programs < FUSED_MIN_PROGRAMS_PER_SM * sms and gpb * cg * S > SPLIT_MIN_ELEMENTS:
         nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), triton.cdiv(S, block_s), MAX_SPLIT)
-    return Plan(gpb, block_s, block_c, *split_rows(S, nsplit, block_s), _warps(block_s * block_c))
+    return Plan(gpb, block_s, block_c, *split_rows(S, nsplit, block_s), _warps(block_s * block_c),
+                MAX_REGISTERS if channels_last else None)
+
+
+def _compile_options(p: Plan, reduces: bool = True) -> dict:
+    """Launch options of a launch of plan ``p``: ``reduces`` over rows (fused, statistics) or applies."""
+    return dict(num_warps=p.num_warps, maxnreg=p.max_registers if reduces else None)
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, int]:
@@ -697,20 +713,20 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
         raise ValueError("group_norm: moments were given but this input takes the fused path (see moments_plan)")
     if p.fused:
         _fwd_fused[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, eps, **flags, ACT=silu,
-                         CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
+                         CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, **_compile_options(p))
         return y, mean, rstd
     part = moments
     if part is None:
         part = torch.empty(2, B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial mean, M2
         _fwd_partial[grid](x, part[0], part[1], C, S, G, C // G, stride_c, stride_s, p.rows, **blocks,
-                           num_warps=p.num_warps)
+                           **_compile_options(p))
     elif tuple(part.shape) != (2, B, p.nsplit, C) or part.dtype != torch.float32:
         raise ValueError(f"group_norm: moments must be (2, {B}, {p.nsplit}, {C}) float32 (the parts of "
                          f"moments_plan), got {tuple(part.shape)} {part.dtype}")
     _fwd_finalize[(B * G,)](part[0], part[1], ptrs[4], mean, rstd, C, S, G, C // G, p.rows, eps,
                             HAS_XB=flags["HAS_XB"], **_finalize_blocks(C // G))
     _fwd_split_apply[grid](x, y, *ptrs, mean, rstd, C, S, G, C // G, stride_c, stride_s, p.rows, **flags, ACT=silu,
-                           **blocks, num_warps=p.num_warps)
+                           **blocks, **_compile_options(p, reduces=False))
     return y, mean, rstd
 
 
@@ -733,15 +749,15 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     grads = (dshift, dscale, gs)
     if p.fused:
         _bwd_fused[grid](x, dy, dx, *ptrs, mean, rstd, *grads, C, S, G, C // G, stride_c, stride_s, B * C, **flags,
-                         ACT=silu, CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, num_warps=p.num_warps)
+                         ACT=silu, CGP=p.block_c // p.gpb, SINGLE=p.single, **blocks, **_compile_options(p))
         return (dx, *grads)
     part = torch.empty(len(gs), B, p.nsplit, C, device=x.device, dtype=torch.float32)  # partial s1, s2 (, s3)
     ps3 = part[-1]  # not written without an input bias
     _bwd_partial[grid](x, dy, *ptrs, mean, rstd, part[0], part[1], ps3, C, S, G, C // G, stride_c, stride_s,
-                       p.rows, **flags, ACT=silu, **blocks, num_warps=p.num_warps)
+                       p.rows, **flags, ACT=silu, **blocks, **_compile_options(p))
     c12 = torch.empty(2, B, G, device=x.device, dtype=torch.float32)
     _bwd_finalize[(B * G,)](part[0], part[1], ps3, rstd, *ptrs, *grads, c12[0], c12[1], C, S, G, C // G, p.rows,
                             B * C, **flags, **_finalize_blocks(C // G))
     _bwd_split_apply[grid](x, dy, dx, *ptrs, mean, rstd, c12[0], c12[1], C, S, G, C // G, stride_c, stride_s, p.rows,
-                           **flags, ACT=silu, **blocks, num_warps=p.num_warps)
+                           **flags, ACT=silu, **blocks, **_compile_options(p, reduces=False))
     return (dx, *grads)
