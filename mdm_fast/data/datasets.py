@@ -15,7 +15,7 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -30,14 +30,18 @@ MAX_SKIPS = 64
 
 
 class LongCaption(ValueError):
-    """A caption over ``reader_config.max_caption_length``: the public reader drops such samples."""
+    """A caption over ``reader_config.max_caption_length`` characters or ``max_token_length`` tokens: the
+    public reader drops such samples."""
 
 
 class SampleDataset(Dataset):
-    """Base: subclasses implement ``__len__`` and ``load(index, rng) -> dict`` (CorruptImage on bad data)."""
+    """Base: subclasses implement ``__len__`` and ``load(index, rng) -> dict`` (CorruptImage on bad data).
+    ``count_tokens`` (the text encoder's ``token_counter()``, set by the trainer) lets ``caption`` drop
+    captions over ``max_token_length`` tokens; without it they are left to the encoder, which cuts them."""
 
     def __init__(self, reader: ReaderConfig):
         self.reader = reader
+        self.count_tokens: Optional[Callable[[str], int]] = None
 
     def load(self, index: int, rng: np.random.Generator) -> Dict[str, Any]:
         raise NotImplementedError
@@ -50,6 +54,11 @@ class SampleDataset(Dataset):
         limit = self.reader.max_caption_length
         if 0 <= limit < len(text):
             raise LongCaption(f"a caption of {len(text)} characters, over max_caption_length {limit}")
+        tokens = self.reader.max_token_length
+        if tokens > 0 and self.count_tokens is not None:
+            n = self.count_tokens(text)
+            if n > tokens:
+                raise LongCaption(f"a caption of {n} tokens, over max_token_length {tokens}")
         return text
 
     def __getitem__(self, item) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,10 @@ class TextEncoder(nn.Module):
 
     def encode_batch(self, batch: Dict[str, Any], device: torch.device) -> Cond:
         raise NotImplementedError
+
+    def token_counter(self) -> Optional[Callable[[str], int]]:
+        """How many tokens a caption encodes to (None: the encoder does not tokenize captions)."""
+        return None
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
         """Zero conditioning with one unmasked token: (B, 1, D), (B, 1)."""
@@ -122,6 +126,17 @@ def _require_local_folder(path: str, what: str, how: str) -> Path:
     return p
 
 
+class TokenCounter:
+    """A caption's token count as the encoder tokenizes it (special tokens included, before the cut to
+    ``max_token_length``); holds only the tokenizer, so the data loader's workers can take it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+
 class HFTextEncoder(TextEncoder):
     """A Hugging Face text encoder loaded offline from a local folder (T5 encoders or BERT-like models)."""
 
@@ -149,6 +164,9 @@ class HFTextEncoder(TextEncoder):
         self.max_tokens = int(max_tokens) if max_tokens and max_tokens > 0 else 128
         self.pad_to_max = bool(pad_to_max)
         self._null: Dict[str, Cond] = {}
+
+    def token_counter(self) -> TokenCounter:
+        return TokenCounter(self.tokenizer)
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
         """The empty caption's encoding (B, T, D), (B, T): the public sampler's default negative prompt
