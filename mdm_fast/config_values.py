@@ -4,11 +4,13 @@ annotated type (bool, int, float, str, or Optional of one), with a ValueError na
 YAML guesses types from the text: ``1e-4`` is a string, ``'false'`` quoted is a string, ``2:1`` is the
 integer 121 and ``0123`` the integer 83 (YAML 1.1). A field's annotation decides instead: an override
 of a str field keeps its text as typed, and every value of a bool/int/float field is converted or
-rejected. ``None`` / ``null`` (any case) is None for every field, as in the public YAMLs.
+rejected. ``None`` / ``null`` (any case) is None for every field, as in the public YAMLs, except where it
+names an enum field's member (``threshold_function: NONE``).
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import typing
 from typing import Any, Dict, Optional
@@ -24,7 +26,7 @@ def none_string(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def field_kinds(cls) -> Dict[str, Optional[type]]:
-    """Field name -> bool/int/float/str (Optional unwrapped), or None for any other annotation."""
+    """Field name -> bool/int/float/str or an Enum class (Optional unwrapped), or None for any other."""
     hints = typing.get_type_hints(cls)
     kinds = {}
     for f in dataclasses.fields(cls):
@@ -32,14 +34,22 @@ def field_kinds(cls) -> Dict[str, Optional[type]]:
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if typing.get_origin(kind) is typing.Union and len(args) == 1:
             kind = args[0]
-        kinds[f.name] = kind if kind in SCALARS else None
+        kinds[f.name] = kind if kind in SCALARS or _is_enum(kind) else None
     return kinds
 
 
+def _is_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, enum.Enum)
+
+
 def coerce(name: str, value: Any, kind: Optional[type]) -> Any:
-    """``value`` as a ``kind`` (see :func:`field_kinds`; None: as it is)."""
+    """``value`` as a ``kind`` (see :func:`field_kinds`; None: as it is). An enum field's value is
+    left to the config to parse, and a member's name stays one: ``threshold_function: NONE`` is
+    ThresholdType.NONE, not None."""
+    if _is_enum(kind) and isinstance(value, str) and value.strip().upper() in kind.__members__:
+        return value
     value = none_string(value)
-    if value is None or kind is None:
+    if value is None or kind is None or _is_enum(kind):
         return value
     try:
         if kind is bool:

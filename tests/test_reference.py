@@ -107,6 +107,20 @@ def test_two_micro_conditions():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_micro_condition_labels_keep_their_spaces():
+    """The public code names the layers by the label as written: "scale:16, wm:0.5" gives
+    cond_layers. wm.*; its checkpoints load strictly into the reference and the fast model."""
+    import mdm_fast
+
+    case = load_case("unet_tiny")
+    cfg = dict(case["unet_config"], micro_conditioning="scale:16, wm:0.5")
+    ref = build_model("unet", cfg)
+    assert sorted(ref.cond_layers) == [" wm", "scale"] and "cond_layers. wm.0.weight" in ref.state_dict()
+    mdm_fast.build_model("unet", cfg).load_state_dict(ref.state_dict(), strict=True)
+    x, t, c, m = model_inputs(case)
+    assert ref(x, t, c, m, {" wm": torch.tensor([0.0, 1.0])}).shape == x.shape
+
+
 def nested_case_with(**overrides):
     case = load_case("nested_variants_mixed_batch")
     cfg = dict(copy.deepcopy(case["unet_config"]), **overrides)
@@ -180,6 +194,7 @@ def test_bad_inputs_raise_value_errors(mutate, match):
     ({"num_attention_layers": [0, 0]}, "num_attention_layers"),
     ({"micro_conditioning": "scale"}, "micro_conditioning"),
     ({"resnet_config": {"num_groups": 32}}, "resnet_config"),
+    ({"temporal_spatial_ds": True, "num_temporal_attention_layers": [0, 1, 0]}, "temporal_spatial_ds"),
 ])
 def test_bad_configs_raise_value_errors(cfg_patch, match):
     case = load_case("nested_tiny")

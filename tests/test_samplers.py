@@ -48,6 +48,7 @@ def test_loop_matches_public_sequence(shifted):
     gen = torch.Generator().manual_seed(3)
     x = sampler.initial_noise(2, 3, 16, generator=gen)
     out = sampler.sample(diff.make_denoise(model, cond, mask), x, generator=gen)
+    gen_ours = gen
     # the public loop, by hand, with the same random stream
     gen = torch.Generator().manual_seed(3)
     x = [torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)]
@@ -56,8 +57,10 @@ def test_loop_matches_public_sequence(shifted):
     scales = [1.0, 1.0] if shifted else [4.0, 1.0]
     for t, s in zip(ts[:-1], ts[1:]):
         pred = model(x, torch.full((2,), t - 1), cond, mask)
-        noise = [torch.randn(xi.shape, generator=gen) for xi in x] if s > 0 else [None, None]
+        noise = [torch.randn(xi.shape, generator=gen) for xi in x] if t != 1 else [None, None]  # need_noise
+        noise = noise if s > 0 else [None, None]  # drawn, times a zero variance
         x = [_public_update(x[i], pred[i], table[i, t], table[i, s], scales[i], noise[i]) for i in range(2)]
+    assert torch.equal(gen.get_state(), gen_ours.get_state())  # the next batch draws the public noise
     for got, want, sc in zip(out, x, scales):
         torch.testing.assert_close(got, (want * sc).clamp(-1, 1), atol=1e-5, rtol=1e-5)
     times = [c[0][0].item() for c in model.calls[:4]]
@@ -104,8 +107,11 @@ def test_partial_start_and_step_counts():
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     start = sampler.noised_start(images, 7, torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in start] == [(2, 3, 16, 16), (2, 3, 4, 4)]
+    assert sampler.timesteps[6:8] == [8, 6]
     steps = list(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), start, start_t=7))
-    assert steps[0].t == 7 and steps[-1].s == 0 and all(st.t <= 7 for st in steps)
+    assert steps[0].t == 6 and steps[-1].s == 0  # off the grid: from the next step down, as the public code
+    steps = list(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), start, start_t=8))
+    assert [st.t for st in steps] == [8, 6, 4, 2]
     with pytest.raises(ValueError, match="start step"):
         sampler.noised_start(images, 0)
     for bad in (0, -3, 21):  # start_t 0 ran no step and returned the noise as the image
@@ -116,6 +122,39 @@ def test_partial_start_and_step_counts():
             diff.sampler(num_inference_steps=bad)
     with pytest.raises(ValueError, match="ddim_eta"):
         diff.sampler(ddim_eta=-0.5)
+
+
+def test_model_predicts_in_eval_mode_and_keeps_its_mode():
+    """As the public Diffusion.sample (dropout off); the trainer's grids run between training steps."""
+    diff, model = _diffusion(), TinyNested()
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    model.train()
+    diff.sample(model, torch.randn(2, 5, 8), None, 16, num_inference_steps=2)
+    assert modes == [False, False] and model.training
+
+
+@pytest.mark.gpu
+def test_unseeded_initial_noise_is_the_public_stream():
+    """The public Diffusion.get_noise draws the top level on the CPU and moves it; the lower levels are
+    drawn on the device (normal_ in get_xt_minus_1)."""
+    sampler = _diffusion().sampler(num_inference_steps=2)
+    torch.manual_seed(5)
+    got = sampler.initial_noise(2, 3, 16, device="cuda")
+    torch.manual_seed(5)
+    top = torch.randn(2, 3, 16, 16).to("cuda")
+    low = torch.empty(2, 3, 4, 4, device="cuda").normal_()
+    assert torch.equal(got[0], top) and torch.equal(got[1], low)
+
+
+def test_threshold_none_from_a_config_file():
+    """``threshold_function: NONE`` is the public ThresholdType.NONE (it was read as a null and refused)."""
+    cfg = NestedDiffusionConfig.from_dict({"sampler_config": {"threshold_function": "NONE",
+                                                              "loss_target_type": "null"}, "no_use_residual": True})
+    sc = cfg.sampler_config
+    assert sc.threshold_function.name == "NONE" and sc.loss_target_type == sc.prediction_type  # null: the same
+    diff = NestedDiffusion(cfg, [4], [False])
+    assert diff.sampler().threshold == "none"
 
 
 def test_dynamic_threshold_sampler_runs():

@@ -4,10 +4,13 @@ The loop is plain Python over a ``denoise(x_t_list, model_times) -> predictions`
 CUDA-graph replay can stand in for it) and one :func:`mdm_fast.ops.diffusion_step.sampler_update`
 per step for every level at once. Public semantics (``samplers.py``): model time t - 1 at schedule
 step t, the public inference spacing, x0 thresholding in image units (x0 * signal scale), the final
-sample clipped to [-1, 1]. A step that ends at s = 0 injects no noise (its variance is zero anyway).
+sample clipped to [-1, 1]. A step that ends at s = 0 injects no noise (its variance is zero), but draws
+it where the public sampler does (from every t but 1), so that a seeded stream of several batches stays
+the public one; the model predicts in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -38,6 +41,20 @@ def _double_micros(micros: Optional[dict], batch: int) -> dict:
     for k, v in (micros or {}).items():
         out[k] = torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v
     return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside (dropout off), as the public ``Diffusion.sample`` sets it; the mode
+    it had is restored after (the trainer samples its grids between steps)."""
+    training = model.training
+    if training:
+        model.train(False)
+    try:
+        yield
+    finally:
+        if training:
+            model.train(True)
 
 
 def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Tensor], guidance_scale: float = 1.0,
@@ -74,10 +91,11 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     cast_model = None if autocast is None else CastWeights(model, autocast)
 
     def predict(x_t: List[Tensor], *args) -> List[Tensor]:
-        if cast_model is None:
-            return diffusion.predict(model, x_t, *args)
-        with torch.autocast(x_t[0].device.type, dtype=autocast):
-            preds = diffusion.predict(cast_model, x_t, *args)
+        with _eval_mode(model):
+            if cast_model is None:
+                return diffusion.predict(model, x_t, *args)
+            with torch.autocast(x_t[0].device.type, dtype=autocast):
+                preds = diffusion.predict(cast_model, x_t, *args)
         return [p.to(x.dtype) for p, x in zip(preds, x_t)]
 
     def denoise(x_t: List[Tensor], model_times: Tensor) -> List[Tensor]:
@@ -127,9 +145,15 @@ class Sampler:
 
     def initial_noise(self, batch: int, channels: int, image_size, generator: Optional[torch.Generator] = None,
                       device=None, dtype: torch.dtype = torch.float32) -> List[Tensor]:
-        """Pure noise for every level (top first), drawn in level order as the public sampler does."""
-        return [torch.randn(batch, channels, h, w, generator=generator, device=device, dtype=dtype)
-                for h, w in self.diffusion.level_sizes(image_size)]
+        """Pure noise for every level (top first), drawn in level order as the public sampler does.
+        Without a ``generator`` the draws are the public ones after the same ``torch.manual_seed``: the
+        top level from the CPU's generator (moved to ``device``), the others on ``device``."""
+        sizes = self.diffusion.level_sizes(image_size)
+        if generator is not None:
+            return [torch.randn(batch, channels, h, w, generator=generator, device=device, dtype=dtype)
+                    for h, w in sizes]
+        top = torch.randn(batch, channels, *sizes[0]).to(device=device, dtype=dtype)
+        return [top] + [torch.randn(batch, channels, h, w, device=device, dtype=dtype) for h, w in sizes[1:]]
 
     def noised_start(self, images: Tensor, t: int, generator: Optional[torch.Generator] = None) -> List[Tensor]:
         """The pyramid of ``images`` ((B, C, H, W) in [-1, 1]) noised to schedule step t (partial diffusion)."""
@@ -179,6 +203,9 @@ class Sampler:
               ) -> Iterator[SamplerStep]:
         """Run the loop from x_t (at the first timestep, or at ``start_t``), yielding every step.
 
+        With ``start_t`` the loop takes the steps at or below it, as the public sampler does: x_t is
+        denoised from the largest inference step <= start_t (start_t itself where it is one of them).
+
         ``step_fn(x_t, times, g_t, g_s, noise) -> (x0, x_s)`` replaces :meth:`step` (with ``denoise``
         bound), e.g. by its CUDA-graph replay (:class:`mdm_fast.engine.GraphedCallable`); it then
         always gets a noise tensor, zeros where none is injected.
@@ -186,16 +213,17 @@ class Sampler:
         if start_t is not None:
             self._check_start("start_t", start_t)
         ts = [t for t in self.timesteps if start_t is None or t <= start_t]
-        if start_t is not None and ts[0] != start_t:
-            ts = [int(start_t)] + ts
         x_t = list(x_t)
         B, device = x_t[0].shape[0], x_t[0].device
         noisy = self.ddim_eta is None or self.ddim_eta > 0
         for t, s in zip(ts[:-1], ts[1:]):
             with torch.no_grad():
                 times = torch.full((B,), t - 1, dtype=torch.long, device=device)
-                noise = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in x_t] \
-                    if noisy and s > 0 else None
+                noise = None
+                if noisy and t != 1:  # drawn at every step but from t = 1, as the public sampler draws
+                    noise = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in x_t]
+                if s == 0:  # but none added where the posterior's variance is 0
+                    noise = None
                 g_t, g_s = self._gammas(t, B, device), self._gammas(s, B, device)
                 if step_fn is None:
                     x0, x_t = self.step(denoise, x_t, times, g_t, g_s, noise)

@@ -1,4 +1,6 @@
-"""Fused operations of mdm_fast, each a torch.library custom op with ref/triton/cuda backends.
+"""Fused operations of mdm_fast, each a torch.library custom op with a ``ref`` (PyTorch) backend and
+the fast ones it has: ``triton``, ``cuda`` (csrc: group_norm_act), ``torch``/``sdpa`` (PyTorch's own
+kernels); ``mdm-fast info`` lists them.
 
 ``impl="auto"`` picks the fastest backend that can run the inputs; ``MDM_FAST_IMPL`` or
 ``use_impl("triton")`` override the choice globally (see :mod:`mdm_fast.ops.dispatch`).

@@ -85,6 +85,10 @@ class UNetConfig:
         if self.num_temporal_attention_layers is not None:
             self.num_temporal_attention_layers = _per_level(
                 self.num_temporal_attention_layers, "num_temporal_attention_layers", levels)
+        if self.temporal_spatial_ds and any(self.num_temporal_attention_layers or []):
+            raise ValueError("unet_config.num_temporal_attention_layers: temporal attention is not built with "
+                             "temporal_spatial_ds: true (the public code builds none, then fails calling it); "
+                             "set the layers to 0 or temporal_spatial_ds: false")
         if isinstance(self.resnet_config, dict):
             self.resnet_config = _from_dict(ResNetConfig, self.resnet_config, "resnet_config")
         if self.temporal_dim is not None and self.temporal_dim % 8:
@@ -106,12 +110,14 @@ class NestedUNetConfig(UNetConfig):
 
 
 def parse_micro_conditioning(spec: str) -> Dict[str, float]:
-    """``"scale:64,watermark:0"`` -> ``{"scale": 64.0, "watermark": 0.0}``."""
+    """``"scale:64,watermark:0"`` -> ``{"scale": 64.0, "watermark": 0.0}``. Labels are kept as written,
+    spaces included, as the public code keeps them: ``"scale:16, wm:0"`` names the layers of `` wm``
+    (``cond_layers. wm.0.weight`` in its checkpoints)."""
     out = {}
     for item in spec.split(","):
         name, sep, default = item.partition(":")
         try:
-            out[name.strip()] = float(default)
+            out[name] = float(default)
         except ValueError:
             sep = ""
         if not sep or not name.strip():
