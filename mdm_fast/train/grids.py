@@ -99,35 +99,30 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
         raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
     if generator is None:
         generator = torch.Generator(device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, negative_prompt, ddim_eta,
-               cuda_graphs, autocast)
-        pipe = None if cache is None else cache.get(key)
-        fresh = pipe is None
-        if fresh:
-            pipe = _Pipeline.make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
-                                  autocast)
-            if cache is not None:
-                cache[key] = pipe
-        else:
-            pipe.cond.copy_(cond)
-            pipe.mask.copy_(mask)
-        x_t = pipe.sampler.initial_noise(len(expanded), _channels(model), image_size, generator=generator,
-                                         device=device)
-        if fresh and device.type == "cuda":  # compile the steps' Triton kernels in parallel, before the first
-            stats = pipe.sampler.precompile(pipe.denoise, x_t)
-            if stats is not None and stats.kernels:
-                log.info("sampling: %s", stats)
-        levels = x_t
-        bar = tqdm(total=len(pipe.sampler.timesteps) - 1, desc="sampling", disable=not progress, leave=False)
-        for step in pipe.sampler.steps(pipe.denoise, x_t, generator=generator, step_fn=pipe.step_fn):
-            levels = step.x_s
-            bar.update(1)
-        bar.close()
-    finally:
-        model.train(was_training)
+    key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, negative_prompt, ddim_eta,
+           cuda_graphs, autocast)
+    pipe = None if cache is None else cache.get(key)
+    fresh = pipe is None
+    if fresh:
+        pipe = _Pipeline.make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
+                              autocast)
+        if cache is not None:
+            cache[key] = pipe
+    else:
+        pipe.cond.copy_(cond)
+        pipe.mask.copy_(mask)
+    x_t = pipe.sampler.initial_noise(len(expanded), _channels(model), image_size, generator=generator,
+                                     device=device)
+    if fresh and device.type == "cuda":  # compile the steps' Triton kernels in parallel, before the first
+        stats = pipe.sampler.precompile(pipe.denoise, x_t)
+        if stats is not None and stats.kernels:
+            log.info("sampling: %s", stats)
+    levels = x_t
+    bar = tqdm(total=len(pipe.sampler.timesteps) - 1, desc="sampling", disable=not progress, leave=False)
+    for step in pipe.sampler.steps(pipe.denoise, x_t, generator=generator, step_fn=pipe.step_fn):
+        levels = step.x_s
+        bar.update(1)
+    bar.close()
     return pipe.sampler.to_images(levels)
 
 
