@@ -17,11 +17,9 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from mdm_fast.reference.config import none_string
+
 SCALARS = (bool, int, float, str)
-
-
-def none_string(value: Any) -> Any:
-    return None if isinstance(value, str) and value.strip().lower() in ("none", "null") else value
 
 
 @functools.lru_cache(maxsize=None)

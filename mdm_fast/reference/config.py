@@ -125,8 +125,10 @@ def parse_micro_conditioning(spec: str) -> Dict[str, float]:
     return out
 
 
-def _none_string(value: Any) -> Any:
-    return None if isinstance(value, str) and value.strip().lower() in ("none", "null", "") else value
+def none_string(value: Any, empty: bool = False) -> Any:
+    """None for the YAML texts "None" / "null" (any case; also "" with ``empty``), else the value."""
+    words = ("none", "null", "") if empty else ("none", "null")
+    return None if isinstance(value, str) and value.strip().lower() in words else value
 
 
 def _from_dict(cls, d: Dict[str, Any], where: str, **overrides):
@@ -162,7 +164,7 @@ def unet_config_from_dict(model_name: str, d: Union[Dict[str, Any], UNetConfig],
     overrides["inner_config"] = unet_config_from_dict(inner_name, inner, _where=f"{_where}.inner_config",
                                                       _inner=True)
     if "initialize_inner_with_pretrained" in d:
-        d["initialize_inner_with_pretrained"] = _none_string(d["initialize_inner_with_pretrained"])
+        d["initialize_inner_with_pretrained"] = none_string(d["initialize_inner_with_pretrained"], empty=True)
     return _from_dict(NestedUNetConfig, d, _where, **overrides)
 
 
