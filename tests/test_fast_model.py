@@ -15,8 +15,9 @@ from mdm_fast.reference import build_model as build_reference
 from norm_paths import force_whole_rows
 from test_reference import CASES, as_list, load_case, model_inputs
 
-# max |fast - reference| allowed, per backend, in float32 (the fused ops reorder fp32 sums)
-FP32_ATOL = {"ref": 1e-5, "triton": 2e-5}
+# max |fast - reference| allowed in float32 with the ref backends (the triton model test bounds its errors
+# relative to each tensor instead: _check_triton_model)
+FP32_ATOL = {"ref": 1e-5}
 
 
 def fast_golden(name, impl):
@@ -129,10 +130,13 @@ def _check_triton_model(low_batch: int) -> None:
         sum((o ** 2).mean() for o in out).backward()
         outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (out_r, grad_r), (out_f, grad_f) = outs
+    # relative to each tensor's size: the randomized model's outputs are ~0.1 and two thirds of its
+    # gradients below 1e-4 (an absolute 1e-4 passed zeroed text key/value gradients); the fused ops'
+    # reordered fp32 sums differ by ~1e-6 of them, the tiny (~1e-9) attention norm gradients by ~1e-12
     for a, b in zip(out_r, out_f):
-        assert (a - b).abs().max().item() <= FP32_ATOL["triton"]
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
     for n, g in grad_r.items():
-        tol = 1e-4 * max(1.0, g.abs().max().item())
+        tol = 1e-4 * g.abs().max().item() + 1e-10
         assert (grad_f[n] - g).abs().max().item() <= tol, n
 
 

@@ -404,7 +404,8 @@ def test_denoise_under_autocast_runs_the_model_in_bf16_and_returns_x_t_dtype():
     assert seen == [torch.float32, torch.bfloat16]
     for a, b in zip(outs[None], outs[torch.bfloat16]):
         assert b.dtype == torch.float32
-        assert (a - b).abs().max().item() <= 0.05 * (1 + a.abs().max().item())
+        # relative: the predictions are ~0.05 (an atol of 0.05 passed zeros); bf16 is ~1.5% off here
+        assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
 
 
 def test_guidance_null_with_fewer_tokens_is_padded_with_masked_zeros():
