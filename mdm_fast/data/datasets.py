@@ -42,18 +42,22 @@ class SampleDataset(Dataset):
     def __init__(self, reader: ReaderConfig):
         self.reader = reader
         self.count_tokens: Optional[Callable[[str], int]] = None
+        if reader.smaller_side_size > 0 and reader.smaller_side_size != reader.image_size:
+            log.warning("reader_config.smaller_side_size %d is not used, as in the public reader: the smaller "
+                        "side is resized to image_size %d", reader.smaller_side_size, reader.image_size)
 
     def load(self, index: int, rng: np.random.Generator) -> Dict[str, Any]:
         raise NotImplementedError
 
     def image(self, data, rng) -> np.ndarray:
         r = self.reader
-        return resize_crop(decode_image(data), r.image_size, r.smaller_side_size, r.random_crop, rng)
+        return resize_crop(decode_image(data), r.image_size, r.random_crop, rng)
 
     def caption(self, text: str) -> str:
         limit = self.reader.max_caption_length
-        if 0 <= limit < len(text):
-            raise LongCaption(f"a caption of {len(text)} characters, over max_caption_length {limit}")
+        size = len(text.encode("utf-8")) + 2  # as the public reader counts: bytes, with a space on each side
+        if 0 <= limit < size:
+            raise LongCaption(f"a caption of {size} bytes with its two spaces, over max_caption_length {limit}")
         tokens = self.reader.max_token_length
         if tokens > 0 and self.count_tokens is not None:
             n = self.count_tokens(text)
@@ -106,7 +110,7 @@ class ArrayDataset(SampleDataset):
         img = self.images[index]
         pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB")
         r = self.reader
-        out: Dict[str, Any] = {"image": resize_crop(pil, r.image_size, r.smaller_side_size, r.random_crop, rng)}
+        out: Dict[str, Any] = {"image": resize_crop(pil, r.image_size, r.random_crop, rng)}
         if self.labels is not None:
             out["label"] = int(self.labels[index])
         if self.captions is not None:
@@ -353,7 +357,7 @@ class VideoClips(SampleDataset):
         r = self.reader
         size = r.image_size // self.n if r.image_size > 0 else -1
         crop_seed = int(rng.integers(1 << 31))  # the same crop for every frame of the clip
-        tiles = [resize_crop(Image.fromarray(f), size, -1, r.random_crop, np.random.default_rng(crop_seed))
+        tiles = [resize_crop(Image.fromarray(f), size, r.random_crop, np.random.default_rng(crop_seed))
                  for f in frames]
         out: Dict[str, Any] = {"image": tile_frames(np.stack(tiles))}
         _copy_annotations(row, out, self)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Optional, Union
 
 import numpy as np
@@ -13,30 +14,34 @@ class CorruptImage(Exception):
 
 
 def decode_image(data: Union[bytes, str]) -> Image.Image:
-    """RGB PIL image from encoded bytes or a path; CorruptImage when it cannot be decoded."""
+    """RGB PIL image from encoded bytes or a path; CorruptImage when it cannot be decoded. 16-bit grey
+    samples keep their high byte, as the public decoder (stb_image) does (PIL would clip them at 255)."""
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         img.load()
+        if img.mode.startswith("I;16"):
+            img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
         return img.convert("RGB")
     except Exception as e:  # PIL raises many types for bad files
         raise CorruptImage(str(e)) from e
 
 
-def resize_crop(img: Image.Image, image_size: int, smaller_side: int = -1, random_crop: bool = False,
+def resize_crop(img: Image.Image, image_size: int, random_crop: bool = False,
                 rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """Resize the smaller side to ``smaller_side`` (default ``image_size``), crop ``image_size`` square.
+    """The public reader's resize and crop: the smaller side scaled to ``image_size`` with a triangle
+    (bilinear) filter, widened when shrinking (mlx.data resizes with stb_image_resize's triangle filter;
+    results may differ from it by rounding, and at the borders), the other side rounded half up; then a
+    centre (or uniformly random) ``image_size`` square.
 
     Returns uint8 (H, W, 3). ``image_size <= 0`` keeps the image as it is.
     """
     if image_size <= 0:
         return np.asarray(img, dtype=np.uint8)
-    side = smaller_side if smaller_side > 0 else image_size
-    side = max(side, image_size)
     w, h = img.size
-    scale = side / min(w, h)
-    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    scale = image_size / (w if h > w else h)
+    nw, nh = (max(image_size, math.floor(scale * s + 0.5)) for s in (w, h))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC if scale > 1 else Image.LANCZOS)
+        img = img.resize((nw, nh), Image.BILINEAR)
     if random_crop:
         rng = rng or np.random.default_rng()
         left, top = int(rng.integers(0, nw - image_size + 1)), int(rng.integers(0, nh - image_size + 1))

