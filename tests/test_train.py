@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mdm_fast.config import load_experiment
+from mdm_fast.data import collate
 from mdm_fast.engine import GraphedCallable
 from mdm_fast.reference import build_model
 from mdm_fast.train import CheckpointError, ModelEma, Trainer, load_checkpoint, load_latest, save_atomic
@@ -188,7 +189,7 @@ def _ddp_worker(rank, world, port, out, mode, acc):
     torch.set_num_threads(1)
     try:
         cfg = tiny(out, num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=acc,
-                   distributed=mode.split("-")[0])
+                   distributed=mode.split("-")[0], fp16=1)
         Trainer(cfg, quiet=True, graphed=mode.endswith("graphed")).train()
     finally:
         torch.distributed.destroy_process_group()
@@ -198,9 +199,10 @@ def _ddp_worker(rank, world, port, out, mode, acc):
 def test_two_processes_match_one_process(tmp_path, mode, acc):
     """One process reading both shards of each global batch (2x the accumulations) == 2 ranks (gloo, CPU).
     acc 2: gradient accumulation on the ranks (no reduction but on the last micro-step). ddp-graphed:
-    the graphed step's logic under DDP (the skip flag all-reduced too), without a graph."""
+    the graphed step's logic under DDP (the skip flag all-reduced too), without a graph. fp16: 1 (fp32 on a
+    CPU) averages micro-batch gradients, as the ranks' all-reduce does; fp16: 0 sums them (the public code)."""
     Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2 * acc,
-                 distributed=mode.split("-")[0]), quiet=True, graphed=mode.endswith("graphed")).train()
+                 distributed=mode.split("-")[0], fp16=1), quiet=True, graphed=mode.endswith("graphed")).train()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), mode, acc), nprocs=2, join=True)
     one = load_checkpoint(tmp_path / "one" / "ckpt_00000003.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_00000003.pt")
@@ -243,6 +245,35 @@ def test_ema_follows_the_public_semantics():
     assert torch.allclose(ema.module.weight, torch.full((2, 2), 3.0))
     with pytest.raises(ValueError, match="ema_decay"):
         ModelEma(model, decay=1.5)
+
+
+def _first_step_gradients(out, graphed, monkeypatch, **over):
+    """The gradients of a fresh run's first step (two micro-batches), as clipping sees them."""
+    tr = Trainer(tiny(out, num_gradient_accumulations=2, cond_drop_prob=0.0, **over), quiet=True, graphed=graphed)
+    seen, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *args, **kwargs):
+        seen.extend(p.grad.clone() for p in params)
+        return clip(params, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+        tr.train_step([collate([tr.dataset[(4 * k + i, 0)] for i in range(4)]) for k in range(2)])
+    return seen
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_accumulation_and_loss_factor_follow_the_public_branch_fp16_picks(tmp_path, monkeypatch, graphed):
+    """The public train_batch: with fp16 the loss is multiplied by loss_factor and divided by the
+    accumulations before backward (gradients averaged); without, the micro-batch gradients are summed
+    and loss_factor is unused (checked side by side with the public code: equal weights over 5 steps)."""
+    mean = _first_step_gradients(tmp_path / "mean", graphed, monkeypatch, fp16=1)
+    summed = _first_step_gradients(tmp_path / "sum", graphed, monkeypatch, fp16=0, loss_factor=3.0)
+    scaled = _first_step_gradients(tmp_path / "scaled", graphed, monkeypatch, fp16=1, loss_factor=3.0)
+    assert any(g.abs().sum() > 0 for g in mean)
+    for m, s, f in zip(mean, summed, scaled):
+        torch.testing.assert_close(s, 2 * m, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f, 3 * m, rtol=1e-4, atol=1e-7)
 
 
 def test_bad_configs_and_inputs_give_clear_errors(tmp_path):

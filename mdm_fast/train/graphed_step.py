@@ -42,8 +42,9 @@ class GraphedMicroSteps:
     """``micro_step(*inputs)`` once per micro-batch (the trainer's: images, cond, mask), then ``update()``.
 
     ``loss_fn(*inputs) -> (loss, stats)`` draws its noise from ``generator``; the mean of ``loss`` and of
-    the ``loss_level*`` stats over the micro-batches is what ``update`` reports. ``optimizer``: a fused
-    Adam/AdamW (the only ones that skip a step on a device flag).
+    the ``loss_level*`` stats over the micro-batches is what ``update`` reports. Each micro-batch
+    backpropagates ``loss * grad_weight`` (default ``1 / accumulations``: the gradients averaged).
+    ``optimizer``: a fused Adam/AdamW (the only ones that skip a step on a device flag).
 
     ``ddp``: the DDP-wrapped model the loss runs, if any (its all-reduce is skipped on all micro-steps but
     the last, and the ranks agree on skipping a step). ``max_graphs``: how many batch signatures (text
@@ -59,13 +60,15 @@ class GraphedMicroSteps:
 
     def __init__(self, params: List[Tensor], optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                  generator: torch.Generator, accumulations: int, max_grad_norm: float, capture: bool,
-                 ddp: Optional[nn.Module] = None, eager_on_error: bool = False, max_graphs: int = 32):
+                 ddp: Optional[nn.Module] = None, eager_on_error: bool = False, max_graphs: int = 32,
+                 grad_weight: Optional[float] = None):
         if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")):
             raise ValueError("graphed training needs torch.optim.Adam/AdamW(..., fused=True) (it skips a step with a "
                              f"non-finite loss on the device), got {type(optimizer).__name__} "
                              f"fused={optimizer.defaults.get('fused')}")
         self.params, self.optimizer, self.loss_fn = params, optimizer, loss_fn
         self.accumulations, self.max_grad_norm, self.ddp = accumulations, max_grad_norm, ddp
+        self.grad_weight = 1.0 / accumulations if grad_weight is None else grad_weight
         self._sums: Dict[str, Tensor] = {}  # loss and per-level losses of this step, over its micro-batches
         # graphs (one per batch signature and per all-reduce or not) share one memory pool: they run one at
         # a time and keep nothing in it (gradients and sums live outside), so activations are reserved once
@@ -111,7 +114,7 @@ class GraphedMicroSteps:
         self._sync_forwards += last  # counted on the host: a replay runs none of this
         with grad_sync(self.ddp, last):
             loss, stats = self.loss_fn(*inputs)
-            (loss / self.accumulations).backward()
+            (loss * self.grad_weight).backward()
         for k, v in [("loss", loss)] + [(k, v) for k, v in stats.items() if k.startswith("loss_level")]:
             v = v.detach().float() / self.accumulations
             if k in self._sums:

@@ -1,11 +1,11 @@
 """The training loop (the public ``trainer.train_batch`` + ``clis/train_parallel.py`` semantics).
 
 AdamW (weight decay 0, eps 1e-8) or Adam, linear warm-up then a constant rate (the public
-``LRScaler``), gradient accumulation, gradient-norm clipping, bf16 autocast on CUDA when ``fp16``
-is set, EMA, JSONL/PNG logging, periodic sample grids, atomic checkpoints, exact resume, and
-torchrun DDP/FSDP. Every random draw of a training step comes from a generator seeded by
-(seed, step, shard), so a resumed run, or a run split over more processes with the same shards,
-computes the same numbers.
+``LRScaler``), gradient accumulation (averaged, ``loss_factor`` applied, with ``fp16`` set; summed
+without: :func:`loss_scales`), gradient-norm clipping, bf16 autocast on CUDA when ``fp16`` is set, EMA,
+JSONL/PNG logging, periodic sample grids, atomic checkpoints, exact resume, and torchrun DDP/FSDP.
+Every random draw of a training step comes from a generator seeded by (seed, step, shard), so a resumed
+run, or a run split over more processes with the same shards, computes the same numbers.
 
 On one CUDA process (``cuda_graphs: auto``) the step's forward and backward are replayed from a CUDA
 graph and nothing is read back to the host per step (:mod:`mdm_fast.train.graphed_step`): losses and
@@ -71,6 +71,16 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
         step = max(1, step)
         return step / max(1, warmup_steps) if step < warmup_steps else 1.0
     return f
+
+
+def loss_scales(cfg: ExperimentConfig) -> Tuple[float, float]:
+    """(factor on the loss, weight of a micro-batch's loss in the gradient) of the public ``train_batch``
+    branch that ``fp16`` picks: the bf16 one multiplies the loss by ``loss_factor`` and divides it by
+    ``num_gradient_accumulations`` before backward (micro-batch gradients averaged); the fp32 one does
+    neither (its division comes after backward: gradients summed, ``loss_factor`` unused)."""
+    if cfg.fp16:
+        return cfg.loss_factor, 1.0 / cfg.num_gradient_accumulations
+    return 1.0, 1.0
 
 
 def step_seed(seed: int, step: int, shard: int) -> int:
@@ -164,13 +174,15 @@ class Trainer:
         if resume is not None:
             self._restore_training_state(*resume)
         self.generator = torch.Generator(self.device)  # re-seeded per micro-batch (step_seed)
+        self.loss_factor, self.grad_weight = loss_scales(cfg)
         self.graphed: Optional[GraphedMicroSteps] = None
         if graphed:
             self.graphed = GraphedMicroSteps(self.params, self.optimizer, self._loss, self.generator,
                                              cfg.num_gradient_accumulations, cfg.gradient_clip_norm,
                                              capture=self.device.type == "cuda",
                                              ddp=self.wrapped if self.dist.world_size > 1 else None,
-                                             eager_on_error=cfg.cuda_graphs == "auto")
+                                             eager_on_error=cfg.cuda_graphs == "auto",
+                                             grad_weight=self.grad_weight)
         if self.graphed is None:
             kind = f"eager (cuda_graphs: {cfg.cuda_graphs}, {self.device.type}, {self.dist.world_size} process(es))"
         elif self.graphed.runner.capture:
@@ -326,10 +338,11 @@ class Trainer:
             log.info("training: %s", stats)
 
     def _loss(self, images, cond, mask):
-        """(loss * loss_factor, stats) of one micro-batch, noise from ``self.generator``."""
+        """(loss times the public factor (:func:`loss_scales`), stats) of one micro-batch, noise from
+        ``self.generator``."""
         with self._autocast():
             loss, stats = self.diffusion.loss(self.step_model, images, cond, mask, generator=self.generator)
-            return loss * self.cfg.loss_factor, stats
+            return loss * self.loss_factor, stats
 
     def _micro_inputs(self, batch, micro: int):
         """Re-seed the step's generator for this micro-batch; (images, cond, mask) on the device."""
@@ -362,7 +375,7 @@ class Trainer:
                     self.scheduler.step()
                     self.step += 1
                     return {"loss": float("nan")}, 0.0
-                (loss / acc).backward()
+                (loss * self.grad_weight).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / acc
             for k, v in stats.items():
                 if k.startswith("loss_level"):
