@@ -430,9 +430,30 @@ def test_an_eager_checkpoint_resumes_on_the_graphed_step(tmp_path):
     assert a["ema"]["counter"] == b["ema"]["counter"] == 6
 
 
-def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, caplog):
-    """A NaN loss at step 3: no update, the EMA and its warm-up count untouched, the step still counted,
-    the log line of that step absent (log_freq 1) and a warning; decided on the device."""
+class _InfiniteGradient(torch.autograd.Function):
+    """0 forward; an infinite gradient for its input backward (a finite loss with a non-finite gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.new_full(ctx.shape, float("inf"))
+
+
+def _poison(loss, what, params):
+    if what == "loss":
+        return loss * float("nan")
+    return loss + _InfiniteGradient.apply(params[0].sum())
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, caplog, what):
+    """A NaN loss at step 3, or a finite loss with an infinite gradient: no update, the EMA and its warm-up
+    count untouched, the step still counted, the log line of that step absent (log_freq 1) and a warning;
+    decided on the device."""
     states = {}
     for graphed in (False, True):
         tr = Trainer(tiny(tmp_path / str(graphed), ema_warmup_steps=3), quiet=True, graphed=graphed)
@@ -440,7 +461,7 @@ def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, c
 
         def poisoned(images, cond, mask, tr=tr, loss_fn=loss_fn):
             loss, stats = loss_fn(images, cond, mask)
-            return (loss * float("nan") if tr.step == 2 else loss), stats
+            return (_poison(loss, what, tr.params) if tr.step == 2 else loss), stats
 
         if graphed:
             tr.graphed.loss_fn = poisoned

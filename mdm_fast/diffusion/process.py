@@ -105,7 +105,9 @@ class NestedDiffusion:
     # ---- training --------------------------------------------------------------------------
 
     def _temporal_levels(self, images: Tensor) -> List[Tensor]:
-        """The public temporal pyramid: a temporal level keeps every (r*r)-th frame of the grid."""
+        """The public temporal pyramid: a temporal level keeps every (r*r)-th frame of the grid, r the ratio to
+        the level above. (The public code strides by the square of the ratio to the top level: the same
+        frames wherever it runs, it fails on the grids where the two differ.)"""
         levels, T = [images], self.frames_per_side
         for i in range(1, self.num_levels):
             rr, x = self.ratios[i] // self.ratios[i - 1], levels[-1]

@@ -6,9 +6,8 @@ accumulation, under DDP the gradient all-reduce of the last micro-step) is captu
 signature (the text length varies: the public data pads captions to the longest of the batch; with
 accumulation, with and without the all-reduce), up to ``max_graphs``, and replayed;
 the update (gradient clipping, the fused Adam/AdamW, then the trainer's EMA) runs eagerly on device
-values. Nothing is read back to the host per step: a non-finite
-loss skips the update on the device (the optimizer's ``found_inf``: parameters, moments and step
-counts unchanged), and the losses and the gradient norm stay device tensors until they are logged,
+values. Nothing is read back to the host per step: a non-finite loss or gradient norm skips the
+update on the device (the optimizer's ``found_inf``: parameters, moments and step counts unchanged), and the losses and the gradient norm stay device tensors until they are logged,
 so the host prepares the next batch while the GPU runs this one.
 
 The numbers are the eager step's: the same kernels, and the same random draws (the step's generator
@@ -94,9 +93,9 @@ class GraphedMicroSteps:
 
     def update(self) -> Tuple[Dict[str, Tensor], Tensor]:
         """Clip, step, zero the gradients: (stats as 0-dim device tensors, ok: 1.0, or 0.0 where the
-        loss was not finite and the optimizer skipped the step)."""
+        loss or the gradient norm was not finite and the optimizer skipped the step)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-        skipped = (~torch.isfinite(self._sums["loss"])).float()  # (), 1.0 = skip
+        skipped = (~(torch.isfinite(self._sums["loss"]) & torch.isfinite(norm))).float()  # (), 1.0 = skip
         if self.ddp is not None:  # a rank's non-finite loss skips the step on every rank
             torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
         self.optimizer.grad_scale, self.optimizer.found_inf = None, skipped

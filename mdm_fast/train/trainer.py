@@ -14,6 +14,7 @@ gradient norms reach the log once per ``log_freq`` steps. Otherwise the step run
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -358,7 +359,7 @@ class Trainer:
 
     def train_step(self, batches) -> Tuple[Dict[str, Any], Any]:
         """One optimizer step over ``batches`` (the micro-batches): (stats, ok). ok is 1.0, or 0.0 where
-        the loss was not finite and the update was skipped (the step still counts, as in the public
+        the loss or the gradient norm was not finite and the update was skipped (the step still counts, as in the public
         trainer); on the graphed path ok and the stats are device tensors (read at log time)."""
         self.wrapped.train()
         if self.graphed is not None:
@@ -370,11 +371,7 @@ class Trainer:
             with grad_sync(self.wrapped, micro == acc - 1):  # backward inside: FSDP2 reads the flag there
                 loss, stats = self._loss(images, cond, mask)
                 if not self._all_finite(loss):  # as the public trainer: skip the update, keep counting
-                    log.warning("step %d: loss is not finite; skipping the update", self.step)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scheduler.step()
-                    self.step += 1
-                    return {"loss": float("nan")}, 0.0
+                    return self._skip_update("loss")
                 (loss * self.grad_weight).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / acc
             for k, v in stats.items():
@@ -382,6 +379,8 @@ class Trainer:
                     totals[k] = totals.get(k, 0.0) + float(v) / acc
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.gradient_clip_norm)
         totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(totals["grad_norm"]):  # the same on every rank: gradients are all-reduced
+            return self._skip_update("gradient norm")
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -389,6 +388,16 @@ class Trainer:
         self.ema.update(self.model)
         self.step += 1
         return totals, 1.0
+
+    def _skip_update(self, what: str) -> Tuple[Dict[str, Any], float]:
+        """A step whose ``what`` is not finite: no update and no EMA update, the step and the learning-rate
+        schedule still advance (the public trainer's NaN-loss rule; its fp16 GradScaler also skips a step
+        with non-finite gradients, which ours does in every precision)."""
+        log.warning("step %d: %s is not finite; skipping the update", self.step, what)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": float("nan")}, 0.0
 
     def _graphed_step(self, batches) -> Tuple[Dict[str, Any], Any]:
         last = len(batches) - 1
@@ -464,8 +473,8 @@ class Trainer:
         """The window's means (one read of the device values) to metrics.jsonl and the progress bar."""
         means, skipped = window.means()
         if skipped:
-            log.warning("steps %d-%d: %d updates skipped (loss not finite)", self.step - window.steps + 1,
-                        self.step, skipped)
+            log.warning("steps %d-%d: %d updates skipped (loss or gradient norm not finite)",
+                        self.step - window.steps + 1, self.step, skipped)
         if self.graphed is not None and self.graphed.eager_calls:
             log.warning("graphed training: %d micro-batches with new shapes ran eagerly", self.graphed.eager_calls)
         if not means:
