@@ -7,8 +7,9 @@ signature (the text length varies: the public data pads captions to the longest 
 accumulation, with and without the all-reduce), up to ``max_graphs``, and replayed;
 the update (gradient clipping, the fused Adam/AdamW, then the trainer's EMA) runs eagerly on device
 values. Nothing is read back to the host per step: a non-finite loss or gradient norm skips the
-update on the device (the optimizer's ``found_inf``: parameters, moments and step counts unchanged), and the losses and the gradient norm stay device tensors until they are logged,
-so the host prepares the next batch while the GPU runs this one.
+update on the device (the optimizer's ``found_inf``: parameters, moments and step counts unchanged),
+and the losses and the gradient norm stay device tensors until they are logged, so the host prepares
+the next batch while the GPU runs this one.
 
 The numbers are the eager step's: the same kernels, and the same random draws (the step's generator
 is registered with the graph and re-seeded before each micro-step; a replay draws from its seed and
