@@ -77,26 +77,28 @@ def test_max_caption_length_counts_bytes_and_the_two_spaces_of_the_public_reader
 
 
 def test_samples_with_captions_over_max_token_length_are_dropped(tmp_path):
-    """With the text encoder's token count (a word count stands in), through a loader worker (the count
-    travels to it): the public reader drops such samples; without a count (no tokenizer) they are kept."""
+    """With the text encoder's tokenizer (words stand in), through a loader worker (the tokenizer travels
+    to it): the public reader drops such samples; without a tokenizer they are kept. The batch carries
+    the ids of its captions."""
     folder = _folder(tmp_path)
     rows = ["file\tcaption\tlabel"] + [f"img{i}.png\t{'word ' * (2 * i)}end\t{i}" for i in range(5)]
     (folder / "captions.tsv").write_text("\n".join(rows) + "\n")
     reader = ReaderConfig(image_size=16, max_token_length=4)
     ds = build_dataset(str(folder), reader)
     assert ds[(3, 0)]["label"] == 3  # 7 words, no token count: kept (the encoder cuts it)
-    ds.count_tokens = _word_count
+    ds.tokenize = _words
     s = ds[(2, 0)]  # 5 words: over 4, and so are 3 and 4; the next one is 0 (1 word)
     assert s["label"] == 0 and s["_skipped"] == 3
     assert ds[(1, 0)]["label"] == 1  # 3 words
     batch = next(iter(make_loader(ds, batch_size=5, num_steps=1, seed=0, num_workers=1)))
     assert sorted(batch["label"].tolist()) == [0, 0, 0, 0, 1] and batch["_skipped"] == 3 + 2 + 1
+    assert [_words(c) for c in batch["caption"]] == batch["caption_ids"]
     reader.max_token_length = -1
     assert ds[(4, 0)]["label"] == 4  # no limit
 
 
-def _word_count(text: str) -> int:
-    return len(text.split())
+def _words(text: str) -> list:
+    return text.split()
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path):

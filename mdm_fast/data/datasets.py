@@ -36,12 +36,13 @@ class LongCaption(ValueError):
 
 class SampleDataset(Dataset):
     """Base: subclasses implement ``__len__`` and ``load(index, rng) -> dict`` (CorruptImage on bad data).
-    ``count_tokens`` (the text encoder's ``token_counter()``, set by the trainer) lets ``caption`` drop
-    captions over ``max_token_length`` tokens; without it they are left to the encoder, which cuts them."""
+    ``tokenize`` (the text encoder's ``caption_tokenizer()``, set by the trainer) gives each caption its
+    token ids (``caption_ids``, which the encoder then only pads) and drops captions over
+    ``max_token_length`` tokens; without it they are left to the encoder, which cuts them."""
 
     def __init__(self, reader: ReaderConfig):
         self.reader = reader
-        self.count_tokens: Optional[Callable[[str], int]] = None
+        self.tokenize: Optional[Callable[[str], List[int]]] = None
         if reader.smaller_side_size > 0 and reader.smaller_side_size != reader.image_size:
             log.warning("reader_config.smaller_side_size %d is not used, as in the public reader: the smaller "
                         "side is resized to image_size %d", reader.smaller_side_size, reader.image_size)
@@ -58,12 +59,18 @@ class SampleDataset(Dataset):
         size = len(text.encode("utf-8")) + 2  # as the public reader counts: bytes, with a space on each side
         if 0 <= limit < size:
             raise LongCaption(f"a caption of {size} bytes with its two spaces, over max_caption_length {limit}")
-        tokens = self.reader.max_token_length
-        if tokens > 0 and self.count_tokens is not None:
-            n = self.count_tokens(text)
-            if n > tokens:
-                raise LongCaption(f"a caption of {n} tokens, over max_token_length {tokens}")
         return text
+
+    def _tokenized(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+        """``sample`` with its caption's ``caption_ids`` (LongCaption over ``max_token_length`` tokens)."""
+        if self.tokenize is None or "caption" not in sample:
+            return sample
+        ids = self.tokenize(sample["caption"])
+        limit = self.reader.max_token_length
+        if 0 < limit < len(ids):
+            raise LongCaption(f"a caption of {len(ids)} tokens, over max_token_length {limit}")
+        sample["caption_ids"] = ids
+        return sample
 
     def __getitem__(self, item) -> Dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, item)
@@ -71,7 +78,7 @@ class SampleDataset(Dataset):
         for skipped in range(MAX_SKIPS):
             i = (index + skipped) % len(self)
             try:
-                sample = self.load(i, rng)
+                sample = self._tokenized(self.load(i, rng))
             except LongCaption as e:  # dropped, as the public reader does (counted, not logged one by one)
                 log.debug("skipping sample %d of %s: %s", i, type(self).__name__, e)
                 continue

@@ -52,8 +52,8 @@ class ShardedSampler(Sampler):
 
 
 def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Stack images (uint8 (B, H, W, 3)), labels (B,), captions (list), text embeddings padded to the
-    longest with a mask; ``_skipped`` sums the unreadable samples that were replaced."""
+    """Stack images (uint8 (B, H, W, 3)), labels (B,), captions and their token ids (lists), text embeddings
+    padded to the longest with a mask; ``_skipped`` sums the unreadable samples that were replaced."""
     shapes = {s["image"].shape for s in samples}
     if len(shapes) != 1:
         raise ValueError(f"images of different shapes in one batch: {sorted(shapes)}; set reader_config.image_size")
@@ -63,6 +63,8 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     if all("caption" in s for s in samples):
         out["caption"] = [s["caption"] for s in samples]
+    if all("caption_ids" in s for s in samples):
+        out["caption_ids"] = [s["caption_ids"] for s in samples]
     if all("text_embedding" in s for s in samples):
         embs = [np.asarray(s["text_embedding"], np.float32).reshape(-1, np.shape(s["text_embedding"])[-1])
                 for s in samples]

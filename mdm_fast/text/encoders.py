@@ -40,8 +40,11 @@ class TextEncoder(nn.Module):
     def encode_batch(self, batch: Dict[str, Any], device: torch.device) -> Cond:
         raise NotImplementedError
 
-    def token_counter(self) -> Optional[Callable[[str], int]]:
-        """How many tokens a caption encodes to (None: the encoder does not tokenize captions)."""
+    def caption_tokenizer(self) -> Optional[Callable[[str], List[int]]]:
+        """A training caption's token ids as this encoder feeds them, special tokens included, before any
+        cut to ``max_token_length`` (None: the encoder does not tokenize captions). Picklable: the data
+        loader's workers tokenize with it, drop captions over ``max_token_length`` by its length and hand
+        the ids on in the batch (``caption_ids``), so ``encode_batch`` only pads them."""
         return None
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
@@ -128,15 +131,15 @@ def _require_local_folder(path: str, what: str, how: str) -> Path:
     return p
 
 
-class TokenCounter:
-    """A caption's token count as the encoder tokenizes it (special tokens included, before the cut to
-    ``max_token_length``); holds only the tokenizer, so the data loader's workers can take it."""
+class TokenIds:
+    """A caption's token ids as a Hugging Face tokenizer gives them (special tokens included, not cut);
+    holds only the tokenizer, so the data loader's workers can take it."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+    def __call__(self, text: str) -> List[int]:
+        return list(self.tokenizer(text)["input_ids"])
 
 
 class HFTextEncoder(TextEncoder):
@@ -179,8 +182,8 @@ class HFTextEncoder(TextEncoder):
                              f"embeddings of {self.folder}; set vocab_file to the model's vocabulary")
         self.captions = CaptionTokens(vocab, reader)
 
-    def token_counter(self) -> Callable[[str], int]:
-        return self.captions if self.captions is not None else TokenCounter(self.tokenizer)
+    def caption_tokenizer(self) -> Callable[[str], List[int]]:
+        return self.captions.training if self.captions is not None else TokenIds(self.tokenizer)
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
         """The empty caption's encoding (B, T, D), (B, T): the public sampler's default negative prompt
@@ -215,12 +218,26 @@ class HFTextEncoder(TextEncoder):
         """Prompts (sampling, the null); a T5's by the public ``process_text`` rules."""
         return self._encode(*self._tokens(captions, training=False), device)
 
+    def _padded(self, rows: Sequence[List[int]], captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the ids :meth:`caption_tokenizer` gave for ``captions``: what ``_tokens`` makes of
+        the captions, without tokenizing them again."""
+        if self.captions is not None:
+            return self.captions.pad(rows)
+        if any(len(r) > self.max_tokens for r in rows):  # the tokenizer's own cut keeps its end tokens
+            return self._tokens(captions, training=True)
+        padding = {"padding": "max_length", "max_length": self.max_tokens} if self.pad_to_max else {"padding": True}
+        tok = self.tokenizer.pad({"input_ids": [list(r) for r in rows]}, return_tensors="pt", **padding)
+        return tok["input_ids"], tok["attention_mask"]
+
     def encode_batch(self, batch, device):
-        """Training captions; a T5's by the public reader's rules."""
+        """Training captions; a T5's by the public reader's rules. The ids the loader's workers made
+        (``caption_ids``) are used where the batch has them."""
         if "caption" not in batch:
             raise ValueError("text conditioning needs a 'caption' per sample; this dataset gives "
                              f"{sorted(k for k in batch if not k.startswith('_'))}")
-        return self._encode(*self._tokens(batch["caption"], training=True), device)
+        ids = batch.get("caption_ids")
+        tokens = self._tokens(batch["caption"], True) if ids is None else self._padded(ids, batch["caption"])
+        return self._encode(*tokens, device)
 
 
 def minilm_path() -> Path:

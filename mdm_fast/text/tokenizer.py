@@ -101,8 +101,9 @@ def load_vocab(vocab_file: str, model_folder: str) -> VocabTokenizer:
 
 
 class CaptionTokens:
-    """Token ids of captions under a reader config (see the module docstring); as a function, a training
-    caption's token count (what the dataset drops captions over ``max_token_length`` by)."""
+    """Token ids of captions under a reader config (see the module docstring). :meth:`training` is what the
+    data loader's workers tokenize training captions with (the dataset drops captions over
+    ``max_token_length`` by its length); :meth:`pad` makes the batch of their ids."""
 
     def __init__(self, vocab: VocabTokenizer, reader):
         if not reader.use_tokenizer_scores:
@@ -110,10 +111,7 @@ class CaptionTokens:
                              "not tokenize training captions then)")
         check_pad_to_max(reader.max_token_length, reader.pad_to_max_length)
         self.vocab, self.reader = vocab, reader
-        self.pad = vocab.token_id(reader.padding_token)
-
-    def __call__(self, caption: str) -> int:
-        return len(self.training(caption))
+        self.pad_id = vocab.token_id(reader.padding_token)
 
     def _ids(self, text: str) -> List[int]:
         r, v = self.reader, self.vocab
@@ -131,11 +129,14 @@ class CaptionTokens:
     def batch(self, texts: Sequence[str], training: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, T) int64, mask (B, T)): padded to the longest (to ``max_token_length`` with
         ``pad_to_max_length``), cut to ``max_token_length``."""
-        rows = [self.training(t) if training else self.prompt(t) for t in texts]
+        return self.pad([self.training(t) if training else self.prompt(t) for t in texts])
+
+    def pad(self, rows: Sequence[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch` of captions already tokenized (by :meth:`training` or :meth:`prompt`)."""
         limit = self.reader.max_token_length if self.reader.max_token_length > 0 else math.inf
         length = limit if self.reader.pad_to_max_length else min(limit, max(map(len, rows), default=0))
-        ids = torch.tensor([row[:length] + [self.pad] * (length - len(row)) for row in rows], dtype=torch.long)
-        return ids.reshape(len(rows), length), (ids != self.pad).float().reshape(len(rows), length)
+        ids = torch.tensor([row[:length] + [self.pad_id] * (length - len(row)) for row in rows], dtype=torch.long)
+        return ids.reshape(len(rows), length), (ids != self.pad_id).float().reshape(len(rows), length)
 
 
 def check_pad_to_max(max_tokens: int, pad_to_max: bool) -> None:

@@ -142,7 +142,7 @@ class Trainer:
             _check_start_files(cfg)
         torch.manual_seed(self.seed)
         self.encoder = build_text_encoder(cfg, self.device)
-        self.dataset.count_tokens = self.encoder.token_counter()  # drops captions over max_token_length
+        self.dataset.tokenize = self.encoder.caption_tokenizer()  # in the workers; drops over max_token_length
         self.model = build_network(cfg, self.encoder.embed_dim, self.device)
         self.diffusion = build_diffusion(cfg, self.model)
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
