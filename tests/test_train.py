@@ -232,19 +232,41 @@ def test_progressive_training_loads_and_freezes_the_inner_model(tmp_path):
     assert any(not torch.equal(tr.model.state_dict()[k], v) for k, v in outer_before.items())  # trained
 
 
-def test_ema_follows_the_public_semantics():
-    model = torch.nn.Linear(2, 2)
-    ema = ModelEma(model, decay=0.5, warmup_steps=1)
-    with torch.no_grad():
-        model.weight.fill_(2.0)
-    ema.update(model)  # during warm-up: a copy
-    assert torch.equal(ema.module.weight, model.weight)
-    with torch.no_grad():
-        model.weight.fill_(4.0)
-    ema.update(model)
-    assert torch.allclose(ema.module.weight, torch.full((2, 2), 3.0))
-    with pytest.raises(ValueError, match="ema_decay"):
-        ModelEma(model, decay=1.5)
+@pytest.mark.parametrize("flag", [False, True], ids=["host", "device-flag"])
+def test_ema_follows_the_public_semantics(flag):
+    """The public ModelEma formula (decay 0 for the first warmup_steps updates, then ema = d * ema + (1 - d)
+    * w), in fp64, over the updates that were made: an update flagged skipped on the device (host: not
+    called) leaves the EMA and its warm-up count as they were; integer buffers are copied (the public
+    mul_ fails on them); decay bounds [0, 1]."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # + int num_batches_tracked
+    ema = ModelEma(model, decay=0.75, warmup_steps=2)
+    want = {k: v.double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    made = 0
+    for skip in (0, 1, 0, 0, 1, 0):  # a skip during the warm-up and one after it
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model(torch.randn(4, 3))  # train mode: the running stats and the int counter move too
+        if flag:
+            ema.update(model, skipped=torch.tensor(float(skip)))
+        elif not skip:
+            ema.update(model)
+        if not skip:
+            d = 0.75 if made >= 2 else 0.0
+            want = {k: d * v + (1 - d) * model.state_dict()[k].double() for k, v in want.items()}
+            made += 1
+    assert ema.count_on_host() == made == 4
+    for k, v in ema.module.state_dict().items():
+        if k in want:
+            torch.testing.assert_close(v.double(), want[k], rtol=0, atol=1e-6, msg=k)
+        else:  # num_batches_tracked
+            assert v.dtype == torch.int64 and torch.equal(v, model.state_dict()[k]), k
+    for decay in (0.0, 1.0):
+        ModelEma(model, decay=decay)
+    for decay in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            ModelEma(model, decay=decay)
 
 
 def _first_step_gradients(out, graphed, monkeypatch, **over):
