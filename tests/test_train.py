@@ -357,6 +357,8 @@ def test_starting_from_weights_without_ema_a_new_lr_and_a_stop_after_steps(tmp_p
 
 
 def test_saved_files_follow_the_umask_and_unreadable_later_checkpoints_are_set_aside(tmp_path, caplog):
+    """Checkpoints get the mode open() gives; a later step's file (one a resume skipped) is renamed
+    *.unreadable and counts for nothing; the newest keep_checkpoints are kept, never fewer than two."""
     from mdm_fast.train.checkpoint import save_rotating
 
     old = os.umask(0o022)
@@ -367,10 +369,12 @@ def test_saved_files_follow_the_umask_and_unreadable_later_checkpoints_are_set_a
     assert (tmp_path / "ckpt_00000001.pt").stat().st_mode & 0o777 == 0o644
     (tmp_path / "ckpt_00000009.pt").write_bytes(b"torn")  # a resume skipped it and went on from step 1
     save_rotating({"state_dict": {}}, tmp_path, 2)
-    save_rotating({"state_dict": {}}, tmp_path, 3)
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 2]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 1]  # the set-aside file took no place
     assert (tmp_path / "ckpt_00000009.pt.unreadable").read_bytes() == b"torn"
     assert "unreadable" in caplog.text
+    for step, keep, kept in ((3, 3, [3, 2, 1]), (4, 3, [4, 3, 2]), (5, 1, [5, 4])):  # keep 1: the previous stays
+        save_rotating({"state_dict": {}}, tmp_path, step, keep)
+        assert [s for s, _ in list_checkpoints(tmp_path)] == kept, keep
 
 
 
