@@ -151,6 +151,34 @@ def test_an_image_interrupted_while_written_leaves_the_old_one(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
     with pytest.raises(ValueError, match="unknown image suffix"):
         save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "grid.nope")
+    save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "GRID.PNG")  # the suffix in any case
+    assert Image.open(tmp_path / "GRID.PNG").format == "PNG"
+
+
+def test_an_atomic_write_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """write_atomic: the whole content is flushed and fsynced in a temporary file of the target's folder
+    (made as needed) before os.replace publishes it, then the folder's entry is fsynced."""
+    import stat
+
+    from mdm_fast.files import write_text_atomic
+
+    calls, fsync, replace = [], os.fsync, os.replace
+
+    def spy_fsync(fd):
+        st = os.fstat(fd)
+        calls.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else st.st_size))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        calls.append(("replace", os.path.dirname(src) == os.path.dirname(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    target = tmp_path / "new" / "folder" / "log.txt"
+    write_text_atomic(target, "0123456789")
+    assert calls == [("fsync", 10), ("replace", True), ("fsync", "folder")]
+    assert target.read_text() == "0123456789"
 
 
 def test_metrics_log_drops_a_torn_last_line_on_resume(tmp_path, caplog):
