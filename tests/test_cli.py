@@ -51,6 +51,9 @@ def test_convert_public_to_ours_and_back_is_lossless(tmp_path, capsys):
     for k, v in sd.items():
         assert back["state_dict"][k].dtype == v.dtype and torch.equal(back["state_dict"][k], v), k
     assert back["batch_num"] == 5
+    torch.save({"state_dict": sd, "step": 7}, tmp_path / "step_only.pt")  # ours names the step "step"
+    assert main(["convert", str(tmp_path / "step_only.pt"), str(tmp_path / "b.pth"), "--to", "public"]) == 0
+    assert torch.load(tmp_path / "b.pth", weights_only=True)["batch_num"] == 7
 
 
 def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
@@ -65,6 +68,17 @@ def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
     assert all(torch.equal(again["state_dict"][k], v) for k, v in a["state_dict"].items())
     assert all(torch.equal(ema["state_dict"][k], v) for k, v in a["ema_state_dict"].items())
     assert again["step"] == 2
+    # ours -> ours with --config: the EMA and the step kept, the given experiment stored with the weights
+    from mdm_fast.config import load_experiment
+    from mdm_fast.train.checkpoint import FORMAT
+
+    tiny(tmp_path / "other", lr=1e-4).to_yaml(tmp_path / "other.yaml")
+    assert main(["convert", str(src), str(tmp_path / "cfg.pt"), "--to", "ours", "--config",
+                 str(tmp_path / "other.yaml")]) == 0
+    cfg = load_checkpoint(tmp_path / "cfg.pt")
+    assert all(torch.equal(cfg["ema_state_dict"][k], v) for k, v in a["ema_state_dict"].items())
+    assert cfg["config"] == load_experiment(str(tmp_path / "other.yaml")).to_yaml() != a["config"]
+    assert cfg["step"] == 2 and cfg["model"] == "nested_unet" and cfg["format"] == FORMAT
 
 
 def test_convert_public_file_with_pickled_args(tmp_path, capsys):
@@ -89,6 +103,19 @@ def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
     assert main(["convert", str(tmp_path / "bad.pt"), str(tmp_path / "x.pt"), "--to", "ours"]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x.pt"), "--to", "ours"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    torch.save({"weights": {"w": torch.ones(2)}}, tmp_path / "nosd.pt")
+    assert main(["convert", str(tmp_path / "nosd.pt"), str(tmp_path / "x.pt"), "--to", "ours"]) == 2
+    assert "no 'state_dict'" in capsys.readouterr().err
+    torch.save({"weights": {"w": torch.ones(2)}, "args": Path("a")}, tmp_path / "nosd_args.pt")  # pickled args
+    assert main(["convert", str(tmp_path / "nosd_args.pt"), str(tmp_path / "x.pt"), "--to", "ours",
+                 "--trust-pickle"]) == 2
+    assert "no 'state_dict'" in capsys.readouterr().err
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "no_ema.pt")
+    assert main(["convert", str(tmp_path / "no_ema.pt"), str(tmp_path / "x.pt"), "--to", "public", "--ema"]) == 2
+    assert "drop --ema" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
     (tmp_path / "c.yaml").write_text("model: unet\nlearning_rate: 3\n")
     assert main(["summary", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "learning_rate" in capsys.readouterr().err
