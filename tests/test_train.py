@@ -112,7 +112,28 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     path, ck = load_latest(tmp_path)
     assert path.name == "ckpt_00000002.pt" and ck["step"] == 2
     assert "falling back to the previous checkpoint" in caplog.text
-    assert Trainer(tiny(tmp_path, num_training_steps=4), quiet=True).step == 2
+    tr = Trainer(tiny(tmp_path, num_training_steps=4, seed=5), quiet=True)
+    assert tr.step == 2 and tr.seed == 0  # a resume keeps the run's seed (seed -1 drew it from the clock)
+    assert torch.equal(torch.get_rng_state(), ck["rng"]["torch"])  # and the global generators' states
+    assert np.array_equal(np.random.get_state()[1], ck["rng"]["numpy"]["key"].numpy())
+
+
+def test_rng_state_round_trips_every_generator(tmp_path):
+    """The RNG states stored in a checkpoint (tensors: weights_only loads them): after a restore the
+    torch, Python and NumPy draws repeat those made after the capture, cached Gaussians included."""
+    import random
+
+    from mdm_fast.train.trainer import rng_state, set_rng_state
+
+    def draws():
+        return (torch.rand(3).tolist(), random.random(), random.gauss(0, 1), np.random.standard_normal(),
+                np.random.rand())
+
+    random.gauss(0, 1), np.random.standard_normal()  # each leaves the second Gaussian of a pair cached
+    save_atomic({"state_dict": {}, "rng": rng_state()}, tmp_path / "ckpt_00000001.pt")
+    first = draws()
+    set_rng_state(load_checkpoint(tmp_path / "ckpt_00000001.pt")["rng"])
+    assert draws() == first
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -374,8 +395,11 @@ def test_starting_from_weights_without_ema_a_new_lr_and_a_stop_after_steps(tmp_p
         assert torch.equal(tr.model.state_dict()[name], value) and torch.equal(tr.ema.module.state_dict()[name], value)
     tr.train(stop_after=1)
     assert [p.name for p in sorted((tmp_path / "run").glob("ckpt_*.pt"))] == ["ckpt_00000003.pt"]
-    tr = Trainer(tiny(tmp_path / "run", num_training_steps=10, save_freq=100, warmup_steps=0, lr=1e-5), quiet=True)
-    assert tr.step == 3 and tr.optimizer.param_groups[0]["lr"] == 1e-5 and tr.scheduler.get_last_lr() == [1e-5]
+    tr = Trainer(tiny(tmp_path / "run", num_training_steps=10, save_freq=100, warmup_steps=10, lr=1e-5), quiet=True)
+    # the public LRScaler, at the new rate, one step into a 10-step warm-up (it restarted at the pretrained start)
+    lr = 1e-5 * 1 / 10
+    assert tr.step == 3 and tr.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert tr.scheduler.get_last_lr() == [pytest.approx(lr)]
     tr.train(stop_after=1)
     assert load_checkpoint(tmp_path / "run" / "ckpt_00000004.pt")["scheduler"]["base_lrs"] == [1e-5]
     # resume_from_ema: the model starts from a checkpoint's EMA weights
