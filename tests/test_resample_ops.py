@@ -321,11 +321,16 @@ def test_time_projections_cache_follows_parameters():
         assert proj.weight_bias()[0] is not w_first  # trainable: an optimiser may change them unseen
         for layer in layers:
             layer.requires_grad_(False)
+        layers[0].weight.requires_grad_(True)
+        assert proj.weight_bias()[0] is not proj.weight_bias()[0]  # one trainable parameter is enough
+        layers[0].weight.requires_grad_(False)
         proj(temb)
         w_first, _ = proj.weight_bias()
         assert proj.weight_bias()[0] is w_first  # cached while nothing changes
         layers[1].weight.add_(1.0)  # in place (load_state_dict)
         assert _max_err(proj(temb)[1][0], _public_proj(layers[1], temb, 2)[0]) <= 1e-5
+        layers[0].weight.data = torch.randn_like(layers[0].weight)  # new storage, the version counter as it was
+        assert _max_err(proj(temb)[0][0], _public_proj(layers[0], temb, 2)[0]) <= 1e-5
         layers[2].bias = nn.Parameter(torch.randn(16), requires_grad=False)  # a new Parameter object
         assert _max_err(proj(temb)[2][1], _public_proj(layers[2], temb, 2)[1]) <= 1e-5
 
@@ -340,8 +345,9 @@ def test_time_projections_state_dict_unchanged():
 def test_time_projections_errors():
     with pytest.raises(ValueError, match="in_features"):
         TimeProjections([nn.Linear(16, 4), nn.Linear(8, 4)])
-    with pytest.raises(ValueError, match="with bias"):
-        TimeProjections([nn.Linear(16, 4, bias=False)])
+    for layer in (nn.Linear(16, 4, bias=False), nn.Linear(16, 5)):  # no bias; no (scale, shift) halves
+        with pytest.raises(ValueError, match=r"nn.Linear\(temb_dim, 2 \* C\) with bias"):
+            TimeProjections([layer])
     with pytest.raises(ValueError, match=r"\(B, 16\)"):
         TimeProjections(_layers())(torch.randn(2, 8))
     with pytest.raises(ValueError, match="multiple"):
