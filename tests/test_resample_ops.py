@@ -198,7 +198,7 @@ def _public_inner_input(x_low, wi, bi, feat, wa, ba):
 
 
 def _public_outer_merge(x, inner, wa, ba):
-    a = F.conv2d(inner, wa, ba, padding=1)
+    a = F.conv2d(inner, wa, ba, padding=wa.shape[-1] // 2)
     return x + a[: x.shape[0]] if x.shape[0] < inner.shape[0] else x + a
 
 
@@ -210,11 +210,15 @@ BATCHES = [(2, 5), (3, 3)]
 @pytest.mark.parametrize("batches", BATCHES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("with_feat", [True, False])
-def test_nested_inner_input(impl, batches, fmt, with_feat):
+@pytest.mark.parametrize("conv_in_bias", [True, False])
+def test_nested_inner_input(impl, batches, fmt, with_feat, conv_in_bias):
+    """Forward and every gradient vs the public code; conv_in 5x5 (odd kernels besides the public 3x3 get
+    'same' padding) with or without its bias, the adapter's bias either way."""
     bh, bl = batches
     d = torch.float64
     x_low = _rand(bl, 3, 5, 3, dtype=d, grad=True)
-    wi, bi = _rand(7, 3, 3, 3, dtype=d, grad=True), _rand(7, dtype=d, grad=True)
+    wi = _rand(7, 3, 5, 5, dtype=d, grad=True)  # (C, Cx, 5, 5)
+    bi = _rand(7, dtype=d, grad=True) if conv_in_bias else None
     feat = _rand(bh, 6, 5, 3, dtype=d, fmt=fmt, grad=True) if with_feat else None
     wa = _rand(7, 6, 3, 3, dtype=d, grad=True) if with_feat else None
     ba = _rand(7, dtype=d, grad=True) if with_feat else None
@@ -231,12 +235,13 @@ def test_nested_inner_input(impl, batches, fmt, with_feat):
 @pytest.mark.parametrize("impl", ["ref", "torch"])
 @pytest.mark.parametrize("batches", BATCHES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
-def test_nested_outer_merge(impl, batches, fmt):
+@pytest.mark.parametrize("k", [3, 1])  # the public 3x3 adapter; another odd kernel ('same' padding k // 2)
+def test_nested_outer_merge(impl, batches, fmt, k):
     bh, bl = batches
     d = torch.float64
     x = _rand(bh, 6, 4, 3, dtype=d, fmt=fmt, grad=True)
     inner = _rand(bl, 5, 4, 3, dtype=d, fmt=fmt, grad=True)
-    wa, ba = _rand(6, 5, 3, 3, dtype=d, grad=True), _rand(6, dtype=d, grad=True)
+    wa, ba = _rand(6, 5, k, k, dtype=d, grad=True), _rand(6, dtype=d, grad=True)
     y = nested_outer_merge(x, inner, wa, ba, impl=impl)
     ref = _public_outer_merge(x, inner, wa, ba)
     assert y.shape == ref.shape and _max_err(y, ref) <= 1e-12 * ref.abs().max().item()
@@ -278,6 +283,8 @@ def test_adapters_errors():
         nested_outer_merge(_rand(2, 6, 4, 4), _rand(1, 4, 4, 4), _rand(6, 4, 3, 3), None)
     with pytest.raises(ValueError, match="odd k"):
         nested_outer_merge(_rand(2, 6, 4, 4), _rand(2, 4, 4, 4), _rand(6, 4, 2, 2), None)
+    with pytest.raises(ValueError, match="6 output channels like x"):
+        nested_outer_merge(_rand(2, 6, 4, 4), _rand(2, 4, 4, 4), _rand(5, 4, 3, 3), None)
 
 
 # ---- time projections ------------------------------------------------------------------------
