@@ -91,6 +91,22 @@ def test_derived_weights_are_kept_until_the_weight_changes(monkeypatch, impl):
         optimizer.step()
     per_step = 2 if derive.__name__ == "transposed_weight" else 1  # the backward derives that one too
     assert len(calls) == 3 + 2 * per_step and not torch.equal(outs[0], outs[1])
+    with torch.inference_mode():  # an inference tensor has no version counter: derived at every call
+        wi = w.detach().clone()
+        for n in (1, 2):
+            y = upsample_conv3x3(x, wi, b, impl=impl)
+            assert len(calls) == 3 + 2 * per_step + n
+    ref = _public_upsample_conv(x.double(), wi.double(), b.double())
+    assert _max_err(y, ref) <= _tol(torch.float32, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_derived_weights_sum_the_taps_in_fp32_and_round_once(dtype):
+    """The sub-pixel weights of an fp16/bf16 weight are its tap sums rounded once to its dtype (fp32 sums of
+    a few fp16/bf16 taps are exact): the fp64 derivation rounded, bit for bit, not sums rounded per axis."""
+    w = _rand(16, 16, 3, 3, dtype=dtype)  # (Cout, Cin, 3, 3)
+    for derive in (resample.phase_weights, resample.transposed_weight):
+        assert torch.equal(derive(w), derive(w.double()).to(dtype))
 
 
 @pytest.mark.parametrize("impl", ["torch", "torch-phases", "triton"])
@@ -169,8 +185,9 @@ def test_upsample_conv3x3_traces_fullgraph():
 
 def test_upsample_conv3x3_errors():
     x = _rand(1, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"\(Cout, Cin, 3, 3\)"):
-        upsample_conv3x3(x, _rand(4, 3, 5, 5), None)
+    for bad in (_rand(4, 3, 5, 5), _rand(4, 3, 5, 3)):  # not 3x3; not square
+        with pytest.raises(ValueError, match=r"\(Cout, Cin, 3, 3\)"):
+            upsample_conv3x3(x, bad, None)
     with pytest.raises(ValueError, match="Cin = 3"):
         upsample_conv3x3(x, _rand(4, 2, 3, 3), None)
     with pytest.raises(ValueError, match="dtype"):
@@ -187,10 +204,10 @@ def test_upsample_conv3x3_errors():
 
 
 def _public_inner_input(x_low, wi, bi, feat, wa, ba):
-    x = F.conv2d(x_low, wi, bi, padding=1)
+    x = F.conv2d(x_low, wi, bi, padding=wi.shape[-1] // 2)
     if feat is None:
         return x
-    a = F.conv2d(feat, wa, ba, padding=1)
+    a = F.conv2d(feat, wa, ba, padding=wa.shape[-1] // 2)
     bl, bh = x_low.shape[0], feat.shape[0]
     if bh < bl:
         a = torch.cat([a, a.new_zeros(bl - bh, *a.shape[1:])], 0)
