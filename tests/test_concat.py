@@ -95,10 +95,15 @@ def test_the_norm_rejects_moments_that_do_not_fit(small_norm_parts):
                                reference(out, 4, None, None))
 
 
-def test_opcheck():
+def test_opcheck(small_norm_parts):
+    """Schema, fake tensor and autograd registration; the triton backend's fake outputs (a channels_last
+    result; the moments' shape, or none) against the real ones."""
     a, b = _pair(2, 3, 5, 4, 3, device="cpu")
     torch.library.opcheck(torch.ops.mdm_fast.concat_channels, (a, b, 0, "ref"))
     torch.library.opcheck(torch.ops.mdm_fast.concat_channels, (a, b, 2, "ref"))
+    for groups in (0, 2):  # no norm; a norm on its split path (moments)
+        torch.library.opcheck(torch.ops.mdm_fast.concat_channels, (a, b, groups, "triton"),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_dispatch_reasons():
@@ -116,6 +121,7 @@ def test_dispatch_reasons():
     ((torch.randn(2, 4, 3), torch.randn(2, 4, 3, 3)), r"a must be a \(B, C, H, W\) float tensor"),
     ((torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3).long()), r"b must be a \(B, C, H, W\) float tensor"),
     ((torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2)), "must share the batch, height, width"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(3, 4, 3, 3)), "must share the batch, height, width"),
 ])
 def test_bad_inputs_raise(args, match):
     with pytest.raises(ValueError, match=match):
