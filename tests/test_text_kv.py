@@ -58,6 +58,7 @@ def test_folded_weights_are_rebuilt_when_a_parameter_changes():
         m.requires_grad_(False)
     w0, _ = tp.weight_bias(torch.float32)
     assert tp.weight_bias(torch.float32)[0] is w0  # cached
+    assert tp.weight_bias(torch.bfloat16)[0].dtype == torch.bfloat16  # another dtype: another fold
     layers[1].norm_cond.bias.add_(1.0)  # an in-place change bumps the version
     torch.testing.assert_close(tp(cond)[1], layers[1].kv_cond(layers[1].norm_cond(cond)), rtol=1e-5, atol=1e-5)
     layers[0].kv_cond.weight = nn.Parameter(torch.randn_like(layers[0].kv_cond.weight), requires_grad=False)
