@@ -527,6 +527,27 @@ def test_cast_each_call_gives_autocasts_numbers_and_gradients(fast, frozen_inner
     assert ops.calls["aten._foreach_copy_.default"] == 0
 
 
+def test_cast_wrappers_with_tied_weights_or_nothing_to_cast():
+    """A weight shared by two layers gets one copy (functional_call refuses two values for tied names):
+    autocast's output and gradient; a model already in the dtype (nothing to cast) runs as it is."""
+    from mdm_fast.models import CastEachCall, CastWeights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        want = model(x)
+        with torch.no_grad():
+            assert torch.equal(CastWeights(model, torch.bfloat16)(x), want)
+        got = CastEachCall(model, model, torch.bfloat16)(x)
+    assert torch.equal(got, want)
+    grads = [torch.autograd.grad(y.float().square().sum(), model[0].weight)[0] for y in (want, got)]
+    assert torch.equal(*grads)
+    low = torch.nn.Linear(4, 4).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(CastEachCall(low, low, torch.bfloat16)(x), low(x))
+
+
 def test_cast_each_call_through_ddp(tmp_path):
     """CastEachCall on a DistributedDataParallel wrapper (a one-rank gloo group): the wrapped module's
     weights are cast, DDP's gradient hooks see the parameters' gradients, the same as autocast gives."""
