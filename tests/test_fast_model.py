@@ -392,6 +392,12 @@ def test_a_gemm_after_a_norm_keeps_a_view_of_its_output_as_a_recomputation():
         assert torch.equal(a, b)
 
 
+def _layer_weights(model):
+    """name -> weight of every convolution and linear layer: those autocast casts at each call."""
+    return {f"{name}.weight": m.weight for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))}
+
+
 class _WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the casts of ``params`` (or of views of them)."""
 
@@ -419,12 +425,13 @@ def test_cast_weights_gives_autocasts_numbers_without_its_casts(fast):
     counts = []
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         for fn in (model, cast):
-            with _WeightCasts(cast.params.values()) as casts:
+            with _WeightCasts(_layer_weights(model).values()) as casts:
                 out = fn(*args)
             counts.append((casts.n, out))
     (n_plain, want), (n_cast, got) = counts
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert n_plain > 0 and n_cast == 0, (n_plain, n_cast)
+    assert all(cast.copies[name].dtype == torch.bfloat16 for name in _layer_weights(model))  # cast once, each
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
 
 
@@ -512,7 +519,7 @@ def test_cast_each_call_gives_autocasts_numbers_and_gradients(fast, frozen_inner
     cast = CastEachCall(model, model, torch.bfloat16)
     results = []
     for fn in (model, cast):
-        with _WeightCasts(cast.params) as casts, OpCounts() as ops:
+        with _WeightCasts(_layer_weights(model).values()) as casts, OpCounts() as ops:
             results.append((*_train_step(fn, model, args), casts.n, ops.calls["aten._foreach_copy_.default"]))
     (want, want_grads, n_plain, _), (got, got_grads, n_cast, foreach) = results
     assert all(torch.equal(a, b) for a, b in zip(want, got))
