@@ -113,7 +113,7 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     assert path.name == "ckpt_00000002.pt" and ck["step"] == 2
     assert "falling back to the previous checkpoint" in caplog.text
     tr = Trainer(tiny(tmp_path, num_training_steps=4, seed=5), quiet=True)
-    assert tr.step == 2 and tr.seed == 0  # a resume keeps the run's seed (seed -1 drew it from the clock)
+    assert tr.step == 2 and tr.seed == 0  # a resume keeps the checkpoint's seed, not the config's 5
     assert torch.equal(torch.get_rng_state(), ck["rng"]["torch"])  # and the global generators' states
     assert np.array_equal(np.random.get_state()[1], ck["rng"]["numpy"]["key"].numpy())
 

@@ -226,7 +226,7 @@ class HFTextEncoder(TextEncoder):
         if any(len(r) > self.max_tokens for r in rows):  # the tokenizer's own cut keeps its end tokens
             return self._tokens(captions, training=True)
         padding = {"padding": "max_length", "max_length": self.max_tokens} if self.pad_to_max else {"padding": True}
-        tok = self.tokenizer.pad({"input_ids": [list(r) for r in rows]}, return_tensors="pt", **padding)
+        tok = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt", **padding)
         return tok["input_ids"], tok["attention_mask"]
 
     def encode_batch(self, batch, device):
