@@ -8,7 +8,8 @@ from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig, SamplerCo
 
 
 class TinyNested(nn.Module):
-    """Stand-in with the model interface: one 1x1 conv per level, conditioning mean as a bias."""
+    """Stand-in with the model interface: one 1x1 conv per level, the masked mean of the conditioning as
+    a bias; records its calls and its last micros."""
 
     nest_ratio = [4]
     is_temporal = [False]
@@ -20,7 +21,9 @@ class TinyNested(nn.Module):
 
     def forward(self, x_t, times, conditioning, cond_mask, micros={}):
         self.calls.append((times.clone(), [x.shape for x in x_t], conditioning.shape[0]))
-        bias = conditioning.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        self.micros = micros
+        m = conditioning.new_ones(conditioning.shape[:2]) if cond_mask is None else cond_mask  # (B, T)
+        bias = ((conditioning.mean(-1) * m).sum(1) / m.sum(1)).view(-1, 1, 1, 1)
         return [c(x) * 0.5 + bias[: x.shape[0]] for c, x in zip(self.convs, x_t)]
 
 
@@ -30,21 +33,27 @@ def _diffusion(steps=20, shifted=True, kind="V_PREDICTION", **kw):
     return NestedDiffusion(NestedDiffusionConfig(sampler_config=sc, no_use_residual=True, **kw), [4], [False])
 
 
-def _public_update(x_t, pred, g, gl, scale, noise):
-    """Public NestedSampler step for V_PREDICTION, CLIP, DDPM posterior, written out."""
+def _public_update(x_t, pred, g, gl, scale, noise, eta=None):
+    """Public NestedSampler step for V_PREDICTION, CLIP, the DDPM posterior (eta None) or DDIM, written out."""
     x0 = ((x_t * g.sqrt() - pred * (1 - g).sqrt()) * scale).clip(-1, 1) / scale
     alpha = g / gl
     beta = 1 - alpha
-    xs = x0 * beta * gl.sqrt() / (1 - g) + x_t * alpha.sqrt() * (1 - gl) / (1 - g)
-    return xs + (beta * (1 - gl) / (1 - g)).sqrt() * noise if noise is not None else xs
+    bt = beta * (1 - gl) / (1 - g)
+    if eta is None:
+        xs = x0 * beta * gl.sqrt() / (1 - g) + x_t * alpha.sqrt() * (1 - gl) / (1 - g)
+    else:
+        bt = eta**2 * bt
+        xs = x0 * gl.sqrt() + (x_t - x0 * g.sqrt()) / (1 - g).sqrt() * (1 - gl - bt).sqrt()
+    return xs + bt.sqrt() * noise if noise is not None else xs
 
 
-@pytest.mark.parametrize("shifted", [True, False])
-def test_loop_matches_public_sequence(shifted):
+@pytest.mark.parametrize("shifted,n,eta", [(True, 4, None), (False, 4, None), (True, 20, 0.5)])
+def test_loop_matches_public_sequence(shifted, n, eta):
+    """n = 20 steps reach t = 1, where the public sampler draws no noise; DDIM with eta > 0 draws it too."""
     torch.manual_seed(0)
     diff, model = _diffusion(shifted=shifted), TinyNested()
     cond, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
-    sampler = diff.sampler(num_inference_steps=4)
+    sampler = diff.sampler(num_inference_steps=n, ddim_eta=eta)
     gen = torch.Generator().manual_seed(3)
     x = sampler.initial_noise(2, 3, 16, generator=gen)
     out = sampler.sample(diff.make_denoise(model, cond, mask), x, generator=gen)
@@ -52,18 +61,18 @@ def test_loop_matches_public_sequence(shifted):
     # the public loop, by hand, with the same random stream
     gen = torch.Generator().manual_seed(3)
     x = [torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)]
-    ts = inference_timesteps(20, 4)
+    ts = inference_timesteps(20, n)
     table = diff.schedule.gammas
     scales = [1.0, 1.0] if shifted else [4.0, 1.0]
     for t, s in zip(ts[:-1], ts[1:]):
         pred = model(x, torch.full((2,), t - 1), cond, mask)
         noise = [torch.randn(xi.shape, generator=gen) for xi in x] if t != 1 else [None, None]  # need_noise
         noise = noise if s > 0 else [None, None]  # drawn, times a zero variance
-        x = [_public_update(x[i], pred[i], table[i, t], table[i, s], scales[i], noise[i]) for i in range(2)]
+        x = [_public_update(x[i], pred[i], table[i, t], table[i, s], scales[i], noise[i], eta) for i in range(2)]
     assert torch.equal(gen.get_state(), gen_ours.get_state())  # the next batch draws the public noise
     for got, want, sc in zip(out, x, scales):
         torch.testing.assert_close(got, (want * sc).clamp(-1, 1), atol=1e-5, rtol=1e-5)
-    times = [c[0][0].item() for c in model.calls[:4]]
+    times = [c[0][0].item() for c in model.calls[:n]]
     assert times == [t - 1 for t in ts[:-1]]  # one model call per step, at model time t - 1
 
 
@@ -83,6 +92,11 @@ def test_steps_yield_intermediates_and_ddim_is_deterministic():
     d = anc.sample(diff.make_denoise(model, cond, None), x, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(c[0], d[0])
     assert all(v.abs().max() <= 1 for v in c)
+    raw = diff.sampler(num_inference_steps=5, ddim_eta=0.0, threshold="none")  # x0 not clipped on the way
+    last = list(raw.steps(diff.make_denoise(model, cond, None), x))[-1].x_s
+    assert all(v.abs().max() > 1 for v in last)
+    out = raw.sample(diff.make_denoise(model, cond, None), x)
+    assert all(torch.equal(o, v.clamp(-1, 1)) for o, v in zip(out, last))  # the final sample is clipped
 
 
 def test_classifier_free_guidance():
@@ -99,6 +113,38 @@ def test_classifier_free_guidance():
     assert all(torch.allclose(a, b) for a, b in zip(got, stacked))  # the public [uncond; cond] layout
     with pytest.raises(ValueError, match="2 x 2"):
         diff.make_denoise(model, cond, None, 3.0)(x, times)
+    out = diff.sample(model, torch.cat([null.expand(2, 5, 8), cond]), None, 16, num_inference_steps=2,
+                      guidance_scale=3.0)  # the stacked layout: a batch of 2
+    assert [tuple(o.shape) for o in out] == [(2, 3, 16, 16), (2, 3, 4, 4)]
+
+
+def test_guidance_null_rows_masks_and_micros():
+    """What the model sees under guidance: the null padded to the captions' tokens with masked zeros, its
+    mask (default: its one token, as TextEncoder.null) padded likewise, the captions' own mask (also
+    without guidance), and per-sample micro-conditioning doubled with the batch (other entries as given)."""
+    diff, model = _diffusion(), TinyNested()
+    cond, mask = torch.randn(2, 5, 8), torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # (B, T, D), (B, T)
+    null = torch.randn(1, 2, 8)  # two tokens, not zeros: the masks show in the masked mean
+    x, times = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)], torch.tensor([7, 7])
+
+    def want(null, null_mask):  # (1, t, D), (1, 5)
+        u = diff.predict(model, x, times, F.pad(null, (0, 0, 0, 5 - null.shape[1])).expand(2, 5, 8),
+                         null_mask.expand(2, 5))
+        c = diff.predict(model, x, times, cond, mask)
+        return [ui + 3.0 * (ci - ui) for ui, ci in zip(u, c)]
+
+    micros = {"size": torch.tensor([16.0, 32.0]), "scale": torch.tensor(2.0), "crop": 3}
+    got = diff.make_denoise(model, cond, mask, 3.0, micros, null, torch.tensor([[1.0, 0]]))(x, times)
+    assert model.micros["size"].tolist() == [16, 32, 16, 32] and model.micros["scale"] is micros["scale"]
+    assert model.micros["crop"] == 3
+    for g, w in zip(got, want(null, torch.tensor([[1.0, 0, 0, 0, 0]]))):
+        torch.testing.assert_close(g, w)
+    got = diff.make_denoise(model, cond, mask, 3.0, uncond_conditioning=null[:, :1])(x, times)
+    for g, w in zip(got, want(null[:, :1], torch.tensor([[1.0, 0, 0, 0, 0]]))):
+        torch.testing.assert_close(g, w)
+    got = diff.make_denoise(model, cond, mask)(x, times)
+    for g, w in zip(got, diff.predict(model, x, times, cond, mask)):
+        torch.testing.assert_close(g, w)
 
 
 def test_partial_start_and_step_counts():
@@ -106,12 +152,20 @@ def test_partial_start_and_step_counts():
     sampler = diff.sampler(num_inference_steps=10)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     start = sampler.noised_start(images, 7, torch.Generator().manual_seed(0))
-    assert [tuple(v.shape) for v in start] == [(2, 3, 16, 16), (2, 3, 4, 4)]
+    gen = torch.Generator().manual_seed(0)
+    eps = [torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)]
+    for x, x0, e, g in zip(start, [images, F.avg_pool2d(images, 4)], eps, diff.schedule.gammas[:, 7]):
+        torch.testing.assert_close(x, g.sqrt() * x0 + (1 - g).sqrt() * e)  # at step 7's gammas (shifted: scale 1)
     assert sampler.timesteps[6:8] == [8, 6]
     steps = list(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), start, start_t=7))
     assert steps[0].t == 6 and steps[-1].s == 0  # off the grid: from the next step down, as the public code
     steps = list(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), start, start_t=8))
     assert [st.t for st in steps] == [8, 6, 4, 2]
+    model.calls.clear()
+    diff.sample(model, torch.randn(2, 5, 8), None, 16, num_inference_steps=10, init_images=images, start_t=8)
+    assert [c[0][0].item() for c in model.calls] == [7, 5, 3, 1]  # from step 8 down, at model time t - 1
+    top = sampler.noised_start(images, 20)  # start_t may be N: from the top inference step, 19
+    assert next(sampler.steps(diff.make_denoise(model, torch.randn(2, 5, 8), None), top, start_t=20)).t == 19
     with pytest.raises(ValueError, match="start step"):
         sampler.noised_start(images, 0)
     for bad in (0, -3, 21):  # start_t 0 ran no step and returned the noise as the image
