@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdm_fast.diffusion import DiffusionConfig, NestedDiffusion, NestedDiffusionConfig, SamplerConfig
+from mdm_fast.diffusion import DiffusionConfig, NestedDiffusion, NestedDiffusionConfig, SamplerConfig, prediction_kind
 from mdm_fast.diffusion.schedules import gamma_table, shift_gammas, vdm_loss_weights
 
 GOLDEN = Path("/work/shared/reference/golden")
@@ -131,20 +131,44 @@ def test_temporal_levels_take_every_fourth_frame():
     assert torch.isfinite(loss)
 
 
-def test_residual_from_low_resolution():
-    cfg = _cfg(shifted=False, pred="DDPM", target="DDPM", no_use_residual=False)
-    model = Stand(2, [4], [False])
+@pytest.mark.parametrize("nest,shifted,sizes", [([4], False, [16, 4]), ([16, 4], True, [32, 8, 2])])
+def test_residual_from_low_resolution(nest, shifted, sizes):
+    """Level i's prediction gains pred_from_x0(x_i, up(clip(x0_{i+1} * s_{i+1})) / s_i), lowest level first:
+    x0_{i+1} from level i+1's corrected prediction at its own gammas (shifted: they differ per level)."""
+    cfg = _cfg(shifted=shifted, pred="DDPM", target="DDPM", no_use_residual=False)
+    model = Stand(len(sizes), nest, [False] * len(nest))
     diff = NestedDiffusion.for_model(cfg, model)
-    x = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)]
+    x = [torch.randn(2, 3, n, n) for n in sizes]
     t = torch.tensor([5, 30])
     got = diff.predict(model, x, t, None, None)
     raw = model(x, t, None, None)
-    g = diff.schedule.gammas[:, t + 1]
-    g_hi, g_lo = g[0].view(-1, 1, 1, 1), g[1].view(-1, 1, 1, 1)
-    x0_lo = ((x[1] - raw[1] * (1 - g_lo).sqrt()) / g_lo.sqrt()).clamp(-1, 1)  # low level: signal scale 1
-    up = F.interpolate(x0_lo, scale_factor=4, mode="bicubic") / 4  # back to the top level's units
-    torch.testing.assert_close(got[0], raw[0] + (x[0] - up * g_hi.sqrt()) / (1 - g_hi).sqrt())
-    torch.testing.assert_close(got[1], raw[1])
+    g = diff.schedule.gammas[:, t + 1].view(len(sizes), -1, 1, 1, 1)  # (L, B, 1, 1, 1)
+    scales = [1.0] * len(sizes) if shifted else nest + [1]  # signal scales
+    want = list(raw)
+    for i in reversed(range(len(sizes) - 1)):
+        x0_lo = ((x[i + 1] - want[i + 1] * (1 - g[i + 1]).sqrt()) / g[i + 1].sqrt() * scales[i + 1]).clamp(-1, 1)
+        up = F.interpolate(x0_lo, scale_factor=sizes[i] // sizes[i + 1], mode="bicubic") / scales[i]
+        want[i] = raw[i] + (x[i] - up * g[i].sqrt()) / (1 - g[i]).sqrt()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(got[-1], raw[-1])
+
+
+def test_model_output_scale_squashes_every_level():
+    """model_output_scale s: every level's prediction is s tanh(pred / s) (the public Model.forward; the
+    public nested model skipped it)."""
+    model = Stand(2, [4], [False])
+    diff = NestedDiffusion.for_model(_cfg(no_use_residual=True, model_output_scale=0.5), model)
+    x, t = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)], torch.tensor([5, 30])
+    got, raw = diff.predict(model, x, t, None, None), model(x, t, None, None)
+    assert all(r.abs().max() > 1 for r in raw)  # the squashing shows
+    for a, r in zip(got, raw):
+        torch.testing.assert_close(a, torch.tanh(r / 0.5) * 0.5)
+
+
+def test_prediction_kinds_follow_the_public_sampler():
+    """DDPM and DDIM predictions are both eps (public get_x0_eps_from_pred), V_PREDICTION is v."""
+    assert [prediction_kind(p) for p in ("DDPM", "DDIM", "V_PREDICTION", "X0")] == ["eps", "eps", "v", "x0"]
 
 
 def test_bad_configs_and_inputs():
