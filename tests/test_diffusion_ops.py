@@ -19,6 +19,16 @@ def _gammas(levels, batch, device="cpu"):
     return torch.rand(levels, batch, device=device) * 0.98 + 0.01  # (L, B) away from 0 and 1
 
 
+def _spy(monkeypatch, name):
+    """Count the calls of the Triton host function ``name``: a backend table that sent "triton" to ref
+    would compare ref with itself."""
+    from mdm_fast.kernels import diffusion_step as kern
+
+    calls, fn = [], getattr(kern, name)
+    monkeypatch.setattr(kern, name, lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
 def _pyramid_inputs(ratios, B, C, H, W, dtype=torch.float32, device="cpu"):
     img = (torch.rand(B, C, H, W, device=device) * 2 - 1).to(dtype)
     noises = [torch.randn(B, C, H // r, W // r, device=device).to(dtype) for r in ratios]
@@ -42,11 +52,13 @@ def test_pyramid_ref_matches_direct_derivation(target):
 
 
 @pytest.mark.parametrize("ratios,H,W", [([1, 2], 6, 10), ([1, 4], 32, 24), ([1, 4, 16], 32, 48),
-                                        ([1, 2, 4, 8], 16, 8), ([1], 5, 7)])
+                                        ([1, 2, 4, 8], 16, 8), ([1], 5, 7), ([1, 32], 32, 32)])  # 32: over a tile cap
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_pyramid_triton_matches_ref(ratios, H, W, dtype):
+def test_pyramid_triton_matches_ref(ratios, H, W, dtype, monkeypatch):
     img, g, noises = _pyramid_inputs(ratios, 2, 3, H, W, dtype, DEV)
+    inputs = [t.clone() for t in [img, g, *noises]]
     scales = [float(ratios[-1] // r) for r in ratios]
+    calls = _spy(monkeypatch, "noisy_pyramid")
     for target in ("eps", "v", "x0"):  # x0: the kernel writes its own copy of x0 as the target
         ref = noisy_pyramid(img, ratios, g, noises, scales, target, impl="ref")
         tri = noisy_pyramid(img, ratios, g, noises, scales, target, impl="triton")
@@ -55,6 +67,7 @@ def test_pyramid_triton_matches_ref(ratios, H, W, dtype):
             for a, b in zip(a_list, b_list):
                 assert a.dtype == b.dtype == dtype
                 torch.testing.assert_close(b.float(), a.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(inputs, [img, g, *noises]))  # inputs intact
 
 
 def test_pyramid_eps_target_is_the_noise_and_x0_target_is_a_copy():
@@ -148,16 +161,45 @@ def test_update_golden_public_steps(impl):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind,eta,thresh,noisy", [("eps", None, "clip", True), ("v", 0.0, "none", True),
-                                                   ("v", 0.7, "clip", True), ("x0", None, "none", False)])
-def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy):
+                                                   ("v", 0.7, "clip", True), ("x0", None, "none", False),
+                                                   ("eps", 2.0, "clip", True)])  # eta > 1: 1 - g_s - var < 0
+def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch):
+    """Both backends alike and finite (with eta > 1 DDIM's coefficient of eps_t clamps at 0)."""
     shapes = [(2, 3, 16, 12), (2, 3, 4, 3), (2, 3, 2, 3)]  # three levels, odd sizes
     x, p, n, g_t, g_s = _update_inputs(shapes, dtype, DEV, last=True)
+    inputs = [t.clone() for t in [*x, *p, *n, g_t, g_s]]
     args = (x, p, g_t, g_s, n if noisy else None, [4.0, 2.0, 1.0], kind, eta, thresh)
+    calls = _spy(monkeypatch, "sampler_update")
     ref, tri = sampler_update(*args, impl="ref"), sampler_update(*args, impl="triton")
     for a_list, b_list in zip(ref, tri):
         for a, b in zip(a_list, b_list):
             assert b.dtype == dtype and torch.isfinite(b.float()).all()
             torch.testing.assert_close(b.float(), a.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(inputs, [*x, *p, *n, g_t, g_s]))
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "x0"])
+def test_prediction_conversions_invert_each_other(kind):
+    """For x_t = sqrt(g) x0 + sqrt(1 - g) eps (fp64): pred_from_x0 gives the prediction target of ``kind``
+    (eps, v = sqrt(g) eps - sqrt(1 - g) x0, x0) and x0_from_pred takes it back to x0."""
+    x0, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    g = _gammas(1, 2).double().view(-1, 1, 1, 1)
+    x_t = g.sqrt() * x0 + (1 - g).sqrt() * eps
+    want = {"eps": eps, "v": g.sqrt() * eps - (1 - g).sqrt() * x0, "x0": x0}[kind]
+    torch.testing.assert_close(ds.pred_from_x0(x_t, x0, g, kind), want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ds.x0_from_pred(x_t, want, g, kind), x0, atol=1e-12, rtol=1e-12)
+
+
+def test_ref_backends_compute_half_inputs_in_fp32():
+    """bf16 inputs: the ref ops are the fp32 ops on the upcast inputs, rounded once at the end."""
+    x, p, n, g_t, g_s = _update_inputs([(2, 3, 4, 4)], torch.bfloat16)
+    lo = sampler_update(x, p, g_t, g_s, n, [2.0], "v", None, "clip", impl="ref")
+    hi = sampler_update([x[0].float()], [p[0].float()], g_t, g_s, [n[0].float()], [2.0], "v", None, "clip", impl="ref")
+    assert all(torch.equal(a[0], b[0].bfloat16()) for a, b in zip(lo, hi))
+    img, g, noises = _pyramid_inputs([1, 2], 2, 3, 8, 8, torch.bfloat16)
+    lo = noisy_pyramid(img, [1, 2], g, noises, [2.0, 1.0], "v", impl="ref")
+    hi = noisy_pyramid(img.float(), [1, 2], g, [e.float() for e in noises], [2.0, 1.0], "v", impl="ref")
+    assert all(torch.equal(a, b.bfloat16()) for a_list, b_list in zip(lo, hi) for a, b in zip(a_list, b_list))
 
 
 def test_update_last_step_is_finite_and_noise_free():
@@ -167,11 +209,15 @@ def test_update_last_step_is_finite_and_noise_free():
     assert torch.isfinite(eps[0]).all()
 
 
-def test_dynamic_threshold_matches_imagen_definition():
-    x0 = torch.randn(3, 2, 5, 5) * 3
-    got = ds.threshold(x0, "dynamic", 2.0)
-    flat = (x0 * 2).reshape(3, -1)
-    s = flat.abs().quantile(0.995, dim=1).clamp(1, 100).view(3, 1, 1, 1)
+@pytest.mark.parametrize("kind,ratio,top", [("dynamic", 0.995, 100.0), ("dynamic_if", 0.95, 1.5)])
+def test_dynamic_threshold_matches_imagen_definition(kind, ratio, top):
+    """The public clip_sample's DYNAMIC (0.995, 100) and DYNAMIC_IF (0.95, 1.5) on x0 * scale: per sample
+    s = clamp(quantile(|x|, ratio), 1, top), then clip(x, s) / s; samples below, inside and above [1, top]."""
+    x0 = torch.randn(3, 2, 10, 10) * torch.tensor([0.05, 0.3, 300.0]).view(3, 1, 1, 1)  # times 2: 0.1, 0.6, 600
+    got = ds.threshold(x0, kind, 2.0)
+    q = (x0 * 2).reshape(3, -1).abs().quantile(ratio, dim=1)
+    assert q[0] < 0.5 and 1 < q[1] < top < q[2]
+    s = q.clamp(1, top).view(3, 1, 1, 1)
     torch.testing.assert_close(got, ((x0 * 2).clamp(-s, s) / s) / 2)
     with pytest.raises(BackendUnavailable, match="quantile"):
         x, p, n, g_t, g_s = _update_inputs([(1, 1, 2, 2)])
@@ -192,6 +238,12 @@ def test_update_validation():
         sampler_update(x, p, g_t, g_s, thresh="soft")
     with pytest.raises(BackendUnavailable, match="some levels"):
         sampler_update(x, p, g_t, g_s, [n[0], None], impl="triton")
+    x5, p5, _, g5, gs5 = _update_inputs([(1, 1, 2, 2)] * 5)
+    with pytest.raises(BackendUnavailable, match="more than 4 levels"):  # the kernels take 4
+        sampler_update(x5, p5, g5, gs5, impl="triton")
+    img5, g5, n5 = _pyramid_inputs([1, 2, 4, 8, 16], 1, 1, 16, 16)
+    with pytest.raises(BackendUnavailable, match="more than 4 levels"):
+        noisy_pyramid(img5, [1, 2, 4, 8, 16], g5, n5, impl="triton")
     empty = [t[:0] for t in x]  # an empty batch: the ref backend's empty result, not a launch error
     x0, x_s, _ = sampler_update(empty, [t[:0] for t in p], g_t[:, :0], g_s[:, :0], [t[:0] for t in n])
     assert [tuple(t.shape) for t in x_s] == [(0, 3, 4, 4), (0, 3, 2, 2)]
@@ -199,7 +251,8 @@ def test_update_validation():
 
 def test_custom_ops_opcheck():
     img, g, noises = _pyramid_inputs([1, 2], 1, 2, 4, 4)
-    torch.library.opcheck(ds._noisy_pyramid_op, (img, [1, 2], g, noises, [2.0, 1.0], "v", "ref"))
+    for target in ("v", "eps"):  # eps: no target tensors
+        torch.library.opcheck(ds._noisy_pyramid_op, (img, [1, 2], g, noises, [2.0, 1.0], target, "ref"))
     x, p, n, g_t, g_s = _update_inputs([(1, 2, 4, 4), (1, 2, 2, 2)])
     torch.library.opcheck(ds._sampler_update_op, (x, p, g_t, g_s, n, [2.0, 1.0], "v", None, "clip", "ref"))
 
