@@ -165,10 +165,10 @@ def test_update_golden_public_steps(impl):
                                                    ("eps", 2.0, "clip", True)])  # eta > 1: 1 - g_s - var < 0
 def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch):
     """Both backends alike and finite (with eta > 1 DDIM's coefficient of eps_t clamps at 0)."""
-    shapes = [(2, 3, 16, 12), (2, 3, 4, 3), (2, 3, 2, 3)]  # three levels, odd sizes
+    shapes = [(2, 3, 16, 12), (2, 3, 4, 3), (2, 3, 2, 3), (2, 3, 1, 2)]  # four levels (the most), odd sizes
     x, p, n, g_t, g_s = _update_inputs(shapes, dtype, DEV, last=True)
     inputs = [t.clone() for t in [*x, *p, *n, g_t, g_s]]
-    args = (x, p, g_t, g_s, n if noisy else None, [4.0, 2.0, 1.0], kind, eta, thresh)
+    args = (x, p, g_t, g_s, n if noisy else None, [8.0, 4.0, 2.0, 1.0], kind, eta, thresh)
     calls = _spy(monkeypatch, "sampler_update")
     ref, tri = sampler_update(*args, impl="ref"), sampler_update(*args, impl="triton")
     for a_list, b_list in zip(ref, tri):

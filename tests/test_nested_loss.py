@@ -82,6 +82,8 @@ def test_loss_matches_public_derivation_three_levels(shifted, double, weights, v
     want = _public_loss(model, images, cfg, [16, 4, 1], torch.Generator().manual_seed(5))
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     assert set(stats) == {"times", "loss_level0"} | ({"loss_level1", "loss_level2"} if double else set())
+    if not vdm:  # the mean loss is the weighted sum of the levels' mean MSEs
+        torch.testing.assert_close(loss, sum(w * stats[f"loss_level{i}"] for i, w in enumerate([16, 4, 1])))
     loss.backward()
     assert all(c.weight.grad is not None for c in model.convs)
 
@@ -127,6 +129,11 @@ def test_temporal_levels_take_every_fourth_frame():
     for j, k in enumerate([0, 4, 8, 12]):  # x[:, ::4] of the 16 frames, re-tiled 2x2
         want[0, :, (j // 2) * 4:(j // 2) * 4 + 4, (j % 2) * 4:(j % 2) * 4 + 4] = frames[0, k]
     torch.testing.assert_close(x0[1], want)
+    x0, x_t, tgt, eps = diff.pyramid(images, torch.tensor([10]), torch.Generator().manual_seed(0))
+    g = diff.schedule.gammas[:, 11]  # each level at its own (shifted) gammas
+    for i in range(2):
+        torch.testing.assert_close(x_t[i], g[i].sqrt() * x0[i] + (1 - g[i]).sqrt() * eps[i])
+        assert tgt[i] is eps[i]  # loss target DDPM
     loss, _ = diff.loss(model, images, None, None)
     assert torch.isfinite(loss)
 

@@ -142,6 +142,10 @@ def test_guidance_null_rows_masks_and_micros():
     got = diff.make_denoise(model, cond, mask, 3.0, uncond_conditioning=null[:, :1])(x, times)
     for g, w in zip(got, want(null[:, :1], torch.tensor([[1.0, 0, 0, 0, 0]]))):
         torch.testing.assert_close(g, w)
+    rows = torch.randn(2, 2, 8)  # one null per sample
+    got = diff.make_denoise(model, cond, mask, 3.0, uncond_conditioning=rows, uncond_mask=torch.ones(2, 2))(x, times)
+    for g, w in zip(got, want(rows, torch.tensor([[1.0, 1, 0, 0, 0]]))):
+        torch.testing.assert_close(g, w)
     got = diff.make_denoise(model, cond, mask)(x, times)
     for g, w in zip(got, diff.predict(model, x, times, cond, mask)):
         torch.testing.assert_close(g, w)
