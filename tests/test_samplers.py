@@ -120,7 +120,7 @@ def test_classifier_free_guidance():
 
 def test_guidance_null_rows_masks_and_micros():
     """What the model sees under guidance: the null padded to the captions' tokens with masked zeros, its
-    mask (default: its one token, as TextEncoder.null) padded likewise, the captions' own mask (also
+    mask (default: all of its own tokens) padded likewise, the captions' own mask (also
     without guidance), and per-sample micro-conditioning doubled with the batch (other entries as given)."""
     diff, model = _diffusion(), TinyNested()
     cond, mask = torch.randn(2, 5, 8), torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # (B, T, D), (B, T)
@@ -141,6 +141,9 @@ def test_guidance_null_rows_masks_and_micros():
         torch.testing.assert_close(g, w)
     got = diff.make_denoise(model, cond, mask, 3.0, uncond_conditioning=null[:, :1])(x, times)
     for g, w in zip(got, want(null[:, :1], torch.tensor([[1.0, 0, 0, 0, 0]]))):
+        torch.testing.assert_close(g, w)
+    got = diff.make_denoise(model, cond, mask, 3.0, uncond_conditioning=null)(x, times)  # both tokens count
+    for g, w in zip(got, want(null, torch.tensor([[1.0, 1, 0, 0, 0]]))):
         torch.testing.assert_close(g, w)
     rows = torch.randn(2, 2, 8)  # one null per sample
     got = diff.make_denoise(model, cond, mask, 3.0, uncond_conditioning=rows, uncond_mask=torch.ones(2, 2))(x, times)

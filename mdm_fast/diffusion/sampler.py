@@ -71,7 +71,7 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     doubled batch [uncond; cond], then uncond + scale (cond - uncond). The null rows come from
     ``uncond_conditioning``/``uncond_mask`` (B rows, or 1 row broadcast; fewer tokens than
     ``conditioning`` are padded with masked zeros, the null the trainer's conditioning dropout shows the
-    model), else ``conditioning`` must already hold 2B rows in that order (the public layout).
+    model; without ``uncond_mask`` every token of the null counts), else ``conditioning`` must already hold 2B rows in that order (the public layout).
     ``conditioning`` and ``cond_mask`` are read at every call: a caller may copy the next batch's into them.
     """
     scale = float(guidance_scale)
@@ -80,7 +80,7 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
         n, T = conditioning.shape[:2]
         null = pad_tokens(uncond_conditioning, T).expand(n, T, *conditioning.shape[2:])
         if cond_mask is not None:
-            m = uncond_mask if uncond_mask is not None else torch.ones_like(cond_mask[:1, :1])
+            m = uncond_mask if uncond_mask is not None else cond_mask.new_ones(uncond_conditioning.shape[:2])
             null_mask = pad_tokens(m.to(cond_mask.dtype), T).expand(n, T)
 
     def inputs():  # (B or 2B rows of conditioning, mask)
