@@ -123,7 +123,11 @@ def _check_triton_model(low_batch: int) -> None:
     ref = randomize(build_reference("nested_unet", tiny_nested_config()))
     fast = mdm_fast.build_model("nested_unet", tiny_nested_config(), impl="triton")
     fast.load_state_dict(ref.state_dict(), strict=True)
-    args = tiny_inputs(2, low_batch)
+    _assert_same_outputs_and_gradients(ref, fast, tiny_inputs(2, low_batch))
+
+
+def _assert_same_outputs_and_gradients(ref, fast, args):
+    """The outputs and every parameter's gradient of ``fast`` are ``ref``'s, relative to each tensor's size."""
     outs = []
     for model in (ref, fast):
         out = model(*args)
@@ -140,6 +144,28 @@ def _check_triton_model(low_batch: int) -> None:
         assert (grad_f[n] - g).abs().max().item() <= tol, n
 
 
+def unit_scale(model):
+    """Weights that keep activations near unit scale through every layer (std 1/sqrt(fan_in), norm scales
+    near 1, biases ~0.2), zero-initialised output convolutions included: ``randomize``'s 0.05 shrinks
+    each branch until a slightly wrong one (a GELU approximation, a scaled skip) hides under 1e-5."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, p[0].numel() ** -0.5)
+            else:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return model
+
+
+def test_unit_scale_weights_match_reference_forward_and_gradients():
+    """With unit-scale activations the fast model (ref backends, a mixed batch) still gives the reference's
+    outputs and gradients to fp32 rounding: every branch weighs in (exact GELU, skips added once)."""
+    ref = unit_scale(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    _assert_same_outputs_and_gradients(ref, fast, tiny_inputs(2, 3))
+
+
 def test_random_configs_match_reference():
     for trial in range(3):
         cfg = tiny_nested_config()
@@ -152,6 +178,25 @@ def test_random_configs_match_reference():
         with torch.no_grad():
             for a, b in zip(ref(*args), fast(*args)):
                 assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def test_a_resnet_given_float32_under_autocast_promotes_as_the_reference():
+    """A ResNet's float32 input under bf16 autocast (its convolutions give bf16): the skip sum is float32,
+    h + x's type promotion, not the fused bias-and-skip pass in bf16."""
+    from mdm_fast.models.fast import convert
+    from mdm_fast.reference.config import ResNetConfig
+    from mdm_fast.reference.layers import ResNet
+
+    ref = unit_scale(ResNet(16, ResNetConfig(8, 8, num_groups_norm=4)))
+    fast = convert(copy.deepcopy(ref))
+    x, temb = torch.randn(2, 8, 4, 4), torch.randn(2, 16)  # (B, C, H, W), (B, temporal_dim)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            want, got = ref(x, temb), fast(x.contiguous(memory_format=torch.channels_last), temb)
+        exact = copy.deepcopy(ref).double()(x.double(), temb.double())
+    assert want.dtype == got.dtype == torch.float32
+    # bf16 inside both: the fast model's error is bounded by the reference's
+    assert (got - exact).abs().max() <= 2 * (want - exact).abs().max()
 
 
 def test_optimize_converts_in_place_and_keeps_the_state_dict():
@@ -246,16 +291,20 @@ def test_a_global_backend_preference_runs_the_whole_model(monkeypatch):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
+    """Checkpointing the blocks of the outer level, the inner one or both: autograd keeps fewer bytes for
+    backward the more levels are checkpointed, and the gradients are the same."""
     model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config()))
     args = tiny_inputs(2, 3)
-    grads = []
-    for enabled in (False, True):
-        set_activation_checkpointing(model, enabled=enabled)
-        model.zero_grad()
-        sum((o ** 2).mean() for o in model(*args)).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6)
+    kept, grads = {}, {}
+    for levels in ("none", (0,), (1,), None):
+        set_activation_checkpointing(model, enabled=False)
+        if levels != "none":
+            set_activation_checkpointing(model, levels)
+        kept[levels], grads[levels] = _saved_bytes(model, args)
+    assert kept[None] < min(kept[(0,)], kept[(1,)]) and max(kept[(0,)], kept[(1,)]) < kept["none"], kept
+    for levels in ((0,), (1,), None):
+        for a, b in zip(grads["none"], grads[levels]):
+            assert torch.allclose(a, b, atol=1e-6)
 
 
 class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
