@@ -412,11 +412,13 @@ def test_pointwise_convs_on_channels_last_run_as_gemms(monkeypatch, k, kw, chann
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_a_gemm_after_a_norm_keeps_a_view_of_its_output_as_a_recomputation():
+@pytest.mark.parametrize("offset", [False, True], ids=["output", "view at an offset"])
+def test_a_gemm_after_a_norm_keeps_a_view_of_its_output_as_a_recomputation(offset):
     """The GEMM saves the (B*H*W, C) view of the norm's output, not the output itself: that view, too,
-    is recomputed in backward (produce runs twice) and gives the gradients of the kept one."""
+    is recomputed in backward (produce runs twice) and gives the gradients of the kept one; also where
+    the norm's output is itself a view of a larger tensor, at a storage offset."""
     _, conv = _conv_pair(8, 4, 1)
-    x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(3, 8, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()  # (B, C, H, W)
     module = torch.nn.Module()
     calls, outputs = [], []
 
@@ -424,7 +426,7 @@ def test_a_gemm_after_a_norm_keeps_a_view_of_its_output_as_a_recomputation():
         calls.append(1)
         y = torch.nn.functional.silu(x * 2)  # stands in for a norm: reads x, which autograd keeps
         outputs.append(weakref.ref(y))
-        return y
+        return y[1:] if offset else y  # samples 1 and 2: a view at a storage offset
 
     grads = {}
     for recompute in (False, True):
