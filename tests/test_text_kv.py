@@ -140,6 +140,7 @@ def test_autocast_error_bounded_by_the_references_own():
 
 
 def test_same_view_is_the_same_elements():
+    """Same base, offset, shape and strides: each alone differing (the others equal) is not the same view."""
     from mdm_fast.models.tensors import same_view
 
     t = torch.randn(3, 4, 5)
@@ -147,3 +148,20 @@ def test_same_view_is_the_same_elements():
     assert same_view(t, t) and same_view(t, t[:3]) and same_view(t[:3], t) and same_view(v, t[:])
     assert not same_view(t, t[:2]) and not same_view(t, t.clone()) and not same_view(t, t[:, :, :4])
     assert not same_view(t, t.transpose(0, 1)) and not same_view(t, t[1:])
+    assert not same_view(t[:2], t[1:])  # the offset
+    assert not same_view(t[:, :4, :4], t[:, :4, :4].transpose(1, 2))  # the strides
+    assert not same_view(t[:, :2], t[:2, :3])  # the shape (same strides, offset and number of elements)
+
+
+def test_is_sharded_is_a_dtensor(tmp_path):
+    """is_sharded: an FSDP2 parameter (a DTensor, on a one-rank gloo mesh here) is, a plain one is not."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from mdm_fast.models.tensors import is_sharded
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert is_sharded(torch.nn.Parameter(sharded)) and not is_sharded(torch.nn.Parameter(torch.randn(4, 3)))
+    finally:
+        torch.distributed.destroy_process_group()
