@@ -199,6 +199,26 @@ def test_a_resnet_given_float32_under_autocast_promotes_as_the_reference():
     assert (got - exact).abs().max() <= 2 * (want - exact).abs().max()
 
 
+def test_the_fast_forward_runs_the_fused_ops_for_every_layer_they_replace(monkeypatch):
+    """No silent fall-back to the reference's stages: each up-sampling block runs the sub-pixel conv, each
+    up-path ResNet the concatenation with moments, each nesting level both fused adapters."""
+    from mdm_fast import ops
+    from mdm_fast.models.fast import FastResNetBlock
+
+    calls = collections.Counter()
+    for name in ("upsample_conv3x3", "concat_channels_for_norm", "nested_inner_input", "nested_outer_merge"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=real, **k: calls.update([_name]) or _real(*a, **k))
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config()))
+    with torch.no_grad():
+        model(*tiny_inputs(2, 3))
+    levels = [model, model.inner_unet]
+    up_blocks = [b for level in levels for b in level.up_blocks if isinstance(b, FastResNetBlock)]
+    assert calls["upsample_conv3x3"] == sum(b.upsample_output for b in up_blocks) > 0
+    assert calls["concat_channels_for_norm"] == sum(len(b.resnets) for b in up_blocks)
+    assert calls["nested_inner_input"] == calls["nested_outer_merge"] == 1
+
+
 def test_optimize_converts_in_place_and_keeps_the_state_dict():
     ref = randomize(build_reference("nested_unet", tiny_nested_config()))
     params = list(ref.parameters())
