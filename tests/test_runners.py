@@ -36,7 +36,23 @@ def test_graphed_callable_reuses_static_buffers_per_signature():
     assert torch.equal(a[0], torch.full((2,), 3.0)) and torch.equal(b[1], torch.full((3,), 4.0))
     g([torch.ones(4), torch.zeros(3)], torch.tensor(1.0))
     assert g.num_graphs == 2
-    assert a[0].data_ptr() != b[0].data_ptr()  # outputs are clones, not the static buffers
+    g([torch.ones(2), torch.zeros(3)], torch.tensor(1.0, dtype=torch.float64))  # another dtype: its own buffers
+    assert g.num_graphs == 3
+
+
+def test_graphed_callable_keys_on_constants_and_structure_and_clones_outputs():
+    """A non-tensor argument and the arguments' structure (dict keys) are part of the signature: a new one
+    runs with its own values, not a stale entry's. Outputs are clones (unless clone_outputs=False: the
+    static buffers, which the next call overwrites)."""
+    g = GraphedCallable(lambda d, k: d["x"] * k if "x" in d else d["y"] - k, capture=False)
+    t = torch.ones(2)
+    assert torch.equal(g({"x": t}, 2), torch.full((2,), 2.0)) and torch.equal(g({"x": t}, 3), torch.full((2,), 3.0))
+    assert torch.equal(g({"y": t}, 3), torch.full((2,), -2.0)) and g.num_graphs == 3
+    for clone in (True, False):
+        identity = GraphedCallable(lambda x: x, capture=False, clone_outputs=clone)  # returns its static buffer
+        first = identity(torch.ones(2))
+        identity(torch.zeros(2))
+        assert torch.equal(first, torch.ones(2) if clone else torch.zeros(2))
 
 
 def test_graphed_callable_runs_signatures_beyond_max_graphs_eagerly():
@@ -52,7 +68,8 @@ def test_graphed_callable_runs_signatures_beyond_max_graphs_eagerly():
 def sample(device, graphed):
     model, diffusion, cond, mask = tiny_setup(device)
     sampler = diffusion.sampler(num_inference_steps=4)
-    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0, uncond_conditioning=torch.zeros_like(cond[:1]),
+    denoise = diffusion.make_denoise(model, cond, mask, guidance_scale=3.0,
+                                     uncond_conditioning=torch.zeros_like(cond[:1]),
                                      uncond_mask=torch.ones_like(mask[:1]))
     gen = torch.Generator(device).manual_seed(1)
     x_t = sampler.initial_noise(2, 3, 16, generator=gen, device=device)
@@ -68,6 +85,25 @@ def test_sampler_step_fn_matches_the_plain_loop_on_cpu():
     for a, b in zip(plain, static):
         for x, y in zip(a.x_s + a.x0, b.x_s + b.x0):
             assert torch.equal(x, y)
+
+
+def test_a_sampler_step_whose_capture_fails_samples_eagerly(monkeypatch, caplog):
+    """graphed_sampler_step falls back: a capture that fails (stood in for on the CPU) is logged, and the
+    steps run eagerly from then on, giving the plain loop's samples."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "default_generators", (torch.Generator(),))
+    monkeypatch.setattr(graphs, "end_generator_captures", lambda gens: None)
+
+    def failing_capture(self, args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedCallable, "_capture", failing_capture)
+    plain, _ = sample("cpu", None)
+    with caplog.at_level("WARNING"):
+        eager, fn = sample("cpu", True)
+    assert "capture failed" in caplog.text and not fn.capture
+    for a, b in zip(plain, eager):
+        assert all(torch.equal(x, y) for x, y in zip(a.x_s + a.x0, b.x_s + b.x0))
 
 
 def loss_fn_for(model, diffusion):
@@ -88,6 +124,34 @@ def test_train_step_runner_without_capture_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="shapes"):
         step(images[:1], cond[:1], mask[:1])
+
+
+def test_train_step_runner_without_capture_is_the_eager_step():
+    """capture=False: each call is zero_grad, loss, backward, clip to max_grad_norm and the optimizer
+    step on that call's batch: the parameters of those steps written out (SGD: clipping shows); set_lr
+    reaches a float learning rate (0: a step that moves nothing)."""
+    params = {}
+    for runner in (False, True):
+        model, diffusion, cond, mask = tiny_setup()
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss_fn = loss_fn_for(model, diffusion)
+        step = GraphedTrainStep(model, opt, loss_fn, max_grad_norm=1e-3, capture=False)
+        for i in range(2):
+            images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1  # (B, C, H, W)
+            torch.manual_seed(10 + i)  # the loss's noise
+            if runner:
+                step(images, cond, mask)
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss_fn(images, cond, mask).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+                opt.step()
+        params[runner] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params[False], params[True]))
+    step.set_lr(0.0)
+    step(images, cond, mask)
+    assert all(torch.equal(a, b) for a, b in zip(params[True], model.parameters()))
 
 
 def test_train_step_runner_rejects_optimizers_it_cannot_capture():
