@@ -678,6 +678,47 @@ def test_ddp_for_capture_is_built_on_a_side_stream(tmp_path, monkeypatch):
         torch.distributed.destroy_process_group()
 
 
+def test_a_micro_step_whose_capture_fails_runs_eagerly_as_without_a_graph(monkeypatch):
+    """eager_on_error: a capture that fails after its warm-up runs (which created the gradients and loss
+    sums) undoes them, once though the capture and the fall-back both restore, and the step runs eagerly:
+    the gradients of the micro-batches' mean loss (grad_weight 1/accumulations by default) and their
+    mean loss sums; the update leaves zero gradients, not None, for the next step's graph to accumulate into."""
+    from mdm_fast.engine import graphs
+    from mdm_fast.train.graphed_step import GraphedMicroSteps
+
+    def failing_capture(runner, args):
+        runner.before_warmup()
+        for _ in range(runner.warmup):
+            runner.fn(*args)
+        runner.after_warmup()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedCallable, "_capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "default_generators", (torch.Generator(),))
+    monkeypatch.setattr(graphs, "end_generator_captures", lambda gens: None)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    params = list(model.parameters())
+    batches = [torch.randn(2, 3), torch.randn(2, 3)]  # (B, features)
+    losses = [model(x).square().mean() for x in batches]
+    levels = [model(x).abs().mean().detach() for x in batches]
+    want_grads = torch.autograd.grad(sum(losses) / 2, params)
+    step = GraphedMicroSteps(params, torch.optim.AdamW(params, fused=True),
+                             lambda x: (model(x).square().mean(), {"loss_level0": model(x).abs().mean()}),
+                             torch.Generator(), accumulations=2, max_grad_norm=1e9, capture=False, eager_on_error=True)
+    step.runner.capture = True
+    for i, x in enumerate(batches):
+        step.micro_step(x, last=i == 1)
+    assert not step.runner.capture
+    for p, g in zip(params, want_grads):
+        torch.testing.assert_close(p.grad, g)
+    stats, ok = step.update()
+    torch.testing.assert_close(stats["loss"], sum(losses).detach() / 2)
+    torch.testing.assert_close(stats["loss_level0"], sum(levels) / 2)
+    assert float(ok) == 1.0 and all(p.grad is not None and not p.grad.any() for p in params)
+
+
 @pytest.mark.parametrize("acc", [1, 2])
 def test_ddp_capture_of_the_all_reduce_comes_after_eleven_all_reducing_forwards(monkeypatch, acc):
     """DDP reads CUDA events on the host in its 2nd to 11th forwards that all-reduce, which a capture
@@ -687,17 +728,22 @@ def test_ddp_capture_of_the_all_reduce_comes_after_eleven_all_reducing_forwards(
 
     from mdm_fast.train.graphed_step import DDP_TIMED_FORWARDS, GraphedMicroSteps
 
-    class StandInDDP(torch.nn.Module):  # grad_sync sees no_sync
+    class StandInDDP(torch.nn.Module):  # grad_sync sees no_sync; counts the forwards that all-reduce
         def __init__(self, module):
             super().__init__()
-            self.module = module
+            self.module, self.syncing, self.all_reducing_forwards = module, True, 0
 
         def forward(self, x):
+            self.all_reducing_forwards += self.syncing
             return self.module(x)
 
         @contextmanager
         def no_sync(self):
-            yield
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
 
     ddp = StandInDDP(torch.nn.Linear(3, 1))
     params = list(ddp.parameters())
@@ -710,7 +756,7 @@ def test_ddp_capture_of_the_all_reduce_comes_after_eleven_all_reducing_forwards(
     def capture(runner, args):
         for _ in range(runner.warmup):
             runner.fn(*args)
-        captures.append((args[0], step._sync_forwards))
+        captures.append((args[0], ddp.all_reducing_forwards))
         return Graph(), runner.fn(*args)
 
     monkeypatch.setattr(GraphedCallable, "_capture", capture)
