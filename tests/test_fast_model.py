@@ -10,7 +10,8 @@ import torch
 import mdm_fast
 from mdm_fast.models import set_activation_checkpointing, set_channels_last
 from mdm_fast.ops import use_impl
-from mdm_fast.models.fast import FastConv2d, FastNestedUNet, FastUNet, _recomputed_input
+from mdm_fast.models.fast import (FastConv2d, FastNestedUNet, FastResNetBlock, FastUNet, _own_modules,
+                                  _recomputed_input)
 from mdm_fast.reference import build_model as build_reference
 from norm_paths import force_whole_rows
 from test_reference import CASES, as_list, load_case, model_inputs
@@ -203,7 +204,6 @@ def test_the_fast_forward_runs_the_fused_ops_for_every_layer_they_replace(monkey
     """No silent fall-back to the reference's stages: each up-sampling block runs the sub-pixel conv, each
     up-path ResNet the concatenation with moments, each nesting level both fused adapters."""
     from mdm_fast import ops
-    from mdm_fast.models.fast import FastResNetBlock
 
     calls = collections.Counter()
     for name in ("upsample_conv3x3", "concat_channels_for_norm", "nested_inner_input", "nested_outer_merge"):
@@ -320,6 +320,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
         set_activation_checkpointing(model, enabled=False)
         if levels != "none":
             set_activation_checkpointing(model, levels)
+        assert all(block.checkpointing == (levels is None or i in (levels if levels != "none" else ()))
+                   for i, level in enumerate((model, model.inner_unet)) for block in _own_modules(level)
+                   if isinstance(block, FastResNetBlock))  # every block of the levels chosen, no other
         kept[levels], grads[levels] = _saved_bytes(model, args)
     assert kept[None] < min(kept[(0,)], kept[(1,)]) and max(kept[(0,)], kept[(1,)]) < kept["none"], kept
     for levels in ((0,), (1,), None):
@@ -380,6 +383,7 @@ def test_norm_recompute_keeps_less_and_gives_the_same_gradients(impl):
     results = {}
     for enabled in (False, True):
         set_norm_recompute(model, enabled)
+        assert all(m.recompute_norms == enabled for m in model.modules() if hasattr(m, "recompute_norms"))
         results[enabled] = _saved_bytes(model, args)
     (kept_all, grads_all), (kept, grads) = results[False], results[True]
     assert kept < 0.8 * kept_all
