@@ -285,6 +285,33 @@ def test_channels_last_model_matches_reference():
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("name", ["unet", "nested_unet", "nested2_tiny"])
+def test_optimize_rebuilds_a_public_code_model_with_its_weights(name):
+    """A model of the public code (stood in for by a reference model of a class mdm_fast does not know:
+    a dataclass config holding the projected text width, input_conditioning_feature_dim, the same
+    state_dict) becomes a fast copy with its weights and dtype, giving its outputs; it stays as it was."""
+    cfg = tiny_nested_config()
+    cfg["inner_config"]["conditioning_feature_proj_dim"] = 16  # 24-wide text projected to 16
+    if name == "unet":
+        cfg = dict(cfg["inner_config"], conditioning_feature_dim=24, nesting=False)
+    public = randomize(build_reference(name, cfg)) if name != "nested2_tiny" else None
+    x, times, cond, mask = tiny_inputs(2)
+    args = (x if name == "nested_unet" else x[1], times, cond, mask)  # images (B, 3, 16, 16), (B, 3, 8, 8)
+    if name == "nested2_tiny":  # two nesting levels
+        case = load_case(name)
+        public, args = randomize(build_reference(case["model"], case["unet_config"])), model_inputs(case)
+    with torch.no_grad():
+        want = as_list(public(*args))
+    public.__class__ = type("PublicUNet", (torch.nn.Module,), {})
+    fast = mdm_fast.optimize(public)
+    assert isinstance(fast, FastUNet if name == "unet" else FastNestedUNet)
+    assert all(type(m).__name__ != "FastResNet" for m in public.modules())  # the public instance untouched
+    with torch.no_grad():
+        for a, b in zip(want, as_list(fast(*args))):
+            assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+    assert all(p.dtype == torch.bfloat16 for p in mdm_fast.optimize(public.bfloat16()).parameters())
+
+
 def test_optimize_rejects_other_modules():
     with pytest.raises(ValueError, match="UNet"):
         mdm_fast.optimize(torch.nn.Linear(2, 2))
