@@ -135,6 +135,7 @@ SPLIT_CASES = [
     ((1, 6, 7, 5), 6, torch.float32, False, False, False, None),
     ((2, 48, 3, 5), 16, torch.float32, True, True, True, "silu"),
     ((2, 4, 8, 8), 2, torch.float16, True, True, True, "silu"),
+    ((1, 40, 5, 7), 2, torch.float32, True, True, True, "silu"),  # 20 channels per group: over 16 finalize lanes
 ]
 
 
@@ -291,7 +292,7 @@ def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path,
     assert ops.calls == {"aten.sum.dim_IntList": 1}, ops.calls
 
 
-def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():
+def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows(monkeypatch):
     """The 256x256 model's large channels_last norms (sampling batch 32, training batch 16) read whole
     rows; those whose groups fit a tile, or whose fused second pass finds them in L2, stay fused; NCHW
     keeps its plans."""
@@ -307,7 +308,8 @@ def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows():
     assert not kern.plan(32, 512, 32 * 32, 32, True, backward=True).fused
     assert kern.plan(32, 768, 16 * 16, 32, True).single  # 12.6 MB, one tile per group
     assert kern.plan(32, 1536, 16 * 16, 32, True).fused  # 25 MB; 6.3 MB resident
-    assert kern.plan(1, 64, 1, 32, True).fused  # one row cannot be split
+    force_whole_rows(monkeypatch, 64, 5)  # whole rows wanted for every channels_last norm
+    assert kern.plan(1, 64, 1, 32, True) == kern._groups_plan(1, 64, 1, 32, True, 132, 64)  # one row: no split
 
 
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", [SPLIT_CASES[0], SPLIT_CASES[1], SPLIT_CASES[3]])
@@ -328,17 +330,27 @@ def test_register_cap_is_for_channels_last_plans():
         assert kern.plan(*shape, 32, False).max_registers is None
 
 
+def test_a_group_of_one_single_tile_is_read_once_in_backward_too():
+    """SINGLE_TILE elements per group stay in registers also in the backward, whose looping tiles
+    (TILE_BWD) are smaller."""
+    assert kern.SINGLE_TILE == 32 * 256 > kern.TILE_BWD
+    p = kern.plan(1, 32, 256, 1, False, backward=True)  # (B, C, S, G): one group of 32 x 256
+    assert p.single and p.block_s == 256
+
+
 def test_channels_last_programs_take_several_groups():
     assert kern.plan(8, 32, 1 << 20, 32, True).gpb == 32  # one channel per group: 32 groups, 64 B rows
     assert kern.plan(8, 32, 1 << 20, 32, False).gpb == 1
     assert kern.plan(2, 48, 15, 16, True).gpb == 1  # 3 channels per group: not a power of two
 
 
-@pytest.mark.parametrize("tile", [None, 32])  # one tile in registers; shifted sums over several tiles
-def test_large_mean_is_stable(monkeypatch, tile):
-    """Statistics in fp32 with a mean far from zero (no plain E[x^2] - E[x]^2)."""
-    if tile:
-        small_tiles(monkeypatch, tile)
+@pytest.mark.parametrize("path", ["single", "looping", "split"])  # split: a last part shorter than a tile
+def test_large_mean_is_stable(monkeypatch, path):
+    """Statistics in fp32 with a mean far from zero (no plain E[x^2] - E[x]^2): sums shifted by the mean of
+    each part's first tile, also where that tile is partial."""
+    _path(path, monkeypatch)
+    p = kern.plan(2, 8, 36, 4, False)
+    assert p.fused or p.nsplit * p.rows - 36 > p.block_s // 2, p  # (split) the last part: under half a tile
     inputs = _inputs((2, 8, 6, 6), 4, torch.float32, scale_shift=False)
     inputs[0] = inputs[0] + 300.0
     _check_against_fp64(inputs, 4, "silu", "triton")
@@ -350,10 +362,35 @@ def test_ref_backend_gradients(case):
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "ref")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ref_backend_rounds_once_in_low_precision(dtype):
+    """The ref backend computes in fp32 and rounds y and every gradient once to the input precision: each
+    within an ulp of the fp64 value (the public formula run in fp16/bf16 rounds after every op: ~5-900 ulps)."""
+    inputs = _inputs((2, 8, 6, 6), 2, dtype)  # (B, C, H, W)
+    dy = torch.randn(inputs[0].shape, dtype=dtype)
+    got = _run(inputs, 2, "silu", "ref", dy)
+    want = _run(inputs, 2, "silu", "public", dy, dtype=torch.float64)
+    for i, (g, w) in enumerate(zip(got, want)):
+        ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(1e-3))))  # at |w|
+        assert ((g.double() - w).abs() <= ulp + 1e-6 * w.abs().max()).all(), i
+
+
 def test_non_dense_input_is_made_contiguous():
-    x = torch.randn(2, 8, 6, 12)[..., ::2]
+    """A non-dense x is copied NCHW-contiguous; a producer's moments (of its dense layout) are dropped."""
+    x = torch.randn(2, 8, 6, 12)[..., ::2]  # (B, C, H, W), W strided
     y = group_norm_act(x, 4, None, None, impl="triton")
     torch.testing.assert_close(y, reference(x, 4, None, None), atol=2e-5, rtol=1e-5)
+    y = group_norm_act(x, 4, None, None, impl="triton", moments=torch.zeros(2, 2, 3, 8))  # (2, B, parts, C)
+    torch.testing.assert_close(y, reference(x, 4, None, None), atol=2e-5, rtol=1e-5)
+
+
+def test_moments_for_a_fused_norm_are_refused():
+    """Moments fit only the split path's parts: where the norm takes the fused path they are refused,
+    not silently ignored."""
+    x = torch.randn(2, 8, 5, 7).to(memory_format=torch.channels_last)  # (B, C, H, W)
+    assert kern.moments_plan(x.shape, 4, x.device, x.element_size()) is None
+    with pytest.raises(ValueError, match="takes the fused path"):
+        group_norm_act(x, 4, None, None, impl="triton", moments=torch.zeros(2, 2, 2, 8))  # (2, B, parts, C)
 
 
 def test_inference_skips_the_custom_op_only_without_autograd_or_tracing():
@@ -374,6 +411,13 @@ def test_ref_backend_is_the_public_formulation():
     assert torch.equal(y, want)
 
 
+def test_eps_zero_is_allowed():
+    """eps only has to be non-negative: 0 is the plain standardisation."""
+    x = torch.randn(2, 4, 3, 3)  # (B, C, H, W)
+    torch.testing.assert_close(group_norm_act(x, 2, None, None, eps=0, impl="ref"),
+                               reference(x, 2, None, None, eps=0))
+
+
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_opcheck(backend):
     x, w, b, sc, sh = _inputs((2, 4, 3, 5), 2, torch.float32, channels_last=True)
@@ -385,6 +429,9 @@ def test_opcheck(backend):
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_bwd.default,
                           (dy, x.detach(), w.detach(), b, sc.detach(), sh, mean, rstd, 2, 1e-5, "silu", backend))
+    sc16, sh16 = sc.detach().bfloat16(), sh.bfloat16()  # dscale, dshift in their dtypes (a bf16 projection)
+    torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_bwd.default,
+                          (dy, x.detach(), w.detach(), b, sc16, sh16, mean, rstd, 2, 1e-5, "silu", backend))
     xb = torch.randn(4, requires_grad=True)
     torch.library.opcheck(torch.ops.mdm_fast.group_norm_act_fwd.default,
                           (x, w, b, sc, sh, 2, 1e-5, "silu", backend, None, xb))
@@ -452,6 +499,7 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
     (dict(input_bias=torch.randn(2, 4)), r"input_bias must have shape \(4,\)"),
     (dict(act="relu"), "act must be 'silu' or None"),
     (dict(eps=-1.0), "eps"),
+    (dict(x=torch.randn(0, 4, 3, 3)), "must not be empty"),
 ])
 def test_bad_inputs_raise_value_error(kwargs, match):
     args = dict(x=torch.randn(2, 4, 3, 3), num_groups=2, weight=None, bias=None)
