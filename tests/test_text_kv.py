@@ -31,6 +31,8 @@ def _layers(widths=(32, 64, 32), D=24, affine=True):
 @pytest.mark.parametrize("affine", [True, False])
 def test_one_gemm_gives_every_layers_projection(affine):
     layers = _layers(affine=affine)
+    for m in layers:
+        m.norm_cond.eps = 0.1  # not LayerNorm's default: the shared normalisation must use the layers' eps
     cond = torch.randn(2, 7, 24)
     got = TextProjections(layers)(cond)
     for m, kv in zip(layers, got):
@@ -120,7 +122,10 @@ def test_another_text_inside_the_context_projects_per_layer():
     model = nn.ModuleList(layers)
     cond, other = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
     with torch.no_grad(), batched_text_kv(model, FastSelfAttention, cond):
-        assert text_kv(layers[0], cond) is layers[0].__dict__["_text_kv"][1]
+        kv = layers[0].__dict__["_text_kv"][1]
+        with batched_text_kv(model, FastSelfAttention, cond):  # a nested use (an inner level) changes nothing
+            assert layers[0].__dict__["_text_kv"][1] is kv
+        assert text_kv(layers[0], cond) is kv  # still the outer projection after the inner one ends
         torch.testing.assert_close(text_kv(layers[1], other), layers[1].kv_cond(layers[1].norm_cond(other)))
     assert "_text_kv" not in layers[0].__dict__
 
