@@ -103,14 +103,59 @@ def test_bf16_torch_backends_cpu():
         check_against_oracle(impl, *inputs, padded_mask(2, 5))
 
 
-@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_head_dim_64_cross_lengths_and_scale(impl):
     # keys longer than queries, a custom scale, int mask whose first key block (16 wide under the
-    # interpreter) is entirely masked and second partly kept: the kernels skip the first block
+    # interpreter) is entirely masked and second partly kept (a negative value keeps too: nonzero = keep):
+    # the kernels skip the first block
     q, k, v, kc, vc = make_inputs(1, 2, 9, 20, 64, torch.float32, S=23)
     mask = torch.zeros(1, 20, dtype=torch.int64)
-    mask[:, 17:19] = 1
+    mask[:, 17:19] = torch.tensor([1, -2])
     check_against_oracle(impl, q, k, v, kc, vc, mask, scale=0.3)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_logits_far_from_zero(impl):
+    """Scores of +-120 (exp of -120 underflows fp32): the online softmax must rescale by its running max both
+    when a later key tile's max is lower and when it is higher (sample 0: head 0's self keys are +120 in the
+    first 16-key tile and -120 after, its text -120 then +120; head 1 the other way round), and a row whose
+    every score is -120 (sample 1) must not underflow to "no keys" (a softmax started from a max of 0 would).
+    Forward against the oracle; the gradients only finite (dq's shifted channel is 120 * a sum that cancels
+    to 0, so its fp32 error is ~120 times the usual)."""
+    B, H, L, T, d = 2, 2, 37, 20, 16
+    q, k, v, kc, vc = make_inputs(B, H, L, T, d, torch.float32)
+    q[..., 0] = 1.0  # score = 120 * sign + the other 15 channels' dot (scale 1)
+    k[..., 0], kc[..., 0] = -120.0, -120.0
+    k[0, 0, :16, 0], k[0, 1, 16:, 0] = 120.0, 120.0  # (B, H, L, d): first tile high, then low; then the reverse
+    kc[0, 0, 16:, 0], kc[0, 1, :16, 0] = 120.0, 120.0
+    leaves = [t.requires_grad_() for t in (q, k, v, kc, vc)]
+    out = attention(*leaves, cond_mask=padded_mask(B, T), scale=1.0, impl=impl)
+    want = oracle(q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(), padded_mask(B, T), scale=1.0)
+    torch.testing.assert_close(out.double(), want, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][0])
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), leaves))
+
+
+def test_forward_op_lse_per_branch():
+    """The forward op's second output, the backward's statistics (2, B, H, L): per branch the base-2
+    log-sum-exp of the kept keys' scores, +inf where the branch has no key (no text, all text masked, or
+    all self keys masked)."""
+    B, H, L, T, d = 2, 2, 19, 7, 16
+    q, k, v, kc, vc = make_inputs(B, H, L, T, d, torch.float32)
+    cond_mask = padded_mask(B, T, all_masked=1) != 0  # (B, T): sample 1 keeps no text
+    self_mask = torch.ones(B, L, dtype=torch.bool)
+    self_mask[0] = False  # (B, L): sample 0 keeps no pixel key
+
+    def lse2(keys, keep):  # (B, H, L) fp64, base 2; -inf where nothing is kept
+        s = torch.einsum("bhld,bhsd->bhls", q.double(), keys.double()) * 0.25
+        return torch.logsumexp(s.masked_fill(~keep[:, None, None, :], float("-inf")), -1) / math.log(2)
+
+    _, lse = torch.ops.mdm_fast.attention_fwd(q, k, v, kc, vc, cond_mask, self_mask, 0.25)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    torch.testing.assert_close(lse[0].double(), lse2(k, self_mask).where(self_mask.any(-1)[:, None, None], inf))
+    torch.testing.assert_close(lse[1].double(), lse2(kc, cond_mask).where(cond_mask.any(-1)[:, None, None], inf))
+    _, lse = torch.ops.mdm_fast.attention_fwd(q, k, v, None, None, None, None, 0.25)  # no text branch
+    torch.testing.assert_close(lse[0].double(), lse2(k, torch.ones(B, L, dtype=torch.bool)))
+    assert torch.isinf(lse[1]).all() and (lse[1] > 0).all()
 
 
 def test_fully_masked_row_is_zero_and_grads_finite():
@@ -233,7 +278,8 @@ def test_autotuning_is_per_batch():
 
 
 def test_opcheck_custom_ops():
-    q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(1, 1, 5, 3, 16, torch.float32))
+    q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(1, 2, 5, 3, 16, torch.float16))
+    q = torch.randn(1, 5, 2, 16, dtype=torch.float16).transpose(1, 2).requires_grad_()  # (B, H, L, d) strided view
     mask = torch.tensor([[True, False, True]])
     torch.library.opcheck(torch.ops.mdm_fast.attention_fwd.default, (q, k, v, kc, vc, mask, None, 0.25))
     self_mask = torch.tensor([[True, False, True, True, False]])  # over the 5 pixel keys
@@ -254,6 +300,8 @@ def test_dispatch_rules(monkeypatch):
         assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "sdpa"
     monkeypatch.setenv("MDM_FAST_IMPL", "ref")
     assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "ref"
+    d128 = torch.randn(1, 1, 4, 128)
+    assert dispatch.resolve("attention", "triton", d128, d128, d128) == "triton"  # the largest head dim it takes
     big = torch.randn(1, 1, 4, 160)
     assert dispatch.resolve("attention", "sdpa", big, big, big) == "sdpa"
     with pytest.raises(BackendUnavailable, match="head dim 160"):
@@ -275,8 +323,16 @@ def test_dispatch_rules(monkeypatch):
      r"cond_mask must have shape \(B, T\)"),
     (dict(cond_mask=torch.ones(2, 3)), "cond_mask given without"),
     (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), "float16, bfloat16 or float32"),
+    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float16)), r"float16, bfloat16 or float32 like q \(torch.float32\)"),
+    (dict(v=torch.randn(2, 2, 5, 16, device="meta")), "v is on meta but q is on cpu"),
+    (dict(k_cond=torch.randn(2, 2, 0, 16), v_cond=torch.randn(2, 2, 0, 16)), "T = 0 text tokens"),
+    (dict(k_cond=torch.randn(2, 2, 3, 16), v_cond=torch.randn(2, 2, 3, 16),
+          cond_mask=torch.ones(2, 3, dtype=torch.complex64)), "cond_mask must be bool, integer or float"),
+    (dict(k=torch.randn(2, 2, 0, 16), v=torch.randn(2, 2, 0, 16)), r"k has no keys \(S = 0\)"),
     (dict(self_mask=torch.ones(2, 4)), r"self_mask must have shape \(B, S\)"),
     (dict(scale=-0.5), r"scale must be a finite float > 0"),
+    (dict(scale=0.0), r"scale must be a finite float > 0"),
+    (dict(scale=float("inf")), r"scale must be a finite float > 0"),
 ])
 def test_bad_inputs_raise(bad, match):
     args = dict(q=torch.randn(2, 2, 5, 16), k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16))
