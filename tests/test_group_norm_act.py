@@ -474,6 +474,47 @@ def test_overrides(monkeypatch):
         assert _resolve(x) == _resolve(x, impl="auto")
     with pytest.raises(BackendUnavailable, match="no sdpa backend"):
         _resolve(x, impl="sdpa")  # named in the call: an error
+    monkeypatch.setenv("MDM_FAST_IMPL", "triton")
+    with use_impl("ref"):  # the block beats the environment
+        assert _resolve(x) == "ref"
+        with use_impl("triton"):  # the innermost block wins, and leaving it restores the outer one
+            assert _resolve(x) == "triton"
+        assert _resolve(x) == "ref"
+    monkeypatch.setenv("MDM_FAST_IMPL", "fastest")
+    with pytest.raises(ValueError, match="got 'fastest'"):
+        _resolve(x)
+    with pytest.raises(ValueError, match="got 'fastest'"), use_impl("fastest"):
+        pass
+
+
+def test_register_and_resolve_rules(monkeypatch):
+    """register refuses unknown backends and ops without ref; auto skips backends that say why not, and
+    ends at ref where the preference order names no runnable one; with no CUDA tensor among the
+    arguments, auto leaves Triton to the interpreter's explicit requests."""
+    monkeypatch.setitem(dispatch._REGISTRY, "probe", None)  # removed again after the test
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        dispatch.register("probe", {"ref": lambda: None, "tpu": lambda: None}, ["ref"])
+    with pytest.raises(ValueError, match="must have a 'ref' backend"):
+        dispatch.register("probe", {"triton": lambda: None}, ["triton"])
+    dispatch.register("probe", {"ref": lambda: None, "triton": lambda: "not today", "torch": lambda: None},
+                      preference=["triton"])
+    assert dispatch.resolve("probe", "auto") == "ref"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.register("probe", {"ref": lambda: None, "triton": lambda: None}, preference=["triton", "ref"])
+    assert dispatch.resolve("probe", "auto") == "ref"  # no tensors at all: still not on CUDA
+    assert dispatch.resolve("probe", "triton") == "triton"
+
+
+def test_common_reasons(monkeypatch):
+    """The shared reason helpers: the first reason given wins; the cuda backend and library backends
+    refuse CPU tensors even once the extension or package is there."""
+    assert dispatch.first_reason(None, "first", "second") == "first"
+    assert dispatch.first_reason(None, None) is None
+    x = torch.randn(2, 4, 3, 3)
+    monkeypatch.setattr(_ext, "ext", object())  # as if mdm_fast._C were built
+    assert "needs CUDA tensors" in dispatch.cuda_ext_reason(None, x)
+    assert "torch needs CUDA tensors" in dispatch.package_reason("torch", None, x)  # an installed package
+    assert "float64 not supported" in dispatch.dtype_reason((torch.float32,), None, x.double())
 
 
 def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
