@@ -99,6 +99,38 @@ def test_tracing_sees_the_custom_op(name):
     assert "mdm_fast." in graph and "Backward" not in graph
 
 
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass, as DTensor is one."""
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("how", ["dispatch mode", "subclass"])
+def test_a_dispatch_mode_or_a_subclass_sees_the_custom_op(name, how):
+    """Plain tensors under a Python dispatch mode, or a tensor subclass with none active, go through the
+    custom op, not the eager Function."""
+    public, _, shapes, node = CASES[name]
+    leaves = _leaves(*shapes)
+    if how == "subclass":
+        leaves[0] = leaves[0].detach().as_subclass(_Sub).requires_grad_()
+    with _PassThrough() if how == "dispatch mode" else torch.enable_grad():
+        out = public(*leaves)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ != node
+
+
+def test_the_custom_ops_side_outputs_need_no_gradient():
+    """The statistics and log-sum-exps the custom ops return beside their output carry no gradient."""
+    group_norm = torch.ops.mdm_fast.group_norm_act_fwd(*_leaves(*CASES["group_norm_act"][2]), 3, 1e-5, "silu", "ref")
+    q, k, v = _leaves((2, 2, 7, 16), (2, 2, 7, 16), (2, 2, 7, 16))  # (B, heads, L, d)
+    attn = torch.ops.mdm_fast.attention_fwd(q, k, v, None, None, None, None, 0.25)
+    for outputs in (group_norm, attn):
+        assert outputs[0].requires_grad and not any(t.requires_grad for t in outputs[1:])
+
+
 def test_no_grad_calls_skip_autograd():
     x, w, b, sc, sh = _leaves(*CASES["group_norm_act"][2])
     with torch.no_grad():
