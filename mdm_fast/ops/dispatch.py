@@ -146,7 +146,8 @@ def _on_interpreter(args, kwargs) -> bool:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET read as triton reads it: 1, true, on or yes, in any case."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @functools.lru_cache(maxsize=None)
