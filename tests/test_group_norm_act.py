@@ -462,6 +462,15 @@ def test_auto_leaves_the_interpreter_to_explicit_requests(monkeypatch):
     assert _resolve(x.double()) == "ref"
 
 
+@pytest.mark.parametrize("value", ["1", "true", "On", "yes", "0", "2", ""])
+def test_interpreter_flag_read_as_triton_reads_it(monkeypatch, value):
+    """TRITON_INTERPRET=true runs Triton's interpreter as =1 does: dispatch agrees with triton's knob."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert dispatch.triton_interpreting() == triton.knobs.runtime.interpret
+    x = torch.randn(2, 4, 3, 3)  # (B, C, H, W)
+    assert (dispatch.why_not(OP, "triton", x, None, None, None, None) is None) == triton.knobs.runtime.interpret
+
+
 def test_overrides(monkeypatch):
     x = torch.randn(2, 4, 3, 3)
     monkeypatch.setenv("MDM_FAST_IMPL", "ref")
