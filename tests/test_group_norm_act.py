@@ -508,6 +508,9 @@ def test_register_and_resolve_rules(monkeypatch):
     dispatch.register("probe", {"ref": lambda: None, "triton": lambda: "not today", "torch": lambda: None},
                       preference=["triton"])
     assert dispatch.resolve("probe", "auto") == "ref"
+    always = {"ref": lambda n: None, "torch": lambda n: None}
+    dispatch.register("probe", always, preference=lambda n: ["torch", "ref"] if n > 128 else ["ref", "torch"])
+    assert dispatch.resolve("probe", "auto", 256) == "torch" and dispatch.resolve("probe", "auto", 64) == "ref"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     dispatch.register("probe", {"ref": lambda: None, "triton": lambda: None}, preference=["triton", "ref"])
     assert dispatch.resolve("probe", "auto") == "ref"  # no tensors at all: still not on CUDA
@@ -523,6 +526,8 @@ def test_common_reasons(monkeypatch):
     monkeypatch.setattr(_ext, "ext", object())  # as if mdm_fast._C were built
     assert "needs CUDA tensors" in dispatch.cuda_ext_reason(None, x)
     assert "torch needs CUDA tensors" in dispatch.package_reason("torch", None, x)  # an installed package
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in dispatch.triton_reason(None, x)  # a None argument ends no check
     assert "float64 not supported" in dispatch.dtype_reason((torch.float32,), None, x.double())
 
 
