@@ -16,7 +16,10 @@ from test_config import CONFIGS, needs_configs  # noqa: E402
 from test_train import OUTER, _one_thread, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
 
 
-def test_info_lists_versions_and_backends(capsys):
+def test_info_lists_versions_and_backends(capsys, monkeypatch):
+    """Every op and backend is listed, available or why not; without CUDA and the interpreter, triton is
+    unavailable for every op, also where its reason function wants more than one tensor to probe."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert f"torch {torch.__version__}" in text and "mdm_fast._C:" in text and "devices:" in text
@@ -29,6 +32,9 @@ def test_info_lists_versions_and_backends(capsys):
         assert all(v == "available" or v.startswith("unavailable: ") for v in row.values()), (name, row)
         if not torch.cuda.is_available() and "cuda" in row:
             assert row["cuda"].startswith("unavailable"), (name, row)
+        if not torch.cuda.is_available() and "triton" in row:
+            assert row["triton"].startswith("unavailable") and "TRITON_INTERPRET" in row["triton"], (name, row)
+        assert f"op {name}:" in text and all(f" {b:7s} {v}" in text for b, v in row.items()), name
 
 
 def _model_state():
