@@ -510,6 +510,7 @@ def test_register_and_resolve_rules(monkeypatch):
     assert dispatch.resolve("probe", "auto") == "ref"
     always = {"ref": lambda n: None, "torch": lambda n: None}
     dispatch.register("probe", always, preference=lambda n: ["torch", "ref"] if n > 128 else ["ref", "torch"])
+    monkeypatch.setenv("MDM_FAST_IMPL", "")  # set but empty: automatic choice
     assert dispatch.resolve("probe", "auto", 256) == "torch" and dispatch.resolve("probe", "auto", 64) == "ref"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     dispatch.register("probe", {"ref": lambda: None, "triton": lambda: None}, preference=["triton", "ref"])
@@ -528,6 +529,8 @@ def test_common_reasons(monkeypatch):
     assert "torch needs CUDA tensors" in dispatch.package_reason("torch", None, x)  # an installed package
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET" in dispatch.triton_reason(None, x)  # a None argument ends no check
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "tensor on meta" in dispatch.triton_reason(x, x.to("meta"))  # the interpreter runs CPU tensors only
     assert "float64 not supported" in dispatch.dtype_reason((torch.float32,), None, x.double())
 
 
