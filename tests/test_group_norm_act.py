@@ -4,6 +4,7 @@ CPU tests compare the triton backend with an fp64 evaluation of the reference on
 every gradient. GPU tests bound each backend's error by twice PyTorch's own error in the input precision
 (the reference run in that precision vs fp64), plus a small atol, as flash-attention's tests do.
 """
+import concurrent.futures
 import math
 from typing import List
 
@@ -489,6 +490,9 @@ def test_overrides(monkeypatch):
         with use_impl("triton"):  # the innermost block wins, and leaving it restores the outer one
             assert _resolve(x) == "triton"
         assert _resolve(x) == "ref"
+    monkeypatch.delenv("MDM_FAST_IMPL")
+    with use_impl("triton"), concurrent.futures.ThreadPoolExecutor(1) as pool:  # a block is the thread's own
+        assert _resolve(x) == "triton" and pool.submit(_resolve, x).result() == "ref"
     monkeypatch.setenv("MDM_FAST_IMPL", "fastest")
     with pytest.raises(ValueError, match="got 'fastest'"):
         _resolve(x)
