@@ -535,6 +535,8 @@ def test_common_reasons(monkeypatch):
     assert "TRITON_INTERPRET" in dispatch.triton_reason(None, x)  # a None argument ends no check
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "tensor on meta" in dispatch.triton_reason(x, x.to("meta"))  # the interpreter runs CPU tensors only
+    monkeypatch.setattr(dispatch, "_triton_installed", lambda: False)
+    assert dispatch.triton_reason(x) == "the triton package is not installed"
     assert "float64 not supported" in dispatch.dtype_reason((torch.float32,), None, x.double())
 
 
