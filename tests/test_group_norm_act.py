@@ -463,7 +463,7 @@ def test_auto_leaves_the_interpreter_to_explicit_requests(monkeypatch):
     assert _resolve(x.double()) == "ref"
 
 
-@pytest.mark.parametrize("value", ["1", "true", "On", "yes", "0", "2", ""])
+@pytest.mark.parametrize("value", ["1", "true", "On", "yes", "Y", "0", "2", "t", ""])
 def test_interpreter_flag_read_as_triton_reads_it(monkeypatch, value):
     """TRITON_INTERPRET=true runs Triton's interpreter as =1 does: dispatch agrees with triton's knob."""
     monkeypatch.setenv("TRITON_INTERPRET", value)

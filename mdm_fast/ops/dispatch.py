@@ -146,8 +146,8 @@ def _on_interpreter(args, kwargs) -> bool:
 
 
 def triton_interpreting() -> bool:
-    """TRITON_INTERPRET read as triton reads it: 1, true, on or yes, in any case."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """TRITON_INTERPRET read as triton reads it: 1, true, on, yes or y, in any case."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 @functools.lru_cache(maxsize=None)
