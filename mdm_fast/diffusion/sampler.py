@@ -71,7 +71,8 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     doubled batch [uncond; cond], then uncond + scale (cond - uncond). The null rows come from
     ``uncond_conditioning``/``uncond_mask`` (B rows, or 1 row broadcast; fewer tokens than
     ``conditioning`` are padded with masked zeros, the null the trainer's conditioning dropout shows the
-    model; without ``uncond_mask`` every token of the null counts), else ``conditioning`` must already hold 2B rows in that order (the public layout).
+    model; without ``uncond_mask`` every token of the null counts), else ``conditioning`` must already
+    hold 2B rows in that order (the public layout).
     ``conditioning`` and ``cond_mask`` are read at every call: a caller may copy the next batch's into them.
     """
     scale = float(guidance_scale)
