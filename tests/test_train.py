@@ -347,6 +347,50 @@ def test_accumulation_and_loss_factor_follow_the_public_branch_fp16_picks(tmp_pa
         torch.testing.assert_close(f, 3 * m, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_first_steps_are_adamw_on_clipped_gradients_at_the_warm_up_rate_then_the_ema(tmp_path, monkeypatch, graphed):
+    """The optimizer step against an fp64 oracle: the gradients the optimizer sees are the micro-batches'
+    clipped to gradient_clip_norm (coefficient clip / (norm + 1e-6), the norm logged before clipping);
+    Adam's first update is lr * warm-up factor (1/2 at step 0) * g / (|g| + 1e-8), without weight decay;
+    the EMA (ema_warmup_steps 1) is then a copy of the updated weights, and after step 2 decay * those + (1 -
+    decay) * the new weights (it follows the optimizer step)."""
+    tr = Trainer(tiny(tmp_path, num_gradient_accumulations=2, cond_drop_prob=0.0, gradient_clip_norm=0.05,
+                      ema_warmup_steps=1), quiet=True, graphed=graphed)
+    batches = [collate([tr.dataset[(4 * k + i, 0)] for i in range(4)]) for k in range(2)]  # image (4, 16, 16, 3)
+    names = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    seen, clip = {}, torch.nn.utils.clip_grad_norm_
+
+    def spy_clip(params, *args, **kwargs):
+        seen["raw"] = [p.grad.double() for p in params]
+        return clip(params, *args, **kwargs)
+
+    def spy_step(*_):
+        seen.setdefault("clipped", [p.grad.clone() for p in tr.params])
+
+    tr.optimizer.register_step_pre_hook(spy_step)
+    before = [p.detach().double() for p in tr.params]
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+        stats, ok = tr.train_step(batches)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in seen["raw"]]))
+    assert float(ok) == 1.0 and norm > 0.05  # clipping acts
+    assert float(stats["grad_norm"]) == pytest.approx(norm.item(), rel=1e-5)
+    assert float(stats["lr"]) == pytest.approx(3e-3 / 2)
+    coef = 0.05 / (norm + 1e-6)
+    for name, g, c in zip(names, seen["raw"], seen["clipped"]):
+        torch.testing.assert_close(c.double(), g * coef, rtol=1e-5, atol=1e-12, msg=name)
+    for name, p0, g, p in zip(names, before, seen["raw"], tr.params):
+        want = p0 - 3e-3 / 2 * (g * coef) / ((g * coef).abs() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), want, rtol=0, atol=1e-7, msg=name)
+    ema = dict(tr.ema.module.named_parameters())
+    first = {n: p.detach().clone() for n, p in zip(names, tr.params)}
+    assert all(torch.equal(ema[n], v) for n, v in first.items())  # the warm-up update: a copy
+    tr.train_step(batches)
+    for n, p in zip(names, tr.params):
+        torch.testing.assert_close(ema[n].double(), 0.9 * first[n].double() + 0.1 * p.detach().double(),
+                                   rtol=0, atol=1e-7, msg=n)
+
+
 def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no training data"):
         Trainer(tiny(tmp_path, file_list=""), quiet=True)
