@@ -391,6 +391,38 @@ def test_first_steps_are_adamw_on_clipped_gradients_at_the_warm_up_rate_then_the
                                    rtol=0, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("flag", [False, True], ids=["host", "device-flag"])
+def test_log_window_means_cover_the_kept_steps_only(flag):
+    """A log line's stats are the means over the steps whose update was made (a skipped step's NaN loss
+    adds nothing, and does not count in the divisor); the skipped steps are counted for the warning."""
+    from mdm_fast.train.trainer import _Window
+
+    w = _Window()
+    for loss, ok in ((1.0, 1.0), (float("nan"), 0.0), (4.0, 1.0), (float("inf"), 0.0)):
+        w.add({"loss": torch.tensor(loss) if flag else loss}, torch.tensor(ok) if flag else ok)
+    means, skipped = w.means()
+    assert means == {"loss": 2.5} and skipped == 2 and w.steps == 4
+    w = _Window()
+    w.add({"loss": float("nan")}, 0.0)
+    assert w.means() == ({}, 1)  # nothing kept: no log line
+
+
+def test_a_log_line_every_log_freq_steps_and_at_the_last_holds_its_window_means(tmp_path):
+    """log_freq 4 over 6 steps: lines at steps 4 and 6 (the last step logs whatever log_freq says), each
+    the mean of a log_freq 1 run's lines over its window; images_per_s counts every micro-batch (window
+    steps x batch_size x accumulations per second of the window)."""
+    logs = {}
+    for freq in (1, 4):
+        cfg = tiny(tmp_path / str(freq), log_freq=freq, num_gradient_accumulations=2, save_freq=6)
+        Trainer(cfg, quiet=True).train()
+        logs[freq] = [json.loads(x) for x in (tmp_path / str(freq) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs[4]] == [4, 6]
+    for r, (lo, hi) in zip(logs[4], ((0, 4), (4, 6))):
+        for k in ("loss", "loss_level0", "loss_level1", "grad_norm", "lr"):
+            assert r[k] == pytest.approx(np.mean([e[k] for e in logs[1][lo:hi]]), rel=1e-6), k
+        assert r["images_per_s"] * r["time_s"] == pytest.approx((hi - lo) * 4 * 2, rel=0.02)
+
+
 def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no training data"):
         Trainer(tiny(tmp_path, file_list=""), quiet=True)
