@@ -606,11 +606,11 @@ def _poison(loss, what, params):
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, caplog, what):
     """A NaN loss at step 3, or a finite loss with an infinite gradient: no update, the EMA and its warm-up
-    count untouched, the step still counted, the log line of that step absent (log_freq 1) and a warning;
-    decided on the device."""
+    count untouched, the step and the learning-rate warm-up still counted, the log line of that step absent
+    (log_freq 1) and a warning (the eager step's names what was not finite); decided on the device."""
     states = {}
     for graphed in (False, True):
-        tr = Trainer(tiny(tmp_path / str(graphed), ema_warmup_steps=3), quiet=True, graphed=graphed)
+        tr = Trainer(tiny(tmp_path / str(graphed), ema_warmup_steps=3, warmup_steps=10), quiet=True, graphed=graphed)
         loss_fn = tr._loss
 
         def poisoned(images, cond, mask, tr=tr, loss_fn=loss_fn):
@@ -624,9 +624,11 @@ def test_graphed_step_skips_a_non_finite_loss_as_the_eager_step_does(tmp_path, c
         with caplog.at_level("WARNING"):
             tr.train()
         assert "skip" in caplog.text
+        assert graphed or f"step 2: {'loss' if what == 'loss' else 'gradient norm'} is not finite" in caplog.text
         caplog.clear()
         lines = [json.loads(x) for x in (tmp_path / str(graphed) / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lines] == [1, 2, 4, 5, 6]
+        assert [r["lr"] for r in lines] == pytest.approx([3e-3 * max(1, r["step"] - 1) / 10 for r in lines])
         states[graphed] = load_checkpoint(tmp_path / str(graphed) / "ckpt_00000006.pt")
         assert states[graphed]["ema"]["counter"] == 5
         assert all(int(s["step"]) == 5 for s in states[graphed]["optimizer"]["state"].values())
