@@ -70,6 +70,26 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert (tmp_path / "samples" / "step_00000040.png").stat().st_size > 0  # the periodic sample grid
 
 
+def test_unreadable_images_are_counted_in_the_log_and_the_result(tmp_path):
+    """A corrupt image is replaced by the next one and counted: two corrupt files of eight, each read once
+    in the one epoch that two steps of four draw, make skipped_images 2 (the result and the last log line)."""
+    from PIL import Image
+
+    rows = ["file\tlabel"]
+    for i in range(8):
+        if i in (1, 5):
+            (tmp_path / f"img{i}.png").write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (16, 16), (30 * i, 100, 50)).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png\t{i}")
+    (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
+    cfg = tiny(tmp_path / "out", file_list=str(tmp_path / "labels.tsv"), categorical_conditioning=8,
+               num_training_steps=2)
+    result = Trainer(cfg, quiet=True).train()
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert result["skipped_images"] == lines[-1]["skipped_images"] == 2
+
+
 def _state(path):
     ck = load_checkpoint(path)
     return ck
@@ -459,7 +479,7 @@ def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
 def test_starting_from_weights_without_ema_a_new_lr_and_a_stop_after_steps(tmp_path):
     """A converted public file (weights, batch_num, no EMA) as pretrained_vision_file or in the output
     folder: the EMA starts from its weights; a resume with a new lr trains at it; a run stopped after
-    --steps N leaves its checkpoint."""
+    --steps N, or by a deadline already past after one step, leaves its checkpoint."""
     Trainer(tiny(tmp_path / "src", num_training_steps=2), quiet=True).train()
     src = load_checkpoint(tmp_path / "src" / "ckpt_00000002.pt")
     public = tmp_path / "public.pt"
@@ -478,6 +498,7 @@ def test_starting_from_weights_without_ema_a_new_lr_and_a_stop_after_steps(tmp_p
     assert tr.scheduler.get_last_lr() == [pytest.approx(lr)]
     tr.train(stop_after=1)
     assert load_checkpoint(tmp_path / "run" / "ckpt_00000004.pt")["scheduler"]["base_lrs"] == [1e-5]
+    assert tr.train(deadline=0.0)["step"] == 5 and load_latest(tmp_path / "run")[1]["step"] == 5  # past: one step
     # resume_from_ema: the model starts from a checkpoint's EMA weights
     tr = Trainer(tiny(tmp_path / "ema", pretrained_vision_file=str(tmp_path / "src" / "ckpt_00000002.pt"),
                       resume_from_ema=True), quiet=True)
