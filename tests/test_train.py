@@ -90,6 +90,46 @@ def test_unreadable_images_are_counted_in_the_log_and_the_result(tmp_path):
     assert result["skipped_images"] == lines[-1]["skipped_images"] == 2
 
 
+def test_periodic_sample_grids_come_from_the_ema_every_sample_freq_steps(tmp_path, monkeypatch):
+    """sample_freq 2 over 4 steps: a grid at steps 2 and 4, sampled from the EMA weights (not the trained
+    model's), one row of 4 per class (the first 10), with guidance 2 (conditioning dropout trained the
+    unconditional model), in fp32 on a CPU even with fp16 set."""
+    import mdm_fast.train.grids as grids
+
+    calls, generate = [], grids.generate
+
+    def spy(diffusion, model, encoder, prompts, per_prompt, *args, **kwargs):
+        calls.append((tr.step, model is tr.ema.module, list(prompts), per_prompt, kwargs["guidance"],
+                      kwargs["autocast"]))
+        return generate(diffusion, model, encoder, prompts, per_prompt, *args, **{**kwargs, "steps": 2})
+
+    monkeypatch.setattr(grids, "generate", spy)
+    tr = Trainer(tiny(tmp_path, num_training_steps=4, sample_freq=2, fp16=1), quiet=True)
+    tr.train()
+    assert calls == [(step, True, [str(i) for i in range(10)], 4, 2.0, None) for step in (2, 4)]
+    for step in (2, 4):
+        assert (tmp_path / "samples" / f"step_{step:08d}.png").stat().st_size > 0
+
+
+def test_sample_grid_puts_each_sample_in_its_cell_lowest_level_first():
+    """grid_image: sample i of rows x cols fills row i // cols, column i % cols (4 white pixels around
+    cells); a cell shows the levels side by side, lowest first, enlarged to the top size by repeating
+    pixels, 2 white columns between them; pixels are the reader's uint8 values exactly, (x - 127) / 128
+    inverted."""
+    from mdm_fast.data import to_model_range
+    from mdm_fast.train.grids import grid_image
+
+    top = torch.randint(0, 256, (6, 4, 4, 3), dtype=torch.uint8)  # (B, H, W, C)
+    low = torch.randint(0, 256, (6, 2, 2, 3), dtype=torch.uint8)
+    image = np.asarray(grid_image([to_model_range(top), to_model_range(low)], rows=2))
+    want = np.full((2 * (4 + 4) + 4, 3 * (10 + 4) + 4, 3), 255, np.uint8)  # (H, W, C)
+    for i in range(6):
+        y, x = 4 + (i // 3) * 8, 4 + (i % 3) * 14
+        want[y:y + 4, x:x + 4] = low[i].numpy().repeat(2, 0).repeat(2, 1)
+        want[y:y + 4, x + 6:x + 10] = top[i].numpy()
+    assert np.array_equal(image, want)
+
+
 def _state(path):
     ck = load_checkpoint(path)
     return ck
