@@ -483,6 +483,34 @@ def test_a_log_line_every_log_freq_steps_and_at_the_last_holds_its_window_means(
         assert r["images_per_s"] * r["time_s"] == pytest.approx((hi - lo) * 4 * 2, rel=0.02)
 
 
+def test_conditioning_dropout_replaces_the_drawn_samples_by_the_null(tmp_path):
+    """cond_drop_prob p: a sample's conditioning is the encoder's null (zeros, one unmasked token, for
+    class labels) where its uniform draw from the step's generator is below p: every sample at p = 1."""
+    for p in (0.25, 1.0):
+        tr = Trainer(tiny(tmp_path / str(p), cond_drop_prob=p), quiet=True)
+        batch = collate([tr.dataset[(i, 0)] for i in range(8)])
+        cond, mask = tr.encoder.encode_batch(batch, tr.device)  # (B, 1, 10), (B, 1)
+        got, got_mask = tr._conditioning(batch, torch.Generator().manual_seed(3))
+        drop = torch.rand(8, generator=torch.Generator().manual_seed(3)) < p  # (B,)
+        assert drop.all() if p == 1 else 0 < drop.sum() < 8
+        torch.testing.assert_close(got, torch.where(drop[:, None, None], 0.0, cond), rtol=0, atol=0)
+        assert torch.equal(got_mask, mask)
+
+
+def test_every_micro_batch_and_step_draws_its_own_noise(tmp_path):
+    """The step generator is re-seeded per micro-batch from (seed, step, shard): the micro-batches of a
+    step and the same micro-batch of another step all draw different noise and dropout."""
+    tr = Trainer(tiny(tmp_path, num_gradient_accumulations=2), quiet=True)
+    batch = collate([tr.dataset[(i, 0)] for i in range(4)])
+    draws = []
+    for step in (0, 1):
+        tr.step = step
+        for micro in (0, 1):
+            tr._micro_inputs(batch, micro)
+            draws.append(torch.rand(8, generator=tr.generator))  # (8,)
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[:i])
+
+
 def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no training data"):
         Trainer(tiny(tmp_path, file_list=""), quiet=True)
