@@ -632,6 +632,26 @@ def test_yaml_on_off_read_as_cuda_graphs_modes(tmp_path):
     assert tiny(tmp_path, cuda_graphs=False).cuda_graphs == "off"
 
 
+@pytest.mark.parametrize("mode,device,world,dist,want", [
+    ("auto", "cuda", 1, "ddp", True), ("auto", "cuda", 2, "ddp", False), ("auto", "cpu", 1, "ddp", False),
+    ("on", "cuda", 2, "ddp", True), ("on", "cuda", 2, "fsdp", ValueError), ("on", "cpu", 1, "ddp", ValueError),
+    ("off", "cuda", 1, "ddp", False)])
+def test_cuda_graphs_modes_pick_the_graphed_step(tmp_path, mode, device, world, dist, want):
+    """cuda_graphs: auto graphs one process on a CUDA device only; on also graphs DDP ranks and refuses
+    FSDP or a CPU; off never graphs (the choice alone: no device needed)."""
+    from types import SimpleNamespace
+
+    from mdm_fast.train.distributed import DistInfo
+
+    stub = SimpleNamespace(cfg=tiny(tmp_path, cuda_graphs=mode, distributed=dist), device=torch.device(device),
+                           dist=DistInfo(0, world, 0))
+    if want is ValueError:
+        with pytest.raises(ValueError, match="cuda_graphs: on needs"):
+            Trainer._graphed_wanted(stub)
+    else:
+        assert Trainer._graphed_wanted(stub) is want
+
+
 def _close(a, b, rtol, atol):
     for key in ("state_dict", "ema_state_dict"):
         for k in a[key]:
