@@ -50,7 +50,7 @@ def test_convert_public_to_ours_and_back_is_lossless(tmp_path, capsys):
     torch.save({"state_dict": sd, "batch_num": 5, "loss": 0.25}, public)
     assert main(["convert", str(public), str(tmp_path / "ours.pt"), "--to", "ours"]) == 0
     ours = load_checkpoint(tmp_path / "ours.pt")
-    assert ours["step"] == 5 and ours["batch_num"] == 5
+    assert ours["step"] == 5 and ours["batch_num"] == 5 and ours["loss"] == 0.25
     assert main(["convert", str(tmp_path / "ours.pt"), str(tmp_path / "back.pth"), "--to", "public"]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert list(back["state_dict"]) == list(sd)  # same keys in the same order
@@ -85,6 +85,7 @@ def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
     assert all(torch.equal(cfg["ema_state_dict"][k], v) for k, v in a["ema_state_dict"].items())
     assert cfg["config"] == load_experiment(str(tmp_path / "other.yaml")).to_yaml() != a["config"]
     assert cfg["step"] == 2 and cfg["model"] == "nested_unet" and cfg["format"] == FORMAT
+    assert cfg["ema"] == a["ema"] and cfg["seed"] == a["seed"]  # the EMA's warm-up count and the seed too
 
 
 def test_convert_public_file_with_pickled_args(tmp_path, capsys):

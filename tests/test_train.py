@@ -276,6 +276,7 @@ def test_metrics_log_drops_a_torn_last_line_on_resume(tmp_path, caplog):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         resumed.read()
+    assert MetricsLog(tmp_path / "metrics.jsonl").read() == []  # a fresh run (step 0) starts the log anew
 
 
 def test_checkpoint_loads_into_the_public_model_layout(tmp_path):
@@ -373,6 +374,8 @@ def test_ema_follows_the_public_semantics(flag):
             want = {k: d * v + (1 - d) * model.state_dict()[k].double() for k, v in want.items()}
             made += 1
     assert ema.count_on_host() == made == 4
+    ema.set_count(7)  # a resume's count replaces every earlier one, the device's skips included
+    assert ema.count_on_host() == 7
     for k, v in ema.module.state_dict().items():
         if k in want:
             torch.testing.assert_close(v.double(), want[k], rtol=0, atol=1e-6, msg=k)
