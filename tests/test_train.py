@@ -478,16 +478,20 @@ def test_log_window_means_cover_the_kept_steps_only(flag):
 
 
 def test_a_log_line_every_log_freq_steps_and_at_the_last_holds_its_window_means(tmp_path):
-    """log_freq 4 over 6 steps: lines at steps 4 and 6 (the last step logs whatever log_freq says), each
-    the mean of a log_freq 1 run's lines over its window; images_per_s counts every micro-batch (window
-    steps x batch_size x accumulations per second of the window)."""
+    """log_freq 4 over 6 steps, stopped by a past deadline after step 1, by stop_after at step 3, resumed
+    each time: lines at steps 1 and 3 (where a run stops, it logs its partial window), 4 and 6 (the last
+    step logs whatever log_freq says), each the mean of a log_freq 1 run's lines over its window;
+    images_per_s counts every micro-batch (window steps x batch_size x accumulations per second)."""
     logs = {}
     for freq in (1, 4):
         cfg = tiny(tmp_path / str(freq), log_freq=freq, num_gradient_accumulations=2, save_freq=6)
+        if freq == 4:
+            Trainer(cfg, quiet=True).train(deadline=0.0)
+            Trainer(cfg, quiet=True).train(stop_after=2)
         Trainer(cfg, quiet=True).train()
         logs[freq] = [json.loads(x) for x in (tmp_path / str(freq) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logs[4]] == [4, 6]
-    for r, (lo, hi) in zip(logs[4], ((0, 4), (4, 6))):
+    assert [r["step"] for r in logs[4]] == [1, 3, 4, 6]
+    for r, (lo, hi) in zip(logs[4], ((0, 1), (1, 3), (3, 4), (4, 6))):
         for k in ("loss", "loss_level0", "loss_level1", "grad_norm", "lr"):
             assert r[k] == pytest.approx(np.mean([e[k] for e in logs[1][lo:hi]]), rel=1e-6), k
         assert r["images_per_s"] * r["time_s"] == pytest.approx((hi - lo) * 4 * 2, rel=0.02)

@@ -448,14 +448,15 @@ class Trainer:
             last = self.train_step(batches)
             window.add(*last)
             bar.update(1)
-            if self.step % cfg.log_freq == 0 or self.step == total:
-                self._log(window, metrics, bar)
-                window = _Window()
             saved = self.step % cfg.save_freq == 0 or self.step == total
             if saved:
                 self.save()
             late = deadline is not None and self._past(deadline)
-            if (late or i == todo - 1) and not saved:  # where it stops, it saves (also after stop_after steps)
+            stops = late or i == todo - 1  # the last step, stop_after's or the deadline's
+            if self.step % cfg.log_freq == 0 or stops:  # where it stops, it logs its window and saves
+                self._log(window, metrics, bar)
+                window = _Window()
+            if stops and not saved:
                 self.save()
             if late:
                 break
