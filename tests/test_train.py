@@ -158,7 +158,8 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
     assert resumed.step == 2
     resumed.train()
     _assert_same(_state(tmp_path / "full" / "ckpt_00000006.pt"), _state(tmp_path / "cut" / "ckpt_00000006.pt"))
-    steps = [int(line.split(",")[0].split(":")[1]) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    steps = [int(line.split(",")[0].split(":")[1]) for line in lines]
     assert steps == [1, 2, 3, 4, 5, 6]  # the lost step 3 was logged once, after the resume
 
 
@@ -334,7 +335,8 @@ def test_two_processes_match_one_process(tmp_path, mode, acc):
 
 def test_progressive_training_loads_and_freezes_the_inner_model(tmp_path):
     inner_cfg = tiny(tmp_path / "low", model="unet", unet_config={**INNER, "nesting": False},
-                     diffusion_config={k: v for k, v in DIFFUSION.items() if k not in ("use_double_loss", "no_use_residual")},
+                     diffusion_config={k: v for k, v in DIFFUSION.items()
+                                       if k not in ("use_double_loss", "no_use_residual")},
                      reader_config={"image_size": 8, "num_readers": 0}, num_training_steps=2, cond_drop_prob=0.0)
     Trainer(inner_cfg, quiet=True).train()
     low = load_checkpoint(tmp_path / "low" / "ckpt_00000002.pt")["state_dict"]
@@ -618,7 +620,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     cfg = tiny(tmp_path / "killed", num_training_steps=10_000, save_freq=1, keep_checkpoints=3)
     cfg.to_yaml(tmp_path / "run.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mdm_fast.cli.main", "train", "--config", str(tmp_path / "run.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "mdm_fast.cli.main", "train",
+                             "--config", str(tmp_path / "run.yaml")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 90
