@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mdm_fast.data import (ReaderConfig, ShardedSampler, build_dataset, collate, make_loader, resize_crop,
+from mdm_fast.data import (ArrayDataset, ReaderConfig, ShardedSampler, build_dataset, collate, make_loader, resize_crop,
                            tile_frames, to_model_range)
 from mdm_fast.data.datasets import expand_braces
 from mdm_fast.data.images import decode_image
@@ -30,14 +30,15 @@ def _folder(tmp_path, table="tsv", corrupt=()):
     if table == "tsv":
         rows = ["file\tcaption\tlabel"] + [f"img{i}.png\tcaption {i}\t{i}" for i in range(5)]
         (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
-    else:
-        with open(tmp_path / "captions.jsonl", "w") as f:
+    else:  # captions.jsonl, or a Hugging Face imagefolder's metadata.jsonl (file_name); blank lines are skipped
+        name, key = ("captions.jsonl", "file") if table == "jsonl" else ("metadata.jsonl", "file_name")
+        with open(tmp_path / name, "w") as f:
             for i in range(5):
-                f.write(json.dumps({"file": f"img{i}.png", "caption": f"caption {i}", "label": i}) + "\n")
+                f.write(json.dumps({key: f"img{i}.png", "caption": f"caption {i}", "label": i}) + "\n\n")
     return tmp_path
 
 
-@pytest.mark.parametrize("table", ["tsv", "jsonl"])
+@pytest.mark.parametrize("table", ["tsv", "jsonl", "metadata"])
 def test_caption_folder(tmp_path, table):
     ds = build_dataset(str(_folder(tmp_path, table)), R)
     s = ds[(2, 0)]
@@ -52,6 +53,22 @@ def test_a_csv_table_is_comma_separated(tmp_path):
     (tmp_path / "index.csv").write_text("\n".join(rows) + "\n")
     s = build_dataset(str(tmp_path / "index.csv"), R)[(3, 0)]
     assert s["caption"] == "caption, 3" and s["label"] == 3
+
+
+def test_table_cells_and_paths_read_as_written(tmp_path):
+    """An empty caption is a caption (""), an empty label no label, a label that is not a number skips
+    the sample (counted); a file path is read as written, then relative to the table, and only then by
+    its basename there."""
+    _folder(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "img0.png").write_bytes(_png((1, 2, 3)))  # not tmp_path/img0.png, of colour (0, 10, 200)
+    rows = ["file\tcaption\tlabel", "sub/img0.png\t\t", "img1.png\tone\tn/a", "img2.png\ttwo\t2"]
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    ds = build_dataset(str(tmp_path / "t.tsv"), R)
+    s = ds[(0, 0)]
+    assert s["caption"] == "" and "label" not in s and s["_skipped"] == 0 and tuple(s["image"][8, 8]) == (1, 2, 3)
+    s = ds[(1, 0)]
+    assert s["caption"] == "two" and s["label"] == 2 and s["_skipped"] == 1
 
 
 def test_samples_with_captions_over_max_caption_length_are_dropped(tmp_path):
@@ -74,6 +91,8 @@ def test_max_caption_length_counts_bytes_and_the_two_spaces_of_the_public_reader
     (folder / "captions.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     ds = build_dataset(str(folder), ReaderConfig(image_size=16, max_caption_length=10))
     assert [ds[(i, 0)]["label"] for i in range(3)] == [0, 3, 3]
+    with pytest.raises(RuntimeError, match="unreadable"):  # 0 keeps no caption (each has its two spaces)
+        build_dataset(str(folder), ReaderConfig(image_size=16, max_caption_length=0))[(3, 0)]
 
 
 def test_samples_with_captions_over_max_token_length_are_dropped(tmp_path):
@@ -83,13 +102,13 @@ def test_samples_with_captions_over_max_token_length_are_dropped(tmp_path):
     folder = _folder(tmp_path)
     rows = ["file\tcaption\tlabel"] + [f"img{i}.png\t{'word ' * (2 * i)}end\t{i}" for i in range(5)]
     (folder / "captions.tsv").write_text("\n".join(rows) + "\n")
-    reader = ReaderConfig(image_size=16, max_token_length=4)
+    reader = ReaderConfig(image_size=16, max_token_length=3)
     ds = build_dataset(str(folder), reader)
     assert ds[(3, 0)]["label"] == 3  # 7 words, no token count: kept (the encoder cuts it)
     ds.tokenize = _words
-    s = ds[(2, 0)]  # 5 words: over 4, and so are 3 and 4; the next one is 0 (1 word)
+    s = ds[(2, 0)]  # 5 words: over 3, and so are 3 and 4; the next one is 0 (1 word)
     assert s["label"] == 0 and s["_skipped"] == 3
-    assert ds[(1, 0)]["label"] == 1  # 3 words
+    assert ds[(1, 0)]["label"] == 1  # 3 words: at the limit, kept
     batch = next(iter(make_loader(ds, batch_size=5, num_steps=1, seed=0, num_workers=1)))
     assert sorted(batch["label"].tolist()) == [0, 0, 0, 0, 1] and batch["_skipped"] == 3 + 2 + 1
     assert [_words(c) for c in batch["caption"]] == batch["caption_ids"]
@@ -116,14 +135,28 @@ def test_everything_corrupt_is_a_clear_error(tmp_path):
         ds[(0, 0)]
 
 
+def _add(tf, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 def _public_shard(tmp_path):
-    with tarfile.open(tmp_path / "images_00000.tar", "w") as tf:
+    """Three samples; image 2 is stored as ./0000000002.png (a tar of '.'), samples 1 and 2 have a text
+    embedding (2, 4) of their index in the text tar."""
+    with tarfile.open(tmp_path / "images_00000.tar", "w") as tf, tarfile.open(tmp_path / "text_00000.tar", "w") as tt:
         for i in range(3):
-            data = _png((10 * i, 20, 30))
-            info = tarfile.TarInfo(f"{i:010d}.png")
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    rows = ["tar\tfile\tcaption"] + [f"shards/images_00000.tar\t{i:010d}.png\tpicture {i}" for i in range(3)]
+            _add(tf, f"{'./' * (i == 2)}{i:010d}.png", _png((10 * i, 20, 30)))
+            _add(tt, f"{i:010d}.npy", _npy(np.full((2, 4), i, np.float32)))
+    rows = ["tar\tfile\tcaption\ttext_tar\ttext_file"] + [
+        f"shards/images_00000.tar\t{i:010d}.png\tpicture {i}\ttext_00000.tar\t{f'{i:010d}.npy' * (i > 0)}"
+        for i in range(3)]
     (tmp_path / "images_00000.tsv").write_text("\n".join(rows) + "\n")
     (tmp_path / "training_0.tsv").write_text("filename\nimages_00000.tsv\n")
     return tmp_path
@@ -136,7 +169,10 @@ def test_public_tar_shards(tmp_path):
         assert len(ds) == 3
         s = ds[(1, 0)]
         assert s["caption"] == "picture 1" and s["image"].shape == (16, 16, 3)
-        assert tuple(s["image"][0, 0]) == (10, 20, 30)
+        assert tuple(s["image"][0, 0]) == (10, 20, 30) and np.array_equal(s["text_embedding"], np.ones((2, 4)))
+        s = ds[(2, 0)]
+        assert tuple(s["image"][0, 0]) == (20, 20, 30) and s["text_embedding"][0, 0] == 2 and s["_skipped"] == 0
+        assert "text_embedding" not in ds[(0, 0)] and ds[(0, 0)]["_skipped"] == 0  # no text_file: none
 
 
 def test_public_test_files_read_like_the_public_reader():
@@ -151,30 +187,50 @@ def test_public_test_files_read_like_the_public_reader():
 
 
 def test_webdataset_shards_with_brace_expansion(tmp_path):
+    """Members KEY.ext (any case); the last sample has a .caption, and a .json whose label is read but
+    whose caption does not replace the .caption's. A shard of the braces that is missing is an error."""
     for shard in range(2):
         with tarfile.open(tmp_path / f"wds-{shard:03d}.tar", "w") as tf:
             for i in range(2):
                 key = f"s{shard}_{i}"
-                for ext, data in ((".jpg", _png((shard * 100, i * 100, 0))), (".txt", f"text {key}".encode()),
-                                  (".cls", str(shard * 2 + i).encode())):
-                    info = tarfile.TarInfo(key + ext)
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
+                if shard == i == 1:
+                    meta = json.dumps({"caption": "json caption", "label": 3}).encode()
+                    files = ((".JPG", _png((100, 100, 0))), (".caption", f"text {key}".encode()), (".json", meta))
+                else:
+                    files = ((".jpg", _png((shard * 100, i * 100, 0))), (".txt", f"text {key}".encode()),
+                             (".cls", str(shard * 2 + i).encode()))
+                for ext, data in files:
+                    _add(tf, key + ext, data)
     names = expand_braces(str(tmp_path / "wds-{000..001}.tar"))
     assert [n[-11:] for n in names] == ["wds-000.tar", "wds-001.tar"]
     ds = build_dataset(str(tmp_path / "wds-{000..001}.tar"), R)
     assert len(ds) == 4
     s = ds[(3, 0)]
-    assert s["caption"] == "text s1_1" and s["label"] == 3
+    assert s["caption"] == "text s1_1" and s["label"] == 3 and s["_skipped"] == 0
+    assert ds[(2, 0)]["caption"] == "text s1_0" and ds[(2, 0)]["label"] == 2
+    with pytest.raises(ValueError, match="not a known dataset form"):
+        build_dataset(str(tmp_path / "wds-{000..002}.tar"), R)
 
 
 def test_arrays_and_digits(tmp_path):
+    """uint8 or [0, 1] float arrays (rounded to the nearest level), grey ones read as RGB; the digits'
+    0-16 levels span 0-255. Labels are optional, and must be one per image."""
     np.savez(tmp_path / "a.npz", images=np.random.randint(0, 255, (6, 8, 8, 3), dtype=np.uint8),
              labels=np.arange(6))
     ds = build_dataset(str(tmp_path / "a.npz"), R)
     assert ds[(4, 0)]["label"] == 4 and ds[(4, 0)]["image"].shape == (16, 16, 3)
+    grey = np.array([[[0.0, 0.003], [0.31, 1.0]]])  # (N, H, W) in [0, 1]
+    np.savez(tmp_path / "grey.npz", images=grey)
+    s = build_dataset(str(tmp_path / "grey.npz"), ReaderConfig())[(0, 0)]  # image_size -1: not resized
+    assert "label" not in s and np.array_equal(s["image"], np.repeat(np.rint(grey[0] * 255)[..., None], 3, -1))
+    with pytest.raises(ValueError, match="expected 6 labels, got 5"):
+        ArrayDataset(np.zeros((6, 8, 8), np.uint8), np.arange(5), R)
     digits = build_dataset("sklearn:digits", ReaderConfig(image_size=32))
     assert len(digits) == 1797 and digits[(0, 0)]["image"].shape == (32, 32, 3)
+    from sklearn.datasets import load_digits
+
+    raw = build_dataset("sklearn:digits", ReaderConfig())[(5, 0)]["image"]  # (8, 8, 3)
+    assert np.array_equal(raw[..., 1], np.floor(load_digits().images[5] / 16 * 255 + 0.5))
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
@@ -190,10 +246,13 @@ def test_bad_sources_give_clear_errors(tmp_path):
 
 
 def test_video_frames_tile_into_the_temporal_grid(tmp_path):
+    """Frames sampled evenly, frame i*n + j at grid cell (i, j); a random crop is the same for every
+    frame of the clip; the grid side must divide image_size."""
     clip = tmp_path / "clip0"
     clip.mkdir()
+    ramp = np.tile(np.arange(0, 240, 12, dtype=np.uint8), (10, 1))  # (H, W) = (10, 20): green along x
     for f in range(8):  # 8 frames on disk, 4 sampled evenly: 0, 2, 5, 7
-        Image.new("RGB", (10, 10), (f * 30, 0, 0)).save(clip / f"{f:03d}.png")
+        Image.fromarray(np.stack([np.full_like(ramp, f * 30), ramp, 0 * ramp], -1)).save(clip / f"{f:03d}.png")
     (tmp_path / "captions.tsv").write_text("file\tcaption\nclip0\ta red ramp\n")
     ds = build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)
     s = ds[(0, 0)]
@@ -203,8 +262,15 @@ def test_video_frames_tile_into_the_temporal_grid(tmp_path):
     frames = torch.from_numpy(img).permute(2, 0, 1)[None].reshape(1, 3, 2, 8, 2, 8).permute(0, 2, 4, 1, 3, 5)
     reds = frames.reshape(1, 4, 3, 8, 8)[0, :, 0, 4, 4].tolist()
     assert reds == [0, 60, 150, 210]
+    img = build_dataset(str(tmp_path), ReaderConfig(image_size=16, random_crop=True), video_frames=4)[(0, 3)]["image"]
+    tiles = [img[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8, 1] for i in range(2) for j in range(2)]  # (8, 8) greens
+    assert all(np.array_equal(t, tiles[0]) for t in tiles)
     with pytest.raises(ValueError, match="square"):
         build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=3)
+    with pytest.raises(ValueError, match="divisible"):
+        build_dataset(str(tmp_path), ReaderConfig(image_size=15), video_frames=4)
+    with pytest.raises(ValueError, match="square"):
+        tile_frames(np.zeros((3, 2, 2, 1)))
     t = tile_frames(np.arange(4 * 2 * 2 * 1).reshape(4, 2, 2, 1))
     assert t[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 
