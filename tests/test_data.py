@@ -284,6 +284,24 @@ def test_sharded_sampler_is_a_pure_function_of_the_step():
     resumed = list(ShardedSampler(10, 2, accumulations=2, seed=3, start_step=1, num_steps=2))
     assert resumed == one[4:]
     assert sorted(i for i, _ in list(ShardedSampler(10, 5, seed=1, num_steps=2))) == list(range(10))  # an epoch
+    # 2 ranks x 2 accumulations: rank r's micro-batch m is shard 2r + m of one process's 4 accumulations
+    four = list(ShardedSampler(10, 2, accumulations=4, seed=3, num_steps=2))
+    ranks = [list(ShardedSampler(10, 2, rank=r, world_size=2, accumulations=2, seed=3, num_steps=2)) for r in range(2)]
+    assert four == [x for k in range(2) for r in range(2) for x in ranks[r][4 * k:4 * k + 4]]
+    assert len(ShardedSampler(10, 2, accumulations=4, num_steps=2)) == len(four)
+    with pytest.raises(ValueError, match="empty"):
+        ShardedSampler(0, 2)
+
+
+def test_every_epoch_and_seed_gives_a_new_order_and_new_crop_seeds():
+    """Epoch e is a permutation of its own (not epoch 0's again, nor seed + 1's epoch e - 1); a sample's
+    crop seed changes with the epoch and with the seed."""
+    a = list(ShardedSampler(10, 10, seed=1, num_steps=2))  # two epochs of (index, seed)
+    b = list(ShardedSampler(10, 10, seed=2, num_steps=1))
+    orders = [[i for i, _ in a[:10]], [i for i, _ in a[10:]], [i for i, _ in b]]
+    assert all(sorted(o) == list(range(10)) for o in orders) and orders[0] != orders[1] != orders[2]
+    seeds = [dict(x) for x in (a[:10], a[10:], b)]
+    assert all(seeds[0][i] != seeds[1][i] and seeds[0][i] != seeds[2][i] for i in range(10))
 
 
 def _gray(rows) -> Image.Image:
