@@ -333,12 +333,39 @@ def test_16_bit_grey_images_keep_their_high_byte():
 
 
 def test_resize_crop_and_range():
+    """image_size <= 0 keeps the image; the model range is (x - 127) / 128, channels first; a batch has
+    labels only where every sample has one."""
     img = Image.new("RGB", (40, 20), (255, 0, 0))
-    assert resize_crop(img, 16).shape == (16, 16, 3)
+    assert resize_crop(img, 16).shape == (16, 16, 3) and resize_crop(img, 0).shape == (20, 40, 3)
     x = to_model_range(torch.tensor([[[[0, 127, 255]]]], dtype=torch.uint8))
     assert x.shape == (1, 3, 1, 1) and torch.allclose(x.flatten(), torch.tensor([-127 / 128, 0.0, 1.0]))
+    u8 = torch.randint(0, 256, (2, 3, 5, 3), dtype=torch.uint8)  # (B, H, W, C)
+    assert torch.equal(to_model_range(u8), (u8.double().permute(0, 3, 1, 2) - 127).div(128).float())
     with pytest.raises(ValueError, match="different shapes"):
         collate([{"image": np.zeros((4, 4, 3), np.uint8)}, {"image": np.zeros((5, 5, 3), np.uint8)}])
+    assert "label" not in collate([{"image": np.zeros((4, 4, 3), np.uint8), "label": 1},
+                                   {"image": np.zeros((4, 4, 3), np.uint8)}])
+
+
+def test_random_crops_cover_every_offset_and_follow_the_rng():
+    """A random crop is uniform over every window (the last one too); the same generator seed gives
+    the same crop."""
+    img = _gray(np.repeat(np.arange(0, 180, 10)[:, None], 16, 1))  # (H, W) = (18, 16): row r is 10 r
+    tops = [resize_crop(img, 16, True, np.random.default_rng(s))[0, 0, 0] for s in range(40)]
+    assert sorted(set(tops)) == [0, 10, 20]
+    assert tops == [resize_crop(img, 16, True, np.random.default_rng(s))[0, 0, 0] for s in range(40)]
+
+
+def test_reader_config_defaults_are_the_public_ones():
+    """apple/ml-mdm's reader.ReaderConfig defaults (reader.py), which configs that omit a field rely on."""
+    from dataclasses import asdict
+
+    assert asdict(ReaderConfig()) == {
+        "smaller_side_size": -1, "max_caption_length": -1, "max_token_length": -1, "image_size": -1,
+        "random_crop": False, "num_kept_files": -1, "num_readers": 16, "shuffle_buffer_size": 9600,
+        "reader_buffer_size": 9600, "endpoint_url": "", "bucket": "mlx", "prepad_caption_with_space": True,
+        "use_tokenizer_scores": True, "prepad_bos": False, "append_eos": True, "padding_token": "<pad>",
+        "pad_to_max_length": False}
 
 
 def test_workers_give_the_same_batches(tmp_path):
