@@ -28,8 +28,9 @@ def test_class_labels_are_one_hot():
     assert cond.shape == (3, 1, 10) and mask.shape == (3, 1)
     assert torch.equal(cond[:, 0].argmax(-1), torch.tensor([3, 0, 9]))
     assert torch.equal(cond.sum(-1), torch.ones(3, 1)) and torch.equal(mask, torch.ones(3, 1))
-    with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        enc.encode_labels([10], torch.device("cpu"))
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            enc.encode_labels([bad], torch.device("cpu"))
     with pytest.raises(ValueError, match="'label'"):
         enc.encode_batch({"caption": ["x"]}, torch.device("cpu"))
     null, null_mask = enc.null(2, torch.device("cpu"))
@@ -48,8 +49,13 @@ def test_precomputed_embeddings():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).float()
     cond, m = enc.encode_batch({"text_embedding": emb, "text_mask": mask}, torch.device("cpu"))
     assert torch.equal(m, mask) and cond[0, 2:].abs().sum() == 0 and torch.equal(cond[1], emb[1])
-    with pytest.raises(ValueError, match=r"\(B, T, 6\)"):
-        enc.encode_batch({"text_embedding": torch.randn(2, 4, 5)}, torch.device("cpu"))
+    _, m = enc.encode_batch({"text_embedding": emb * mask[..., None]}, torch.device("cpu"))  # no mask given
+    assert torch.equal(m, mask)  # the tokens that are not all zero
+    for bad in (torch.randn(2, 4, 5), torch.randn(4, 6)):
+        with pytest.raises(ValueError, match=r"\(B, T, 6\)"):
+            enc.encode_batch({"text_embedding": bad}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot encode prompts"):
+        encode_prompts(enc, ["a cat"], torch.device("cpu"))
     with pytest.raises(ValueError, match="text_embedding"):
         enc.encode_batch({"caption": ["x"]}, torch.device("cpu"))
     with pytest.raises(ValueError, match="text_dim"):
@@ -102,14 +108,30 @@ def test_a_text_encoders_null_is_the_empty_captions_encoding():
     assert torch.equal(dropped[0, :tokens], empty[0, :tokens]) and dropped[0, tokens:].abs().sum() == 0
     assert torch.equal(dropped_mask[0], pad_tokens(empty_mask, cond.shape[1])[0])
     assert torch.equal(dropped[1], cond[1]) and torch.equal(dropped_mask[1], mask[1])
+    fresh = minilm_encoder(max_tokens=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the first to ask is under autocast: still encoded in fp32
+        first = fresh.null(1, cpu)[0]
+    assert first.dtype == torch.float32 and torch.allclose(first[0], empty[0], atol=1e-6)
 
 
 def test_class_null_and_dropout_keep_one_zero_token():
+    """The class null is one zero token; a null longer than the conditioning pads the kept rows (masked)."""
     enc, cpu = ClassLabelEncoder(4), torch.device("cpu")
-    cond, mask = enc.encode_labels([1, 2, 3], cpu)
+    cond, mask = enc.encode_labels([1, 2, 3], cpu)  # (B, 1, 4), (B, 1)
     dropped, dropped_mask = drop_conditioning(enc, cond, mask, torch.tensor([False, True, False]))
     assert torch.equal(dropped[1], torch.zeros(1, 4)) and torch.equal(dropped_mask, torch.ones(3, 1))
     assert torch.equal(dropped[[0, 2]], cond[[0, 2]])
+    dropped, dropped_mask = drop_conditioning(_ThreeTokenNull(4), cond, mask, torch.tensor([False, True, False]))
+    assert dropped.shape == (3, 3, 4) and torch.equal(dropped[1], torch.full((3, 4), 7.0))
+    assert torch.equal(dropped[0], pad_tokens(cond, 3)[0])
+    assert dropped_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 0, 0]]
+
+
+class _ThreeTokenNull(ClassLabelEncoder):
+    """A null of 3 tokens (of sevens), longer than the one-token class conditioning."""
+
+    def null(self, batch_size, device):
+        return torch.full((batch_size, 3, self.embed_dim), 7.0), torch.ones(batch_size, 3)
 
 
 def test_precomputed_embeddings_cut_and_padded_to_max_token_length():
@@ -126,6 +148,9 @@ def test_precomputed_embeddings_cut_and_padded_to_max_token_length():
     cut = build_text_encoder(_cfg(use_precomputed_text_embeddings=1, text_dim=6, reader_config={"max_token_length": 3}))
     cond, m = cut.encode_batch(batch, torch.device("cpu"))
     assert cond.shape == (2, 3, 6) and torch.equal(m, mask[:, :3])
+    longer = build_text_encoder(_cfg(use_precomputed_text_embeddings=1, text_dim=6,
+                                     reader_config={"max_token_length": 7}))
+    assert longer.encode_batch(batch, torch.device("cpu"))[0].shape == (2, 4, 6)  # not padded without the flag
     with pytest.raises(ValueError, match="max_token_length > 0"):
         build_text_encoder(_cfg(use_precomputed_text_embeddings=1, text_dim=6,
                                 reader_config={"pad_to_max_length": True}))
@@ -278,6 +303,11 @@ def test_a_t5_encoder_is_fed_the_public_tokens(tmp_path, monkeypatch):
     monkeypatch.setattr(enc.captions, "training", None)  # the batch's ids are padded, not made again
     assert torch.equal(enc.encode_batch({"caption": ["ab", "x"], "caption_ids": [[SP, AB, SP, EOS], [SPX, SP, EOS]]},
                                         cpu)[0], training[0])
+    with pytest.raises(ValueError, match="list of strings"):
+        enc.encode_text("ab", cpu)
+    exact = tmp_path / "exact.vocab"  # as many pieces as the model has embeddings: fine
+    exact.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(4)]))
+    enc.use_public_tokens(str(exact), ReaderConfig())
     with pytest.raises(ValueError, match="more than the 16"):
         big = tmp_path / "big.vocab"
         big.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(8)]))
