@@ -265,6 +265,9 @@ def test_video_frames_tile_into_the_temporal_grid(tmp_path):
     img = build_dataset(str(tmp_path), ReaderConfig(image_size=16, random_crop=True), video_frames=4)[(0, 3)]["image"]
     tiles = [img[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8, 1] for i in range(2) for j in range(2)]  # (8, 8) greens
     assert all(np.array_equal(t, tiles[0]) for t in tiles)
+    crops = {build_dataset(str(tmp_path), ReaderConfig(image_size=16, random_crop=True),
+                           video_frames=4)[(0, seed)]["image"].tobytes() for seed in range(4)}
+    assert len(crops) > 1  # the crop changes with the sample's seed
     with pytest.raises(ValueError, match="square"):
         build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=3)
     with pytest.raises(ValueError, match="divisible"):
@@ -273,6 +276,38 @@ def test_video_frames_tile_into_the_temporal_grid(tmp_path):
         tile_frames(np.zeros((3, 2, 2, 1)))
     t = tile_frames(np.arange(4 * 2 * 2 * 1).reshape(4, 2, 2, 1))
     assert t[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_video_files_are_decoded_with_av(tmp_path, monkeypatch):
+    """A video file's frames (through the `av` package, faked here) are sampled evenly as a folder's are;
+    a file that fails to decode, or has no frames, is skipped as a corrupt image."""
+    import sys
+    import types
+
+    clips = {"a.mp4": [np.full((8, 8, 3), 30 * f, np.uint8) for f in range(8)], "b.mp4": None, "c.mp4": []}
+
+    class Container:
+        def __init__(self, path):
+            self.frames = clips[path[-5:]]
+            if self.frames is None:
+                raise RuntimeError("invalid data found when processing input")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def decode(self, video):
+            return [types.SimpleNamespace(to_ndarray=lambda format, a=a: a) for a in self.frames]
+
+    monkeypatch.setitem(sys.modules, "av", types.SimpleNamespace(open=Container))
+    for name in clips:
+        (tmp_path / name).write_bytes(b"")
+    ds = build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)
+    img = ds[(0, 0)]["image"]  # (16, 16, 3): frames 0, 2, 5, 7 in a 2 x 2 grid
+    assert [img[0, 0, 0], img[0, 8, 0], img[8, 0, 0], img[8, 8, 0]] == [0, 60, 150, 210]
+    assert ds[(1, 0)]["_skipped"] == 2  # b and c skipped: a again
 
 
 def test_sharded_sampler_is_a_pure_function_of_the_step():
@@ -369,7 +404,12 @@ def test_reader_config_defaults_are_the_public_ones():
 
 
 def test_workers_give_the_same_batches(tmp_path):
-    ds = build_dataset(str(_folder(tmp_path)), ReaderConfig(image_size=16, random_crop=True))
+    """Random crops are a function of the sample's seed, not of the process that reads it (the images are
+    vertical ramps, so that crops at other offsets differ)."""
+    _folder(tmp_path)
+    for i in range(5):
+        _gray(np.repeat(np.arange(i, 240 + i, 10)[:, None], 20, 1)).save(tmp_path / f"img{i}.png")  # (H, W) = (24, 20)
+    ds = build_dataset(str(tmp_path), ReaderConfig(image_size=16, random_crop=True))
     a = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=0)]
     b = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 3
