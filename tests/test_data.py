@@ -175,6 +175,19 @@ def test_public_tar_shards(tmp_path):
         assert "text_embedding" not in ds[(0, 0)] and ds[(0, 0)]["_skipped"] == 0  # no text_file: none
 
 
+def test_a_worker_process_opens_the_tars_again(tmp_path, monkeypatch):
+    """Open tars are per process: after a fork (another pid) a worker never reads through its parent's
+    file handles, whose offset the processes would share."""
+    import os
+
+    ds = build_dataset(str(_public_shard(tmp_path) / "images_00000.tsv"), R)
+    ds[(1, 0)]
+    parent = {path: entry[0] for path, entry in ds.tars.files.items()}  # the image and the text tar
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    assert ds[(1, 0)]["caption"] == "picture 1"
+    assert len(parent) == 2 and all(ds.tars.files[p][0] is not tf for p, tf in parent.items())
+
+
 def test_public_test_files_read_like_the_public_reader():
     from pathlib import Path
 
