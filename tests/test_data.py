@@ -256,6 +256,16 @@ def test_bad_sources_give_clear_errors(tmp_path):
     (tmp_path / "t.tsv").write_text("name\tcaption\nx.png\thello\n")
     with pytest.raises(ValueError, match="file column"):
         build_dataset(str(tmp_path / "t.tsv"), R)
+    (tmp_path / "h.tsv").write_text("file\tcaption\n")
+    (tmp_path / "i.tsv").write_text("tar\tcaption\nx.tar\thello\n")
+    (tmp_path / "list.tsv").write_text("filename\ni.tsv\n")
+    np.savez(tmp_path / "x.npz", pictures=np.zeros((1, 2, 2)))
+    (tmp_path / "clips").mkdir()
+    for spec, frames, match in (("absent.npz", 0, "no file"), ("absent.tsv", 0, "no file"), ("h.tsv", 0, "no rows"),
+                                ("list.tsv", 0, "expected columns tar, file"), ("x.npz", 0, "expected arrays 'images'"),
+                                ("t.tsv", 4, "a folder of clips"), ("clips", 4, "no clips")):
+        with pytest.raises(ValueError, match=match):
+            build_dataset(str(tmp_path / spec), R, video_frames=frames)
 
 
 def test_video_frames_tile_into_the_temporal_grid(tmp_path):
