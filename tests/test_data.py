@@ -351,6 +351,15 @@ def test_sharded_sampler_is_a_pure_function_of_the_step():
         ShardedSampler(0, 2)
 
 
+def test_the_loader_reads_what_its_sampler_names():
+    """make_loader hands rank, world size, accumulations, seed and start step on: its micro-batches are
+    the samples of that rank's sampler, in order (labels are the indices here)."""
+    ds = ArrayDataset(np.zeros((10, 2, 2), np.uint8), np.arange(10), ReaderConfig())
+    args = {"rank": 1, "world_size": 2, "accumulations": 2, "seed": 3, "start_step": 1, "num_steps": 2}
+    labels = [x for b in make_loader(ds, 2, **args) for x in b["label"].tolist()]
+    assert labels == [i for i, _ in ShardedSampler(10, 2, **args)] and len(labels) == 8
+
+
 def test_every_epoch_and_seed_gives_a_new_order_and_new_crop_seeds():
     """Epoch e is a permutation of its own (not epoch 0's again, nor seed + 1's epoch e - 1); a sample's
     crop seed changes with the epoch and with the seed."""
