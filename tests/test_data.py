@@ -445,6 +445,7 @@ def test_workers_give_the_same_batches(tmp_path):
     a = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=0)]
     b = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 3
+    assert all(np.array_equal(ds[i]["image"], ds[(i, i)]["image"]) for i in range(5))  # an index is its own seed
 
 
 def test_precomputed_text_embeddings_are_padded_with_a_mask(tmp_path):
