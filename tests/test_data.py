@@ -377,11 +377,14 @@ def _gray(rows) -> Image.Image:
 
 def test_images_are_resized_as_the_public_reader_resizes_them(caplog):
     """mlx.data's resize: a triangle (bilinear) filter, the other side rounded half up (5 x 2 to a smaller
-    side of 1 is 3 x 1, whose middle pixel the centre crop keeps); smaller_side_size is not used."""
+    side of 1 is 3 x 1, whose middle pixel the centre crop keeps); its centre crop rounds the offset down;
+    smaller_side_size is not used."""
     step = _gray([[0, 0, 255, 255]] * 2)
     assert resize_crop(step, 4)[1, :, 0].tolist() == [0, 64, 191, 255]  # columns 2-5 of 8: linear, no overshoot
     ramp = _gray([[0, 60, 120, 180, 240]] * 2)
     assert resize_crop(ramp, 1)[0, 0, 0] == 120
+    rows = _gray(np.repeat(np.arange(0, 170, 10)[:, None], 16, 1))  # (H, W) = (17, 16): row r is 10 r
+    assert resize_crop(rows, 16)[0, 0, 0] == 0  # mlx's centre crop starts at (17 - 16) // 2 = 0
     ramp = _gray([np.arange(0, 240, 8)] * 20)  # 30 x 20
     reader = ReaderConfig(image_size=16, smaller_side_size=32)
     ds = build_dataset("sklearn:digits", reader)
