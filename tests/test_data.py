@@ -452,10 +452,11 @@ def test_workers_give_the_same_batches(tmp_path):
 
 
 def test_precomputed_text_embeddings_are_padded_with_a_mask(tmp_path):
+    """Embeddings (T, D), or (1, T, D) as saved with a batch axis, padded to the longest with a mask."""
     _folder(tmp_path)
     rows = ["file\tcaption\ttext_embedding"]
     for i in range(2):
-        np.save(tmp_path / f"e{i}.npy", np.full((2 + i, 6), i + 1, np.float32))
+        np.save(tmp_path / f"e{i}.npy", np.full((1, 2 + i, 6)[1 - i:], i + 1, np.float32))  # (2, 6), (1, 3, 6)
         rows.append(f"img{i}.png\tc{i}\te{i}.npy")
     (tmp_path / "emb.tsv").write_text("\n".join(rows) + "\n")
     ds = build_dataset(str(tmp_path / "emb.tsv"), R)
