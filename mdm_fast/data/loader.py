@@ -1,11 +1,13 @@
 """Deterministic, resumable, sharded loading.
 
 The sample order is a pure function of (seed, position): epoch ``e`` is ``randperm(N)`` seeded with
-``seed + e``. At optimizer step ``k`` the global batch is positions ``[k*G, (k+1)*G)`` with
-``G = batch_size * world_size * accumulations``, cut into ``world_size * accumulations`` shards of
-``batch_size``; shard ``rank * accumulations + micro`` goes to that rank's micro-batch. So the data
-position is just the step number (resume = start the sampler at that step), and one process with
-``accumulations = world_size * A`` reads exactly the shards that ``world_size`` processes read.
+``seed * 1_000_003 + e`` (seed s + 1 does not replay seed s's epochs shifted by one), and the sample at
+``position`` is read with the seed ``seed * 1_000_003 + position`` (its random crop). At optimizer step
+``k`` the global batch is positions ``[k*G, (k+1)*G)`` with ``G = batch_size * world_size * accumulations``,
+cut into ``world_size * accumulations`` shards of ``batch_size``; shard ``rank * accumulations + micro``
+goes to that rank's micro-batch. So the data position is just the step number (resume = start the sampler
+at that step), and one process with ``accumulations = world_size * A`` reads exactly the shards that
+``world_size`` processes read.
 """
 from __future__ import annotations
 
