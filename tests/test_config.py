@@ -5,6 +5,8 @@ import pytest
 import yaml
 
 from mdm_fast.config import ExperimentConfig, load_experiment
+from mdm_fast.data.reader_config import ReaderConfig
+from mdm_fast.diffusion.config import DiffusionConfig, NestedDiffusionConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-mdm-configs"
 if not CONFIGS.is_dir():  # CI: shared/ sits beside the clone
@@ -86,7 +88,7 @@ def test_unknown_fields_are_named():
         load_experiment(d)
 
 
-def test_bad_values_and_overrides():
+def test_bad_values_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="batch_size.*int"):
         load_experiment({**_minimal(), "batch_size": "many"})
     with pytest.raises(ValueError, match="KEY=VALUE"):
@@ -95,9 +97,42 @@ def test_bad_values_and_overrides():
         load_experiment({**_minimal(), "vision_model": "nested_unet"})
     with pytest.raises(ValueError, match="not found"):
         load_experiment("/nonexistent/x.yaml")
-    cfg = load_experiment(_minimal(), ["batch_size=7", "reader_config.image_size=24", "lr=3e-4", "sample-dir=s"])
+    (tmp_path / "list.yaml").write_text("- model: unet\n")
+    with pytest.raises(ValueError, match="expected a YAML mapping"):
+        load_experiment(tmp_path / "list.yaml")
+    with pytest.raises(ValueError, match="'image_size' is not a config section"):
+        load_experiment(_minimal(), ["reader_config.image_size.x=1"])
+    cfg = load_experiment(_minimal(), ["batch_size=7", "reader_config.image_size=24", "lr=3e-4", "sample-dir=s",
+                                       "file_list=a=b.tsv"])  # the first `=` splits
     assert (cfg.batch_size, cfg.reader_config.image_size, cfg.lr, cfg.sample_dir) == (7, 24, 3e-4, "s")
+    assert cfg.file_list == "a=b.tsv"
     assert cfg.replace(batch_size=3).batch_size == 3
+    d = _minimal()
+    d["reader_config"] = {"image-size": 24}  # dashes are read as underscores in sections too
+    assert load_experiment(d).reader_config.image_size == 24
+    d["reader_config"] = ReaderConfig(image_size=24)  # a typed section is taken as its fields
+    assert load_experiment(d).reader_config.image_size == 24
+    del d["model"]  # no model named: the public default, a plain UNet
+    cfg = load_experiment(d)
+    assert cfg.model == "unet" and type(cfg.unet_config).__name__ == "UNetConfig"
+
+
+def test_top_resolution_is_the_readers_else_the_samplers():
+    """image_size: reader_config.image_size where set, else sample_image_size, else a ValueError."""
+    assert load_experiment(_minimal(), ["sample_image_size=32"]).image_size == 16
+    assert load_experiment(_minimal(), ["reader_config.image_size=-1", "sample_image_size=32"]).image_size == 32
+    with pytest.raises(ValueError, match="reader_config.image_size"):
+        load_experiment(_minimal(), ["reader_config.image_size=-1"]).image_size
+
+
+def test_range_checks_accept_closed_bounds_and_refuse_the_rest():
+    """A closed bound (>= 0, <= 1) accepts the bound itself; an open one (> 0) and the far side refuse it."""
+    for field, value in (("cond_drop_prob", 1.0), ("ema_decay", 1.0), ("warmup_steps", 0), ("sample_freq", 0)):
+        assert getattr(load_experiment({**_minimal(), field: value}), field) == value
+    for field, value, bound in (("ema_decay", 1.5, ">= 0 and <= 1"), ("loss_factor", 0.0, "> 0"),
+                                ("warmup_steps", -1, ">= 0"), ("ema_warmup_steps", -1, ">= 0")):
+        with pytest.raises(ValueError, match=f"{field}: expected {bound}, got"):
+            load_experiment({**_minimal(), field: value})
 
 
 def _nested(**top):
@@ -109,17 +144,25 @@ def test_values_take_their_fields_types():
     sampler = "diffusion_config.sampler_config"
     cfg = load_experiment(_minimal(), [f"{sampler}.beta_start=1e-4", f"{sampler}.schedule_shifted='false'",
                                        f"{sampler}.rescale_signal=None", "diffusion_config.model_output_scale=1e0",
-                                       "output_dir=0123", "seed=1e3"])
+                                       "output_dir=0123", "seed=1e3", f"{sampler}.threshold_function=NONE",
+                                       "unet_config.micro_conditioning=None"])
     sc = cfg.diffusion_config.sampler_config
     assert (sc.beta_start, sc.schedule_shifted, sc.rescale_signal) == (1e-4, False, None)
     assert (cfg.diffusion_config.model_output_scale, cfg.output_dir, cfg.seed) == (1.0, "0123", 1000)
-    # in a YAML file: 1e-4 is read as a string, a quoted 'false' too
-    d = _minimal()
+    assert sc.threshold_function.name == "NONE" and cfg.unet_config.micro_conditioning is None
+    # in a YAML file: 1e-4 is read as a string, a quoted 'false' too; a number in a str field is its text
+    d = {**_minimal(), "name": 123}
     d["diffusion_config"] = {"sampler_config": {"beta_start": "1e-4", "schedule_shifted": "false"}}
-    sc = load_experiment(d).diffusion_config.sampler_config
-    assert (sc.beta_start, sc.schedule_shifted) == (1e-4, False)
+    cfg = load_experiment(d)
+    sc = cfg.diffusion_config.sampler_config
+    assert (sc.beta_start, sc.schedule_shifted, cfg.name) == (1e-4, False, "123")
+    for text in ("true", "Yes", "on", "1", "false", "no", "OFF", "0"):  # quoted YAML booleans
+        d["diffusion_config"]["sampler_config"]["schedule_shifted"] = text
+        want = text.lower() in ("true", "yes", "on", "1")
+        assert load_experiment(d).diffusion_config.sampler_config.schedule_shifted is want, text
     for bad, field in ((f"{sampler}.schedule_shifted=maybe", "schedule_shifted"), ("seed=1.5", "seed"),
-                       (f"{sampler}.beta_end=much", "beta_end")):
+                       (f"{sampler}.beta_end=much", "beta_end"), (f"{sampler}.schedule_shifted=2", "schedule_shifted"),
+                       (f"{sampler}.beta_end=true", "beta_end")):
         with pytest.raises(ValueError, match=f"{field}.*expected"):
             load_experiment(_minimal(), [bad])
 
@@ -138,3 +181,41 @@ def test_top_level_mixed_ratio_and_weights_are_one_setting_with_the_diffusion_co
     d["diffusion_config"]["mixed_ratio"] = "3:1"
     with pytest.raises(ValueError, match=r"mixed_ratio='2:1' contradicts diffusion_config.mixed_ratio='3:1'"):
         load_experiment(d)
+    d["diffusion_config"]["mixed_ratio"] = 2  # YAML `2` and '2': the same setting
+    d["mixed_ratio"] = "2"
+    assert load_experiment(d).diffusion_config.mixed_ratio == "2"
+    assert load_experiment(_nested(mixed_ratio="")).diffusion_config.mixed_fractions(2) is None  # empty: unset
+
+
+def test_diffusion_defaults_are_the_public_ones():
+    """The defaults of the public DiffusionConfig / SamplerConfig (ml_mdm/diffusion.py, samplers.py), enums
+    written by name as in the public YAMLs."""
+    assert DiffusionConfig().to_dict() == {
+        "sampler_config": {"num_diffusion_steps": 32, "reproject_signal": False, "schedule_type": "DDPM",
+                           "prediction_type": "DDPM", "loss_target_type": "DDPM", "beta_start": 0.0001,
+                           "beta_end": 0.02, "threshold_function": "CLIP", "rescale_schedule": 1.0,
+                           "rescale_signal": None, "schedule_shifted": False, "schedule_shifted_power": 1.0},
+        "model_output_scale": 0.0, "use_vdm_loss_weights": True}
+
+
+@pytest.mark.parametrize("sampler, match", [
+    ({"beta_start": 0.0}, "beta_start and beta_end"), ({"beta_end": 1.0}, "beta_start and beta_end"),
+    ({"rescale_schedule": 0.0}, "rescale_schedule"), ({"rescale_signal": 0.0}, "rescale_signal"),
+    ({"predict_variances": True}, "predict_variances"),
+])
+def test_bad_sampler_values_are_named(sampler, match):
+    """Out-of-range sampler settings (open bounds: the bound itself too) raise a ValueError naming them."""
+    with pytest.raises(ValueError, match=match):
+        load_experiment({**_minimal(), "diffusion_config": {"sampler_config": sampler}})
+
+
+def test_level_ratios():
+    """multi_res_weights: extra entries past the model's levels are dropped (the top levels come first);
+    mixed_ratio: one entry per level; both refuse negative entries or a sum of zero."""
+    cfg = NestedDiffusionConfig(use_double_loss=True, multi_res_weights="16:4:1")
+    assert cfg.multi_res_weight_list(2) == [16.0, 4.0]
+    with pytest.raises(ValueError, match="3 entries, the model has 2"):
+        NestedDiffusionConfig(no_use_residual=True, mixed_ratio="2:1:1").mixed_fractions(2)
+    for bad in ("2:-1", "0:0"):
+        with pytest.raises(ValueError, match="non-negative numbers with a positive sum"):
+            NestedDiffusionConfig(no_use_residual=True, mixed_ratio=bad)
