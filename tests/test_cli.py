@@ -133,9 +133,26 @@ def test_summary_of_a_public_config(capsys):
     assert main(["summary", "--config", str(CONFIGS / "cc12m_256x256.yaml")]) == 0
     out = capsys.readouterr().out
     assert "nested_unet" in out and "256" in out
+    assert main(["summary", "--config", str(CONFIGS / "cc12m_256x256.yaml"), "--image-size", "128", "name=n"]) == 0
+    assert "n: nested_unet, 128x128" in capsys.readouterr().out  # the override and the size are used
 
 
-def test_quick_demo_then_sample(tmp_path, capsys):
+def test_summary_text_width_comes_from_the_flag_the_classes_the_width_or_the_text_model():
+    """--text-dim wins; then categorical_conditioning's class count, text_dim, and the width of the named
+    text model (d_model of the public T5 checkpoints); an unknown model asks for --text-dim."""
+    from mdm_fast.cli.main import text_width
+    from mdm_fast.config import ExperimentConfig
+
+    assert text_width(ExperimentConfig(categorical_conditioning=10, text_dim=64), 32) == 32
+    assert text_width(ExperimentConfig(categorical_conditioning=10, text_dim=64), 0) == 10
+    assert text_width(ExperimentConfig(text_dim=64), 0) == 64
+    for model, width in (("google/flan-t5-xl", 2048), ("google/flan-t5-xxl", 4096), ("MiniLM", 384)):
+        assert text_width(ExperimentConfig(text_model=model), 0) == width, model
+    with pytest.raises(ValueError, match="--text-dim"):
+        text_width(ExperimentConfig(text_model="bert9000"), 0)
+
+
+def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
     t0 = time.time()
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     assert time.time() - t0 < 60
@@ -152,9 +169,27 @@ def test_quick_demo_then_sample(tmp_path, capsys):
                  "--guidance", "2", "--batch", "3", "--out", str(tmp_path / "s")]) == 0
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert "grid.png" in files and "000_00_level0_32px.png" in files and "001_01_level1_8px.png" in files
-    assert main(["sample", "--checkpoint", str(ckpt), "--labels", "3", "--num-per-prompt", "1", "--steps", "2",
-                 "--precision", "bf16", "--out", str(tmp_path / "s4")]) == 0  # autocast works on a CPU too
-    assert (tmp_path / "s4" / "000_00_level0_32px.png").stat().st_size > 0
+    # the same label and seed: the raw weights (--no-ema) and a bigger grid change what comes out, and
+    # --precision reaches the sampler (bf16 autocast works on a CPU too; its rounding is below 8 bits here);
+    # a prompt file's last column is the prompt, --image-size the top resolution
+    import mdm_fast.train.grids as grids
+
+    autocasts, generate = [], grids.generate
+    monkeypatch.setattr(grids, "generate", lambda *a, **k: autocasts.append(k["autocast"]) or generate(*a, **k))
+    (tmp_path / "prompts.tsv").write_text("x7\t3\n\n9\n")  # id<TAB>label; a blank line; a label
+    runs = {"fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"], "raw": ["--no-ema", "--grid-scale", "2"],
+            "size": ["--image-size", "48"], "file": ["reader_config.image_size=64", "--prompt-file",
+                                                   str(tmp_path / "prompts.tsv")]}  # an override: before the rest
+    for name, extra in runs.items():
+        labels = [] if name == "file" else ["--labels", "3"]
+        assert main(["sample", "--checkpoint", str(ckpt), *extra, *labels, "--num-per-prompt", "1", "--steps", "2",
+                     "--out", str(tmp_path / name)]) == 0, name
+    img = {n: np.asarray(Image.open(tmp_path / n / "000_00_level0_32px.png")) for n in ("fp32", "bf16", "raw")}
+    assert autocasts[:2] == [None, torch.bfloat16] and not np.array_equal(img["fp32"], img["raw"])
+    grid = {n: Image.open(tmp_path / n / "grid.png").size for n in ("fp32", "raw")}
+    assert grid["raw"][0] > grid["fp32"][0] and grid["raw"][1] > grid["fp32"][1]  # --grid-scale 2
+    assert (tmp_path / "file" / "001_00_level0_64px.png").stat().st_size > 0  # two prompts: 3 and 9
+    assert (tmp_path / "size" / "000_00_level0_48px.png").stat().st_size > 0
     # the same label twice: two sets of files; one noise stream per run (seed 0's second image is not
     # seed 1's first, which a seed per batch made it)
     for seed in (0, 1):
@@ -162,7 +197,8 @@ def test_quick_demo_then_sample(tmp_path, capsys):
                      "2", "--batch", "1", "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}")]) == 0
     first, second = (np.asarray(Image.open(tmp_path / "seed0" / f"00{k}_00_level0_32px.png")) for k in (0, 1))
     assert not np.array_equal(first, second)
-    assert not np.array_equal(second, np.asarray(Image.open(tmp_path / "seed1" / "000_00_level0_32px.png")))
+    seed1 = np.asarray(Image.open(tmp_path / "seed1" / "000_00_level0_32px.png"))
+    assert not np.array_equal(second, seed1) and not np.array_equal(first, seed1)  # --seed is used
     assert main(["sample", "--checkpoint", str(ckpt), "--prompts", "a cat", "--out", str(tmp_path / "s2")]) == 2
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--cuda-graphs",
                  "--out", str(tmp_path / "s3")]) == 2  # bare --cuda-graphs = on: needs CUDA
@@ -191,6 +227,22 @@ def test_demo_refuses_to_delete_another_runs_checkpoints(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(other)]) == 2
     assert "holds checkpoints of another run" in capsys.readouterr().err
     assert (other / "ckpt_00100000.pt").read_bytes() == b"weights"
+
+
+def test_a_fresh_demo_deletes_an_earlier_demos_checkpoints_and_resume_keeps_them(tmp_path, monkeypatch):
+    """Without --resume the demo starts over (its old checkpoints deleted); with it they stay."""
+    import mdm_fast.train
+
+    def stop(cfg):
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(mdm_fast.train, "Trainer", stop)
+    (tmp_path / "config.yaml").write_text("name: demo_digits\n")
+    (tmp_path / "ckpt_00000005.pt").write_bytes(b"an earlier demo")
+    assert main(["demo", "--quick", "--resume", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "ckpt_00000005.pt").exists()
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "ckpt_00000005.pt").exists()
 
 
 def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):
