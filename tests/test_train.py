@@ -239,7 +239,7 @@ def test_an_image_interrupted_while_written_leaves_the_old_one(tmp_path, monkeyp
 
 def test_an_atomic_write_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
     """write_atomic: the whole content is flushed and fsynced in a temporary file of the target's folder
-    (made as needed) before os.replace publishes it, then the folder's entry is fsynced."""
+    (made as needed) before os.replace publishes it, then the folder's entry is fsynced; text is UTF-8."""
     import stat
 
     from mdm_fast.files import write_text_atomic
@@ -258,9 +258,9 @@ def test_an_atomic_write_is_synced_before_and_after_its_rename(tmp_path, monkeyp
     monkeypatch.setattr(os, "fsync", spy_fsync)
     monkeypatch.setattr(os, "replace", spy_replace)
     target = tmp_path / "new" / "folder" / "log.txt"
-    write_text_atomic(target, "0123456789")
-    assert calls == [("fsync", 10), ("replace", True), ("fsync", "folder")]
-    assert target.read_text() == "0123456789"
+    write_text_atomic(target, "012345678\u00e9")  # UTF-8: 11 bytes
+    assert calls == [("fsync", 11), ("replace", True), ("fsync", "folder")]
+    assert target.read_text(encoding="utf-8") == "012345678\u00e9"
 
 
 def test_metrics_log_drops_a_torn_last_line_on_resume(tmp_path, caplog):
