@@ -93,8 +93,11 @@ def test_string_and_list_forms_build_the_same_model():
                       num_attention_layers="0,1,2", resolution_channels="32,32,64")
     a, b = build_model("unet", cfg), build_model("unet", as_strings)
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
-    single = unet_config_from_dict("unet", dict(cfg, num_attention_layers="1"))
-    assert single.num_attention_layers == [1, 1, 1]
+    single = unet_config_from_dict("unet", dict(cfg, num_attention_layers="1", attention_levels="",
+                                                num_resnets_per_resolution=2))  # a YAML int: one value too
+    assert single.num_attention_layers == [1, 1, 1] and single.attention_levels == []  # "": no level attends
+    assert single.num_resnets_per_resolution == [2, 2, 2]
+    assert unet_config_from_dict("unet", dict(cfg, attention_levels=None)).attention_levels == []  # YAML null
 
 
 def test_two_micro_conditions():
@@ -170,12 +173,17 @@ def test_missing_pretrained_inner_warns():
 def test_public_yaml_none_string_is_none():
     name, cfg = public_yaml_unet_config("256x256")
     assert unet_config_from_dict(name, cfg).initialize_inner_with_pretrained is None
+    empty = unet_config_from_dict(name, dict(cfg, initialize_inner_with_pretrained=""))
+    assert empty.initialize_inner_with_pretrained is None  # an empty path too
 
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda x, t, c, m: ([x[0]], t, c, m), "list of 2 resolutions"),
     (lambda x, t, c, m: (x[0], t, c, m), "list of 2 resolutions"),
     (lambda x, t, c, m: ([x[0], x[1][..., :4, :4]], t, c, m), "resolution 8x8"),
+    (lambda x, t, c, m: ([x[0], x[1][..., :4]], t, c, m), "resolution 8x8"),  # the width alone
+    (lambda x, t, c, m: ([x[0], x[1][:1]], t[:1], c[:1], m[:1]), "at least as many samples"),
+    (lambda x, t, c, m: (x, t, c[:1], m), r"conditioning: expected \(B=2"),
     (lambda x, t, c, m: ([x[0][:, :2], x[1]], t, c, m), "3 channels"),
     (lambda x, t, c, m: (x, t, c[..., :20], m), "24"),
     (lambda x, t, c, m: (x, t, c, m[:, :3]), "cond_mask"),
@@ -188,19 +196,107 @@ def test_bad_inputs_raise_value_errors(mutate, match):
         model(*mutate(*model_inputs(case)))
 
 
+def test_attention_is_the_softmax_of_scaled_dot_products():
+    """The reference attention is softmax(q.k / sqrt(d)) v per head of width d, a masked key left out: checked
+    against the formula in fp64 with logits large enough for the scale to matter (the golden cases' small
+    random weights leave the softmax near uniform, blind to it)."""
+    import math
+
+    from mdm_fast.reference.layers import _attention
+
+    g = torch.Generator().manual_seed(0)
+    B, heads, d, L, S = 2, 2, 4, 5, 3
+    q, k, v = (torch.randn(B, heads * d, n, generator=g, dtype=torch.float64) * 2 for n in (L, S, S))  # (B, C, n)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)  # (B, S)
+    qh, kh, vh = (t.reshape(B, heads, d, -1) for t in (q, k, v))  # (B, h, d, n)
+    logits = torch.einsum("bhdt,bhds->bhts", qh, kh) / math.sqrt(d)
+    weights = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf")).softmax(-1)  # (B, h, L, S)
+    want = torch.einsum("bhts,bhds->bhdt", weights, vh).reshape(B, heads * d, L)
+    torch.testing.assert_close(_attention(q, k, v, heads, mask), want, rtol=1e-5, atol=1e-6)  # fp32 softmax
+
+
+def test_rotary_positions_turn_each_pair_by_position_times_frequency():
+    """RotaryEmbedding (temporal_positional_encoding, which no golden case has): token p's pair of features
+    (2i, 2i+1) turns by the angle p * 10000**(-2i/d), as rotary_embedding_torch does (interleaved pairs)."""
+    from mdm_fast.reference.layers import RotaryEmbedding
+
+    d, L = 8, 5
+    t = torch.randn(2, L, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # (B, L, d)
+    i = torch.arange(d // 2, dtype=torch.float64)
+    angle = torch.arange(L, dtype=torch.float64)[:, None] * 10000.0 ** (-2 * i / d)  # (L, d/2)
+    x0, x1 = t[..., 0::2], t[..., 1::2]
+    want = torch.stack((x0 * angle.cos() - x1 * angle.sin(), x1 * angle.cos() + x0 * angle.sin()), -1)
+    got = RotaryEmbedding(d).double().rotate_queries_or_keys(t)
+    torch.testing.assert_close(got, want.reshape(t.shape), rtol=1e-5, atol=1e-6)  # its frequencies are fp32
+
+
+def test_a_model_without_text_takes_no_conditioning():
+    """conditioning_feature_dim <= 0: no text, so no conditioning or mask is asked for."""
+    case = load_case("unet_tiny")
+    model = build_model("unet", dict(case["unet_config"], conditioning_feature_dim=-1)).eval()
+    x, t, _, _ = model_inputs(case)  # x: (B, C, H, W)
+    with torch.no_grad():
+        assert model(x, t, None, None).shape == x.shape
+
+
+def test_summary_counts_attention_only_at_attention_levels():
+    """A level outside attention_levels has no attention layers, whatever num_attention_layers says there."""
+    case = load_case("unet_tiny")
+    with torch.device("meta"):
+        model = build_model("unet", dict(case["unet_config"], attention_levels=[1], num_attention_layers="2"))
+    attends = {n.split(".")[1] for n, _ in model.named_modules() if n.startswith("down_blocks.") and n.endswith("attn")}
+    assert attends == {"1"} and summarize(model, 16)[0].attention == [0, 2, 0]
+
+
+def test_a_unet_takes_one_resolution():
+    """A plain UNet takes a tensor or a list of one; a longer list is refused."""
+    case = load_case("unet_tiny")
+    model = golden_model(case)
+    x, t, c, m = model_inputs(case)  # x: (B, C, H, W)
+    with torch.no_grad():
+        assert (model([x], t, c, m, {}) - case["outputs"][0]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="a UNet takes one resolution, got a list of 2"):
+        model([x, x], t, c, m)
+
+
 @pytest.mark.parametrize("cfg_patch,match", [
     ({"no_such_field": 1}, "no_such_field"),
     ({"inner_config": {"bogus": 2}}, "inner_config"),
     ({"num_attention_layers": [0, 0]}, "num_attention_layers"),
+    ({"num_resnets_per_resolution": [1, 1, 1, 1]}, "expected 1 or 3 values"),  # one too many
     ({"micro_conditioning": "scale"}, "micro_conditioning"),
     ({"resnet_config": {"num_groups": 32}}, "resnet_config"),
     ({"temporal_spatial_ds": True, "num_temporal_attention_layers": [0, 1, 0]}, "temporal_spatial_ds"),
+    ({"temporal_dim": 100}, "unet_config.temporal_dim: expected a multiple of 8, got 100"),  # from the config
+    ({"micro_conditioning": ":64"}, "micro_conditioning"),  # no label
+    ({"inner_config": {"nesting": False}}, "inner UNet must have nesting: true"),
 ])
 def test_bad_configs_raise_value_errors(cfg_patch, match):
     case = load_case("nested_tiny")
     cfg = dict(copy.deepcopy(case["unet_config"]), **cfg_patch)
     with pytest.raises(ValueError, match=match):
         build_model("nested_unet", cfg)
+
+
+def test_config_defaults_are_the_public_ones():
+    """UNetConfig / ResNetConfig / NestedUNetConfig defaults of the public unet.py and nested_unet.py (string
+    forms expanded per level); a nested level skips its mid blocks and conditioning embedding, its inner nests."""
+    from mdm_fast.reference.config import NestedUNetConfig, ResNetConfig, UNetConfig
+
+    u = UNetConfig()
+    assert (u.resolution_channels, u.attention_levels, u.num_attention_layers, u.num_resnets_per_resolution) == (
+        [128, 256, 256, 512, 1024], [2, 3], [1] * 5, [2] * 5)
+    assert (u.temporal_dim, u.num_temporal_attention_layers, u.conditioning_feature_dim,
+            u.conditioning_feature_proj_dim, u.num_lm_head_layers, u.masked_cross_attention,
+            u.micro_conditioning) == (None, None, -1, -1, 0, 1, None)
+    assert not any((u.skip_mid_blocks, u.skip_cond_emb, u.nesting, u.temporal_mode, u.temporal_spatial_ds,
+                    u.temporal_positional_encoding))
+    assert u.resnet_config == ResNetConfig(num_channels=-1, output_channels=-1, num_groups_norm=32, dropout=0.0,
+                                           use_attention_ffn=False)
+    c = NestedUNetConfig()
+    assert (c.skip_mid_blocks, c.skip_cond_emb, c.skip_inner_unet_input, c.skip_normalization, c.freeze_inner_unet,
+            c.interp_conditioning, c.initialize_inner_with_pretrained) == (True, True, False, False, False, False, None)
+    assert c.inner_config.nesting and not c.inner_config.skip_mid_blocks
 
 
 def test_unknown_model_name():
