@@ -99,10 +99,6 @@ class ExperimentConfig:
 
     # ---- derived ------------------------------------------------------------------------------
     @property
-    def is_nested(self) -> bool:
-        return self.model != "unet"
-
-    @property
     def image_size(self) -> int:
         if self.reader_config.image_size > 0:
             return self.reader_config.image_size
