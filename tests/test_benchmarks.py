@@ -1,0 +1,245 @@
+"""The benchmark suites' arithmetic, on CPU: rates, tables, and every suite's bytes-moved and FLOP counts
+against closed forms (the GPU timing is replaced by fixed milliseconds; what is checked is what a committed
+table would print from them)."""
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+from benchmarks import attention, common, diffusion_step, group_norm, memory, models, resample
+from mdm_fast.ops.diffusion_step import noisy_pyramid, sampler_update
+
+
+def _capture_tables(monkeypatch, module):
+    """Make ``module.markdown_table`` also record its rows (raw numbers, before formatting)."""
+    tables = []
+    real = common.markdown_table
+    monkeypatch.setattr(module, "markdown_table", lambda header, rows: tables.append(rows) or real(header, rows))
+    return tables
+
+
+def test_rates_and_markdown_table():
+    """2 GB in 1 ms is 2000 GB/s; 3e12 FLOPs in 2 ms are 1500 TFLOP/s; a table has one separator cell per
+    column, NaN as '-', 3 decimals under 100 and 1 from 100 on."""
+    assert common.gbps(2e9, 1.0) == pytest.approx(2000.0)
+    assert common.tflops(3e12, 2.0) == pytest.approx(1500.0)
+    table = common.markdown_table(["a", "b", "c"], [[1, float("nan"), 3.14159], ["x", 99.5, 1234.56]])
+    assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | - | 3.142 |", "| x | 99.500 | 1234.6 |"]
+
+
+def test_knob_restores_and_card_slug(monkeypatch):
+    with pytest.raises(ValueError), common.knob(math, "tau", 1.0):
+        assert math.tau == 1.0
+        raise ValueError
+    assert math.tau == 2 * math.pi
+    monkeypatch.setattr(common, "card_name", lambda: "NVIDIA H200 NVL")
+    assert common.card_slug() == "nvidia-h200-nvl"
+
+
+def test_time_ms_is_the_median_after_warmup(monkeypatch):
+    """With a fake clock each call advancing it by the next duration: warm-up calls are not timed, the
+    result is the median of the timed ones (ms)."""
+    durations = iter([9.0, 9.0, 0.001, 0.003, 0.005])  # seconds: 2 warm-up calls, 3 timed
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    ms = common.time_ms(lambda: clock.__setitem__(0, clock[0] + next(durations)), warmup=2, iters=3)
+    assert ms == pytest.approx(3.0) and next(durations, None) is None  # 2 + 3 calls, no more, no fewer
+
+
+def test_write_report_names_the_card_and_titles_sections(tmp_path):
+    path = common.write_report("suite", {"Section A": "| t |"}, tmp_path, echo=False)
+    assert path == tmp_path / f"suite-{common.card_slug()}.md"
+    text = path.read_text()
+    assert text.startswith(f"# suite on {common.card_name()}") and "## Section A\n\n| t |\n" in text
+
+
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_diffusion_step_bytes_are_what_the_ops_read_and_write(target):
+    """noisy_pyramid reads the image and the noises and writes x0, x_t (and a non-eps target: the eps
+    target is the noise itself); sampler_update reads x_t, pred, noise and writes x0, x_s, eps per level."""
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    args, counted = diffusion_step._pyramid_case(16, [1, 4], 2, torch.float32, target, "cpu")
+    x0, x_t, tgt = noisy_pyramid(*args, impl="ref")
+    written = x0 + x_t + [t for t, n in zip(tgt, args[3]) if t is not n]
+    assert counted == nbytes([args[0], *args[3]]) + nbytes(written)
+    args, counted = diffusion_step._update_case(16, [1, 4], 2, torch.bfloat16, "cpu")
+    out = sampler_update(*args, impl="ref")
+    assert counted == nbytes(args[0] + args[1] + args[4]) + nbytes(sum(out, []))
+
+
+def test_diffusion_step_row(monkeypatch):
+    """A row: ms, GB/s and fraction of copy for ref then fused, and the speed-up ref / fused."""
+    times = iter([4.0, 1.0])  # ref, triton
+    monkeypatch.setattr(common, "device_ms", lambda fn, warmup, iters: next(times))
+    monkeypatch.setattr(diffusion_step.dispatch, "why_not", lambda *a: None)
+    row = diffusion_step._row("case", sampler_update, (), 8e6, 4.0, 1)
+    assert row == ["case", 4.0, 2.0, 0.5, 1.0, 8.0, 2.0, 4.0]
+
+
+def test_group_norm_table_counts_read_x_write_y(monkeypatch):
+    """Forward moves x once in and y once out (2x the bytes of x), backward reads x and dy and writes dx
+    (3x); % copy is against the copy ceiling; the last column is ref over the fastest backend."""
+    b, c, p = 2, 32, 4
+    xbytes = b * c * p * p * 2  # (B, C, H, W) bf16
+    ms = {"ref": (4.0, 9.0), "compile": (3.0, float("nan")), "triton": (1.0, 2.0), "cuda": (2.0, 1.5)}
+    monkeypatch.setattr(group_norm, "QUICK", [(b, c, p, False)])
+    monkeypatch.setattr(group_norm, "DEVICE", "cpu")
+    monkeypatch.setattr(group_norm, "ceilings", lambda: common.Ceilings(1e-3, 1.0))
+    monkeypatch.setattr(group_norm, "_available", lambda impl, args: None)
+    monkeypatch.setattr(group_norm, "_time_pair", lambda impl, args, backward=True: ms[impl])
+    monkeypatch.setattr(group_norm, "decoder", lambda suite, copy: "")
+    tables = _capture_tables(monkeypatch, group_norm)
+    group_norm.run("quick")
+    fwd, bwd = tables[0]
+    for row, d, traffic, best in ((fwd, 0, 2, 1.0), (bwd, 1, 3, 1.5)):
+        assert row[3:7] == pytest.approx([ms[k][d] for k in ("ref", "compile", "triton", "cuda")], nan_ok=True)
+        for col, impl in ((7, "triton"), (9, "cuda")):
+            want = traffic * xbytes / (ms[impl][d] * 1e-3) / 1e9
+            assert row[col] == pytest.approx(want) and row[col + 1] == pytest.approx(100 * want / 1e-3)
+        assert row[11] == pytest.approx(ms["ref"][d] / best)
+
+
+def test_group_norm_decoder_traffic(monkeypatch):
+    """The concatenation reads x and the skip and writes both (2 x the output bytes); with the norm after
+    it, the norm's read and write double that."""
+    b, c1, c2, p = 2, 8, 4, 4
+    monkeypatch.setattr(group_norm, "DEVICE", "cpu")
+    monkeypatch.setattr(group_norm, "DECODER", [(b, c1, c2, p)])
+    monkeypatch.setattr(group_norm, "device_ms", lambda fn: 0.5)
+    tables = _capture_tables(monkeypatch, group_norm)
+    group_norm.decoder("quick", 1e-3)
+    out = b * (c1 + c2) * p * p * 2  # (B, C1 + C2, H, W) bf16
+    for _, name, ms, pct in tables[0]:
+        traffic = 2 * out if "alone" in name else 4 * out
+        assert pct == pytest.approx(100 * traffic / (0.5e-3) / 1e9 / 1e-3), name
+
+
+def test_group_norm_full_suite_shapes_are_distinct():
+    full = group_norm.shapes("full")
+    assert len(set(full)) == len(full) == 2 * 2 * 5 + 2 * 2 * 3  # 5 + 3 levels, 2 batches, 2 layouts
+
+
+def _public_levels(stem):
+    """A public model's nestings, outermost first: (config, [(channels, side in px) of each level])."""
+    _, cfg, size = models.public_config(stem)
+    nestings = []
+    while cfg:
+        nestings.append((cfg, [(c, size >> i) for i, c in enumerate(cfg["resolution_channels"])]))
+        size >>= len(cfg["resolution_channels"]) - 1
+        cfg = cfg.get("inner_config")
+    return nestings
+
+
+@pytest.mark.skipif(not models.CONFIGS.exists(), reason="needs shared/reference/ml-mdm-configs")
+def test_suites_shapes_are_the_public_models():
+    """The group norm, attention, upsample and pyramid shapes are those of the public configs: levels
+    (channels, px); attention at the inner model's attention levels; an upsample into each level but the
+    first, with the channels of the level below it; a pyramid ratio per nesting."""
+    m256, m1024 = _public_levels("256x256"), _public_levels("1024x1024")
+    assert [levels for _, levels in m256] == [group_norm.M256_OUTER, group_norm.M256_INNER]
+    assert [levels for _, levels in m1024] == [group_norm.M1024_OUTER] + [levels for _, levels in m256]
+    assert {cfg["resnet_config"]["num_groups_norm"] for cfg, _ in m1024} == {group_norm.GROUPS}
+    inner, levels = m256[1]
+    assert {(L, C) for L, C, _ in attention.LEVELS.values()} == {
+        (p * p, c) for i, (c, p) in enumerate(levels) if i in inner["attention_levels"]}
+    assert {(C, H) for C, H, _ in resample.UPSAMPLE.values()} == {
+        (c, p) for _, levels in m256 + m1024[:1] for c, p in levels[1:]}
+    for stem, nestings in (("256", m256), ("1024", m1024)):
+        size, ratios, _ = diffusion_step.MODELS[stem]
+        assert ratios == [size // levels[0][1] for _, levels in nestings] and size == nestings[0][1][0][1]
+
+
+def test_attention_flops(monkeypatch):
+    """4 * B * heads * L * (L + T) * d forward, 2.5x backward, against the bf16 ceiling; the levels' head
+    dims are those their names give."""
+    for name, (L, C, heads) in attention.LEVELS.items():
+        assert heads * int(name.split("d=")[1].rstrip(")")) == C
+    monkeypatch.setattr(attention, "_inputs", lambda *a: {})
+    monkeypatch.setattr(attention, "_variants", lambda x, h, s, r: {"SDPA pair (B,h,L,d)": 2.0, "fast": 0.5})
+    monkeypatch.setattr(attention, "_leaves", lambda x, name: [])
+    monkeypatch.setattr(attention, "_time_backward", lambda fn, leaves, iters: 2 * fn)
+    monkeypatch.setattr(common, "device_ms", lambda fn, iters: fn)
+    monkeypatch.setattr(common, "ceilings", lambda: common.Ceilings(1.0, 100.0))
+    tables = _capture_tables(monkeypatch, common)
+    level = "level 1 (32x32, 512 ch, d=64)"
+    attention._section("t", level, 16, torch.bfloat16, True, 1, "quick", False)
+    B, L, T, heads, d = 16, 1024, attention.TEXT_TOKENS, 8, 64
+    flops = 4 * B * heads * L * (L + T) * d
+    _, fast = tables[-1]
+    tf_f, tf_b = flops / 0.5e-3 / 1e12, 2.5 * flops / 1e-3 / 1e12  # TFLOP/s at 0.5 ms forward, 1 ms backward
+    assert fast[1:] == pytest.approx([0.5, tf_f, 100 * tf_f / 100.0, 4.0, 1.0, tf_b, 100 * tf_b / 100.0, 4.0])
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_resample_rows_count_the_upsampled_conv(monkeypatch, backward):
+    """FLOPs of the 3x3 conv on the upsampled image, 2 * B * C * C * 9 * (2H)^2 (3x with backward);
+    bytes: x read, the (B, C, 2H, 2W) output written (twice that with backward), bf16."""
+    B, C, H = 2, 4, 3
+    monkeypatch.setattr(resample, "DEVICE", "cpu")
+    monkeypatch.setattr(resample, "UPSAMPLE", {"s": (C, H, B)})
+    monkeypatch.setattr(resample, "VARIANTS", {"ref": "ref", "fast": "triton"})
+    monkeypatch.setattr(resample, "_upsample", lambda x, w, b, impl: torch.zeros(B, C, 2 * H, 2 * H))
+    times = iter([2.0, 0.5])
+    monkeypatch.setattr(common, "device_ms", lambda fn, warmup, iters: next(times))
+    monkeypatch.setattr(common, "ceilings", lambda: common.Ceilings(1.0, 50.0))
+    rows = resample._upsample_rows("s", B, torch.contiguous_format, backward, 1)
+    flops = 2 * B * C * C * 9 * (2 * H) ** 2 * (3 if backward else 1)
+    nbytes = 2 * (B * C * H * H + B * C * (2 * H) ** 2) * (2 if backward else 1)
+    tf = flops / 0.5e-3 / 1e12
+    assert rows[1] == pytest.approx(["fast", 0.5, 4.0, tf, 100 * tf / 50.0, nbytes / 0.5e-3 / 1e9])
+
+
+def test_models_report_ratios_and_mfu(monkeypatch):
+    """Speed-ups over the same workload's reference rows; TFLOP/s from the forward FLOPs x batch (x3 for
+    a train step); MFU against the bf16 ceiling."""
+    monkeypatch.setattr(models, "ceilings", lambda: common.Ceilings(1.0, 200.0))
+    monkeypatch.setattr(models, "write_report", lambda *a, **k: None)
+    tables = _capture_tables(monkeypatch, models)
+    train, fwd = models.Workload("256x256", "train", 16), models.Workload("256x256", "forward", 2)
+    results = [models.Result(fwd, "reference eager", 5.0, 1.0, 1.0),
+               models.Result(train, "reference eager", 30.0, 1.0, 1.0),
+               models.Result(train, "reference + torch.compile", 20.0, 1.0, 1.0),
+               models.Result(train, "mdm_fast eager", 10.0, 1.0, 1.0)]
+    models.report(results, {"256x256": 1e9}, "-", None)
+    tf = 3 * 1e9 * 16 / 10e-3 / 1e12
+    assert tables[0][-1][2:7] == [10.0, 3.0, 2.0, pytest.approx(tf), f"{100 * tf / 200.0:.0f}%"]
+
+
+def test_memory_counts_kept_activations_not_parameters():
+    """A linear layer keeps its input (and its weight, a parameter: not counted) for backward."""
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)  # (B, C_in)
+    assert memory.kept_by_op(layer, (x,)) == {"input": x.numel() * x.element_size()}
+
+
+def test_memory_estimate_halves_fp32_activations_and_scales_the_batch(monkeypatch):
+    """The bf16 train-step estimate: the fp32 kept bytes at batch 1, x the large batch, / 2 (bf16), plus
+    16 bytes of weights, gradients and AdamW moments per parameter."""
+    import mdm_fast.ops.attention  # noqa: F401  (the modules, not the functions of the same names)
+    import mdm_fast.ops.group_norm_act  # noqa: F401
+    from mdm_fast.ops import dispatch
+    from test_fast_model import tiny_nested_config
+
+    gna, att = sys.modules["mdm_fast.ops.group_norm_act"], sys.modules["mdm_fast.ops.attention"]
+    # memory.run patches these for the whole process: restore them after the test
+    monkeypatch.setattr(gna, "_plain_reference", gna._plain_reference)
+    monkeypatch.setattr(att, "_kernels", att._kernels)
+    reasons = dispatch.registered_ops()["attention"].reasons
+    monkeypatch.setitem(reasons, "triton", reasons["triton"])
+    monkeypatch.setattr(memory, "public_config", lambda stem: ("nested_unet", tiny_nested_config(), 16))
+    monkeypatch.setattr(memory, "TEXT_WIDTH", 24)
+    monkeypatch.setattr(memory, "TEXT_TOKENS", 5)
+    monkeypatch.setattr(memory, "GPU_BATCH", {"tiny": 100_000})
+    monkeypatch.setattr(memory, "peak_activation_bytes", lambda *a, **k: 0)
+    text = memory.run("tiny", 1)
+    total = next(line for line in text.splitlines() if line.startswith("| total |"))
+    kept_mb, default_mb = (float(v) for v in total.strip("| ").split(" | ")[1:])  # fp32, batch 1
+    n = sum(p.numel() for p in mdm_fast.build_model("nested_unet", tiny_nested_config()).parameters())
+    est = re.search(r"peak at batch 100000: ([\d.]+) GB with the default \(.*?\), ([\d.]+) GB keeping them", text)
+    default_gb, kept_gb = float(est[1]), float(est[2])
+    assert default_gb == pytest.approx(default_mb * 1e6 * 100_000 / 2 / 1e9 + 16 * n / 1e9, rel=2e-3)
+    assert kept_gb == pytest.approx(kept_mb * 1e6 * 100_000 / 2 / 1e9 + 16 * n / 1e9, rel=2e-3)
