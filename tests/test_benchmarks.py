@@ -235,10 +235,19 @@ def test_memory_estimate_halves_fp32_activations_and_scales_the_batch(monkeypatc
     monkeypatch.setattr(memory, "TEXT_TOKENS", 5)
     monkeypatch.setattr(memory, "GPU_BATCH", {"tiny": 100_000})
     monkeypatch.setattr(memory, "peak_activation_bytes", lambda *a, **k: 0)
+    build = mdm_fast.build_model
+
+    def with_ballast(*a, **k):  # 25 M parameters (never touched), so that the 16 bytes of each show
+        model = build(*a, **k)
+        model.register_parameter("ballast", torch.nn.Parameter(torch.empty(25_000_000)))
+        return model
+
+    monkeypatch.setattr(mdm_fast, "build_model", with_ballast)
     text = memory.run("tiny", 1)
     total = next(line for line in text.splitlines() if line.startswith("| total |"))
     kept_mb, default_mb = (float(v) for v in total.strip("| ").split(" | ")[1:])  # fp32, batch 1
-    n = sum(p.numel() for p in mdm_fast.build_model("nested_unet", tiny_nested_config()).parameters())
+    n = sum(p.numel() for p in build("nested_unet", tiny_nested_config()).parameters()) + 25_000_000
+    assert float(re.search(r"\(([\d.]+) GB of it weights", text)[1]) == pytest.approx(16 * n / 1e9, abs=0.05)
     est = re.search(r"peak at batch 100000: ([\d.]+) GB with the default \(.*?\), ([\d.]+) GB keeping them", text)
     default_gb, kept_gb = float(est[1]), float(est[2])
     assert default_gb == pytest.approx(default_mb * 1e6 * 100_000 / 2 / 1e9 + 16 * n / 1e9, rel=2e-3)
