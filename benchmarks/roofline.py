@@ -93,7 +93,7 @@ _KINDS = [("aten.convolution_backward", "convolution backward"), ("aten.convolut
           ("mdm_fast.attention_qkv_bwd", "attention backward"),
           ("mdm_fast.attention_qkv_fwd", "attention (fused)"), ("mdm_fast.group_norm_act_bwd", "group norm backward"),
           ("mdm_fast.group_norm_act_fwd", "group norm (fused)"), ("aten.mm", "matmul"), ("aten.addmm", "matmul"),
-          ("aten.bmm", "matmul"), ("aten.cat", "concatenation (skips)"),
+          ("aten.bmm", "matmul"), ("aten.baddbmm", "matmul"), ("aten.cat", "concatenation (skips)"),
           ("mdm_fast.concat_channels", "concatenation (skips)"), ("aten._to_copy", "dtype casts"),
           ("aten._foreach_copy_", "dtype casts"),
           ("mdm_fast.bias_add", "conv bias (+ ResNet skip) adds"),

@@ -32,6 +32,8 @@ def test_flops_match_torch_flop_counter_and_bytes_the_shapes(monkeypatch):
     by_op = {str(k): v for k, v in flops.get_flop_counts()["Global"].items()}
     assert tally.flops["convolution"] == by_op["aten.convolution"] > 0
     assert tally.flops["matmul"] == sum(v for k, v in by_op.items() if k in ("aten.mm", "aten.addmm", "aten.bmm"))
+    # every operator whose FLOPs are counted as a matmul is filed as one (baddbmm was filed as "other")
+    assert {roofline._kind(f"aten.{n}.default") for n in ("mm", "addmm", "bmm", "baddbmm")} == {"matmul"}
     # the fused ops' own formulas
     assert tally.flops["attention (fused)"] > 0 and tally.flops["upsample-conv (sub-pixel)"] > 0
     norm = tally.bytes["group norm (fused)"]
