@@ -45,7 +45,8 @@ def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype) -> Dict[str,
     return dict(qkv=qkv, qkv_cl=qkv_cl, kv_cond=kv_cond, mask=mask, **heads_first)
 
 
-def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str, with_ref: bool) -> Dict[str, Callable[[], torch.Tensor]]:
+def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str,
+              with_ref: bool) -> Dict[str, Callable[[], torch.Tensor]]:
     def heads_first(impl):
         return lambda: attention(x["q"], x["k"], x["v"], x["k_cond"], x["v_cond"], x["mask"], impl=impl)
 

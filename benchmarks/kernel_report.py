@@ -278,9 +278,9 @@ def _fmt_widths(c: Counter) -> str:
 def report(launches: List[Launch]) -> str:
     header = ["case", "kernel", "grid", "warps", "regs", "spill B", "smem KB", "per SM", "waves",
               "loads (width:count)", "stores", "tensor cores", "compile s"]
-    rows = [[l.case, l.kernel, "x".join(map(str, l.grid)), l.num_warps, l.binary.regs, l.binary.spill_bytes,
-             round(l.shared / 1024, 1), l.per_sm, round(l.waves, 2), _fmt_widths(l.binary.loads),
-             _fmt_widths(l.binary.stores), l.binary.mma, round(l.compile_s, 2)] for l in launches]
+    rows = [[la.case, la.kernel, "x".join(map(str, la.grid)), la.num_warps, la.binary.regs, la.binary.spill_bytes,
+             round(la.shared / 1024, 1), la.per_sm, round(la.waves, 2), _fmt_widths(la.binary.loads),
+             _fmt_widths(la.binary.stores), la.binary.mma, round(la.compile_s, 2)] for la in launches]
     return markdown_table(header, rows)
 
 

@@ -146,7 +146,8 @@ def main() -> None:
         sections["Upsample-conv, training batches, bf16, forward + backward"] = \
             _upsample_section(0, True, iters, names)
     sections["Nesting adapters (256 model, 64 px, 256 ch), bf16, forward"] = _adapter_section(iters)
-    sections[f"Time projections, batch {SAMPLING_BATCH}, bf16, temb 1024 (wall time per call, host included)"] = _time_proj_section(iters)
+    title = f"Time projections, batch {SAMPLING_BATCH}, bf16, temb 1024 (wall time per call, host included)"
+    sections[title] = _time_proj_section(iters)
     sections["Notes"] = __doc__.split("\n\n", 1)[1].strip()
     common.write_report("resample", sections, args.out)
 
