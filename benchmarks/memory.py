@@ -15,25 +15,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from benchmarks.common import markdown_table, write_atomic
+from benchmarks.common import knob, markdown_table, write_atomic
 from benchmarks.models import TEXT_TOKENS, TEXT_WIDTH, public_config
 
 GPU_BATCH = {"256x256": 16, "1024x1024": 4}  # the train-step batches of the model suite
-
-
-def _custom_op_group_norm() -> None:
-    """The group norm's CPU fast path is PyTorch autograd through the formula (it keeps intermediates);
-    a GPU runs the custom op. Count what the GPU keeps."""
-    gna = sys.modules["mdm_fast.ops.group_norm_act"]
-    gna._plain_reference = lambda x, g, w, b, eps, sc, sh, act, xb: gna.group_norm_act_fwd(
-        x, w, b, sc, sh, g, float(eps), act or "none", "ref", None, xb)[0]
 
 
 class _AttentionStandIn:
@@ -49,13 +42,30 @@ class _AttentionStandIn:
         return att._lse_like(q).zero_()
 
 
-def _custom_op_attention() -> None:
-    """auto picks the fused Triton attention on a GPU; here its custom op runs with a stand-in kernel."""
+@contextlib.contextmanager
+def gpu_custom_ops() -> Iterator[None]:
+    """Inside the block (restored after), the model takes a GPU's custom-op paths on CPU, so that what
+    autograd keeps is what a GPU keeps: the group norm runs its custom op (its CPU fast path is PyTorch
+    autograd through the formula, which keeps intermediates), and attention the fused Triton op's, with a
+    stand-in kernel; the other ops choose their backends as on a CPU without TRITON_INTERPRET."""
+    import mdm_fast.ops.attention  # noqa: F401  (the modules, not the functions of the same names)
+    import mdm_fast.ops.group_norm_act  # noqa: F401
     from mdm_fast.ops import dispatch
 
-    att = sys.modules["mdm_fast.ops.attention"]
-    att._kernels = lambda: _AttentionStandIn
-    dispatch.registered_ops()["attention"].reasons["triton"] = lambda *a, **k: None
+    gna, att = sys.modules["mdm_fast.ops.group_norm_act"], sys.modules["mdm_fast.ops.attention"]
+
+    def norm_op(x, g, w, b, eps, sc, sh, act, xb):
+        return gna.group_norm_act_fwd(x, w, b, sc, sh, g, float(eps), act or "none", "ref", None, xb)[0]
+
+    reasons = dispatch.registered_ops()["attention"].reasons
+    with knob(gna, "_plain_reference", norm_op), knob(att, "_kernels", lambda: _AttentionStandIn), \
+            knob(dispatch, "triton_interpreting", lambda: False):  # the other ops as a GPU-less run picks them
+        previous = reasons["triton"]
+        reasons["triton"] = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            reasons["triton"] = previous
 
 
 def kept_by_op(model, args) -> Dict[str, int]:
@@ -100,13 +110,9 @@ def peak_activation_bytes(name: str, cfg: dict, size: int, batch: int, recompute
 
 
 def run(stem: str, batch: int) -> str:
-    import mdm_fast.ops.attention  # noqa: F401  (the modules, for the _custom_op_* patches)
-    import mdm_fast.ops.group_norm_act  # noqa: F401
     from mdm_fast import build_model
     from mdm_fast.models import set_norm_recompute
 
-    _custom_op_group_norm()
-    _custom_op_attention()
     name, cfg, size = public_config(stem)
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -117,9 +123,10 @@ def run(stem: str, batch: int) -> str:
     mask[:, TEXT_TOKENS // 2:] = 0
     args = (x_t, torch.randint(0, 1000, (batch,)), torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH), mask)
     counts = {}
-    for recompute in (True, False):
-        set_norm_recompute(model, recompute)
-        counts[recompute] = kept_by_op(model, args)
+    with gpu_custom_ops():
+        for recompute in (True, False):
+            set_norm_recompute(model, recompute)
+            counts[recompute] = kept_by_op(model, args)
     totals = {k: sum(v.values()) for k, v in counts.items()}
     ops = sorted(set(counts[True]) | set(counts[False]), key=lambda o: -counts[False].get(o, 0))
     rows = [[op, counts[False].get(op, 0) / 1e6, counts[True].get(op, 0) / 1e6] for op in ops]

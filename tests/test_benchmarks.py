@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import mdm_fast
 from benchmarks import attention, common, diffusion_step, group_norm, memory, models, resample
 from mdm_fast.ops.diffusion_step import noisy_pyramid, sampler_update
 
@@ -216,6 +217,21 @@ def test_memory_counts_kept_activations_not_parameters():
     assert memory.kept_by_op(layer, (x,)) == {"input": x.numel() * x.element_size()}
 
 
+def test_memory_counts_what_the_gpu_custom_ops_keep():
+    """Inside gpu_custom_ops the norms and attention keep what their custom ops keep on a GPU (x and the
+    statistics; q, k, v, the output and the log-sum-exp), not PyTorch's CPU intermediates, even under
+    TRITON_INTERPRET (set by conftest)."""
+    from test_fast_model import tiny_inputs, tiny_nested_config
+
+    model, args = mdm_fast.build_model("nested_unet", tiny_nested_config()), tiny_inputs(2)
+    cpu_ops = {"NativeGroupNormBackward0", "ScaledDotProductFlashAttentionForCpuBackward0"}
+    assert cpu_ops <= set(memory.kept_by_op(model, args))
+    with memory.gpu_custom_ops():
+        gpu = memory.kept_by_op(model, args)
+    assert not cpu_ops & set(gpu)
+    assert cpu_ops <= set(memory.kept_by_op(model, args))  # restored after the block
+
+
 def test_memory_estimate_halves_fp32_activations_and_scales_the_batch(monkeypatch):
     """The bf16 train-step estimate: the fp32 kept bytes at batch 1, x the large batch, / 2 (bf16), plus
     16 bytes of weights, gradients and AdamW moments per parameter."""
@@ -225,11 +241,8 @@ def test_memory_estimate_halves_fp32_activations_and_scales_the_batch(monkeypatc
     from test_fast_model import tiny_nested_config
 
     gna, att = sys.modules["mdm_fast.ops.group_norm_act"], sys.modules["mdm_fast.ops.attention"]
-    # memory.run patches these for the whole process: restore them after the test
-    monkeypatch.setattr(gna, "_plain_reference", gna._plain_reference)
-    monkeypatch.setattr(att, "_kernels", att._kernels)
     reasons = dispatch.registered_ops()["attention"].reasons
-    monkeypatch.setitem(reasons, "triton", reasons["triton"])
+    patched = (gna._plain_reference, att._kernels, reasons["triton"])  # memory.run patches them while it counts
     monkeypatch.setattr(memory, "public_config", lambda stem: ("nested_unet", tiny_nested_config(), 16))
     monkeypatch.setattr(memory, "TEXT_WIDTH", 24)
     monkeypatch.setattr(memory, "TEXT_TOKENS", 5)
@@ -244,6 +257,7 @@ def test_memory_estimate_halves_fp32_activations_and_scales_the_batch(monkeypatc
 
     monkeypatch.setattr(mdm_fast, "build_model", with_ballast)
     text = memory.run("tiny", 1)
+    assert (gna._plain_reference, att._kernels, reasons["triton"]) == patched  # and restored after
     total = next(line for line in text.splitlines() if line.startswith("| total |"))
     kept_mb, default_mb = (float(v) for v in total.strip("| ").split(" | ")[1:])  # fp32, batch 1
     n = sum(p.numel() for p in build("nested_unet", tiny_nested_config()).parameters()) + 25_000_000
