@@ -1,5 +1,6 @@
 """The mdm-fast command line: info, convert (lossless both ways), summary, a tiny demo, sample."""
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -7,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from PIL import Image
 
 from mdm_fast.cli.main import backend_report, main
 from mdm_fast.train import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_config import CONFIGS, needs_configs  # noqa: E402
-from test_train import OUTER, _one_thread, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
+from test_train import OUTER, _free_port, _one_thread, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
 
 
 def test_info_lists_versions_and_backends(capsys, monkeypatch):
@@ -205,8 +208,75 @@ def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
     assert "cuda_graphs needs a CUDA device" in capsys.readouterr().err
 
 
+def _sample_worker(rank, world, port, args, printed):
+    import contextlib
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    with open(f"{printed}.{rank}", "w") as f, contextlib.redirect_stdout(f):
+        assert main(args) == 0
+    assert not torch.distributed.is_initialized()  # main left the process group
+
+
+def _pixels(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*_level*px.png"))}
+
+
+def test_sampling_split_over_processes_writes_what_one_process_writes(tmp_path, capsys):
+    """torchrun's processes take every other batch of the run (each seeded by (seed, batch)): the same files
+    as one process; --skip-existing makes only the batches with a missing file again, the same images; the
+    grid shows the first --grid-rows prompts, read back from the files; prompts.tsv indexes the names."""
+    yaml_path = tmp_path / "tiny.yaml"
+    tiny(tmp_path / "unused", num_training_steps=1, save_freq=1).to_yaml(yaml_path)
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "run")]) == 0
+    ckpt = str(tmp_path / "run" / "ckpt_00000001.pt")
+    common = ["sample", "--checkpoint", ckpt, "--labels", "3", "1", "4", "--num-per-prompt", "3", "--batch", "2",
+              "--steps", "2", "--seed", "5", "--grid-rows", "2"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["images"], result["generated"], result["skipped"]) == (9, 9, 0)
+    args = [*common, "--out", str(tmp_path / "two")]
+    mp.spawn(_sample_worker, args=(2, _free_port(), args, str(tmp_path / "printed")), nprocs=2, join=True)
+    assert (tmp_path / "printed.1").read_text() == ""  # rank 0 reports for all: 5 batches, 3 of them its own
+    result = json.loads((tmp_path / "printed.0").read_text().strip().splitlines()[-1])
+    assert (result["images"], result["generated"], result["skipped"]) == (9, 9, 0)
+    one, two = _pixels(tmp_path / "one"), _pixels(tmp_path / "two")
+    assert len(one) == 9 * 2 and one.keys() == two.keys()  # 3 labels x 3 copies x 2 levels
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+    assert len({v.tobytes() for k, v in one.items() if "level0" in k}) == 9  # no two share noise
+    assert (tmp_path / "two" / "prompts.tsv").read_text() == "0\t3\n1\t1\n2\t4\n"
+    # the grid: 2 rows of 3 copies, each cell every level side by side (the 8 px level enlarged to 16)
+    grid = np.asarray(Image.open(tmp_path / "one" / "grid.png"))
+    assert grid.shape[0] == 2 * (16 + 4) + 4
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "two" / "grid.png")))
+    x0 = grid.shape[1] - 3 * (16 * 2 + 2 + 4)  # the first cell of row 0 (after the label column), its top level
+    assert np.array_equal(grid[4:20, x0 + 18:x0 + 34], one["000_00_level0_16px.png"])
+    # a stopped run: the batch holding the missing file is made again, the others skipped
+    (tmp_path / "one" / "002_01_level1_8px.png").unlink()  # the 8th image: batch 3 (images 6 and 7)
+    (tmp_path / "one" / "grid.png").unlink()
+    assert main([*common, "--grid-rows", "0", "--skip-existing", "--out", str(tmp_path / "one")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["generated"], result["skipped"], "grid" in result) == (2, 7, False)
+    again = _pixels(tmp_path / "one")
+    assert again.keys() == one.keys() and all(np.array_equal(one[k], again[k]) for k in one)
+    assert not (tmp_path / "one" / "grid.png").exists()
+
+
+def test_from_uint8_inverts_to_uint8():
+    from mdm_fast.train.grids import from_uint8, to_uint8
+
+    rgb = np.arange(256 * 3, dtype=np.int64).reshape(1, 16, 16, 3).__mod__(256).astype(np.uint8)
+    assert np.array_equal(to_uint8(from_uint8(rgb)), rgb)
+    grey = rgb[..., 0]  # (B, H, W): one channel
+    assert from_uint8(grey).shape == (1, 1, 16, 16) and np.array_equal(to_uint8(from_uint8(grey))[..., 0], grey)
+    assert from_uint8(np.array([[[[0, 127, 255]]]], dtype=np.uint8)).flatten().tolist() == [-127 / 128, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch", "0"], "--batch: expected >= 1, got 0"),
+    (["--grid-rows", "-1"], "--grid-rows: expected >= 0 (0: no grid), got -1"),
     (["--steps", "0"], "--steps: expected >= 1, got 0"),
     (["--num-per-prompt", "-1"], "--num-per-prompt: expected >= 1"),
     (["--grid-scale", "0"], "--grid-scale: expected >= 1"),

@@ -36,7 +36,8 @@ def demo_config(out: Path, gpu: bool, steps: int, quick: bool) -> ExperimentConf
     if quick:  # a smoke test: tiny widths
         inner.update(resolution_channels=[16, 32], temporal_dim=64, num_resnets_per_resolution=[1, 1],
                      resnet_config={"num_groups_norm": 8, "dropout": 0.0})
-        outer.update(resolution_channels=[8, 8, 16], temporal_dim=64, resnet_config={"num_groups_norm": 8, "dropout": 0.0})
+        outer.update(resolution_channels=[8, 8, 16], temporal_dim=64,
+                     resnet_config={"num_groups_norm": 8, "dropout": 0.0})
     d: Dict[str, Any] = {
         "name": DEMO_NAME, "model": "nested_unet", "unet_config": outer,
         "diffusion_config": {

@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +14,8 @@ from typing import List, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from mdm_fast.cli.sample import cmd_sample  # noqa: E402
 
 log = logging.getLogger("mdm_fast")
 
@@ -38,86 +39,6 @@ def cmd_train(args) -> int:
     if trainer.dist.is_main:
         print(json.dumps({"step": result["step"], "output_dir": str(trainer.out),
                           "skipped_images": result.get("skipped_images", 0)}))
-    return 0
-
-
-# ---- sample --------------------------------------------------------------------------------------
-def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.device, use_ema: bool = True,
-                      overrides: Optional[List[str]] = None):
-    """(cfg, encoder, model, diffusion) from one of our checkpoints (its config inside) or a public
-    checkpoint plus its YAML."""
-    from mdm_fast.config import load_experiment
-    from mdm_fast.text import build_text_encoder
-    from mdm_fast.train.checkpoint import load_checkpoint
-    from mdm_fast.train.trainer import build_diffusion, build_network
-
-    ckpt = load_checkpoint(Path(checkpoint))
-    if config:
-        cfg = load_experiment(config, overrides)
-    elif "config" in ckpt:
-        import yaml
-
-        cfg = load_experiment(yaml.safe_load(ckpt["config"]), overrides)
-    else:
-        raise ValueError(f"{checkpoint} is a public checkpoint without a config: pass --config X.yaml")
-    encoder = build_text_encoder(cfg, device)
-    model = build_network(cfg, encoder.embed_dim, device)
-    state = ckpt["ema_state_dict"] if use_ema and "ema_state_dict" in ckpt else ckpt["state_dict"]
-    model.load_state_dict(state, strict=True)
-    model.eval().requires_grad_(False)  # sampling only: the fast model keeps the weights it derives
-    return cfg, encoder, model, build_diffusion(cfg, model)
-
-
-def cmd_sample(args) -> int:
-    from mdm_fast.files import save_image_atomic
-    from mdm_fast.train.grids import generate, grid_image, to_uint8
-    from mdm_fast.train.trainer import autocast_dtype
-
-    for name in ("num_per_prompt", "batch", "steps", "grid_scale"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    if args.negative_prompt is not None and args.guidance == 1.0:
-        raise ValueError("--negative-prompt: only used with --guidance != 1 (classifier-free guidance)")
-    overrides = [p for p in args.prompts or [] if re.fullmatch(r"[A-Za-z_][\w.-]*=\S*", p)]
-    if overrides:
-        raise ValueError(f"--prompts {overrides}: these look like KEY=VALUE config overrides, which go before "
-                         "--prompts (every word after it is read as a prompt); such a prompt can come from "
-                         "--prompt-file")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
-                                                       args.overrides)
-    prompts = list(args.prompts or []) + [str(label) for label in (args.labels or [])]
-    if args.prompt_file:
-        prompts += [line.split("\t")[-1].strip() for line in Path(args.prompt_file).read_text().splitlines()
-                    if line.strip()]
-    if not prompts:
-        raise ValueError("sample: give --prompts, --labels or --prompt-file")
-    image_size = args.image_size or cfg.image_size
-    autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    levels_all: List[List[torch.Tensor]] = []
-    jobs = [(k, p, i) for k, p in enumerate(prompts) for i in range(args.num_per_prompt)]
-    cache: dict = {}  # the batches share their sampler, conditioning buffers and captured step
-    generator = torch.Generator(device).manual_seed(args.seed)  # one stream: no two batches share noise
-    for start in range(0, len(jobs), args.batch):
-        chunk = jobs[start:start + args.batch]
-        levels = generate(diffusion, model, encoder, [p for _, p, _ in chunk], 1, image_size, device,
-                          steps=args.steps, guidance=args.guidance, generator=generator,
-                          negative_prompt=args.negative_prompt, ddim_eta=args.eta, progress=True,
-                          cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                          cache=cache, autocast=autocast)
-        levels_all.append([lvl.cpu() for lvl in levels])
-        from PIL import Image
-
-        for j, (k, _, i) in enumerate(chunk):
-            for depth, lvl in enumerate(levels):
-                save_image_atomic(Image.fromarray(to_uint8(lvl[j:j + 1])[0]),
-                                  out / f"{k:03d}_{i:02d}_level{depth}_{lvl.shape[-1]}px.png")
-    levels = [torch.cat([chunk[d] for chunk in levels_all]) for d in range(len(levels_all[0]))]
-    save_image_atomic(grid_image(levels, len(prompts), [p[:24] for p in prompts], scale=args.grid_scale),
-                      out / "grid.png")
-    print(json.dumps({"images": len(jobs), "out": str(out), "grid": str(out / "grid.png")}))
     return 0
 
 
@@ -242,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="experiment YAML (public ml-mdm format)")
     t.add_argument("--output-dir", help="where checkpoints and logs go (overrides output_dir)")
     t.add_argument("--steps", type=int, help="stop after this many steps of this run")
-    t.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, dotted for sections (reader_config.image_size=64)")
+    t.add_argument("overrides", nargs="*",
+                   help="KEY=VALUE overrides, dotted for sections (reader_config.image_size=64)")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="sample images for prompts or class labels")
@@ -257,11 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-prompt", help="what guidance steers away from (default: the empty caption's "
                                              "encoding for text models, as the public sampler; zeros for class models)")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta (default: ancestral DDPM)")
-    s.add_argument("--seed", type=int, default=0, help="seeds one noise stream for the whole run: the same seed, "
-                                                       "prompts and --batch give the same images")
+    s.add_argument("--seed", type=int, default=0, help="batch b's noise is seeded by (seed, b): the same seed, "
+                                                       "prompts and --batch give the same images in any number of "
+                                                       "processes (torchrun splits the batches)")
     s.add_argument("--batch", type=int, default=16, help="images per forward batch")
     s.add_argument("--image-size", type=int, default=0)
     s.add_argument("--grid-scale", type=int, default=1)
+    s.add_argument("--grid-rows", type=int, default=32, help="grid.png shows the first N prompts (0: no grid)")
+    s.add_argument("--skip-existing", action="store_true",
+                   help="skip the batches whose files are all in --out (a run started again after a stop)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="capture each denoising step (all levels, guidance, update) once and replay it; "
@@ -272,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("--out", default="samples")
     s.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    s.set_defaults(fn=cmd_sample)
+    s.set_defaults(fn=cmd_sample)  # mdm_fast/cli/sample.py
 
     c = sub.add_parser("convert", help="public checkpoint <-> ours (lossless)")
     c.add_argument("input")
@@ -315,6 +241,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"mdm-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:  # the process group a command under torchrun joined (train, sample)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

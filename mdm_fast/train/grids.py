@@ -24,6 +24,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def from_uint8(x: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, C) or (B, H, W) -> (B, C, H, W) in [-1, 1]: the inverse of :func:`to_uint8` (exactly:
+    ``to_uint8(from_uint8(x)) == x``)."""
+    t = torch.tensor(np.asarray(x), dtype=torch.float32)
+    t = t.unsqueeze(-1) if t.dim() == 3 else t
+    return ((t - 127.0) / 128.0).permute(0, 3, 1, 2)
+
+
 def side_by_side(levels: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
     """Levels (highest first, (B, C, H_l, W_l)) -> (B, C, H, L*W + gaps), lowest first, each level
     enlarged to the top size with nearest neighbours so its pixels stay visible; gaps are white."""
@@ -68,8 +76,9 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
              cache: Optional[dict] = None, autocast: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Samples for every prompt (``per_prompt`` each, prompt-major): the list of levels, highest first.
 
-    Noise comes from ``generator`` (on ``device``; a caller sampling several batches passes one, so
-    that no two batches share noise), else from a new one seeded with ``seed``. With ``guidance`` != 1
+    Noise comes from ``generator`` (on ``device``; a caller sampling several batches passes each its
+    own, seeded apart, as ``mdm-fast sample`` does, or one for all), else from a new one seeded with
+    ``seed``. With ``guidance`` != 1
     the unconditional rows are the encoder's null (a text encoder's: the empty caption's encoding, as
     the public sampler's default), or ``negative_prompt`` encoded as a prompt is (the prompts and it
     are padded to the longer, as the public code encodes them in one batch).

@@ -1,0 +1,182 @@
+"""``mdm-fast sample``: images for prompts or class labels, in one process or split over torchrun's.
+
+The run's images are cut into batches of ``--batch`` (prompt-major, ``--num-per-prompt`` each); batch b
+draws its noise from a generator seeded with ``(--seed, b)`` and goes to process ``b % WORLD_SIZE``. So
+the same seed, prompts and ``--batch`` give the same files whatever the number of processes, and a batch
+whose files all exist can be skipped (``--skip-existing``) without changing any other. Memory stays
+bounded however many prompts: each batch is written as it is done, and rank 0 draws the grid from the
+files of the first ``--grid-rows`` prompts once every process has finished.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from mdm_fast.train.distributed import DistInfo
+
+
+def image_name(prompt: int, copy: int, level: int, px: int) -> str:
+    """The file of one image: prompt index, copy of that prompt, nesting level (0: the top), its width."""
+    return f"{prompt:03d}_{copy:02d}_level{level}_{px}px.png"
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """Batch ``batch``'s noise seed (as the loader's epoch seeds): no two (seed, batch) pairs of fewer
+    than a million batches share one, so seed 1's first batch is not seed 0's second."""
+    return seed * 1_000_003 + batch
+
+
+def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.device, use_ema: bool = True,
+                      overrides: Optional[List[str]] = None):
+    """(cfg, encoder, model, diffusion) from one of our checkpoints (its config inside) or a public
+    checkpoint plus its YAML."""
+    from mdm_fast.config import load_experiment
+    from mdm_fast.text import build_text_encoder
+    from mdm_fast.train.checkpoint import load_checkpoint
+    from mdm_fast.train.trainer import build_diffusion, build_network
+
+    ckpt = load_checkpoint(Path(checkpoint))
+    if config:
+        cfg = load_experiment(config, overrides)
+    elif "config" in ckpt:
+        import yaml
+
+        cfg = load_experiment(yaml.safe_load(ckpt["config"]), overrides)
+    else:
+        raise ValueError(f"{checkpoint} is a public checkpoint without a config: pass --config X.yaml")
+    encoder = build_text_encoder(cfg, device)
+    model = build_network(cfg, encoder.embed_dim, device)
+    state = ckpt["ema_state_dict"] if use_ema and "ema_state_dict" in ckpt else ckpt["state_dict"]
+    model.load_state_dict(state, strict=True)
+    model.eval().requires_grad_(False)  # sampling only: the fast model keeps the weights it derives
+    return cfg, encoder, model, build_diffusion(cfg, model)
+
+
+def check_arguments(args) -> None:
+    """The checks that need nothing loaded."""
+    for name in ("num_per_prompt", "batch", "steps", "grid_scale"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.grid_rows < 0:
+        raise ValueError(f"--grid-rows: expected >= 0 (0: no grid), got {args.grid_rows}")
+    if args.negative_prompt is not None and args.guidance == 1.0:
+        raise ValueError("--negative-prompt: only used with --guidance != 1 (classifier-free guidance)")
+    overrides = [p for p in args.prompts or [] if re.fullmatch(r"[A-Za-z_][\w.-]*=\S*", p)]
+    if overrides:
+        raise ValueError(f"--prompts {overrides}: these look like KEY=VALUE config overrides, which go before "
+                         "--prompts (every word after it is read as a prompt); such a prompt can come from "
+                         "--prompt-file")
+
+
+def read_prompts(args) -> List[str]:
+    """--prompts, then --labels, then --prompt-file's lines (their last tab-separated column)."""
+    prompts = list(args.prompts or []) + [str(label) for label in (args.labels or [])]
+    if args.prompt_file:
+        prompts += [line.split("\t")[-1].strip() for line in Path(args.prompt_file).read_text().splitlines()
+                    if line.strip()]
+    if not prompts:
+        raise ValueError("sample: give --prompts, --labels or --prompt-file")
+    return prompts
+
+
+def _device(args, info: DistInfo) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    # under torchrun, init_distributed made this process's GPU (LOCAL_RANK) the current one
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cmd_sample(args) -> int:
+    from mdm_fast.files import write_text_atomic
+    from mdm_fast.train.distributed import barrier, init_distributed
+    from mdm_fast.train.trainer import autocast_dtype
+
+    check_arguments(args)
+    info = init_distributed()
+    device = _device(args, info)
+    cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
+                                                       args.overrides)
+    prompts = read_prompts(args)
+    image_size = args.image_size or cfg.image_size
+    widths = [w for _, w in diffusion.level_sizes(image_size)]  # top level first
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        write_text_atomic(out / "prompts.tsv", "".join(f"{k}\t{p}\n" for k, p in enumerate(prompts)))
+    jobs = [(k, i) for k in range(len(prompts)) for i in range(args.num_per_prompt)]  # (prompt, copy)
+    batches = [jobs[s:s + args.batch] for s in range(0, len(jobs), args.batch)]
+    autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
+    counts = torch.zeros(2, dtype=torch.long)  # images generated, skipped (their files were there)
+    cache: dict = {}  # the batches share their sampler, conditioning buffers and captured step
+    mine = range(info.rank, len(batches), info.world_size)
+    for b in tqdm(mine, desc=f"batches of {args.batch}", disable=not info.is_main or len(mine) < 2):
+        paths = [[out / image_name(k, i, d, px) for d, px in enumerate(widths)] for k, i in batches[b]]
+        if args.skip_existing and all(p.exists() for row in paths for p in row):
+            counts[1] += len(paths)
+            continue
+        _sample_batch(args, diffusion, model, encoder, [prompts[k] for k, _ in batches[b]], image_size, device,
+                      torch.Generator(device).manual_seed(batch_seed(args.seed, b)), cache, autocast, paths,
+                      progress=info.is_main)
+        counts[0] += len(paths)
+    counts = _total(counts, info, device)
+    barrier(info)  # every file written before rank 0 reads the grid's
+    if not info.is_main:
+        return 0
+    result = {"images": len(jobs), "generated": int(counts[0]), "skipped": int(counts[1]), "out": str(out)}
+    if args.grid_rows:
+        rows = prompts[:args.grid_rows]
+        _write_grid(out, rows, args.num_per_prompt, widths, args.grid_scale)
+        result["grid"] = str(out / "grid.png")
+    print(json.dumps(result))
+    return 0
+
+
+def _sample_batch(args, diffusion, model, encoder, prompts: List[str], image_size: int, device: torch.device,
+                  generator: torch.Generator, cache: dict, autocast, paths: List[List[Path]],
+                  progress: bool) -> None:
+    """One batch sampled and written: ``paths[j][d]`` is image j's file at level d."""
+    from PIL import Image
+
+    from mdm_fast.files import save_image_atomic
+    from mdm_fast.train.grids import generate, to_uint8
+
+    levels = generate(diffusion, model, encoder, prompts, 1, image_size, device, steps=args.steps,
+                      guidance=args.guidance, generator=generator, negative_prompt=args.negative_prompt,
+                      ddim_eta=args.eta, progress=progress,
+                      cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs], cache=cache,
+                      autocast=autocast)
+    for d, lvl in enumerate(levels):
+        for j, pixels in enumerate(to_uint8(lvl)):  # (H, W, C)
+            save_image_atomic(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels), paths[j][d])
+
+
+def _total(counts: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
+    """The counts summed over the processes."""
+    if info.world_size <= 1:
+        return counts
+    import torch.distributed as dist
+
+    summed = counts.to(device)
+    dist.all_reduce(summed)
+    return summed.cpu()
+
+
+def _write_grid(out: Path, prompts: List[str], per_prompt: int, widths: List[int], scale: int) -> None:
+    """grid.png: a row per prompt, every copy and level of it, read back from the files (exactly the
+    pixels written: the PNGs are lossless and :func:`from_uint8` inverts :func:`to_uint8`)."""
+    from PIL import Image
+
+    from mdm_fast.files import save_image_atomic
+    from mdm_fast.train.grids import from_uint8, grid_image
+
+    levels = [torch.cat([from_uint8(np.asarray(Image.open(out / image_name(k, i, d, px)))[None])
+                         for k in range(len(prompts)) for i in range(per_prompt)])
+              for d, px in enumerate(widths)]
+    save_image_atomic(grid_image(levels, len(prompts), [p[:24] for p in prompts], scale=scale), out / "grid.png")
