@@ -583,6 +583,32 @@ def test_cast_weights_is_a_snapshot_that_keeps_what_the_model_derives(monkeypatc
         assert len(folds) == 3
 
 
+def test_cast_weights_shared_by_the_samplers_of_frozen_weights():
+    """CastWeights.shared: the samplers of one frozen model (mdm-fast sample makes one per batch shape) share
+    one set of copies while one of them lives, and so what the model derives from them; weights changed
+    since, another dtype, forget_derived_weights() or trainable weights get new copies."""
+    from mdm_fast.models import CastWeights, forget_derived_weights
+
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).eval().requires_grad_(False)
+    first = CastWeights.shared(model, torch.bfloat16)
+    assert CastWeights.shared(model, torch.bfloat16) is first
+    assert CastWeights.shared(model, torch.float16) is not first
+    with torch.no_grad():
+        model.conv_out.weight.add_(1.0)
+    changed = CastWeights.shared(model, torch.bfloat16)
+    assert changed is not first and torch.equal(changed.copies["conv_out.weight"],
+                                                model.conv_out.weight.to(torch.bfloat16))
+    assert CastWeights.shared(model, torch.bfloat16) is changed
+    forget_derived_weights()  # writes through .data, which no version counter sees
+    assert CastWeights.shared(model, torch.bfloat16) is not changed
+    gone = weakref.ref(first)
+    del first, changed
+    gc.collect()
+    assert gone() is None  # held by the samplers only, not by the model
+    model.requires_grad_(True)  # a model being trained: an optimiser may change it unseen
+    assert CastWeights.shared(model, torch.bfloat16) is not CastWeights.shared(model, torch.bfloat16)
+
+
 class OpCounts(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the calls of each operator (``calls``: name -> count)."""
 

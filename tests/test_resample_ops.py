@@ -9,7 +9,7 @@ from torch import nn
 from mdm_fast.ops import BackendUnavailable, nested_inner_input, nested_outer_merge, resize, upsample_conv3x3
 from mdm_fast.ops import resample
 from mdm_fast.ops.resample import _nested_inner_input, _nested_outer_merge, _upsample_conv3x3
-from mdm_fast.ops.time_proj import TimeProjections, expand_batch
+from mdm_fast.ops.time_proj import ParamCache, TimeProjections, expand_batch
 
 CL = torch.channels_last
 
@@ -357,6 +357,32 @@ def test_time_projections_cache_follows_parameters():
         assert _max_err(proj(temb)[0][0], _public_proj(layers[0], temb, 2)[0]) <= 1e-5
         layers[2].bias = nn.Parameter(torch.randn(16), requires_grad=False)  # a new Parameter object
         assert _max_err(proj(temb)[2][1], _public_proj(layers[2], temb, 2)[1]) <= 1e-5
+
+
+def test_param_cache_keeps_a_value_per_parameter_set_while_it_lives():
+    """Two sets of frozen parameters (two samplers' cast copies of one model) take turns: each keeps its own
+    value (a CUDA graph captured with one finds it alive after the other ran); a change of one set
+    rebuilds its value only; the value of a set that died is dropped; a slot without a parameter is one."""
+    import gc
+    import weakref
+
+    cache, builds = ParamCache(), []
+
+    def build(params):
+        return lambda: builds.append(1) or torch.cat([p for p in params if p is not None])
+
+    a, b = [torch.randn(3), None], [torch.randn(3), None]
+    va, vb = cache.get(a, build(a)), cache.get(b, build(b))
+    assert cache.get(a, build(a)) is va and cache.get(b, build(b)) is vb and len(builds) == 2
+    b[0].add_(1.0)  # in place: b's value is rebuilt, a's kept
+    vb = cache.get(b, build(b))
+    assert torch.equal(vb, b[0]) and cache.get(a, build(a)) is va and len(builds) == 3
+    assert cache.get(a, build(a), extra="other") is not va  # another extra key: another value
+    gone = weakref.ref(vb)
+    del b, vb
+    gc.collect()
+    cache.get(a, build(a))  # b's parameters died: its value goes
+    assert gone() is None
 
 
 def test_time_projections_state_dict_unchanged():

@@ -8,6 +8,7 @@ from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_s
 from test_config import CONFIGS, needs_configs
 from test_fast_model import randomize, tiny_inputs, tiny_nested_config
 from test_text import needs_minilm
+from mdm_fast.train.grids import MAX_PIPELINES
 
 DIFFUSION = dict(sampler_config=dict(num_diffusion_steps=100, prediction_type="V_PREDICTION",
                                      schedule_type="DEEPFLOYD", schedule_shifted=True),
@@ -440,6 +441,14 @@ def test_generate_reuses_its_sampler_and_buffers_across_batches():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     run(cache, ["3"], 2)  # another batch size: another pipeline
     assert len(cache) == 2
+    first = next(iter(cache.values()))
+    for n in (3, 4, 5):  # the cache keeps the MAX_PIPELINES shapes used last
+        run(cache, ["1"] * n, n)
+    assert len(cache) == MAX_PIPELINES and first not in cache.values()
+    pipes = list(cache.values())
+    run(cache, ["2"] * 3, 6)  # a hit moves its shape to the newest end: the next new shape evicts another
+    run(cache, ["2"] * 6, 7)
+    assert pipes[1] in cache.values() and pipes[0] not in cache.values()
 
 
 @pytest.mark.gpu
@@ -449,6 +458,49 @@ def test_gpu_generate_replays_one_captured_step_across_batches():
     assert pipe.step_fn is not None and pipe.step_fn.num_graphs == 1
     for a, b in zip(shared, fresh):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _two_samplers(device, monkeypatch):
+    """Two bf16 samplers of one model being trained (so each casts its own copies), the first's inputs, and
+    a count of the text projections' folds (the weights the model derives from a set of copies)."""
+    from mdm_fast.models.text_kv import TextProjections
+
+    folds, fold = [], TextProjections._folded
+    monkeypatch.setattr(TextProjections, "_folded", lambda self, dtype: folds.append(1) or fold(self, dtype))
+    model, diffusion, cond, mask = tiny_setup(device)
+    x_t = [torch.randn(2, 3, 16, 16, device=device), torch.randn(2, 3, 8, 8, device=device)]
+    times = torch.tensor([0.3, 0.7], device=device)
+    first = diffusion.make_denoise(model, cond, mask, autocast=torch.bfloat16)
+    second = diffusion.make_denoise(model, cond[:1], mask[:1], autocast=torch.bfloat16)
+    return first, second, x_t, times, folds
+
+
+def test_two_samplers_keep_their_own_derived_weights(monkeypatch):
+    """Each sampler's cast copies keep what the model derives from them while the other runs: the first,
+    called again after the second, folds nothing anew (a captured step reads them at fixed addresses)."""
+    first, second, x_t, times, folds = _two_samplers("cpu", monkeypatch)
+    with torch.no_grad():
+        want = first(x_t, times)
+        second([x[:1] for x in x_t], times[:1])
+        assert len(folds) == 2
+        again = first(x_t, times)
+    assert len(folds) == 2 and all(torch.equal(a, b) for a, b in zip(again, want))
+
+
+@pytest.mark.gpu
+def test_gpu_a_captured_sampler_replays_right_after_another_ran(monkeypatch):
+    """The first sampler's captured step, replayed after the second one ran (and the memory it freed was
+    written over), still gives its eager result: its derived weights stayed alive."""
+    first, second, x_t, times, _ = _two_samplers("cuda", monkeypatch)
+    with torch.no_grad():
+        want = first(x_t, times)
+        graphed = GraphedCallable(first)
+        assert all(torch.equal(a, b) for a, b in zip(graphed(x_t, times), want))
+        second([x[:1] for x in x_t], times[:1])
+        junk = [torch.full((1 << k,), float("nan"), device="cuda") for k in range(8, 22) for _ in range(4)]
+        got = graphed(x_t, times)
+    del junk
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_denoise_under_autocast_runs_the_model_in_bf16_and_returns_x_t_dtype():

@@ -64,7 +64,8 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
 
     ``autocast``: the model runs under ``torch.autocast`` to that dtype (bfloat16 on a GPU: what the
     models are benchmarked at), with its convolution and linear weights cast once, now
-    (:class:`mdm_fast.models.CastWeights`: make a new denoiser after the weights change); its
+    (:class:`mdm_fast.models.CastWeights`, shared with the live denoisers of the same frozen weights:
+    make a new denoiser after the weights change); its
     predictions come back in x_t's dtype, and guidance and the sampler update run there.
 
     guidance_scale != 1: classifier-free guidance as the public code does it: one model call on the
@@ -89,7 +90,7 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
             return conditioning, cond_mask
         return torch.cat([null, conditioning]), None if cond_mask is None else torch.cat([null_mask, cond_mask])
 
-    cast_model = None if autocast is None else CastWeights(model, autocast)
+    cast_model = None if autocast is None else CastWeights.shared(model, autocast)
 
     def predict(x_t: List[Tensor], *args) -> List[Tensor]:
         with _eval_mode(model):

@@ -11,7 +11,8 @@ would produce, without its kernels.
   parameters as they are (0.17M of the 256x256 model's 378M): the copies are the weights then (as a
   captured graph is), and, needing no gradient, they let the fast model keep what it derives from them
   (batched time and text projections, sub-pixel weights: :class:`mdm_fast.ops.time_proj.ParamCache`);
-  after the weights change (loading, training), build a new one.
+  after the weights change (loading, training), build a new one. :meth:`CastWeights.shared` hands the
+  samplers of one frozen model one set of copies.
 - :class:`CastEachCall` (training) casts at every call, all parameters in one multi-tensor copy
   (``torch._foreach_copy_``, a few kernels), differentiable: backward hands each parameter its
   gradient cast back to its dtype the same way. Parameters that need no gradient (a frozen inner
@@ -26,6 +27,7 @@ Sharded (FSDP2) parameters are left to autocast.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -55,8 +57,31 @@ class CastWeights:
     :func:`cast_targets` replaced by ``dtype`` copies made now, and the others (not sharded) by copies
     in their own dtype; meant for no-grad calls under autocast to ``dtype``."""
 
+    _live: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # (id(model), dtype) -> one in use
+
+    @classmethod
+    def shared(cls, model: nn.Module, dtype: torch.dtype) -> "CastWeights":
+        """The CastWeights of ``model`` to ``dtype`` that a live sampler already holds, if it was made from
+        the weights as they are now, else a new one: the samplers of one frozen model (one per batch
+        shape of a sampling job) share one set of copies, and what the fast model derives from them.
+        Never shared for weights that require a gradient (an optimiser may change them unseen, see
+        :class:`mdm_fast.ops.time_proj.ParamCache`)."""
+        from mdm_fast.ops.time_proj import ParamCache
+
+        params = list(model.parameters())
+        found = cls._live.get((id(model), dtype))
+        if found is not None and found.model is model and found.key == ParamCache.key(params):
+            return found
+        made = cls(model, dtype)
+        if ParamCache.keeps(params):
+            cls._live[(id(model), dtype)] = made
+        return made
+
     def __init__(self, model: nn.Module, dtype: torch.dtype):
+        from mdm_fast.ops.time_proj import ParamCache
+
         self.model = model
+        self.key = ParamCache.key(list(model.parameters()))  # the weights the copies were made from
         self.params = cast_targets(model, dtype)  # name -> the model's parameter
         with torch.no_grad():
             copies: Dict[int, Tensor] = {}  # a parameter shared by two modules gets one copy

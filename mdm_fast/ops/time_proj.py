@@ -22,7 +22,8 @@ carry more samples than temb (``einops.repeat(t, "b c h w -> (b n) c h w")`` = r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,15 @@ def expand_batch(t: Tensor, batch: int) -> Tensor:
 
 
 class ParamCache:
-    """A value built from parameters, kept while none of them changes: another object, data pointer,
-    in-place version counter (``load_state_dict`` and ``copy_`` bump it), dtype or device, or the
-    ``extra`` key. For weights derived for sampling (concatenated, folded). Built anew at every call
-    when a parameter requires a gradient: an optimiser may update it, and a fused one
-    (``torch.optim.AdamW(fused=True)``) leaves version counters as they were, so a key cannot see it
-    (requires_grad, not the grad mode: a custom op runs its implementation with gradients off, in a
-    training step too).
+    """Values built from parameters: one per set of parameter objects, kept while those objects live
+    and none of them changes (data pointer, in-place version counter: ``load_state_dict`` and ``copy_``
+    bump it; dtype, device, or the ``extra`` key). For weights derived for sampling (concatenated,
+    folded). Several sets keep a value each (the cast copies of two samplers of one model): a CUDA graph
+    captured with one set's value reads memory that stays its own while the other set runs.
+    Built anew at every call when a parameter requires a gradient: an optimiser may update it, and a
+    fused one (``torch.optim.AdamW(fused=True)``) leaves version counters as they were, so a key cannot
+    see it (requires_grad, not the grad mode: a custom op runs its implementation with gradients off, in
+    a training step too).
     Sampling keeps the value through parameters that need no gradient: the copies of
     :class:`mdm_fast.models.CastWeights`, an EMA model, a model after ``requires_grad_(False)``.
     A write through ``p.data`` (``p.data.mul_(d)``, an old EMA idiom) bumps no version counter: after
@@ -54,7 +57,8 @@ class ParamCache:
     _epoch = 0  # bumped by forget_all: part of every key
 
     def __init__(self):
-        self._entry: Optional[Tuple[list, list, Any]] = None
+        # ids of the parameters -> (weak references to them, key, value)
+        self._entries: Dict[Tuple[int, ...], Tuple[list, list, Any]] = {}
 
     @classmethod
     def forget_all(cls) -> None:
@@ -65,16 +69,34 @@ class ParamCache:
         """Whether a value built from ``params`` is kept: none of them requires a gradient."""
         return not any(p is not None and p.requires_grad for p in params)
 
+    @staticmethod
+    def key(params: Sequence[Optional[Tensor]], extra: Any = None) -> list:
+        """What tells a change of ``params`` (the same objects) apart."""
+        key: list = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params]
+        return key + [extra, ParamCache._epoch]
+
     def get(self, params: Sequence[Optional[Tensor]], build: Callable[[], Any], extra: Any = None) -> Any:
         params = list(params)
         if not self.keeps(params):
             return build()
-        key = [None if p is None else (p.data_ptr(), p._version, p.dtype, p.device) for p in params]
-        key += [extra, ParamCache._epoch]
-        e = self._entry
-        if e is None or len(e[0]) != len(params) or any(a is not b for a, b in zip(e[0], params)) or e[1] != key:
-            e = self._entry = (params, key, build())
+        # the values of parameter sets that died go (a sampler's cast copies, dropped with it)
+        self._entries = {k: e for k, e in self._entries.items() if _alive(e[0])}
+        ids, key = tuple(id(p) for p in params), self.key(params, extra)
+        e = self._entries.get(ids)
+        if e is None or not _same(e[0], params) or e[1] != key:
+            refs = [None if p is None else weakref.ref(p) for p in params]
+            e = self._entries[ids] = (refs, key, build())
         return e[2]
+
+
+def _alive(refs: list) -> bool:
+    """Whether every parameter a list of weak references (None: a slot without one) points to lives."""
+    return all(r is None or r() is not None for r in refs)
+
+
+def _same(refs: list, params: list) -> bool:
+    """Whether the weak references point to exactly ``params`` (an id can be reused after a death)."""
+    return all(p is None if r is None else r() is p for r, p in zip(refs, params))
 
 
 class TimeProjections:

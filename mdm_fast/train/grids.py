@@ -78,17 +78,18 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
 
     Noise comes from ``generator`` (on ``device``; a caller sampling several batches passes each its
     own, seeded apart, as ``mdm-fast sample`` does, or one for all), else from a new one seeded with
-    ``seed``. With ``guidance`` != 1
-    the unconditional rows are the encoder's null (a text encoder's: the empty caption's encoding, as
-    the public sampler's default), or ``negative_prompt`` encoded as a prompt is (the prompts and it
-    are padded to the longer, as the public code encodes them in one batch).
+    ``seed``. With ``guidance`` != 1 the unconditional rows are the encoder's null (a text encoder's: the
+    empty caption's encoding, as the public sampler's default), or ``negative_prompt`` encoded as a
+    prompt is (the prompts and it are padded to the longer, as the public code encodes them in one batch).
 
     ``cuda_graphs``: each denoising step (every level, guidance, sampler update) is captured once and
     replayed (:func:`mdm_fast.engine.graphed_sampler_step`); needs a CUDA device. None: on CUDA (an
     eager step is bound by the host's launch time: 105 ms against 15.5 ms replayed for the 256x256
     NCHW model at batch 2 on an H200). ``cache``: a dict kept across calls (batches of one sampling
     job): the sampler, the conditioning buffers the steps read and the captured step are made once per
-    shape and reused, so later batches neither compile nor capture again. ``autocast``: the model runs
+    shape and reused, so later batches neither compile nor capture again; it keeps the
+    ``MAX_PIPELINES`` shapes used last (captions padded to their batch's longest make a shape per
+    length, and each captured step holds its own memory pool). ``autocast``: the model runs
     under torch.autocast to that dtype (see :func:`mdm_fast.diffusion.sampler.make_denoise`)."""
     from mdm_fast.text import encode_prompts, pad_tokens
 
@@ -110,16 +111,18 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
         generator = torch.Generator(device).manual_seed(seed)
     key = (tuple(cond.shape), tuple(mask.shape), image_size, steps, guidance, negative_prompt, ddim_eta,
            cuda_graphs, autocast)
-    pipe = None if cache is None else cache.get(key)
+    pipe = None if cache is None else cache.pop(key, None)
     fresh = pipe is None
     if fresh:
         pipe = _Pipeline.make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
                               autocast)
-        if cache is not None:
-            cache[key] = pipe
     else:
         pipe.cond.copy_(cond)
         pipe.mask.copy_(mask)
+    if cache is not None:  # the most recently used last; the least recently used goes beyond MAX_PIPELINES
+        cache[key] = pipe
+        while len(cache) > MAX_PIPELINES:
+            del cache[next(iter(cache))]
     x_t = pipe.sampler.initial_noise(len(expanded), _channels(model), image_size, generator=generator,
                                      device=device)
     if fresh and device.type == "cuda":  # compile the steps' Triton kernels in parallel, before the first
@@ -133,6 +136,9 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
         bar.update(1)
     bar.close()
     return pipe.sampler.to_images(levels)
+
+
+MAX_PIPELINES = 4  # batch shapes a generate() cache keeps
 
 
 @dataclass
