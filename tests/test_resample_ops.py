@@ -377,7 +377,8 @@ def test_param_cache_keeps_a_value_per_parameter_set_while_it_lives():
     b[0].add_(1.0)  # in place: b's value is rebuilt, a's kept
     vb = cache.get(b, build(b))
     assert torch.equal(vb, b[0]) and cache.get(a, build(a)) is va and len(builds) == 3
-    assert cache.get(a, build(a), extra="other") is not va  # another extra key: another value
+    other = cache.get(a, build(a), extra="other")  # another extra key: another value, both kept
+    assert other is not va and cache.get(a, build(a)) is va and cache.get(a, build(a), extra="other") is other
     gone = weakref.ref(vb)
     del b, vb
     gc.collect()

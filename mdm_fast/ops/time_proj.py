@@ -42,9 +42,10 @@ def expand_batch(t: Tensor, batch: int) -> Tensor:
 class ParamCache:
     """Values built from parameters: one per set of parameter objects, kept while those objects live
     and none of them changes (data pointer, in-place version counter: ``load_state_dict`` and ``copy_``
-    bump it; dtype, device, or the ``extra`` key). For weights derived for sampling (concatenated,
-    folded). Several sets keep a value each (the cast copies of two samplers of one model): a CUDA graph
-    captured with one set's value reads memory that stays its own while the other set runs.
+    bump it; dtype, device) and the ``extra`` key (hashable, say the dtype built for) is the same. For
+    weights derived for sampling (concatenated, folded). Several sets (and extra keys) keep a value each
+    (the cast copies of two samplers of one model): a CUDA graph captured with one set's value reads
+    memory that stays its own while the other set runs.
     Built anew at every call when a parameter requires a gradient: an optimiser may update it, and a
     fused one (``torch.optim.AdamW(fused=True)``) leaves version counters as they were, so a key cannot
     see it (requires_grad, not the grad mode: a custom op runs its implementation with gradients off, in
@@ -57,8 +58,8 @@ class ParamCache:
     _epoch = 0  # bumped by forget_all: part of every key
 
     def __init__(self):
-        # ids of the parameters -> (weak references to them, key, value)
-        self._entries: Dict[Tuple[int, ...], Tuple[list, list, Any]] = {}
+        # (ids of the parameters, extra) -> (weak references to them, key, value)
+        self._entries: Dict[Tuple[Tuple[int, ...], Any], Tuple[list, list, Any]] = {}
 
     @classmethod
     def forget_all(cls) -> None:
@@ -81,7 +82,7 @@ class ParamCache:
             return build()
         # the values of parameter sets that died go (a sampler's cast copies, dropped with it)
         self._entries = {k: e for k, e in self._entries.items() if _alive(e[0])}
-        ids, key = tuple(id(p) for p in params), self.key(params, extra)
+        ids, key = (tuple(id(p) for p in params), extra), self.key(params, extra)
         e = self._entries.get(ids)
         if e is None or not _same(e[0], params) or e[1] != key:
             refs = [None if p is None else weakref.ref(p) for p in params]
