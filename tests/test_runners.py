@@ -8,7 +8,6 @@ from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_s
 from test_config import CONFIGS, needs_configs
 from test_fast_model import randomize, tiny_inputs, tiny_nested_config
 from test_text import needs_minilm
-from mdm_fast.train.grids import MAX_PIPELINES
 
 DIFFUSION = dict(sampler_config=dict(num_diffusion_steps=100, prediction_type="V_PREDICTION",
                                      schedule_type="DEEPFLOYD", schedule_shifted=True),
@@ -432,9 +431,12 @@ def _generate_twice_with_and_without_a_cache(device):
     return cache, shared, fresh, run
 
 
-def test_generate_reuses_its_sampler_and_buffers_across_batches():
+def test_generate_reuses_its_sampler_and_buffers_across_batches(monkeypatch):
     """mdm-fast sample's batches: one pipeline per shape, the second batch's conditioning copied into
-    the first's buffers, the same images as separate calls."""
+    the first's buffers, the same images as separate calls; the shapes used last are kept."""
+    import mdm_fast.train.grids as grids
+
+    monkeypatch.setattr(grids, "MAX_PIPELINES", 4)
     cache, shared, fresh, run = _generate_twice_with_and_without_a_cache("cpu")
     assert len(cache) == 1
     for a, b in zip(shared, fresh):
@@ -444,7 +446,7 @@ def test_generate_reuses_its_sampler_and_buffers_across_batches():
     first = next(iter(cache.values()))
     for n in (3, 4, 5):  # the cache keeps the MAX_PIPELINES shapes used last
         run(cache, ["1"] * n, n)
-    assert len(cache) == MAX_PIPELINES and first not in cache.values()
+    assert len(cache) == 4 and first not in cache.values()
     pipes = list(cache.values())
     run(cache, ["2"] * 3, 6)  # a hit moves its shape to the newest end: the next new shape evicts another
     run(cache, ["2"] * 6, 7)
@@ -456,6 +458,31 @@ def test_gpu_generate_replays_one_captured_step_across_batches():
     cache, shared, fresh, _ = _generate_twice_with_and_without_a_cache("cuda")
     (pipe,) = cache.values()
     assert pipe.step_fn is not None and pipe.step_fn.num_graphs == 1
+    for a, b in zip(shared, fresh):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.gpu
+def test_gpu_generate_shapes_taking_turns_share_a_pool_and_match_uncached_calls():
+    """The captured steps of two batch shapes share one memory pool; taking turns (A, B, A, B, under bf16
+    autocast as mdm-fast sample runs), every batch gives the images of a fresh, uncached call."""
+    from mdm_fast.text import ClassLabelEncoder
+    from mdm_fast.train.grids import generate
+
+    model, diffusion, _, _ = tiny_setup("cuda")
+    model.requires_grad_(False)  # as mdm-fast sample loads it: one set of cast weights for both shapes
+    encoder = ClassLabelEncoder(24)
+
+    def run(cache, prompts, seed):
+        return generate(diffusion, model, encoder, prompts, 1, 16, torch.device("cuda"), steps=3, guidance=2.0,
+                        seed=seed, cache=cache, autocast=torch.bfloat16)
+
+    turns = [(["1", "2"], 0), (["3"], 1), (["5", "7"], 2), (["4"], 3)]
+    cache = {}
+    shared = [run(cache, prompts, seed) for prompts, seed in turns]
+    assert len(cache) == 2 and len({pipe.pool for pipe in cache.values()}) == 1
+    assert all(pipe.step_fn.num_graphs == 1 for pipe in cache.values())
+    fresh = [run(None, prompts, seed) for prompts, seed in turns]
     for a, b in zip(shared, fresh):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 

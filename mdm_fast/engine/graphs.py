@@ -191,14 +191,18 @@ class GraphedCallable:
         return graph, outputs
 
 
-def graphed_sampler_step(sampler, denoise: Callable, capture: Optional[bool] = None) -> GraphedCallable:
+def graphed_sampler_step(sampler, denoise: Callable, capture: Optional[bool] = None, pool=None) -> GraphedCallable:
     """``step_fn`` for ``sampler.steps(denoise, x_t, step_fn=...)``: the whole denoising step of every
-    level (model, guidance, sampler update) captured once per batch shape and replayed."""
+    level (model, guidance, sampler update) captured once per batch shape and replayed. ``pool``
+    (``torch.cuda.graph_pool_handle()``): a memory pool shared with the captured steps of other samplers
+    run one at a time (the batch shapes of one sampling job): a step keeps nothing in the pool between
+    replays but its outputs (its inputs are copied into buffers outside it, and outputs are cloned), so
+    the pool holds the largest step's activations once rather than each step's."""
     def step(x_t, times, g_t, g_s, noise):
         with torch.no_grad():
             return sampler.step(denoise, x_t, times, g_t, g_s, noise)
 
-    return GraphedCallable(step, capture=capture, eager_on_error=True)
+    return GraphedCallable(step, capture=capture, eager_on_error=True, pool=pool)
 
 
 class GraphedTrainStep:

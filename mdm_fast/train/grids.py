@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
     job): the sampler, the conditioning buffers the steps read and the captured step are made once per
     shape and reused, so later batches neither compile nor capture again; it keeps the
     ``MAX_PIPELINES`` shapes used last (captions padded to their batch's longest make a shape per
-    length, and each captured step holds its own memory pool). ``autocast``: the model runs
+    length), whose captured steps share one memory pool. ``autocast``: the model runs
     under torch.autocast to that dtype (see :func:`mdm_fast.diffusion.sampler.make_denoise`)."""
     from mdm_fast.text import encode_prompts, pad_tokens
 
@@ -114,8 +114,11 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
     pipe = None if cache is None else cache.pop(key, None)
     fresh = pipe is None
     if fresh:
+        pool = next((p.pool for p in (cache or {}).values() if p.pool is not None), None)
+        if cuda_graphs and pool is None:
+            pool = torch.cuda.graph_pool_handle()
         pipe = _Pipeline.make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
-                              autocast)
+                              autocast, pool)
     else:
         pipe.cond.copy_(cond)
         pipe.mask.copy_(mask)
@@ -138,7 +141,7 @@ def generate(diffusion, model, encoder, prompts: Sequence[str], per_prompt: int,
     return pipe.sampler.to_images(levels)
 
 
-MAX_PIPELINES = 4  # batch shapes a generate() cache keeps
+MAX_PIPELINES = 16  # batch shapes a generate() cache keeps (each with its input and output buffers)
 
 
 @dataclass
@@ -151,10 +154,11 @@ class _Pipeline:
     cond: torch.Tensor
     mask: torch.Tensor
     step_fn: Optional[Callable]
+    pool: Any  # the captured steps' memory pool, shared by a cache's pipelines (None without graphs)
 
     @staticmethod
     def make(diffusion, model, cond, mask, uncond, steps, guidance, ddim_eta, cuda_graphs,
-             autocast) -> "_Pipeline":
+             autocast, pool) -> "_Pipeline":
         kwargs = {}
         if uncond is not None:
             kwargs = {"uncond_conditioning": uncond[0], "uncond_mask": uncond[1]}
@@ -165,8 +169,8 @@ class _Pipeline:
         if cuda_graphs:
             from mdm_fast.engine import graphed_sampler_step
 
-            step_fn = graphed_sampler_step(sampler, denoise)
-        return _Pipeline(sampler, denoise, cond, mask, step_fn)
+            step_fn = graphed_sampler_step(sampler, denoise, pool=pool)
+        return _Pipeline(sampler, denoise, cond, mask, step_fn, pool)
 
 
 def _channels(model) -> int:
