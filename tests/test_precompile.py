@@ -205,3 +205,22 @@ def test_a_failing_dry_run_is_skipped_with_a_warning(caplog):
         assert precompile(step) is None
     assert "dry run failed" in caplog.text and "garbage in" in caplog.text
     assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("affinity, local_world, want", [
+    (64, None, 16),  # one process: every CPU, at most MAX_WORKERS
+    (64, "8", 8),  # 8 torchrun processes on the node: an eighth each
+    (12, "8", 1),  # fewer CPUs than processes: still one worker
+    (6, "8", 6),  # pinned to 6 of the machine's CPUs already (numactl): all of those
+])
+def test_default_workers_share_the_machine_among_a_nodes_processes(monkeypatch, affinity, local_world, want):
+    import importlib
+
+    pc = importlib.import_module("mdm_fast.engine.precompile")  # the module, not the function of its name
+    monkeypatch.setattr(pc.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(pc.os, "cpu_count", lambda: 12 if affinity == 12 else 64)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert pc.default_workers() == want

@@ -272,6 +272,16 @@ def _enabled() -> bool:
     return os.environ.get(_ENV, "1") != "0"
 
 
+def default_workers() -> int:
+    """One worker per CPU this process may run on, at most MAX_WORKERS; where it may run on all of the
+    machine's, its share of them among the node's torchrun processes (LOCAL_WORLD_SIZE), which all
+    precompile at once: 8 ranks of 16 workers each would start 128 interpreters on one host."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus == os.cpu_count():  # not pinned to a share already (numactl, a launcher's binding)
+        cpus //= max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> Optional[PrecompileStats]:
     """Run ``fn(*args, **kwargs)`` dry and compile the Triton kernels it would compile, in parallel, each
     from the moment the dry run finds it (the dry run's first CUDA library calls, seconds on a GPU,
@@ -284,7 +294,7 @@ def precompile(fn: Callable, *args, workers: Optional[int] = None, **kwargs) -> 
     if not _enabled():
         return None
     jobs: List[Job] = []
-    pool = _Pool(workers or min(os.cpu_count() or 1, MAX_WORKERS))
+    pool = _Pool(workers or default_workers())
 
     def submit(job: Job) -> None:
         if job[0] != "__main__":  # a kernel of the caller's main script cannot be imported by a worker
