@@ -125,7 +125,7 @@ def cmd_sample(args) -> int:
                       torch.Generator(device).manual_seed(batch_seed(args.seed, b)), cache, autocast, paths,
                       progress=info.is_main)
         counts[0] += len(paths)
-    counts = _total(counts, info, device)
+    counts = _total(counts, info)
     barrier(info)  # every file written before rank 0 reads the grid's
     if not info.is_main:
         return 0
@@ -157,13 +157,14 @@ def _sample_batch(args, diffusion, model, encoder, prompts: List[str], image_siz
             save_image_atomic(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels), paths[j][d])
 
 
-def _total(counts: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
-    """The counts summed over the processes."""
+def _total(counts: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The counts summed over the processes (on a GPU where the process group is NCCL's, whatever
+    --device sampled on)."""
     if info.world_size <= 1:
         return counts
     import torch.distributed as dist
 
-    summed = counts.to(device)
+    summed = counts.cuda() if dist.get_backend() == "nccl" else counts
     dist.all_reduce(summed)
     return summed.cpu()
 
