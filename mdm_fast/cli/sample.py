@@ -95,7 +95,7 @@ def _device(args, info: DistInfo) -> torch.device:
 
 def cmd_sample(args) -> int:
     from mdm_fast.files import write_text_atomic
-    from mdm_fast.train.distributed import barrier, init_distributed
+    from mdm_fast.train.distributed import init_distributed
     from mdm_fast.train.trainer import autocast_dtype
 
     check_arguments(args)
@@ -109,7 +109,8 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
-        write_text_atomic(out / "prompts.tsv", "".join(f"{k}\t{p}\n" for k, p in enumerate(prompts)))
+        one_line = [re.sub(r"[\t\r\n]", " ", p) for p in prompts]
+        write_text_atomic(out / "prompts.tsv", "".join(f"{k}\t{p}\n" for k, p in enumerate(one_line)))
     jobs = [(k, i) for k in range(len(prompts)) for i in range(args.num_per_prompt)]  # (prompt, copy)
     batches = [jobs[s:s + args.batch] for s in range(0, len(jobs), args.batch)]
     autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
@@ -125,8 +126,7 @@ def cmd_sample(args) -> int:
                       torch.Generator(device).manual_seed(batch_seed(args.seed, b)), cache, autocast, paths,
                       progress=info.is_main)
         counts[0] += len(paths)
-    counts = _total(counts, info)
-    barrier(info)  # every file written before rank 0 reads the grid's
+    counts = _total(counts, info)  # waits for every process: every file is written before rank 0 reads the grid's
     if not info.is_main:
         return 0
     result = {"images": len(jobs), "generated": int(counts[0]), "skipped": int(counts[1]), "out": str(out)}
