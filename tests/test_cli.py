@@ -262,6 +262,14 @@ def test_sampling_split_over_processes_writes_what_one_process_writes(tmp_path, 
     again = _pixels(tmp_path / "one")
     assert again.keys() == one.keys() and all(np.array_equal(one[k], again[k]) for k in one)
     assert not (tmp_path / "one" / "grid.png").exists()
+    # another run's images are not kept: sample.json tells (or, missing, cannot tell) which run made them
+    for changed, field in ((["--steps", "3"], "steps"), (["--labels", "3", "1", "5"], "prompts_sha256"),
+                           (["--seed", "6"], "seed"), (["--no-ema"], "no_ema")):
+        assert main([*common, *changed, "--skip-existing", "--out", str(tmp_path / "one")]) == 2
+        assert f"holds the images of another run (its sample.json differs in {field})" in capsys.readouterr().err
+    (tmp_path / "one" / "sample.json").unlink()
+    assert main([*common, "--skip-existing", "--out", str(tmp_path / "one")]) == 2
+    assert "without a sample.json" in capsys.readouterr().err
 
 
 def test_from_uint8_inverts_to_uint8():

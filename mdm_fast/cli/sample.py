@@ -3,12 +3,14 @@
 The run's images are cut into batches of ``--batch`` (prompt-major, ``--num-per-prompt`` each); batch b
 draws its noise from a generator seeded with ``(--seed, b)`` and goes to process ``b % WORLD_SIZE``. So
 the same seed, prompts and ``--batch`` give the same files whatever the number of processes, and a batch
-whose files all exist can be skipped (``--skip-existing``) without changing any other. Memory stays
+whose files all exist can be skipped (``--skip-existing``) without changing any other, once the folder's
+``sample.json`` shows that the same run made them. Memory stays
 bounded however many prompts: each batch is written as it is done, and rank 0 draws the grid from the
 files of the first ``--grid-rows`` prompts once every process has finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -86,6 +88,35 @@ def read_prompts(args) -> List[str]:
     return prompts
 
 
+MANIFEST = "sample.json"  # what made the images of an --out folder
+
+
+def run_manifest(args, prompts: List[str], image_size: int, autocast: Optional[torch.dtype]) -> dict:
+    """Everything that decides the images of a run (not how fast it goes: --cuda-graphs, --device, the
+    number of processes)."""
+    fields = ("config", "seed", "batch", "num_per_prompt", "steps", "guidance", "negative_prompt", "eta", "no_ema",
+              "overrides")
+    manifest = {name: getattr(args, name) for name in fields}
+    manifest.update(checkpoint=str(Path(args.checkpoint).resolve()), image_size=image_size, autocast=str(autocast),
+                    prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
+    return manifest
+
+
+def check_resumable(out: Path, manifest: dict) -> None:
+    """--skip-existing keeps the images in ``out`` only if this same run made them."""
+    path = out / MANIFEST
+    if not path.exists():
+        if any(out.glob("*_level*px.png")):
+            raise ValueError(f"--skip-existing: {out} holds images without a {MANIFEST} that tells which run made "
+                             "them; use another --out, or drop --skip-existing to make them all again")
+        return
+    old = json.loads(path.read_text())
+    differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    if differ:
+        raise ValueError(f"--skip-existing: {out} holds the images of another run (its {MANIFEST} differs in "
+                         f"{', '.join(differ)}); use another --out, or drop --skip-existing to make them all again")
+
+
 def _device(args, info: DistInfo) -> torch.device:
     if args.device:
         return torch.device(args.device)
@@ -95,7 +126,7 @@ def _device(args, info: DistInfo) -> torch.device:
 
 def cmd_sample(args) -> int:
     from mdm_fast.files import write_text_atomic
-    from mdm_fast.train.distributed import init_distributed
+    from mdm_fast.train.distributed import barrier, init_distributed
     from mdm_fast.train.trainer import autocast_dtype
 
     check_arguments(args)
@@ -106,14 +137,19 @@ def cmd_sample(args) -> int:
     prompts = read_prompts(args)
     image_size = args.image_size or cfg.image_size
     widths = [w for _, w in diffusion.level_sizes(image_size)]  # top level first
+    autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    manifest = run_manifest(args, prompts, image_size, autocast)
+    if args.skip_existing:
+        check_resumable(out, manifest)
+    barrier(info)  # no process writes before every one has read what is there
     if info.is_main:
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         one_line = [re.sub(r"[\t\r\n]", " ", p) for p in prompts]
         write_text_atomic(out / "prompts.tsv", "".join(f"{k}\t{p}\n" for k, p in enumerate(one_line)))
     jobs = [(k, i) for k in range(len(prompts)) for i in range(args.num_per_prompt)]  # (prompt, copy)
     batches = [jobs[s:s + args.batch] for s in range(0, len(jobs), args.batch)]
-    autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
     counts = torch.zeros(2, dtype=torch.long)  # images generated, skipped (their files were there)
     cache: dict = {}  # the batches share their sampler, conditioning buffers and captured step
     mine = range(info.rank, len(batches), info.world_size)
