@@ -4,9 +4,9 @@ The run's images are cut into batches of ``--batch`` (prompt-major, ``--num-per-
 draws its noise from a generator seeded with ``(--seed, b)`` and goes to process ``b % WORLD_SIZE``. So
 the same seed, prompts and ``--batch`` give the same files whatever the number of processes, and a batch
 whose files all exist can be skipped (``--skip-existing``) without changing any other, once the folder's
-``sample.json`` shows that the same run made them. Memory stays
-bounded however many prompts: each batch is written as it is done, and rank 0 draws the grid from the
-files of the first ``--grid-rows`` prompts once every process has finished.
+``sample.json`` shows that the same run made them. Memory stays bounded however many prompts: each batch
+is written as it is done, and rank 0 draws the grid from the files of the first ``--grid-rows`` prompts
+once every process has finished.
 """
 from __future__ import annotations
 
@@ -94,11 +94,11 @@ MANIFEST = "sample.json"  # what made the images of an --out folder
 def run_manifest(args, prompts: List[str], image_size: int, autocast: Optional[torch.dtype]) -> dict:
     """Everything that decides the images of a run (not how fast it goes: --cuda-graphs, --device, the
     number of processes)."""
-    fields = ("config", "seed", "batch", "num_per_prompt", "steps", "guidance", "negative_prompt", "eta", "no_ema",
-              "overrides")
+    fields = ("seed", "batch", "num_per_prompt", "steps", "guidance", "negative_prompt", "eta", "no_ema", "overrides")
     manifest = {name: getattr(args, name) for name in fields}
-    manifest.update(checkpoint=str(Path(args.checkpoint).resolve()), image_size=image_size, autocast=str(autocast),
-                    prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
+    manifest.update(checkpoint=str(Path(args.checkpoint).resolve()),
+                    config=str(Path(args.config).resolve()) if args.config else None, image_size=image_size,
+                    autocast=str(autocast), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
     return manifest
 
 
