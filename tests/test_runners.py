@@ -592,6 +592,32 @@ def test_text_prompts_sample_with_guidance(monkeypatch):
 
 
 @needs_minilm
+def test_captions_of_several_lengths_taking_turns_in_one_cache_give_the_uncached_images(monkeypatch):
+    """mdm-fast sample with captions: each caption length is a batch shape (a pipeline of its own); under
+    bf16 autocast, as on a GPU, the pipelines share one set of cast weights, and batches of two lengths
+    taking turns give the images of uncached calls."""
+    from mdm_fast.models import CastWeights
+    from mdm_fast.train.grids import generate
+
+    casts, cast_init = [], CastWeights.__init__
+    monkeypatch.setattr(CastWeights, "__init__", lambda self, *a: casts.append(1) or cast_init(self, *a))
+    model, diffusion, encoder = _minilm_model(monkeypatch)
+    model.eval().requires_grad_(False)  # as mdm-fast sample loads it
+    turns = [["a red car"], ["a dog on the beach at night"], ["a blue car"], ["a cat on the roof at noon"]]
+
+    def run(cache, prompts, seed):
+        return generate(diffusion, model, encoder, prompts, 1, 16, torch.device("cpu"), steps=2, guidance=3.0,
+                        seed=seed, cache=cache, autocast=torch.bfloat16)
+
+    cache = {}
+    shared = [run(cache, prompts, seed) for seed, prompts in enumerate(turns)]
+    assert len(cache) == 2 and len(casts) == 1  # two caption lengths, one set of cast weights
+    fresh = [run(None, prompts, seed) for seed, prompts in enumerate(turns)]
+    for a, b in zip(shared, fresh):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@needs_minilm
 def test_a_negative_prompt_longer_than_the_prompts_is_the_guidance_null(monkeypatch):
     """generate(negative_prompt=) as the public code samples it: the prompt and the (longer) negative
     prompt encoded in one batch, padded to the longer, the negative prompt's row the unconditional one;
