@@ -29,12 +29,6 @@ def image_name(prompt: int, copy: int, level: int, px: int) -> str:
     return f"{prompt:03d}_{copy:02d}_level{level}_{px}px.png"
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """Batch ``batch``'s noise seed (as the loader's epoch seeds): no two (seed, batch) pairs of fewer
-    than a million batches share one, so seed 1's first batch is not seed 0's second."""
-    return seed * 1_000_003 + batch
-
-
 def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.device, use_ema: bool = True,
                       overrides: Optional[List[str]] = None):
     """(cfg, encoder, model, diffusion) from one of our checkpoints (its config inside) or a public
@@ -117,7 +111,7 @@ def check_resumable(out: Path, manifest: dict) -> None:
                          f"{', '.join(differ)}); use another --out, or drop --skip-existing to make them all again")
 
 
-def _device(args, info: DistInfo) -> torch.device:
+def _device(args) -> torch.device:
     if args.device:
         return torch.device(args.device)
     # under torchrun, init_distributed made this process's GPU (LOCAL_RANK) the current one
@@ -126,12 +120,13 @@ def _device(args, info: DistInfo) -> torch.device:
 
 def cmd_sample(args) -> int:
     from mdm_fast.files import write_text_atomic
+    from mdm_fast.data.loader import derived_seed
     from mdm_fast.train.distributed import barrier, init_distributed
     from mdm_fast.train.trainer import autocast_dtype
 
     check_arguments(args)
     info = init_distributed()
-    device = _device(args, info)
+    device = _device(args)
     cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
                                                        args.overrides)
     prompts = read_prompts(args)
@@ -158,8 +153,9 @@ def cmd_sample(args) -> int:
         if args.skip_existing and all(p.exists() for row in paths for p in row):
             counts[1] += len(paths)
             continue
+        # seeded as the loader seeds its epochs: seed 1's first batch is not seed 0's second
         _sample_batch(args, diffusion, model, encoder, [prompts[k] for k, _ in batches[b]], image_size, device,
-                      torch.Generator(device).manual_seed(batch_seed(args.seed, b)), cache, autocast, paths,
+                      torch.Generator(device).manual_seed(derived_seed(args.seed, b)), cache, autocast, paths,
                       progress=info.is_main)
         counts[0] += len(paths)
     counts = _total(counts, info)  # waits for every process: every file is written before rank 0 reads the grid's
@@ -210,10 +206,9 @@ def _write_grid(out: Path, prompts: List[str], per_prompt: int, widths: List[int
     pixels written: the PNGs are lossless and :func:`from_uint8` inverts :func:`to_uint8`)."""
     from PIL import Image
 
-    from mdm_fast.files import save_image_atomic
-    from mdm_fast.train.grids import from_uint8, grid_image
+    from mdm_fast.train.grids import from_uint8, save_grid
 
     levels = [torch.cat([from_uint8(np.asarray(Image.open(out / image_name(k, i, d, px)))[None])
                          for k in range(len(prompts)) for i in range(per_prompt)])
               for d, px in enumerate(widths)]
-    save_image_atomic(grid_image(levels, len(prompts), [p[:24] for p in prompts], scale=scale), out / "grid.png")
+    save_grid(levels, out / "grid.png", len(prompts), [p[:24] for p in prompts], scale)

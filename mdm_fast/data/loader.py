@@ -21,6 +21,13 @@ from torch.utils.data import DataLoader, Sampler
 from mdm_fast.data.datasets import SampleDataset
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of item ``index`` (an epoch, a sample position, a sampling batch) of a run seeded with
+    ``seed``: no two (seed, index) pairs with fewer than a million indices share one, so seed s + 1 does not
+    replay seed s's items shifted by one."""
+    return (seed * 1_000_003 + index) % (1 << 63)
+
+
 class ShardedSampler(Sampler):
     """Yields ``(index, seed)`` items in the order one rank consumes them, from ``start_step`` on."""
 
@@ -35,7 +42,7 @@ class ShardedSampler(Sampler):
     def _index(self, position: int) -> int:
         epoch = position // self.n
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
         return self._perm[position % self.n]
 
@@ -46,7 +53,7 @@ class ShardedSampler(Sampler):
             for micro in range(self.acc):
                 first = step * global_batch + (self.rank * self.acc + micro) * self.b
                 for pos in range(first, first + self.b):
-                    yield self._index(pos), (self.seed * 1_000_003 + pos) % (1 << 63)
+                    yield self._index(pos), derived_seed(self.seed, pos)
             step += 1
 
     def __len__(self):
