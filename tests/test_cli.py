@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from mdm_fast.cli.main import backend_report, main
@@ -16,7 +15,7 @@ from mdm_fast.train import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_config import CONFIGS, needs_configs  # noqa: E402
-from test_train import OUTER, _free_port, _one_thread, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
+from test_train import OUTER, _one_thread, spawn_on_free_port, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
 
 
 def test_info_lists_versions_and_backends(capsys, monkeypatch):
@@ -238,7 +237,7 @@ def test_sampling_split_over_processes_writes_what_one_process_writes(tmp_path, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["images"], result["generated"], result["skipped"]) == (9, 9, 0)
     args = [*common, "--out", str(tmp_path / "two")]
-    mp.spawn(_sample_worker, args=(2, _free_port(), args, str(tmp_path / "printed")), nprocs=2, join=True)
+    spawn_on_free_port(_sample_worker, args, str(tmp_path / "printed"))
     assert (tmp_path / "printed.1").read_text() == ""  # rank 0 reports for all: 5 batches, 3 of them its own
     result = json.loads((tmp_path / "printed.0").read_text().strip().splitlines()[-1])
     assert (result["images"], result["generated"], result["skipped"]) == (9, 9, 0)

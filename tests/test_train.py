@@ -295,6 +295,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def spawn_on_free_port(worker, *args, nprocs: int = 2, tries: int = 3) -> None:
+    """``mp.spawn(worker, (nprocs, port, *args))`` on a port free a moment ago; on a new one when another
+    process bound it meanwhile (rank 0's store then fails to listen), up to ``tries`` times."""
+    for attempt in range(tries):
+        try:
+            mp.spawn(worker, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            taken = "EADDRINUSE" in str(e) or "Address already in use" in str(e)  # libuv's store, the other
+            if not taken or attempt == tries - 1:
+                raise
+
+
+def _fails_once(rank, world, port, marker, message):
+    if rank == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(message)
+
+
+def test_spawn_tries_another_port_only_when_the_port_was_taken(tmp_path):
+    taken = "The server socket has failed to listen on any local network address. port: 1, code: -98, name: EADDRINUSE"
+    spawn_on_free_port(_fails_once, str(tmp_path / "taken"), taken)  # the second try passes
+    with pytest.raises(mp.ProcessRaisedException, match="a real failure"):
+        spawn_on_free_port(_fails_once, str(tmp_path / "real"), "a real failure")  # not tried again
+
+
 def _ddp_worker(rank, world, port, out, mode, acc):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                        "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -315,7 +341,7 @@ def test_two_processes_match_one_process(tmp_path, mode, acc):
     CPU) averages micro-batch gradients, as the ranks' all-reduce does; fp16: 0 sums them (the public code)."""
     Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2 * acc,
                  distributed=mode.split("-")[0], fp16=1), quiet=True, graphed=mode.endswith("graphed")).train()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), mode, acc), nprocs=2, join=True)
+    spawn_on_free_port(_ddp_worker, str(tmp_path / "ddp"), mode, acc)
     one = load_checkpoint(tmp_path / "one" / "ckpt_00000003.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_00000003.pt")
     # fp32 summation order differs: across ranks (FSDP's reduce-scatter) ~2e-7 after 3 steps at lr 3e-3, with
