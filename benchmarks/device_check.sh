@@ -3,7 +3,7 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         8.5 minutes, under one call's 10; `more`, 6.8
+#                                                         8.5 minutes, under one call's 10; `more`, 7.6
 #                                                         minutes, is a call of its own)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
@@ -81,13 +81,13 @@ if want ops; then
   stage bench-group-norm 40 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
 fi
 if want more; then  # the op suites measured in an earlier lease, the group-norm plan sweep, the profiles
-  stage profile-model 45 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
+  stage profile-model 60 $PY -m benchmarks.profile_model --kind forward --batch 32 --out "$OUT"
   stage bench-resample 40 $PY -m benchmarks.resample --suite quick --out "$OUT"
   stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
   stage sweep-group-norm 150 $PY -m benchmarks.group_norm --sweep --out "$OUT"
-  stage profile-train 60 $PY -m benchmarks.profile_model --kind train --batch 16 --out "$OUT"
+  stage profile-train 75 $PY -m benchmarks.profile_model --kind train --batch 16 --out "$OUT"
   stage memory-train 45 $PY -m benchmarks.memory --gpu --out "$OUT"
-  stage profile-forward-b2 40 $PY -m benchmarks.profile_model --kind forward --batch 2 --out "$OUT"
+  stage profile-forward-b2 55 $PY -m benchmarks.profile_model --kind forward --batch 2 --out "$OUT"
 fi
 echo "=== summary"
 cat "$OUT/summary.txt"

@@ -23,7 +23,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +97,20 @@ _KINDS = [("aten.convolution_backward", "convolution backward"), ("aten.convolut
           ("mdm_fast.concat_channels", "concatenation (skips)"), ("aten._to_copy", "dtype casts"),
           ("aten._foreach_copy_", "dtype casts"),
           ("mdm_fast.bias_add", "conv bias (+ ResNet skip) adds"),
-          ("aten.add", "residual adds and other adds"), ("aten.gelu", "GELU (attention FFN)")]
+          ("aten.add", "residual adds and other adds"), ("aten.gelu", "GELU (attention FFN)"),
+          ("aten._fused_adamw", "optimizer (fused AdamW)")]  # (the count adds the optimizer's bytes itself)
+OTHER = "other elementwise / reductions"
+
+
+def kind_of(name: str) -> Optional[str]:
+    """The kind of the operator ``name`` ("aten.convolution.default"; a profiler's "aten::convolution"
+    alike), or None for one filed under OTHER."""
+    name = name.replace("::", ".")
+    return next((k for prefix, k in _KINDS if name.startswith(prefix)), None)
 
 
 def _kind(name: str) -> str:
-    return next((k for prefix, k in _KINDS if name.startswith(prefix)), "other elementwise / reductions")
+    return kind_of(name) or OTHER
 
 
 @dataclass

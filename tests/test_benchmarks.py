@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mdm_fast
-from benchmarks import attention, common, diffusion_step, group_norm, memory, models, resample
+from benchmarks import (attention, common, diffusion_step, group_norm, memory, models, profile_model, resample,
+                        roofline)
 from mdm_fast.ops.diffusion_step import noisy_pyramid, sampler_update
 
 
@@ -208,6 +209,54 @@ def test_models_report_ratios_and_mfu(monkeypatch):
     models.report(results, {"256x256": 1e9}, "-", None)
     tf = 3 * 1e9 * 16 / 10e-3 / 1e12
     assert tables[0][-1][2:7] == [10.0, 3.0, 2.0, pytest.approx(tf), f"{100 * tf / 200.0:.0f}%"]
+
+
+def _op(name, parent=None, kernels=()):
+    """A profiler event of the CPU operator ``name`` called by ``parent``, launching ``kernels`` (us each)."""
+    from torch.autograd.profiler_util import FunctionEvent
+
+    e = FunctionEvent(id=0, name=name, thread=0, start_us=0, end_us=1)
+    if parent is not None:
+        e.set_cpu_parent(parent)
+    for us in kernels:
+        e.append_kernel("k", 0, us)
+    return e
+
+
+def test_profile_files_each_kernel_under_the_outermost_operator_with_a_kind():
+    """A convolution's bias add inside it is the convolution's; a linear's GEMM a matmul; a backward's
+    kernels under its aten operator; a cast's copy a cast; an operator without a kind falls to OTHER."""
+    conv = _op("aten::_convolution", _op("aten::convolution", _op("aten::conv2d")))
+    backward = _op("ConvolutionBackward0", _op("autograd::engine::evaluate_function: ConvolutionBackward0"))
+    events = [_op("aten::cudnn_convolution", conv, (100.0, 50.0)), _op("aten::add_", conv, (30.0,)),
+              _op("aten::addmm", _op("aten::linear"), (40.0,)), _op("mdm_fast::group_norm_act_fwd", None, (20.0,)),
+              _op("aten::convolution_backward", backward, (70.0,)), _op("aten::add", None, (6.0,)),
+              _op("aten::copy_", _op("aten::_to_copy", _op("aten::to")), (8.0,)),
+              _op("aten::native_layer_norm", None, (5.0,)), _op("aten::empty")]
+    assert profile_model.by_kind(events, steps=2) == {
+        "convolution": (1.5, 0.09), "matmul": (0.5, 0.02), "group norm (fused)": (0.5, 0.01),
+        "convolution backward": (0.5, 0.035), "residual adds and other adds": (0.5, 0.003),
+        "dtype casts": (0.5, 0.004), roofline.OTHER: (0.5, 0.0025)}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.linear(torch.randn(4, 3), torch.randn(2, 3), torch.randn(2))
+    assert profile_model.by_kind(prof.events(), steps=1) == {}  # real events: on a CPU, no kernels
+
+
+def test_profile_sets_each_kind_against_its_floor():
+    """The kinds with the most ms over their floors first; a floor the step did not run ('-') last and
+    left out of the total."""
+    measured = {"convolution": (2.0, 3.0), "matmul": (1.0, 1.0), roofline.OTHER: (1.0, 0.5)}
+    rows = profile_model.against_floor(measured, {"convolution": 1.5, "matmul": 0.9, "EMA update": 1.0})
+    assert [r[0] for r in rows] == ["convolution", roofline.OTHER, "matmul", "EMA update", "total (the kinds run)"]
+    assert rows[0] == ["convolution", 2, 3.0, 1.5, "50%", 1.5]
+    assert rows[3][2:5] == [pytest.approx(math.nan, nan_ok=True), 1.0, "-"]
+    assert rows[-1] == ["total (the kinds run)", 4, 4.5, pytest.approx(2.4), "53%", pytest.approx(2.1)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_profile_needs_a_gpu():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        profile_model.main(["--kind", "train"])
 
 
 def test_memory_counts_kept_activations_not_parameters():
