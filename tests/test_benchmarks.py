@@ -315,3 +315,40 @@ def test_memory_estimate_halves_fp32_activations_and_scales_the_batch(monkeypatc
     default_gb, kept_gb = float(est[1]), float(est[2])
     assert default_gb == pytest.approx(default_mb * 1e6 * 100_000 / 2 / 1e9 + 16 * n / 1e9, rel=2e-3)
     assert kept_gb == pytest.approx(kept_mb * 1e6 * 100_000 / 2 / 1e9 + 16 * n / 1e9, rel=2e-3)
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for python: a benchmark module writes one table into its --out folder; anything else passes
+out=""; mod=""
+while (($#)); do case $1 in -m) mod=$2; shift;; --out) out=$2; shift;; esac; shift; done
+name=${mod#benchmarks.}
+if [[ -n $out && $mod == benchmarks.* ]]; then echo "| $name |" >"$out/$name-$(date +%s%N).md"; fi
+"""
+
+
+@pytest.mark.parametrize("stages,tables", [("models ops", 3), ("more", 7)])
+def test_device_check_runs_every_stage_and_brings_back_at_most_8_files(tmp_path, stages, tables):
+    """benchmarks/device_check.sh with a stand-in python: every stage runs and is summarised; a call that
+    writes more tables than the device tool brings back (8 files, the summary and log among them) packs
+    them into one archive."""
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    stub, out = tmp_path / "python", tmp_path / "out"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "benchmarks/device_check.sh", *stages.split()], cwd=root, check=True, timeout=60,
+                   capture_output=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "OUT": str(out)})
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("install: rc=0") and all(" rc=0" in line for line in summary), summary
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    if tables + 2 > 8:
+        assert files == ["log.txt", "summary.txt", "tables.tar"]
+        names = tarfile.open(out / "tables.tar").getnames()
+    else:
+        names = [f for f in files if f.endswith(".md")]
+    assert len(names) == tables and all(n.endswith(".md") for n in names)
