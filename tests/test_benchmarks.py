@@ -253,6 +253,37 @@ def test_profile_sets_each_kind_against_its_floor():
     assert rows[-1] == ["total (the kinds run)", 4, 4.5, pytest.approx(2.4), "53%", pytest.approx(2.1)]
 
 
+@pytest.mark.parametrize("kind", ["forward", "train"])
+def test_profile_model_main_writes_its_tables(monkeypatch, tmp_path, kind):
+    """benchmarks.profile_model's main on the CPU, the tiny model standing in for the public one and the
+    CPU for the GPU (its clock, ceilings, profiler, name): its calls into benchmarks.models and the roofline
+    still fit (a GPU lease would find out otherwise), and it writes its three tables, every kind of the
+    step's floor among the rows (no kernels on a CPU: their ms are '-')."""
+    from test_fast_model import tiny_inputs, tiny_nested_config
+
+    from mdm_fast.reference import build_model as build_reference
+
+    for name, value in [("is_available", lambda: True), ("synchronize", lambda *a: None),
+                        ("is_bf16_supported", lambda *a, **k: True), ("get_device_name", lambda *a: "CPU")]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    cpu = torch.profiler.ProfilerActivity.CPU
+    monkeypatch.setattr(profile_model, "profile", lambda activities: torch.profiler.profile(activities=[cpu]))
+    for module in (profile_model, common):
+        monkeypatch.setattr(module, "ceilings", lambda: common.Ceilings(4190.0, 787.0))
+    monkeypatch.setattr(profile_model, "time_ms", lambda *a, **k: 1.0)
+    monkeypatch.setattr(models, "public_config", lambda stem: ("nested_unet", tiny_nested_config(), 16))
+    monkeypatch.setattr(models, "build", lambda stem, fast: build_reference("nested_unet", tiny_nested_config()))
+    monkeypatch.setattr(models, "inputs", lambda model, size, batch: tiny_inputs(batch))
+    monkeypatch.setattr(models, "cast_once", lambda model: model)  # (autocast("cuda") casts nothing here)
+    profile_model.main(["--kind", kind, "--batch", "2", "--steps", "1", "--out", str(tmp_path)])
+    text = (tmp_path / f"profile-256-{kind}-b2-cpu.md").read_text()
+    kinds = roofline.count("nested_unet", tiny_nested_config(), 16, kind, 2).floor_ms
+    table = text.split("## GPU time by operator kind against its floor")[1].split("##")[0]
+    assert {line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")} == {
+        "operator kind", *kinds, "total (the kinds run)"}
+    assert "## Top kernels" in text and "## Top operators by host time" in text and "of kernel time per step" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_profile_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs a CUDA device"):
