@@ -3,8 +3,8 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         8.5 minutes, under one call's 10; `more`, 7.6
-#                                                         minutes, is a call of its own)
+#                                                         8.5 minutes, under one call's 10; `more`, 8.9
+#                                                         minutes with the install, is a call of its own)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
@@ -95,6 +95,6 @@ echo "=== summary"
 cat "$OUT/summary.txt"
 # the device tool brings back at most 8 files: past that, the tables come back as one archive
 tables=("$OUT"/*.md)
-if [[ $OUT != benchmarks/results && -e ${tables[0]} ]] && (( ${#tables[@]} + 2 > 8 )); then
+if [[ ! $OUT -ef benchmarks/results && -e ${tables[0]} ]] && (( ${#tables[@]} + 2 > 8 )); then
   tar -C "$OUT" -cf "$OUT/tables.tar" "${tables[@]##*/}" && rm -f "${tables[@]}" && echo "tables in $OUT/tables.tar"
 fi

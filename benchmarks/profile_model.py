@@ -6,7 +6,7 @@ its top kernels, and its top operators by host time.
 Runs mdm_fast eager (bf16 autocast; a forward on weights cast once, as the sampler runs it, a train
 step as the trainer runs it) under torch.profiler after a warm-up and writes markdown tables:
 
-- every kernel's device time, filed under the operator kind of :mod:`benchmarks.roofline` (the
+- the kernels' device time, filed under the operator kind of :mod:`benchmarks.roofline` (the
   outermost operator above the kernel's launch that has a kind), beside that kind's floor for the same
   step (the roofline's count on fake tensors, at the ceilings measured in this run): the kind with the
   most time over its floor is the one that holds the step back;
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     c = ceilings()
     tally = roofline.count(name, cfg, size, args.kind, args.batch, c.bf16_tflops, c.copy_gbps)
     averages = prof.key_averages()
-    kernels = [e for e in averages if e.device_type != DeviceType.CPU]
+    kernels = kernel_entries(averages)
     host = [e for e in averages if e.device_type == DeviceType.CPU]
     kernel_ms = sum(e.self_device_time_total for e in kernels) / args.steps / 1e3
     host_ms = sum(e.self_cpu_time_total for e in host) / args.steps / 1e3
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     write_report(f"profile-{args.model.split('x')[0]}-{args.kind}-b{args.batch}", {
         f"GPU time by operator kind against its floor, {title}": markdown_table(
             ["operator kind", "kernels per step", "ms per step", "floor ms", "floor / ms", "ms over floor"],
-            against_floor(by_kind(prof.events(), args.steps), tally.floor_ms)) + "\n\n" + FLOOR_NOTE,
+            against_floor(by_kind(prof.events(), args.steps), tally.floor_ms, kernel_ms)) + "\n\n" + FLOOR_NOTE,
         f"Top kernels, {title}": markdown_table(["kernel", "calls per step", "ms per step", "share"],
                                                 _top(kernels, "self_device_time_total", args.steps, args.top)),
         f"Top operators by host time, {title}": markdown_table(
@@ -83,11 +83,18 @@ def main(argv=None) -> None:
         timing="Kernel times summed by the PyTorch profiler (CUPTI); host times are its CPU self times.")
 
 
+UNFILED = "not filed (no operator above the launch)"
 FLOOR_NOTE = ("ms: the device time of the kernels (device copies and fills included) the profiler saw, per step, "
               "each filed under the outermost operator above its launch that has a kind in benchmarks.roofline "
               f"(else '{roofline.OTHER}'). floor: that kind's floor in benchmarks.roofline's count of the same step "
               "on fake tensors, at the ceilings measured in this run. '-': the profiled step ran no such kernel "
-              "(its total leaves that floor out).")
+              f"(its total leaves that floor out). '{UNFILED}': kernel time with no operator above its launch "
+              "(the total of the kernel table less the rows above it).")
+def kernel_entries(averages) -> list:
+    """The kernels (and device copies and fills) of ``prof.key_averages()``: device entries, less the GPU
+    spans of record_function ranges (``Optimizer.step#AdamW.step`` around every optimiser step), which
+    would count their kernels again."""
+    return [e for e in averages if e.device_type != DeviceType.CPU and not e.is_user_annotation]
 
 
 def by_kind(events: Sequence, steps: int) -> Dict[str, Tuple[float, float]]:
@@ -109,9 +116,14 @@ def by_kind(events: Sequence, steps: int) -> Dict[str, Tuple[float, float]]:
     return {k: (n, ms) for k, (n, ms) in out.items()}
 
 
-def against_floor(measured: Dict[str, Tuple[float, float]], floor_ms: Dict[str, float]) -> List[list]:
+def against_floor(measured: Dict[str, Tuple[float, float]], floor_ms: Dict[str, float],
+                  kernel_ms: float = 0.0) -> List[list]:
     """Rows (kind, kernels per step, ms, floor ms, floor / ms, ms over floor), the most ms over floor
-    first, kinds the step did not run last, and a total over the kinds it ran."""
+    first, kinds the step did not run last, and a total over the kinds it ran. ``kernel_ms``: all kernel
+    time per step; what of it no kind holds (over 1 us) is a row of its own (UNFILED)."""
+    unfiled = kernel_ms - sum(ms for _, ms in measured.values())
+    if unfiled > 1e-3:
+        measured = {**measured, UNFILED: (0, unfiled)}
     rows = []
     for kind in sorted(set(measured) | set(floor_ms)):
         n, ms = measured.get(kind, (0, math.nan))

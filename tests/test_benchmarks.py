@@ -251,6 +251,25 @@ def test_profile_sets_each_kind_against_its_floor():
     assert rows[0] == ["convolution", 2, 3.0, 1.5, "50%", 1.5]
     assert rows[3][2:5] == [pytest.approx(math.nan, nan_ok=True), 1.0, "-"]
     assert rows[-1] == ["total (the kinds run)", 4, 4.5, pytest.approx(2.4), "53%", pytest.approx(2.1)]
+    # kernel time no operator holds (a graph replay's, say) is a row of its own, in the total
+    rows = profile_model.against_floor(measured, {"convolution": 1.5}, kernel_ms=5.0)
+    assert rows[2][:4] == [profile_model.UNFILED, 0, pytest.approx(0.5), 0.0]
+    assert rows[-1][2] == pytest.approx(5.0)
+    assert profile_model.UNFILED not in [r[0] for r in profile_model.against_floor(measured, {}, kernel_ms=4.5)]
+
+
+def test_profile_kernel_entries_leave_out_annotation_spans():
+    """A record_function range (every optimiser step is one) has a GPU span over its kernels: not a kernel."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def entry(key, device, annotation=False):
+        return SimpleNamespace(key=key, device_type=device, is_user_annotation=annotation)
+
+    averages = [entry("aten::mm", DeviceType.CPU), entry("sm90_gemm", DeviceType.CUDA),
+                entry("Optimizer.step#AdamW.step", DeviceType.CUDA, True), entry("Memcpy DtoD", DeviceType.CUDA)]
+    assert [e.key for e in profile_model.kernel_entries(averages)] == ["sm90_gemm", "Memcpy DtoD"]
 
 
 @pytest.mark.parametrize("kind", ["forward", "train"])
@@ -357,25 +376,34 @@ if [[ -n $out && $mod == benchmarks.* ]]; then echo "| $name |" >"$out/$name-$(d
 """
 
 
-@pytest.mark.parametrize("stages,tables", [("models ops", 3), ("more", 7)])
-def test_device_check_runs_every_stage_and_brings_back_at_most_8_files(tmp_path, stages, tables):
-    """benchmarks/device_check.sh with a stand-in python: every stage runs and is summarised; a call that
-    writes more tables than the device tool brings back (8 files, the summary and log among them) packs
-    them into one archive."""
+@pytest.mark.parametrize("stages,tables,out", [("models ops", 3, "out"), ("more", 7, "out"),
+                                               ("more", 7, "repo/benchmarks/results/")])
+def test_device_check_runs_every_stage_and_brings_back_at_most_8_files(tmp_path, stages, tables, out):
+    """benchmarks/device_check.sh (a copy, with a stand-in python): every stage runs and is summarised; a
+    call that writes more tables than the device tool brings back (8 files, the summary and log among them)
+    packs them into one archive, but never in the committed results folder (however it is spelled)."""
+    import shutil
     import subprocess
     import tarfile
     from pathlib import Path
 
-    stub, out = tmp_path / "python", tmp_path / "out"
+    repo, stub, out = tmp_path / "repo", tmp_path / "python", tmp_path / out
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh", repo / "benchmarks")
+    committed = repo / "benchmarks" / "results" / "models-nvidia-h200.md"
+    committed.write_text("| a committed table |")
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
-    out.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(["bash", "benchmarks/device_check.sh", *stages.split()], cwd=root, check=True, timeout=60,
+    out.mkdir(exist_ok=True)
+    subprocess.run(["bash", "benchmarks/device_check.sh", *stages.split()], cwd=repo, check=True, timeout=60,
                    capture_output=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "OUT": str(out)})
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("install: rc=0") and all(" rc=0" in line for line in summary), summary
     files = sorted(p.name for p in out.iterdir())
+    if out.samefile(repo / "benchmarks" / "results"):
+        assert committed.read_text() == "| a committed table |" and "tables.tar" not in files
+        assert len([f for f in files if f.endswith(".md")]) == tables + 1
+        return
     assert len(files) <= 8, files
     if tables + 2 > 8:
         assert files == ["log.txt", "summary.txt", "tables.tar"]
