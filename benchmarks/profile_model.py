@@ -31,6 +31,14 @@ from benchmarks import models as bm
 from benchmarks import roofline
 from benchmarks.common import ceilings, markdown_table, time_ms, write_report
 
+UNFILED = "not filed (no operator above the launch)"
+FLOOR_NOTE = ("ms: the device time of the kernels (device copies and fills included) the profiler saw, per step, "
+              "each filed under the outermost operator above its launch that has a kind in benchmarks.roofline "
+              f"(else '{roofline.OTHER}'). floor: that kind's floor in benchmarks.roofline's count of the same step "
+              "on fake tensors, at the ceilings measured in this run. '-': the profiled step ran no such kernel "
+              f"(its total leaves that floor out). '{UNFILED}': kernel time with no operator above its launch "
+              "(the total of the kernel table less the rows above it).")
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,13 +91,6 @@ def main(argv=None) -> None:
         timing="Kernel times summed by the PyTorch profiler (CUPTI); host times are its CPU self times.")
 
 
-UNFILED = "not filed (no operator above the launch)"
-FLOOR_NOTE = ("ms: the device time of the kernels (device copies and fills included) the profiler saw, per step, "
-              "each filed under the outermost operator above its launch that has a kind in benchmarks.roofline "
-              f"(else '{roofline.OTHER}'). floor: that kind's floor in benchmarks.roofline's count of the same step "
-              "on fake tensors, at the ceilings measured in this run. '-': the profiled step ran no such kernel "
-              f"(its total leaves that floor out). '{UNFILED}': kernel time with no operator above its launch "
-              "(the total of the kernel table less the rows above it).")
 def kernel_entries(averages) -> list:
     """The kernels (and device copies and fills) of ``prof.key_averages()``: device entries, less the GPU
     spans of record_function ranges (``Optimizer.step#AdamW.step`` around every optimiser step), which
