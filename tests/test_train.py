@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -296,8 +297,13 @@ def _free_port():
 
 
 def spawn_on_free_port(worker, *args, nprocs: int = 2, tries: int = 3) -> None:
-    """``mp.spawn(worker, (nprocs, port, *args))`` on a port free a moment ago; on a new one when another
-    process bound it meanwhile (rank 0's store then fails to listen), up to ``tries`` times."""
+    """``mp.spawn(worker, (nprocs, port, *args))`` on a port free a moment ago, up to ``tries`` times: again
+    on a new port when another process bound it meanwhile (rank 0's store then fails to listen), and when a
+    process was aborted (SIGABRT), with a warning. The abort, seen once in a whole `make test`: in the
+    two-process sample test, rank 1, its files written, died in "terminate called without an active
+    exception" (a C++ thread torn down unjoined) around the gloo group's end; never in 50 runs of that test
+    alone. A try again writes into the folders the first wrote in (the trainer resumes there; sample
+    writes the same files again)."""
     for attempt in range(tries):
         try:
             mp.spawn(worker, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=True)
@@ -306,19 +312,27 @@ def spawn_on_free_port(worker, *args, nprocs: int = 2, tries: int = 3) -> None:
             taken = "EADDRINUSE" in str(e) or "Address already in use" in str(e)  # libuv's store, the other
             if not taken or attempt == tries - 1:
                 raise
+        except mp.ProcessExitedException as e:
+            if e.signal_name != "SIGABRT" or attempt == tries - 1:
+                raise
+            warnings.warn(f"{worker.__name__}: {e}; tried again", stacklevel=2)
 
 
 def _fails_once(rank, world, port, marker, message):
     if rank == 0 and not os.path.exists(marker):
         open(marker, "w").close()
+        if message == "abort":
+            os.abort()
         raise RuntimeError(message)
 
 
-def test_spawn_tries_another_port_only_when_the_port_was_taken(tmp_path):
+def test_spawn_tries_again_when_the_port_was_taken_or_a_process_aborted(tmp_path):
     taken = "The server socket has failed to listen on any local network address. port: 1, code: -98, name: EADDRINUSE"
     spawn_on_free_port(_fails_once, str(tmp_path / "taken"), taken)  # the second try passes
     with pytest.raises(mp.ProcessRaisedException, match="a real failure"):
         spawn_on_free_port(_fails_once, str(tmp_path / "real"), "a real failure")  # not tried again
+    with pytest.warns(UserWarning, match="SIGABRT; tried again"):
+        spawn_on_free_port(_fails_once, str(tmp_path / "aborted"), "abort")  # the second try passes
 
 
 def _ddp_worker(rank, world, port, out, mode, acc):
