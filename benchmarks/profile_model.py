@@ -129,12 +129,16 @@ def against_floor(measured: Dict[str, Tuple[float, float]], floor_ms: Dict[str, 
     for kind in sorted(set(measured) | set(floor_ms)):
         n, ms = measured.get(kind, (0, math.nan))
         floor = floor_ms.get(kind, 0.0)
-        rows.append([kind, round(n), ms, floor, f"{100 * floor / ms:.0f}%" if ms > 0 else "-", ms - floor])
+        rows.append([kind, round(n), ms, floor, _percent(floor, ms), ms - floor])
     ran = [r for r in rows if not math.isnan(r[2])]
     rows.sort(key=lambda r: (math.isnan(r[5]), -r[5] if not math.isnan(r[5]) else 0.0))
     ms, floor = sum(r[2] for r in ran), sum(r[3] for r in ran)
-    return rows + [["total (the kinds run)", sum(r[1] for r in ran), ms, floor,
-                    f"{100 * floor / ms:.0f}%" if ms > 0 else "-", ms - floor]]
+    return rows + [["total (the kinds run)", sum(r[1] for r in ran), ms, floor, _percent(floor, ms), ms - floor]]
+
+
+def _percent(part: float, whole: float) -> str:
+    """part / whole as a whole percentage; '-' where whole is not positive (or NaN: nothing measured)."""
+    return f"{100 * part / whole:.0f}%" if whole > 0 else "-"
 
 
 def _top(events, attr: str, steps: int, top: int):
