@@ -1,6 +1,5 @@
 """The mdm-fast command line: info, convert (lossless both ways), summary, a tiny demo, sample."""
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from mdm_fast.train import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_config import CONFIGS, needs_configs  # noqa: E402
-from test_train import OUTER, _one_thread, spawn_on_free_port, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
+from test_train import OUTER, _one_thread, as_torchrun_rank, spawn_on_free_port, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
 
 
 def test_info_lists_versions_and_backends(capsys, monkeypatch):
@@ -210,9 +209,7 @@ def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
 def _sample_worker(rank, world, port, args, printed):
     import contextlib
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     with open(f"{printed}.{rank}", "w") as f, contextlib.redirect_stdout(f):
         assert main(args) == 0
     assert not torch.distributed.is_initialized()  # main left the process group

@@ -318,6 +318,13 @@ def spawn_on_free_port(worker, *args, nprocs: int = 2, tries: int = 3) -> None:
             warnings.warn(f"{worker.__name__}: {e}; tried again", stacklevel=2)
 
 
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """This spawned process as torchrun would start rank ``rank`` of ``world`` on one host (one thread)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+
+
 def _fails_once(rank, world, port, marker, message):
     if rank == 0 and not os.path.exists(marker):
         open(marker, "w").close()
@@ -336,9 +343,7 @@ def test_spawn_tries_again_when_the_port_was_taken_or_a_process_aborted(tmp_path
 
 
 def _ddp_worker(rank, world, port, out, mode, acc):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     try:
         cfg = tiny(out, num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=acc,
                    distributed=mode.split("-")[0], fp16=1)
