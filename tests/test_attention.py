@@ -273,8 +273,26 @@ def test_autotuning_is_per_batch():
         assert kernel.keys == kernels.AUTOTUNE_KEY
     q, k = torch.empty(2, 8, 256, 64), torch.empty(2, 8, 256, 64)
     keys = [tuple(kernels._common(q[:b], k[:b], None, None, None)[n] for n in kernels.AUTOTUNE_KEY
-                  if n in ("LQ", "LK", "T", "lse_branch")) for b in (1, 2)]
+                  if n in ("LQ", "LK", "T_BUCKET", "lse_branch")) for b in (1, 2)]
     assert keys[0] != keys[1]
+
+
+def test_autotuning_shares_a_choice_between_near_text_lengths():
+    """Captions padded to their batch's longest give each batch its own text length T: the autotuner
+    times its candidates once per power-of-two bucket of T, not once per T (nor for a run without text)."""
+    from mdm_fast.kernels import attention as kernels
+
+    q, k = torch.empty(2, 8, 256, 64), torch.empty(2, 8, 256, 64)
+
+    def key(T):
+        kc = torch.empty(2, 8, T, 64) if T else None
+        args = kernels._common(q, k, kc, None, None)
+        return tuple(args[n] for n in kernels.AUTOTUNE_KEY), args["T"]
+
+    assert "T" not in kernels.AUTOTUNE_KEY
+    (k77, t77), (k100, t100), (k128, _), (k129, _) = key(77), key(100), key(128), key(129)
+    assert k77 == k100 == k128 and (t77, t100) == (77, 100)  # the kernel still gets the exact length
+    assert k128 != k129 != key(0)[0] and key(1)[0] == key(16)[0] != key(17)[0]
 
 
 def test_opcheck_custom_ops():

@@ -9,9 +9,10 @@ Performance notes (H200, bf16; level 1 = B 32, 1024 tokens, 512 ch, 8 heads of 6
     0.180 ms (381 TFLOP/s, self branch only); level 2 (B 32, 256 tokens, 768 ch, d 96): einsum
     0.241 ms, SDPA 0.042 ms. Goal: 1.2x (fwd) / 1.1x (bwd) over the SDPA pair (self + masked
     cross + add) and >= 60% of 785 TFLOP/s (<= 0.164 ms) on level 1.
-  * Configs (``_HOPPER``): 3-4 candidates per (kernel, padded head dim), timed once per shape and batch by
-    Triton's autotuner, so a first call compiles at most 4 + 4 + 4 variants per head dim (the
-    alternatives to the first of each list come from the compile-only report,
+  * Configs (``_HOPPER``): 3-4 candidates per (kernel, padded head dim), timed once per shape (the text
+    length by power-of-two bucket, ``text_bucket``) and batch by Triton's autotuner, so a first call
+    compiles at most 4 + 4 + 4 variants per head dim (the alternatives to the first of each list come
+    from the compile-only report,
     benchmarks/kernel_report.py: no spills, wgmma, at least as many resident programs per SM as the
     first; a GPU picks).
     Registers per thread from ptxas for sm_90a, public layout, no spills unless noted:
@@ -117,8 +118,15 @@ def _prune(kernel: str):
     return prune
 
 
-AUTOTUNE_KEY = ["LQ", "LK", "T", "BLOCK_D", "HAS_COND", "HAS_SMASK",
+AUTOTUNE_KEY = ["LQ", "LK", "T_BUCKET", "BLOCK_D", "HAS_COND", "HAS_SMASK",
                 "lse_branch"]  # B * H * LQ: the batch decides how many programs fill the card
+
+
+def text_bucket(T: int) -> int:
+    """The text length as the autotuner sees it: 0 (no text), else the next power of two, at least 16.
+    Captions padded to their batch's longest make a length per batch; keyed on T itself, each new length
+    would time every candidate again (3-4 per kernel, ~0.1 s each) for a branch that is ~10% of the work."""
+    return 0 if T == 0 else max(16, triton.next_power_of_2(T))
 
 
 def _autotune(kernel: str):
@@ -272,7 +280,7 @@ def _fwd_kernel(Q, K, V, KC, VC, CMASK, SMASK, O, LSE,
                 s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
                 s_kcb, s_kch, s_kcl, s_kcd, s_vcb, s_vch, s_vcl, s_vcd,
                 s_cmb, s_cmt, s_smb, s_sml, s_ob, s_oh, s_ol, s_od,
-                H, LQ, LK, T, lse_branch, qk_scale, D: tl.constexpr, PAD_D: tl.constexpr,
+                H, LQ, LK, T, T_BUCKET, lse_branch, qk_scale, D: tl.constexpr, PAD_D: tl.constexpr,
                 HAS_COND: tl.constexpr, HAS_CMASK: tl.constexpr, HAS_SMASK: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -347,7 +355,7 @@ def _bwd_dq_kernel(Q, K, V, KC, VC, CMASK, SMASK, O, DO, DQ, LSE, DELTA,
                    s_kcb, s_kch, s_kcl, s_kcd, s_vcb, s_vch, s_vcl, s_vcd,
                    s_cmb, s_cmt, s_smb, s_sml, s_ob, s_oh, s_ol, s_od,
                    s_dob, s_doh, s_dol, s_dod, s_dqb, s_dqh, s_dql, s_dqd,
-                   H, LQ, LK, T, lse_branch, qk_scale, scale, D: tl.constexpr, PAD_D: tl.constexpr,
+                   H, LQ, LK, T, T_BUCKET, lse_branch, qk_scale, scale, D: tl.constexpr, PAD_D: tl.constexpr,
                    HAS_COND: tl.constexpr, HAS_CMASK: tl.constexpr, HAS_SMASK: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -447,7 +455,7 @@ def _bwd_dkdv_kernel(Q, K, V, KC, VC, CMASK, SMASK, DO, DK, DV, DKC, DVC, LSE, D
                      s_cmb, s_cmt, s_smb, s_sml, s_dob, s_doh, s_dol, s_dod,
                      s_dkb, s_dkh, s_dkl, s_dkd, s_dvb, s_dvh, s_dvl, s_dvd,
                      s_dkcb, s_dkch, s_dkcl, s_dkcd, s_dvcb, s_dvch, s_dvcl, s_dvcd,
-                     H, LQ, LK, T, lse_branch, qk_scale, scale, D: tl.constexpr, PAD_D: tl.constexpr,
+                     H, LQ, LK, T, T_BUCKET, lse_branch, qk_scale, scale, D: tl.constexpr, PAD_D: tl.constexpr,
                      HAS_COND: tl.constexpr, HAS_CMASK: tl.constexpr, HAS_SMASK: tl.constexpr,
                      DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -489,9 +497,10 @@ def _mask_arg(mask: Optional[torch.Tensor], fallback: torch.Tensor):
 def _common(q, k, k_cond, cond_mask, self_mask):
     B, H, LQ, D = q.shape
     has_cond = k_cond is not None
+    T = k_cond.shape[2] if has_cond else 0
     block_d = max(16, triton.next_power_of_2(D))
     return dict(
-        H=H, LQ=LQ, LK=k.shape[2], T=k_cond.shape[2] if has_cond else 0, lse_branch=B * H * LQ,
+        H=H, LQ=LQ, LK=k.shape[2], T=T, T_BUCKET=text_bucket(T), lse_branch=B * H * LQ,
         D=D, PAD_D=block_d != D, BLOCK_D=block_d,
         HAS_COND=has_cond, HAS_CMASK=cond_mask is not None, HAS_SMASK=self_mask is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
