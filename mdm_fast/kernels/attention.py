@@ -72,6 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2
 from mdm_fast.ops.dispatch import triton_interpreting
 
 _LOG2E = 1.4426950408889634
@@ -126,7 +127,7 @@ def text_bucket(T: int) -> int:
     """The text length as the autotuner sees it: 0 (no text), else the next power of two, at least 16.
     Captions padded to their batch's longest make a length per batch; keyed on T itself, each new length
     would time every candidate again (3-4 per kernel, ~0.1 s each) for a branch that is ~10% of the work."""
-    return 0 if T == 0 else max(16, triton.next_power_of_2(T))
+    return 0 if T == 0 else max(16, next_power_of_2(T))
 
 
 def _autotune(kernel: str):
@@ -498,7 +499,7 @@ def _common(q, k, k_cond, cond_mask, self_mask):
     B, H, LQ, D = q.shape
     has_cond = k_cond is not None
     T = k_cond.shape[2] if has_cond else 0
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     return dict(
         H=H, LQ=LQ, LK=k.shape[2], T=T, T_BUCKET=text_bucket(T), lse_branch=B * H * LQ,
         D=D, PAD_D=block_d != D, BLOCK_D=block_d,
@@ -515,7 +516,7 @@ def forward(q, k, v, k_cond, v_cond, cond_mask, self_mask, scale: float, out: to
     sm, s_sm = _mask_arg(self_mask, q)
     kc, vc = (k_cond, v_cond) if k_cond is not None else (q, q)
     args = _common(q, k, k_cond, cond_mask, self_mask)
-    grid = lambda meta: (B * H * triton.cdiv(LQ, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (B * H * cdiv(LQ, meta["BLOCK_M"]),)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, kc, vc, cm, sm, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_strides(k_cond), *_strides(v_cond),
@@ -536,13 +537,13 @@ def backward(grad_out, q, k, v, k_cond, v_cond, cond_mask, self_mask, out, lse, 
     strided = (*q.stride(), *k.stride(), *v.stride(), *_strides(k_cond), *_strides(v_cond), *s_cm, *s_sm)
     kw = dict(qk_scale=scale * _LOG2E, scale=scale, **args)
 
-    _bwd_dq_kernel[lambda meta: (B * H * triton.cdiv(LQ, meta["BLOCK_M"]),)](
+    _bwd_dq_kernel[lambda meta: (B * H * cdiv(LQ, meta["BLOCK_M"]),)](
         q, k, v, kc, vc, cm, sm, out, grad_out, dq, lse, delta,
         *strided, *out.stride(), *grad_out.stride(), *dq.stride(), **kw)
 
     def dkdv_grid(meta):  # the pixel key tiles, then the text key tiles
         n = meta["BLOCK_N"]
-        return (B * H * (triton.cdiv(k.shape[2], n) + (triton.cdiv(k_cond.shape[2], n) if has_cond else 0)),)
+        return (B * H * (cdiv(k.shape[2], n) + (cdiv(k_cond.shape[2], n) if has_cond else 0)),)
 
     _bwd_dkdv_kernel[dkdv_grid](
         q, k, v, kc, vc, cm, sm, grad_out, dk, dv, dkc, dvc, lse, delta,

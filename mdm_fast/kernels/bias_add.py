@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mdm_fast.kernels.sizes import cdiv
 from mdm_fast.ops.dispatch import triton_interpreting
 
 _BLOCK, _INTERPRET_BLOCK = 4096, 256
@@ -38,7 +39,7 @@ def bias_add(x: Tensor, bias: Tensor, residual: Optional[Tensor], channels_last:
     n, C = x.numel(), x.shape[1]
     inner = 1 if channels_last else x.shape[2] * x.shape[3]
     block = _INTERPRET_BLOCK if triton_interpreting() else _BLOCK
-    _bias_add_kernel[(triton.cdiv(n, block),)](x, bias, x if residual is None else residual, out, n, C, inner,
+    _bias_add_kernel[(cdiv(n, block),)](x, bias, x if residual is None else residual, out, n, C, inner,
                                                HAS_RES=residual is not None, BLOCK=block, num_warps=8)
     return out
 

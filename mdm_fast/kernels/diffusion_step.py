@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2
+
 _KIND = {"eps": 0, "v": 1, "x0": 2}
 
 
@@ -96,7 +98,7 @@ def _pad4(items: Sequence, fill) -> List:
 
 def _tile(size: int, largest_ratio: int, cap: int) -> int:
     """A power-of-two tile side, a multiple of the largest ratio, no larger than needed."""
-    return max(largest_ratio, min(cap, triton.next_power_of_2(size)))
+    return max(largest_ratio, min(cap, next_power_of_2(size)))
 
 
 def noisy_pyramid(images: Tensor, ratios: Sequence[int], gammas: Tensor, noises: Sequence[Tensor],
@@ -109,7 +111,7 @@ def noisy_pyramid(images: Tensor, ratios: Sequence[int], gammas: Tensor, noises:
     n_out = 2 if target == "eps" else 3
     outs = [[torch.empty(n.shape, device=images.device, dtype=images.dtype) for n in noises] for _ in range(n_out)]
     TH, TW = _tile(H, ratios[-1], 16), _tile(W, ratios[-1], 64)
-    tiles_h, tiles_w = triton.cdiv(H, TH), triton.cdiv(W, TW)
+    tiles_h, tiles_w = cdiv(H, TH), cdiv(W, TW)
     r = _pad4(ratios, ratios[-1])
     dummy = images
     ptrs = [_pad4(noises, dummy)] + [_pad4(o, dummy) for o in outs] + [_pad4([], dummy)] * (3 - n_out)
@@ -200,7 +202,7 @@ def sampler_update(x_t: Sequence[Tensor], pred: Sequence[Tensor], g_t: Tensor, g
     per_sample = [x[0].numel() for x in x_t]
     starts, acc = [], 0
     for n in per_sample:
-        acc += triton.cdiv(n, _BLOCK)
+        acc += cdiv(n, _BLOCK)
         starts.append(acc)
     d = x_t[0]
     args = [_pad4(x_t, d), _pad4(pred, d), _pad4(noise, d)] + [_pad4(o, d) for o in outs]

@@ -66,6 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2
+
 # Elements per loaded tile when a program loops over its rows, forward and backward, and the largest
 # group that is read once and kept in registers. Measured on an H200 (benchmarks/results/
 # group_norm-sweep-nvidia-h200.md, bf16, one shared tile of 4096 before): the forward is fastest with
@@ -585,9 +587,9 @@ def _groups_per_program(G: int, cg: int, channels_last: bool) -> int:
 def _whole_rows_plan(B: int, C: int, S: int, G: int, sms: int, max_tile: int) -> Optional[Plan]:
     """The split path over whole channels_last rows (all C channels: one contiguous stretch of memory per
     program), or None where the rows cannot be cut into two parts or more."""
-    block_c = triton.next_power_of_2(C)
-    block_s = max(1, min(triton.next_power_of_2(S), max_tile // block_c))
-    nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, B), triton.cdiv(S, max(block_s, WHOLE_ROWS_MIN_ROWS)),
+    block_c = next_power_of_2(C)
+    block_s = max(1, min(next_power_of_2(S), max_tile // block_c))
+    nsplit = min(cdiv(SPLIT_PROGRAMS_PER_SM * sms, B), cdiv(S, max(block_s, WHOLE_ROWS_MIN_ROWS)),
                  MAX_SPLIT)
     rows, nsplit = split_rows(S, nsplit, block_s)
     if nsplit == 1:
@@ -597,8 +599,8 @@ def _whole_rows_plan(B: int, C: int, S: int, G: int, sms: int, max_tile: int) ->
 
 def split_rows(S: int, nsplit: int, block_s: int) -> Tuple[int, int]:
     """(rows per part, parts): S rows cut into about nsplit parts of whole BLOCK_S-row tiles."""
-    rows = triton.cdiv(triton.cdiv(S, nsplit), block_s) * block_s
-    return rows, triton.cdiv(S, rows)
+    rows = cdiv(cdiv(S, nsplit), block_s) * block_s
+    return rows, cdiv(S, rows)
 
 
 def _warps(tile: int) -> int:
@@ -634,14 +636,14 @@ def _groups_plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int, 
     """Programs of GPB whole groups: the fused path, or the split path where they cannot fill the card."""
     cg = C // G
     gpb = _groups_per_program(G, cg, channels_last)
-    block_c = gpb * triton.next_power_of_2(cg)
-    block_s = max(1, min(triton.next_power_of_2(S), max_tile // block_c))
-    if triton.next_power_of_2(S) * block_c <= SINGLE_TILE:
-        block_s = triton.next_power_of_2(S)  # the whole group in one tile
+    block_c = gpb * next_power_of_2(cg)
+    block_s = max(1, min(next_power_of_2(S), max_tile // block_c))
+    if next_power_of_2(S) * block_c <= SINGLE_TILE:
+        block_s = next_power_of_2(S)  # the whole group in one tile
     programs = B * G // gpb
     nsplit = 1
     if programs < FUSED_MIN_PROGRAMS_PER_SM * sms and gpb * cg * S > SPLIT_MIN_ELEMENTS:
-        nsplit = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), triton.cdiv(S, block_s), MAX_SPLIT)
+        nsplit = min(cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), cdiv(S, block_s), MAX_SPLIT)
     return Plan(gpb, block_s, block_c, *split_rows(S, nsplit, block_s), _warps(block_s * block_c),
                 MAX_REGISTERS if channels_last else None)
 
@@ -678,7 +680,7 @@ def _launch(x, weight, bias, scale, shift, input_bias, num_groups: int, channels
 def _finalize_blocks(cg: int) -> dict:
     """Lanes of a finalize program: a group's channels (CGP, at least FINALIZE_MIN_CHANNELS: few compiled
     variants) times the parts it merges per step (BLOCK_K)."""
-    cgp = max(FINALIZE_MIN_CHANNELS, triton.next_power_of_2(cg))
+    cgp = max(FINALIZE_MIN_CHANNELS, next_power_of_2(cg))
     return dict(CGP=cgp, BLOCK_K=max(1, FINALIZE_TILE // cgp))
 
 

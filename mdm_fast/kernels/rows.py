@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from mdm_fast.kernels import group_norm as gn
+from mdm_fast.kernels.sizes import cdiv
 
 TILE = 8192  # elements per loaded tile: BLOCK_C channels of TILE // BLOCK_C rows
 BLOCK_C = 128  # channels per tile (256-byte pieces of each bf16 row); a row of more is walked in chunks
@@ -82,6 +83,6 @@ def parts(out: torch.Tensor, moments: Optional[gn.Plan]) -> Tuple[int, int, Opti
                                                          dtype=torch.float32)
     block_s = blocks()["BLOCK_S"]
     S = H * W
-    nsplit = min(triton.cdiv(PROGRAMS_PER_SM * gn._num_sms(out.device.index if out.is_cuda else None), B),
-                 triton.cdiv(S, block_s))
+    nsplit = min(cdiv(PROGRAMS_PER_SM * gn._num_sms(out.device.index if out.is_cuda else None), B),
+                 cdiv(S, block_s))
     return (*gn.split_rows(S, nsplit, block_s), None)

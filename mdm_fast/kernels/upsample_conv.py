@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2
 from mdm_fast.ops.dispatch import triton_interpreting
 
 
@@ -39,7 +40,7 @@ def _configs() -> list:
 def _prune(configs, named_args, **kwargs):
     """Drop channel tiles much wider than the layer (keep at least one config)."""
     cout = named_args["COUT"]
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(cout))]
     return kept or configs[:1]
 
 
@@ -92,7 +93,7 @@ def upsample_conv3x3_fwd(x: torch.Tensor, phase_w: torch.Tensor, bias: Optional[
     ``phase_w`` (2, 2, 2, 2, Cin, Cout) contiguous = [py, px, ty, tx, ci, co], dtype of x."""
     B, CIN, H, W = x.shape
     COUT = out.shape[1]
-    grid = lambda meta: (triton.cdiv(B * H * W, meta["BLOCK_M"]), triton.cdiv(COUT, meta["BLOCK_N"]), 4)  # noqa: E731
+    grid = lambda meta: (cdiv(B * H * W, meta["BLOCK_M"]), cdiv(COUT, meta["BLOCK_N"]), 4)  # noqa: E731
     _upsample_conv3x3_fwd[grid](
         x, phase_w, bias if bias is not None else phase_w, out, B, H, W, CIN, COUT,
         *x.stride(), *out.stride(),
