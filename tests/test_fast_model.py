@@ -14,7 +14,7 @@ from mdm_fast.models.fast import (FastConv2d, FastNestedUNet, FastResNetBlock, F
                                   _recomputed_input)
 from mdm_fast.reference import build_model as build_reference
 from norm_paths import force_whole_rows
-from test_reference import CASES, as_list, load_case, model_inputs
+from test_reference import CASES, as_list, load_case, model_inputs, one_time_for_all_is_every_samples
 
 # max |fast - reference| allowed in float32 with the ref backends (the triton model test bounds its errors
 # relative to each tensor instead: _check_triton_model)
@@ -36,6 +36,11 @@ def test_golden_outputs_ref_backends(name):
         out = as_list(model(*model_inputs(case), {}))
     for got, want in zip(out, case["outputs"]):
         assert (got - want).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def test_one_time_for_all_is_every_samples():
+    case, model = fast_golden("nested_tiny", "auto")
+    one_time_for_all_is_every_samples(model, case)
 
 
 def tiny_nested_config():

@@ -187,13 +187,30 @@ def test_public_yaml_none_string_is_none():
     (lambda x, t, c, m: ([x[0][:, :2], x[1]], t, c, m), "3 channels"),
     (lambda x, t, c, m: (x, t, c[..., :20], m), "24"),
     (lambda x, t, c, m: (x, t, c, m[:, :3]), "cond_mask"),
-    (lambda x, t, c, m: (x, t[:1], c, m), "times"),
+    (lambda x, t, c, m: (x, torch.cat([t, t[:1]]), c, m), r"times: expected shape \(2,\)"),
+    (lambda x, t, c, m: (x, t[:, None], c, m), "times"),
 ])
 def test_bad_inputs_raise_value_errors(mutate, match):
     case = load_case("nested_tiny")
     model = golden_model(case)
     with pytest.raises(ValueError, match=match):
         model(*mutate(*model_inputs(case)))
+
+
+def one_time_for_all_is_every_samples(model, case):
+    """As the public code broadcasts it: a time of shape (1,) or () gives each sample of the batch that time."""
+    x_t, t, c, m = model_inputs(case)
+    assert t.shape == (2,)
+    with torch.no_grad():
+        want = as_list(model(x_t, t[:1].expand(2).contiguous(), c, m))
+        for one in (t[:1], t[0]):
+            for got, w in zip(as_list(model(x_t, one, c, m)), want):
+                torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+
+def test_one_time_for_all_is_every_samples():
+    case = load_case("nested_tiny")
+    one_time_for_all_is_every_samples(golden_model(case), case)
 
 
 def test_attention_is_the_softmax_of_scaled_dot_products():

@@ -10,8 +10,10 @@ def _shape(t) -> str:
     return "x".join(str(s) for s in t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_model_inputs(model, x_t, times, conditioning, cond_mask) -> None:
-    """Check ``model(x_t, times, conditioning, cond_mask)`` arguments against the model's config."""
+def check_model_inputs(model, x_t, times, conditioning, cond_mask) -> torch.Tensor:
+    """Check ``model(x_t, times, conditioning, cond_mask)`` arguments against the model's config; returns
+    ``times`` with one time per sample: a single time (shape () or (1,)) is every sample's, as the public
+    code's broadcasting makes it."""
     ratios = model.resolution_ratios()
     xs: Sequence[torch.Tensor]
     if len(ratios) == 1:
@@ -40,9 +42,16 @@ def check_model_inputs(model, x_t, times, conditioning, cond_mask) -> None:
             raise ValueError(f"x_t[{i}]: a lower resolution needs at least as many samples as x_t[{i - 1}] "
                              f"(mixed batches put the extra samples at low resolution), got {_shape(x)}")
     batch = xs[-1].size(0)
+    if isinstance(times, torch.Tensor) and times.shape != (batch,) and times.shape in ((), (1,)):
+        times = times.reshape(1).expand(batch).contiguous()  # (batch,)
     if not isinstance(times, torch.Tensor) or times.shape != (batch,):
-        raise ValueError(f"times: expected shape ({batch},) (one time per sample of the lowest resolution), "
-                         f"got {_shape(times)}")
+        raise ValueError(f"times: expected shape ({batch},) (one time per sample of the lowest resolution) or "
+                         f"one time for all, got {_shape(times)}")
+    _check_conditioning(model, batch, conditioning, cond_mask)
+    return times
+
+
+def _check_conditioning(model, batch: int, conditioning, cond_mask) -> None:
     width = model.input_conditioning_feature_dim
     if model.config.conditioning_feature_dim <= 0:
         return

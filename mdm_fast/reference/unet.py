@@ -241,7 +241,7 @@ class UNet(nn.Module):
         return self.forward_output_layer(x), x
 
     def forward(self, x_t, times, conditioning=None, cond_mask=None, micros=None):
-        self.check_inputs(x_t, times, conditioning, cond_mask)
+        times = self.check_inputs(x_t, times, conditioning, cond_mask)  # (B,)
         cond_emb = None
         if self.config.conditioning_feature_dim > 0:
             cond_emb, conditioning, cond_mask = self.forward_conditioning(conditioning, cond_mask)
@@ -260,10 +260,11 @@ class UNet(nn.Module):
             return [1]
         return [1] + [ratios[0] // r for r in ratios[1:]] + [ratios[0]]
 
-    def check_inputs(self, x_t, times, conditioning, cond_mask) -> None:
+    def check_inputs(self, x_t, times, conditioning, cond_mask) -> torch.Tensor:
+        """Raises a ValueError naming what is wrong; returns the times, one per sample."""
         from mdm_fast.reference.checks import check_model_inputs
 
-        check_model_inputs(self, x_t, times, conditioning, cond_mask)
+        return check_model_inputs(self, x_t, times, conditioning, cond_mask)
 
 
 class NestedUNet(UNet):
