@@ -1,3 +1,4 @@
+import numpy as np
 import triton
 
 from mdm_fast.kernels.sizes import cdiv, next_power_of_2
@@ -9,3 +10,4 @@ def test_the_launchers_integer_helpers_agree_with_tritons():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 2, 7, 16, 64, 128, 8192):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert next_power_of_2(np.int64(77)) == 128

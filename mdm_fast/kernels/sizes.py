@@ -9,5 +9,5 @@ def cdiv(x: int, y: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (0 for n <= 0, as Triton's)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
+    """The smallest power of two >= n (0 for n <= 0, as Triton's); n may be any integer type (numpy's too)."""
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
