@@ -40,6 +40,6 @@ def bias_add(x: Tensor, bias: Tensor, residual: Optional[Tensor], channels_last:
     inner = 1 if channels_last else x.shape[2] * x.shape[3]
     block = _INTERPRET_BLOCK if triton_interpreting() else _BLOCK
     _bias_add_kernel[(cdiv(n, block),)](x, bias, x if residual is None else residual, out, n, C, inner,
-                                               HAS_RES=residual is not None, BLOCK=block, num_warps=8)
+                                        HAS_RES=residual is not None, BLOCK=block, num_warps=8)
     return out
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdm_fast.kernels.sizes import cdiv
 from mdm_fast.ops import dispatch
 
 OP = "group_norm_act"
@@ -179,7 +180,7 @@ def _cuda_forward(x, weight, bias, scale, shift, num_groups, eps, silu, moments=
     B, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
     cl = _is_channels_last(x)
     rows = _cuda_rows(S, cl)
-    nchunk = -(-S // rows)
+    nchunk = cdiv(S, rows)
     y = torch.empty_like(x)
     mean = torch.empty(B, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -200,7 +201,7 @@ def _cuda_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, ep
     cl = _is_channels_last(x)
     dy = dy.contiguous(memory_format=_format(x))
     rows = _cuda_rows(S, cl)
-    nchunk = -(-S // rows)
+    nchunk = cdiv(S, rows)
     dx = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     ps1, ps2 = torch.empty(B, nchunk, C, **f32), torch.empty(B, nchunk, C, **f32)
