@@ -126,7 +126,8 @@ AUTOTUNE_KEY = ["LQ", "LK", "T_BUCKET", "BLOCK_D", "HAS_COND", "HAS_SMASK",
 def text_bucket(T: int) -> int:
     """The text length as the autotuner sees it: 0 (no text), else the next power of two, at least 16.
     Captions padded to their batch's longest make a length per batch; keyed on T itself, each new length
-    would time every candidate again (3-4 per kernel, ~0.1 s each) for a branch that is ~10% of the work."""
+    would time every candidate again (3-4 per kernel; Triton's default timing takes ~0.1 s each, by its
+    settings, not measured) for a branch that is ~10% of the work."""
     return 0 if T == 0 else max(16, next_power_of_2(T))
 
 
