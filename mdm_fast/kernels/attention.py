@@ -26,7 +26,8 @@ Performance notes (H200, bf16; level 1 = B 32, 1024 tokens, 512 ch, 8 heads of 6
         4 warps (138 regs, 3 CTAs/SM), 128x32, 4 warps, 5 stages (168, 3 CTAs), 128x64 pinned at 128.
       dk/dv d<=64: 128 keys x 32 queries, 8 warps, 4 stages (170: 1 CTA/SM); the same pinned at 128
         registers (2 CTAs/SM), 64 keys x 32 queries, 4 warps (170, 2 CTAs), 64x64, 4 warps (255).
-      d 128 backward: 64x64, 8 warps, 3 stages (238-246, 1 CTA/SM: shared memory also limits it);
+      d 128 backward: 64x64, 8 warps, 3 stages (238-246, 1 CTA/SM: shared memory also limits it;
+        dk/dv token-major without a text mask does not fit: the autotuner skips it there);
         or dq 32x64 / dk,dv 32 keys x 64 queries, 4 warps (218 / 255, 2 CTAs), 128x32 / 128 keys x
         32 queries, 8 warps (211 / 238). fp32 inputs (ieee dots on CUDA cores) spill at any tile
         size: 32x32, 8 warps, a correctness path only.
@@ -119,7 +120,11 @@ def _prune(kernel: str):
     return prune
 
 
-AUTOTUNE_KEY = ["LQ", "LK", "T_BUCKET", "BLOCK_D", "HAS_COND", "HAS_SMASK",
+# What a timed choice is reused for. Besides the sizes: the text mask and q's layout (s_qd: 1 when the
+# head dim is contiguous, L when the qkv conv output is channel-major) compile to different programs, and
+# a candidate that fits one may not fit the other: dk/dv 64x64 for d 96 needs 258 KB of shared memory
+# token-major without a text mask (sm_90 allows 227) and fits otherwise.
+AUTOTUNE_KEY = ["LQ", "LK", "T_BUCKET", "BLOCK_D", "HAS_COND", "HAS_CMASK", "HAS_SMASK", "s_qd",
                 "lse_branch"]  # B * H * LQ: the batch decides how many programs fill the card
 
 
