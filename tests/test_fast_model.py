@@ -125,6 +125,35 @@ def test_norms_get_the_concatenations_moments_and_conv1s_bias(whole_rows_norms, 
     assert sum(b for _, b in whole_rows_norms) == resnets > 0
 
 
+def test_lm_head_and_temporal_attention_run_the_attention_op(monkeypatch):
+    """The LM head (a text mask with padding) and the temporal blocks (rotary positions) attend
+    through ops.attention, here its triton kernel: the reference's outputs and gradients."""
+    from mdm_fast.models.fast import FastSelfAttention1D
+
+    case = load_case("nested_temporal_tiny")
+    cfg = copy.deepcopy(case["unet_config"])
+    cfg["temporal_positional_encoding"] = True
+    cfg["inner_config"]["num_lm_head_layers"] = 1  # the innermost UNet reads the text
+    ref = unit_scale(build_reference(case["model"], cfg))  # so that a wrong rotation cannot hide
+    fast = mdm_fast.build_model(case["model"], cfg)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    for m in fast.modules():  # the other ops stay on auto (the interpreter runs only when asked for by name)
+        if isinstance(m, FastSelfAttention1D):
+            m.impl = "triton"
+    calls, attention = [], mdm_fast.ops.attention
+
+    def recording(q, k, v, *args, self_mask=None, **kwargs):  # q (B, heads, L, d)
+        calls.append((q.shape[2], self_mask is not None))
+        return attention(q, k, v, *args, self_mask=self_mask, **kwargs)
+
+    monkeypatch.setattr(mdm_fast.ops, "attention", recording)
+    # a bias before a norm of one channel per group has a zero gradient in exact arithmetic (~1e-19 in
+    # fp64); fp32 leaves ~1e-8 there (3e-8 of the largest gradient): allowed up to fp32's epsilon of it
+    _assert_same_outputs_and_gradients(ref, fast, model_inputs(case), zero_grad_rel=1.2e-7)
+    assert (5, True) in calls  # the LM head over the 5 text tokens, 2 of them padding in sample 0
+    assert (4, False) in calls  # a temporal block over the 4 frames of the outer level
+
+
 def _check_triton_model(low_batch: int) -> None:
     ref = randomize(build_reference("nested_unet", tiny_nested_config()))
     fast = mdm_fast.build_model("nested_unet", tiny_nested_config(), impl="triton")
@@ -132,21 +161,25 @@ def _check_triton_model(low_batch: int) -> None:
     _assert_same_outputs_and_gradients(ref, fast, tiny_inputs(2, low_batch))
 
 
-def _assert_same_outputs_and_gradients(ref, fast, args):
-    """The outputs and every parameter's gradient of ``fast`` are ``ref``'s, relative to each tensor's size."""
+def _assert_same_outputs_and_gradients(ref, fast, args, zero_grad_rel=0.0):
+    """The outputs and every parameter's gradient of ``fast`` are ``ref``'s, relative to each tensor's size;
+    ``zero_grad_rel``: more error allowed on every gradient, as a fraction of the model's largest one (for
+    gradients that are zero in exact arithmetic, which fp32 leaves at rounding noise)."""
     outs = []
     for model in (ref, fast):
         out = model(*args)
         sum((o ** 2).mean() for o in out).backward()
-        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (out_r, grad_r), (out_f, grad_f) = outs
+    assert grad_f.keys() == grad_r.keys()  # the same parameters used (a config may leave some unused)
     # relative to each tensor's size: the randomized model's outputs are ~0.1 and two thirds of its
     # gradients below 1e-4 (an absolute 1e-4 passed zeroed text key/value gradients); the fused ops'
     # reordered fp32 sums differ by ~1e-6 of them, the tiny (~1e-9) attention norm gradients by ~1e-12
     for a, b in zip(out_r, out_f):
         assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+    largest = max(g.abs().max().item() for g in grad_r.values())
     for n, g in grad_r.items():
-        tol = 1e-4 * g.abs().max().item() + 1e-10
+        tol = 1e-4 * g.abs().max().item() + 1e-10 + zero_grad_rel * largest
         assert (grad_f[n] - g).abs().max().item() <= tol, n
 
 
@@ -157,6 +190,8 @@ def unit_scale(model):
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not p.requires_grad:  # frozen: the rotary embedding's frequencies stay what they are
+                continue
             if p.dim() > 1:
                 p.normal_(0, p[0].numel() ** -0.5)
             else:

@@ -8,9 +8,10 @@ compiles for sm_90 with the specialisations a GPU would see, every autotune cand
 recorded instead of run.
 
 The public 256x256 and 1024x1024 models (their real channels, groups, heads and text width; 64 and
-128 px instead of 256 and 1024 so the CPU keeps up) run a bf16 training step, forward and backward,
-and a no-grad forward. (The diffusion-step kernels are compiled at the real shapes by
-tests/test_kernel_report.py.)
+128 px instead of 256 and 1024 so the CPU keeps up) run a no-grad forward and a training step, forward
+and backward, under bf16 autocast (the 256 model also in fp32), and so does the golden temporal case
+(1-D attention over frames). The diffusion-step kernels are compiled at the real shapes by
+tests/test_kernel_report.py.
 """
 import json
 import os
@@ -45,7 +46,13 @@ from benchmarks.models import TEXT_WIDTH, public_config
 from mdm_fast import build_model
 from mdm_fast.models import set_channels_last
 
-def model_step(stem, size, channels_last):
+def train_step(model, args, dtype=torch.bfloat16):  # a no-grad forward, then forward and backward
+    with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+        with torch.no_grad():
+            model(*args)
+        sum(o.float().sum() for o in model(*args)).backward()
+
+def model_step(stem, size, channels_last, dtype=torch.bfloat16):
     name, cfg, _ = public_config(stem)
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -53,11 +60,15 @@ def model_step(stem, size, channels_last):
         model = build_model(name, cfg)
     set_channels_last(model, channels_last)
     x = [torch.randn(1, 3, size // r, size // r) for r in model.resolution_ratios()]
-    args = (x, torch.tensor([500]), torch.randn(1, 77, TEXT_WIDTH), torch.ones(1, 77))
-    with torch.autocast("cpu", torch.bfloat16):
-        with torch.no_grad():
-            model(*args)
-        sum(o.float().sum() for o in model(*args)).backward()
+    train_step(model, (x, torch.tensor([500]), torch.randn(1, 77, TEXT_WIDTH), torch.ones(1, 77)), dtype)
+
+def golden_step(name):  # a golden case's config and inputs (the temporal one: 1-D attention with key masks)
+    from pathlib import Path
+    case = torch.load(Path("..") / "shared" / "reference" / "golden" / f"{name}.pt", weights_only=True)
+    model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
+    model.load_state_dict(case["state_dict"])
+    inp = case["inputs"]
+    train_step(model, (inp["x_t"], inp["times"], inp["conditioning"], inp["cond_mask"]))
 
 def reuse(first, then):
     # dk/dv at the 256 model's level 2 (256 tokens, 768 channels, 8 heads of 96; training batch 2): the
@@ -84,6 +95,8 @@ SCENARIOS = {
     "256 channels_last": lambda: model_step("256x256", 64, True),
     "256 nchw": lambda: model_step("256x256", 64, False),
     "1024 channels_last": lambda: model_step("1024x1024", 128, True),
+    "256 channels_last fp32": lambda: model_step("256x256", 64, True, torch.float32),
+    "temporal golden case": lambda: golden_step("nested_temporal_tiny"),
     "masked then unmasked": lambda: reuse((True, True), (True, False)),
     "channel-major then token-major": lambda: reuse((False, False), (True, False)),
 }
@@ -97,8 +110,8 @@ for name in sys.argv[1:]:
     print(json.dumps(dict(scenario=name, launched=dict(launched), error=error)), flush=True)
 """
 
-SCENARIOS = ["256 channels_last", "256 nchw", "1024 channels_last", "masked then unmasked",
-             "channel-major then token-major"]
+SCENARIOS = ["256 channels_last", "256 nchw", "1024 channels_last", "256 channels_last fp32", "temporal golden case",
+             "masked then unmasked", "channel-major then token-major"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +134,8 @@ CHANNELS_LAST_ONLY = {"_concat_kernel", "_upsample_conv3x3_fwd"}  # NCHW takes P
     ("256 channels_last", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
     ("256 nchw", {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION),
     ("1024 channels_last", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
+    ("256 channels_last fp32", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
+    ("temporal golden case", {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION),
 ])
 def test_model_training_step_compiles_for_sm90(results, scenario, kernels):
     r = results[scenario]

@@ -13,7 +13,8 @@ What changes on the hot path:
   (temporal attention) see the same batch;
 - attention reads q, k, v straight from the qkv conv's output and writes what proj_out reads
   (:func:`mdm_fast.ops.attention_from_qkv`); a query whose text keys are all masked gets zero from
-  the text branch where the public code gives NaN;
+  the text branch where the public code gives NaN; the 1-D attention of the LM head and of the
+  temporal blocks runs the same op (:class:`FastSelfAttention1D`);
 - when sampling, every attention layer's text keys and values come from one LayerNorm and one GEMM
   per forward (:mod:`mdm_fast.models.text_kv`);
 - a 1x1 conv on channels_last activations is a GEMM with the bias in its epilogue (:class:`FastConv2d`);
@@ -43,7 +44,7 @@ from mdm_fast.models.tensors import is_sharded, same_view
 from mdm_fast.models.text_kv import batched_text_kv, text_kv
 from mdm_fast.ops.dispatch import impl_for
 from mdm_fast.ops.time_proj import TimeProjections
-from mdm_fast.reference.layers import ResNet, ResNetBlock, SelfAttention, repeat_to_batch
+from mdm_fast.reference.layers import ResNet, ResNetBlock, SelfAttention, SelfAttention1D, repeat_to_batch
 from mdm_fast.reference.unet import NestedUNet, UNet
 
 
@@ -208,6 +209,20 @@ class FastSelfAttention(SelfAttention):
         return x
 
 
+class FastSelfAttention1D(SelfAttention1D):
+    """The LM head's and the temporal blocks' attention over (B, L, C) tokens: the same op, its key mask on
+    the self branch, on head views of the qkv Linear's output (a sample whose keys are all masked gets zero
+    where the public code gives NaN)."""
+
+    def attention(self, q, k, v, mask=None):  # (B, L, C) each
+        b, length, width = q.shape
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, L, d)
+        if self.pos_emb is not None:
+            q, k = self.pos_emb.rotate_queries_or_keys(q), self.pos_emb.rotate_queries_or_keys(k)
+        out = ops.attention(q, k, v, self_mask=mask, impl=_impl(self, "attention"))  # (B, h, L, d)
+        return out.transpose(1, 2).reshape(b, length, width)
+
+
 class FastResNetBlock(ResNetBlock):
     checkpointing = False  # recompute this block's activations in backward (set_activation_checkpointing)
 
@@ -330,6 +345,7 @@ FAST_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
     nn.Conv2d: FastConv2d,
     ResNet: FastResNet,
     SelfAttention: FastSelfAttention,
+    SelfAttention1D: FastSelfAttention1D,
     ResNetBlock: FastResNetBlock,
     UNet: FastUNet,
     NestedUNet: FastNestedUNet,
