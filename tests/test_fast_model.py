@@ -38,6 +38,22 @@ def test_golden_outputs_ref_backends(name):
         assert (got - want).abs().max().item() <= FP32_ATOL["ref"]
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_forced_triton_runs_where_activations_are_nchw(channels_last):
+    """impl="triton" where activations are NCHW: an NCHW model's skips (the concatenation kernel takes
+    channels_last only), and the temporal mode's frame reshapes, which give NCHW ResNet inputs beside
+    channels_last convolution outputs (the skip is then added after the bias, not in its pass). Those
+    steps run as the public code's, the rest on triton: the golden outputs of the first sample."""
+    case = load_case("nested_temporal_tiny")
+    model = mdm_fast.build_model(case["model"], case["unet_config"], impl="triton", channels_last=channels_last)
+    model.load_state_dict(case["state_dict"], strict=True)
+    x_t, times, text, mask = model_inputs(case)
+    with torch.no_grad():
+        out = model.eval()([x[:1] for x in x_t], times[:1], text[:1], mask[:1])
+    for got, want in zip(out, case["outputs"]):
+        assert (got - want[:1]).abs().max().item() <= FP32_ATOL["ref"]
+
+
 def test_one_time_for_all_is_every_samples():
     case, model = fast_golden("nested_tiny", "auto")
     one_time_for_all_is_every_samples(model, case)

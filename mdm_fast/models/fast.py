@@ -175,7 +175,7 @@ class FastResNet(ResNet):
                        shift=tb, input_bias=self.conv1.bias)
         if self.config.output_channels != self.config.num_channels:
             x = self.conv3(x)
-        fused = x.dtype == h.dtype  # else type promotion, as h + x
+        fused = x.dtype == h.dtype and x.stride() == h.stride()  # else type promotion or mixed layouts, as h + x
         out = ops.bias_add(h, self.conv2.bias, residual=x if fused else None, impl=_impl(self, "bias_add"))
         return out if fused else out + x
 
@@ -244,9 +244,11 @@ class FastResNetBlock(ResNetBlock):
 
     def _skip_then_resnet(self, i, x, temb, skip_activations):
         """The up path's concatenation as ``ops.concat_channels_for_norm``: a row copy (channels_last) that
-        also hands the ResNet's norm1 its partial moments."""
+        also hands the ResNet's norm1 its partial moments. NCHW activations (an NCHW model, the temporal
+        mode's frame reshapes) are concatenated by torch.cat, whatever backend the model asks for."""
         resnet = self.resnets[i]
-        if skip_activations is None or not isinstance(resnet, FastResNet):
+        if (skip_activations is None or not isinstance(resnet, FastResNet)
+                or not all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, skip_activations[0]))):
             return super()._skip_then_resnet(i, x, temb, skip_activations)
         x, moments = ops.concat_channels_for_norm(x, skip_activations.pop(0), resnet.norm1.num_groups,
                                                   impl=_impl(self, "concat_channels"))
