@@ -10,8 +10,8 @@ recorded instead of run.
 The public 256x256 and 1024x1024 models (their real channels, groups, heads and text width; 64 and
 128 px instead of 256 and 1024 so the CPU keeps up) run a no-grad forward and a training step, forward
 and backward, under bf16 autocast (the 256 model also in fp32), and so does the golden temporal case
-(1-D attention over frames). The diffusion-step kernels are compiled at the real shapes by
-tests/test_kernel_report.py.
+(1-D attention over frames). The 256 model also runs the public training loss (its noisy-pyramid
+kernel) and a guided sampler step (the sampler-update kernel) as the trainer and the sampler call them.
 """
 import json
 import os
@@ -62,6 +62,25 @@ def model_step(stem, size, channels_last, dtype=torch.bfloat16):
     x = [torch.randn(1, 3, size // r, size // r) for r in model.resolution_ratios()]
     train_step(model, (x, torch.tensor([500]), torch.randn(1, 77, TEXT_WIDTH), torch.ones(1, 77)), dtype)
 
+def loss_and_sampling_step():  # the 256 model's training loss (noisy pyramid) and a guided sampler step
+    from benchmarks.models import CONFIGS
+    from mdm_fast.config import load_experiment
+    from mdm_fast.diffusion import NestedDiffusion
+    exp = load_experiment(CONFIGS / "cc12m_256x256.yaml")
+    name, cfg, _ = public_config("256x256")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(name, cfg)
+    diffusion = NestedDiffusion.for_model(exp.diffusion_config, model)
+    text, mask = torch.randn(2, 77, TEXT_WIDTH), torch.ones(2, 77)
+    with torch.autocast("cpu", torch.bfloat16):
+        diffusion.loss(model, torch.rand(2, 3, 64, 64) * 2 - 1, text, mask)[0].backward()
+    sampler = diffusion.sampler(num_inference_steps=2)
+    with torch.no_grad():
+        denoise = diffusion.make_denoise(model, text, mask, guidance_scale=7.5, uncond_conditioning=text,
+                                         uncond_mask=mask, autocast=torch.bfloat16)
+        next(iter(sampler.steps(denoise, sampler.initial_noise(2, 3, 64))))
+
 def golden_step(name):  # a golden case's config and inputs (the temporal one: 1-D attention with key masks)
     from pathlib import Path
     case = torch.load(Path("..") / "shared" / "reference" / "golden" / f"{name}.pt", weights_only=True)
@@ -97,6 +116,7 @@ SCENARIOS = {
     "1024 channels_last": lambda: model_step("1024x1024", 128, True),
     "256 channels_last fp32": lambda: model_step("256x256", 64, True, torch.float32),
     "temporal golden case": lambda: golden_step("nested_temporal_tiny"),
+    "256 loss and sampling": loss_and_sampling_step,
     "masked then unmasked": lambda: reuse((True, True), (True, False)),
     "channel-major then token-major": lambda: reuse((False, False), (True, False)),
 }
@@ -111,16 +131,20 @@ for name in sys.argv[1:]:
 """
 
 SCENARIOS = ["256 channels_last", "256 nchw", "1024 channels_last", "256 channels_last fp32", "temporal golden case",
-             "masked then unmasked", "channel-major then token-major"]
+             "256 loss and sampling", "masked then unmasked", "channel-major then token-major"]
 
 
 @pytest.fixture(scope="module")
 def results():
+    """Two processes, half the scenarios each (compiling is single-threaded)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, *SCENARIOS], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=1200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, *SCENARIOS[i::2]], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, err[-3000:]
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {r["scenario"]: r for r in rows}
 
 
@@ -136,6 +160,7 @@ CHANNELS_LAST_ONLY = {"_concat_kernel", "_upsample_conv3x3_fwd"}  # NCHW takes P
     ("1024 channels_last", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
     ("256 channels_last fp32", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
     ("temporal golden case", {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION),
+    ("256 loss and sampling", {"_pyramid_kernel", "_update_kernel"} | GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY),
 ])
 def test_model_training_step_compiles_for_sm90(results, scenario, kernels):
     r = results[scenario]
