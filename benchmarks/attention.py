@@ -4,8 +4,9 @@
 
 Shapes are the public models' attention levels (the 64, 256 and 1024 models share them): level 1
 is 32x32 = 1024 tokens, 512 channels, 8 heads of 64; level 2 is 16x16 = 256 tokens, 768 channels,
-8 heads of 96; 128 text tokens, half of them masked. Sampling batch 32 (forward), training batch
-16 (forward and backward).
+8 heads of 96; 128 text tokens, half of them masked, and the same unmasked: the public configs' inner
+UNets set masked_cross_attention 0, so their blocks attend to every token. Sampling batch 32 (forward),
+training batch 16 (forward and backward).
 
 FLOPs counted: forward 4*B*L^2*C (self) + 4*B*L*T*C (cross, all T tokens, masked ones included);
 backward 2.5x the forward (five matmuls of the same sizes instead of two; recomputation not
@@ -28,30 +29,30 @@ LEVELS = {  # name: (tokens L, channels C, heads)
 TEXT_TOKENS = 128
 
 
-def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def _inputs(B: int, L: int, C: int, heads: int, dtype: torch.dtype, device="cuda") -> Dict[str, torch.Tensor]:
     d = C // heads
-    qkv = torch.randn(B, 3 * C, L, device="cuda", dtype=dtype)  # the qkv conv output (NCHW model)
-    qkv_cl = torch.randn(B, L, 3 * C, device="cuda", dtype=dtype).transpose(1, 2)  # channels_last model
-    kv_cond = torch.randn(B, TEXT_TOKENS, 2 * C, device="cuda", dtype=dtype)  # the kv_cond Linear output
-    mask = torch.zeros(B, TEXT_TOKENS, device="cuda", dtype=torch.bool)
+    qkv = torch.randn(B, 3 * C, L, device=device, dtype=dtype)  # the qkv conv output (NCHW model)
+    qkv_cl = torch.randn(B, L, 3 * C, device=device, dtype=dtype).transpose(1, 2)  # channels_last model
+    kv_cond = torch.randn(B, TEXT_TOKENS, 2 * C, device=device, dtype=dtype)  # the kv_cond Linear output
+    mask = torch.zeros(B, TEXT_TOKENS, device=device, dtype=torch.bool)
     mask[:, : TEXT_TOKENS // 2] = True
     heads_first = dict(  # contiguous (B, heads, tokens, d), the layout SDPA prefers
-        q=torch.randn(B, heads, L, d, device="cuda", dtype=dtype),
-        k=torch.randn(B, heads, L, d, device="cuda", dtype=dtype),
-        v=torch.randn(B, heads, L, d, device="cuda", dtype=dtype),
-        k_cond=torch.randn(B, heads, TEXT_TOKENS, d, device="cuda", dtype=dtype),
-        v_cond=torch.randn(B, heads, TEXT_TOKENS, d, device="cuda", dtype=dtype),
+        q=torch.randn(B, heads, L, d, device=device, dtype=dtype),
+        k=torch.randn(B, heads, L, d, device=device, dtype=dtype),
+        v=torch.randn(B, heads, L, d, device=device, dtype=dtype),
+        k_cond=torch.randn(B, heads, TEXT_TOKENS, d, device=device, dtype=dtype),
+        v_cond=torch.randn(B, heads, TEXT_TOKENS, d, device=device, dtype=dtype),
     )
     return dict(qkv=qkv, qkv_cl=qkv_cl, kv_cond=kv_cond, mask=mask, **heads_first)
 
 
 def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str,
               with_ref: bool) -> Dict[str, Callable[[], torch.Tensor]]:
-    def heads_first(impl):
-        return lambda: attention(x["q"], x["k"], x["v"], x["k_cond"], x["v_cond"], x["mask"], impl=impl)
+    def heads_first(impl, mask="mask"):
+        return lambda: attention(x["q"], x["k"], x["v"], x["k_cond"], x["v_cond"], x.get(mask), impl=impl)
 
-    def from_qkv(impl, qkv="qkv"):
-        return lambda: attention_from_qkv(x[qkv], x["kv_cond"], x["mask"], heads, impl=impl)
+    def from_qkv(impl, qkv="qkv", mask="mask"):
+        return lambda: attention_from_qkv(x[qkv], x["kv_cond"], x.get(mask), heads, impl=impl)
 
     variants = {"SDPA pair (B,h,L,d)": heads_first("sdpa")}  # first: the baseline of the ratios
     if with_ref:
@@ -63,6 +64,9 @@ def _variants(x: Dict[str, torch.Tensor], heads: int, suite: str,
     variants["triton fused (channels_last layout)"] = from_qkv("triton", "qkv_cl")  # the default model's
     if suite == "full":
         variants["SDPA pair (channels_last layout)"] = from_qkv("sdpa", "qkv_cl")
+    # the public configs' case: every text token kept (no mask at all)
+    variants["SDPA pair (B,h,L,d), unmasked text"] = heads_first("sdpa", mask=None)
+    variants["triton fused (channels_last layout), unmasked text"] = from_qkv("triton", "qkv_cl", mask=None)
     for package in ("flash_attn", "xformers"):  # when installed: the library's self branch, SDPA's masked text
         if importlib.util.find_spec(package) is not None:
             variants[f"{package} (B,h,L,d)"] = heads_first(package)
@@ -115,9 +119,14 @@ def _picked_configs() -> str:
     """The config the autotuner picked per kernel and shape (2-4 candidates per head dim)."""
     from mdm_fast.kernels import attention as kernels
 
-    names = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
-    picked = [f"{name} LQ={k[0]}, d<={k[3]}, B*H*LQ={k[6]}: {v}" for name in names
-              for k, v in getattr(getattr(kernels, name), "cache", {}).items()]
+    picked = []
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        for key, config in getattr(getattr(kernels, name), "cache", {}).items():
+            k = dict(zip(kernels.AUTOTUNE_KEY, key))  # Triton's key: these, in order, then the dtypes
+            text = "no text" if not k["HAS_COND"] else "masked text" if k["HAS_CMASK"] else "unmasked text"
+            layout = "token-major" if k["s_qd"] == 1 else "channel-major"
+            picked.append(f"{name} LQ={k['LQ']}, d<={k['BLOCK_D']}, {text}, {layout}, "
+                          f"B*H*LQ={k['lse_branch']}: {config}")
     return "; ".join(picked) or "none recorded"
 
 

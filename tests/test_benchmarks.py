@@ -176,6 +176,41 @@ def test_attention_flops(monkeypatch):
     assert fast[1:] == pytest.approx([0.5, tf_f, 100 * tf_f / 100.0, 4.0, 1.0, tf_b, 100 * tf_b / 100.0, 4.0])
 
 
+def test_attention_variants_run_with_their_own_leaves():
+    """Every variant of the full suite runs (triton on the interpreter, tiny shapes), the unmasked ones
+    without a mask, and its backward reaches the leaves _leaves gives it."""
+    x = attention._inputs(1, 20, 32, 2, torch.float32, device="cpu")
+    variants = attention._variants(x, 2, "full", with_ref=True)
+    assert {"SDPA pair (B,h,L,d), unmasked text", "triton fused (channels_last layout), unmasked text"} <= set(variants)
+    for name, fn in variants.items():
+        leaves = attention._leaves(x, name)
+        for t in leaves:
+            t.requires_grad_(True)
+        out = fn()
+        assert torch.isfinite(out).all(), name
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        assert all(g.abs().sum() > 0 for g in grads), name
+        for t in leaves:
+            t.requires_grad_(False)
+    masked, unmasked = (variants[f"triton fused (channels_last layout){s}"]() for s in ("", ", unmasked text"))
+    assert not torch.allclose(masked, unmasked)
+
+
+def test_attention_report_names_each_picked_config(monkeypatch):
+    """The autotuner's choices are listed with the key's named fields (Triton's key: AUTOTUNE_KEY's values in
+    order, then the dtypes)."""
+    from mdm_fast.kernels import attention as kernels
+
+    q = torch.empty(2, 8, 256, 96).transpose(2, 3).contiguous().transpose(2, 3)  # channel-major: s_qd = L
+    args = dict(kernels._common(q, q, torch.empty(2, 8, 77, 96), None, None), s_qd=q.stride(3))
+    key = tuple(args[n] for n in kernels.AUTOTUNE_KEY) + ("torch.bfloat16",)
+    monkeypatch.setattr(kernels._bwd_dkdv_kernel, "cache", {key: "CONFIG"})
+    monkeypatch.setattr(kernels._fwd_kernel, "cache", {})
+    monkeypatch.setattr(kernels._bwd_dq_kernel, "cache", {})
+    assert attention._picked_configs() == ("_bwd_dkdv_kernel LQ=256, d<=128, unmasked text, channel-major, "
+                                           "B*H*LQ=4096: CONFIG")
+
+
 @pytest.mark.parametrize("backward", [False, True])
 def test_resample_rows_count_the_upsampled_conv(monkeypatch, backward):
     """FLOPs of the 3x3 conv on the upsampled image, 2 * B * C * C * 9 * (2H)^2 (3x with backward);
