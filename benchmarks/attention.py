@@ -146,11 +146,13 @@ def main() -> None:
             title = f"{level}, sampling batch 32, {dt}, forward"
             sections[title] = _section(title, level, 32, dtype, False, iters, args.suite,
                                        with_ref=not quick or i == 0)
+            common.write_report("attention", sections, args.out, echo=False)  # kept if the run is cut
         for i, level in enumerate(LEVELS):
             if quick and i > 0:
                 continue  # quick: forward + backward on level 1 only
             title = f"{level}, training batch 16, {dt}, forward + backward"
             sections[title] = _section(title, level, 16, dtype, True, iters, args.suite, with_ref=not quick)
+            common.write_report("attention", sections, args.out, echo=False)
     sections["Notes"] = (__doc__.split("\n\n", 2)[2].strip()
                          + "\n\nSpeedups are relative to the SDPA pair on contiguous (B, h, L, d) tensors; "
                          "'public layout' variants read q, k, v from the qkv conv output (B, 3C, L) (NCHW "
