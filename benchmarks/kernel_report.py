@@ -187,17 +187,18 @@ def attention_cases():
     from mdm_fast.kernels import attention as kern
     from mdm_fast.ops.attention import _kv_views, _out_view, _qkv_views
 
-    runs = itertools.product(LEVELS.items(), ((32, False), (16, True)), (False, True))
-    for (level, (L, C, h)), (batch, train), cl in runs:
+    # the text masked, and not (the public configs' inner UNets: masked_cross_attention 0)
+    runs = itertools.product(LEVELS.items(), ((32, False), (16, True)), (False, True), (True, False))
+    for (level, (L, C, h)), (batch, train), cl, masked in runs:
         def per_pixel(channels: int) -> torch.Tensor:  # (B, channels, L): the conv's layout, NCHW or NHWC
             return _empty(batch, L, channels).transpose(1, 2) if cl else _empty(batch, channels, L)
 
         q, k, v = _qkv_views(per_pixel(3 * C), h)
         kc, vc = _kv_views(_empty(batch, TEXT_TOKENS, 2 * C), h)
-        mask = torch.empty(batch, TEXT_TOKENS, dtype=torch.bool)
+        mask = torch.empty(batch, TEXT_TOKENS, dtype=torch.bool) if masked else None
         out = _out_view(per_pixel(C), h)
         scale = (C // h) ** -0.5
-        name = f"{level} B={batch}{' NHWC' if cl else ''}"
+        name = f"{level} B={batch}{' NHWC' if cl else ''}{'' if masked else ' unmasked'}"
         if not train:
             yield f"fwd {name}", lambda: kern.forward(q, k, v, kc, vc, mask, None, scale, out)
             continue
