@@ -401,10 +401,13 @@ def test_gpu_error_bounded_by_torch_lowprec(impl, shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("masked", [True, False], ids=["cmask", "nomask"])  # nomask: the public configs
 @pytest.mark.parametrize("shape", ["level1-d64", "d128-odd"])
 @pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
-def test_gpu_every_autotune_candidate_is_correct(monkeypatch, kernel, shape):
-    """The autotuner times one candidate per shape and keeps the fastest: every one must be right."""
+def test_gpu_every_autotune_candidate_is_correct(monkeypatch, kernel, shape, masked):
+    """The autotuner times one candidate per shape and keeps the fastest: every one must be right. One
+    that does not fit the card (shared memory: dk/dv 64x64 for d 128 without a text mask) is timed as
+    infinitely slow by the autotuner, never launched, and skipped here."""
     from mdm_fast.kernels import attention as kern
 
     B, H, L, d = GPU_SHAPES[shape]
@@ -412,7 +415,7 @@ def test_gpu_every_autotune_candidate_is_correct(monkeypatch, kernel, shape):
     key = (kernel, 64 if d <= 64 else 128)
     fn = {"fwd": kern._fwd_kernel, "dq": kern._bwd_dq_kernel, "dkdv": kern._bwd_dkdv_kernel}[kernel]
     q, k, v, kc, vc = make_inputs(B, H, L, T, d, torch.bfloat16, device="cuda")
-    mask = padded_mask(B, T, device="cuda")
+    mask = padded_mask(B, T, device="cuda") if masked else None
     leaves = [t.requires_grad_() for t in (q, k, v, kc, vc)]
     ref = oracle(*leaves, cond_mask=mask)
     low = attention(*leaves, cond_mask=mask, impl="ref")
@@ -420,14 +423,23 @@ def test_gpu_every_autotune_candidate_is_correct(monkeypatch, kernel, shape):
     bounds = [2 * _max_err(lo, want) + 1e-3 for lo, want in zip(grads(low, leaves, g.to(q.dtype)),
                                                                    grads(ref, leaves, g))]
     want = grads(ref, leaves, g)
+    ran = []
     for candidate in kern._HOPPER[key]:
         monkeypatch.setitem(kern._HOPPER, key, [candidate])
         fn.cache.clear()
-        out = attention(*leaves, cond_mask=mask, impl="triton")
+        try:
+            out = attention(*leaves, cond_mask=mask, impl="triton")
+            got = grads(out, leaves, g.to(q.dtype))
+        except Exception as e:  # triton's OutOfResources, raised at the launch (a single candidate is not timed)
+            if "out of resource" not in str(e):
+                raise
+            continue
+        ran.append(candidate)
         assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3, candidate
-        for name, got, w, bound in zip("q k v kc vc".split(), grads(out, leaves, g.to(q.dtype)), want, bounds):
-            assert _max_err(got, w) <= bound, (candidate, name)
+        for name, gr, w, bound in zip("q k v kc vc".split(), got, want, bounds):
+            assert _max_err(gr, w) <= bound, (candidate, name)
     fn.cache.clear()
+    assert len(ran) >= len(kern._HOPPER[key]) - 1, ran
 
 
 @pytest.mark.gpu
