@@ -54,6 +54,23 @@ def test_forced_triton_runs_where_activations_are_nchw(channels_last):
         assert (got - want[:1]).abs().max().item() <= FP32_ATOL["ref"]
 
 
+def test_temporal_model_fuses_its_nesting_adapters(monkeypatch):
+    """The golden temporal case (frames tiled in the outer level's image) runs conv_in + in_adapter and
+    x + out_adapter as the fused nesting steps, and still gives the golden outputs."""
+    calls = []
+    for name in ("nested_inner_input", "nested_outer_merge"):
+        def recording(*args, _op=getattr(mdm_fast.ops, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(mdm_fast.ops, name, recording)
+    case, model = fast_golden("nested_temporal_tiny", "auto")
+    with torch.no_grad():
+        out = model(*model_inputs(case), {})
+    assert sorted(calls) == ["nested_inner_input", "nested_outer_merge"]
+    for got, want in zip(out, case["outputs"]):
+        assert (got - want).abs().max().item() <= FP32_ATOL["ref"]
+
+
 def test_one_time_for_all_is_every_samples():
     case, model = fast_golden("nested_tiny", "auto")
     one_time_for_all_is_every_samples(model, case)

@@ -322,8 +322,10 @@ class FastUNet(FastUNetMixin, UNet):
 
 class FastNestedUNet(FastUNetMixin, NestedUNet):
     def _fused_adapters(self) -> bool:
+        """The inner level is a plain UNet that convolves its input as one image. (This level's temporal mode
+        changes nothing here: between its down and up blocks the frames are tiled back into one image.)"""
         inner = self.inner_unet
-        return type(inner) is FastUNet and not inner.config.temporal_mode and not self.config.temporal_mode
+        return type(inner) is FastUNet and not inner.config.temporal_mode
 
     def forward_inner(self, x, x_t_low, times, cond_emb, conditioning, cond_mask, micros):
         """The inner UNet with the adapters fused: conv_in(x_low) + in_adapter(x) as one step (no zero
