@@ -81,7 +81,7 @@ def loss_and_sampling_step():  # the 256 model's training loss (noisy pyramid) a
                                          uncond_mask=mask, autocast=torch.bfloat16)
         next(iter(sampler.steps(denoise, sampler.initial_noise(2, 3, 64))))
 
-def golden_step(name):  # a golden case's config and inputs (the temporal one: 1-D attention with key masks)
+def golden_step(name):  # a golden case's config and inputs (the temporal one: 1-D attention over frames)
     from pathlib import Path
     case = torch.load(Path("..") / "shared" / "reference" / "golden" / f"{name}.pt", weights_only=True)
     model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
