@@ -124,7 +124,7 @@ def _picked_configs() -> str:
         for key, config in getattr(getattr(kernels, name), "cache", {}).items():
             k = dict(zip(kernels.AUTOTUNE_KEY, key))  # Triton's key: these, in order, then the dtypes
             text = "no text" if not k["HAS_COND"] else "masked text" if k["HAS_CMASK"] else "unmasked text"
-            layout = "token-major" if k["s_qd"] == 1 else "channel-major"
+            layout = "head dim contiguous" if k["s_qd"] == 1 else "channel-major"
             picked.append(f"{name} LQ={k['LQ']}, d<={k['BLOCK_D']}, {text}, {layout}, "
                           f"B*H*LQ={k['lse_branch']}: {config}")
     return "; ".join(picked) or "none recorded"
