@@ -774,13 +774,18 @@ def test_cast_each_call_through_ddp(tmp_path):
     assert all(torch.equal(g, got_grads[n]) for n, g in want_grads.items())
 
 
-def test_fast_model_has_no_graph_breaks_under_compile():
+@pytest.mark.parametrize("sampling", [False, True], ids=["grad", "sampling"])
+def test_fast_model_has_no_graph_breaks_under_compile(sampling):
+    """Training (gradients flow) and sampling (no_grad on frozen weights: the batched text keys and values
+    are put in place around the forward)."""
     import torch._dynamo
 
     model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config())).eval()
+    model.requires_grad_(not sampling)
     args = tiny_inputs()
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(*args)
+    with torch.set_grad_enabled(not sampling):
+        explanation = torch._dynamo.explain(model)(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 

@@ -182,8 +182,9 @@ class FastResNet(ResNet):
     def _scale_shift(self, proj: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """This block's (scale, shift) columns of the level's projections (its own projection of the time
         embedding when ``proj_offset`` is None); the split the level made when gradients flow
-        (:meth:`FastUNetMixin.time_embedding`), if it is of this ``proj`` (or a view of all of it)."""
-        split = self.__dict__.pop("_split_proj", None)
+        (:meth:`FastUNetMixin.time_embedding`), if it is of this ``proj`` (or a view of all of it). A compiled
+        forward makes no split (and torch 2.11's dynamo cannot trace the module ``__dict__``'s ``pop``)."""
+        split = None if torch.compiler.is_compiling() else self.__dict__.pop("_split_proj", None)
         if split is not None and same_view(split[0], proj):
             return split[1], split[2]
         c, off = self.config.output_channels, self.proj_offset
