@@ -69,13 +69,13 @@ if want models; then
   # a text mask (~4 minutes in one process with the mask only): split in five; the group norm's GPU cases
   # compile ~270 kernels (104 s in one process on a 2-core CPU machine, compile only): a group of their own
   tests gpu-tests 150 tests/test_fast_model.py tests/test_runners.py tests/test_precompile.py \
-    "tests/test_train.py tests/test_cli.py" \
+    "tests/test_train.py tests/test_cli.py tests/test_samplers.py" \
     tests/test_group_norm_act.py "tests/test_concat.py tests/test_diffusion_ops.py tests/test_bias_add.py" \
     tests/test_resample_ops.py \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype0" \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype1" \
-    "tests/test_attention.py::test_gpu_every_autotune_candidate_is_correct -k cmask" \
-    "tests/test_attention.py::test_gpu_every_autotune_candidate_is_correct -k nomask" \
+    "tests/test_attention.py::test_every_hopper_autotune_candidate_is_correct -k cmask" \
+    "tests/test_attention.py::test_every_hopper_autotune_candidate_is_correct -k nomask" \
     "tests/test_attention.py::test_gpu_layout_fused tests/test_attention.py::test_gpu_compile_and_cuda_graph"
   stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
 fi

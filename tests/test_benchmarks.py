@@ -318,7 +318,8 @@ def test_profile_model_main_writes_its_tables(monkeypatch, tmp_path, kind):
     from mdm_fast.reference import build_model as build_reference
 
     for name, value in [("is_available", lambda: True), ("synchronize", lambda *a: None),
-                        ("is_bf16_supported", lambda *a, **k: True), ("get_device_name", lambda *a: "CPU")]:
+                        ("is_bf16_supported", lambda *a, **k: True), ("get_device_name", lambda *a: "CPU"),
+                        ("is_current_stream_capturing", lambda: False)]:  # (a CUDA build of torch asks the driver)
         monkeypatch.setattr(torch.cuda, name, value)
     cpu = torch.profiler.ProfilerActivity.CPU
     monkeypatch.setattr(profile_model, "profile", lambda activities: torch.profiler.profile(activities=[cpu]))
@@ -446,3 +447,46 @@ def test_device_check_runs_every_stage_and_brings_back_at_most_8_files(tmp_path,
     else:
         names = [f for f in files if f.endswith(".md")]
     assert len(names) == tables and all(n.endswith(".md") for n in names)
+
+
+COLLECT = """
+import json, sys
+import pytest
+
+class Ids:
+    def pytest_collection_finish(self, session):  # after -m and -k deselected
+        self.ids = [item.nodeid for item in session.items]
+
+groups = json.loads(sys.argv[1])
+found = []
+for args in [["-m", "gpu", "tests"]] + groups:  # everything marked gpu, then each group as the script runs it
+    ids = Ids()
+    pytest.main([*args, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[ids])
+    found.append(ids.ids)
+print("IDS" + json.dumps(found))
+"""
+
+
+def test_device_check_runs_every_gpu_test_once(tmp_path):
+    """The GPU tests that benchmarks/device_check.sh runs (its pytest groups, as it passes them) are every
+    test marked gpu, each in one group (a test missing there would never run on a lent GPU)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stub, log = tmp_path / "python", tmp_path / "calls"
+    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\x1f' \"$@\" >>{log}\necho >>{log}\n")
+    stub.chmod(0o755)
+    subprocess.run(["bash", str(root / "benchmarks" / "device_check.sh"), "models"], cwd=root, check=True,
+                   timeout=60, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "OUT": str(tmp_path / "out")})
+    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
+    groups = [args[2:] for args in calls if args[:2] == ["-m", "pytest"]]
+    assert len(groups) >= 5, calls
+    out = subprocess.run([sys.executable, "-c", COLLECT, json.dumps(groups)], cwd=root, check=True, timeout=300,
+                         capture_output=True, text=True).stdout
+    every, *picked = json.loads(out.split("IDS", 1)[1])
+    assert len(every) > 100
+    ran = [i for ids in picked for i in ids]
+    assert sorted(ran) == sorted(every), (set(every) - set(ran), [i for i in set(ran) if ran.count(i) > 1])
