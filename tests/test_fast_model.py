@@ -789,6 +789,18 @@ def test_fast_model_has_no_graph_breaks_under_compile(sampling):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("kind", ["forward", "train"])
+def test_fast_model_makes_no_data_dependent_host_call(kind):
+    """What a GPU runs (channels_last, the Triton ops, bf16 autocast; the sampler's cast weights, the
+    trainer's per-call cast) on fake tensors, whose values are unknown: any .item(), .tolist(), nonzero
+    or branch on a tensor's value in the forward or backward raises there (on a GPU it would wait for
+    the device, and break CUDA-graph capture)."""
+    from benchmarks import roofline
+
+    tally = roofline.count("nested_unet", tiny_nested_config(), 16, kind, 2, text_tokens=5)
+    assert tally.calls["attention (fused)"] > 0 and tally.calls["group norm (fused)"] > 0
+
+
 # ---- GPU ---------------------------------------------------------------------------------------
 
 
