@@ -6,12 +6,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-gpu-torch install clean
 
+# $(call install,VENV,TORCH): VENV with requirements.txt (its torch pin replaced by TORCH) and this package
+# (`wheel`: bdist_wheel for the editable install where the venv's setuptools is older than 70.1)
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip wheel
+	sed 's/^torch==.*/torch==$(2)/' requirements.txt >$(1)/requirements.txt
+	$(1)/bin/python -m pip install -q -r $(1)/requirements.txt
+	$(1)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(1)/.installed
+endef
+
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $(STAMP)
+	$(call install,$(VENV),$(shell sed -n 's/^torch==//p' requirements.txt))
 
 install: $(STAMP)
 
@@ -30,12 +37,7 @@ GPU_VENV := .venv-torch$(GPU_TORCH)
 GPU_STAMP := $(GPU_VENV)/.installed
 
 $(GPU_STAMP): requirements.txt setup.py $(wildcard csrc/*)
-	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip wheel  # (bdist_wheel: its setuptools is older)
-	sed 's/^torch==.*/torch==$(GPU_TORCH)/' requirements.txt >$(GPU_VENV)/requirements.txt
-	$(GPU_VENV)/bin/python -m pip install -q -r $(GPU_VENV)/requirements.txt
-	$(GPU_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
-	touch $(GPU_STAMP)
+	$(call install,$(GPU_VENV),$(GPU_TORCH))
 
 test-gpu-torch: $(GPU_STAMP)
 	$(GPU_VENV)/bin/python -m pytest -q tests -k "compile or opcheck or graph_break or dynamo"
