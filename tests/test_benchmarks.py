@@ -476,7 +476,8 @@ def test_device_check_runs_every_gpu_test_once(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     stub, log = tmp_path / "python", tmp_path / "calls"
-    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\x1f' \"$@\" >>{log}\necho >>{log}\n")
+    # one append per call (the groups run side by side: two writes per call could interleave)
+    stub.write_text(f"#!/usr/bin/env bash\nline=$(printf '%s\\x1f' \"$@\")\nprintf '%s\\n' \"$line\" >>{log}\n")
     stub.chmod(0o755)
     subprocess.run(["bash", str(root / "benchmarks" / "device_check.sh"), "models"], cwd=root, check=True,
                    timeout=60, capture_output=True,
