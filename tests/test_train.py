@@ -927,6 +927,7 @@ def test_ddp_for_capture_is_built_on_a_side_stream(tmp_path, monkeypatch):
         assert len(rates) == 1 and rates[0] >= 2 ** 31 - 1  # no timed iteration ever again
         assert isinstance(wrap_model(torch.nn.Linear(3, 2), DistInfo(0, 2, 0), "ddp"),
                           torch.nn.parallel.DistributedDataParallel) and entered == [1]
+        del ddp  # before the group (see test_cast_each_call_through_ddp)
     finally:
         torch.distributed.destroy_process_group()
 
