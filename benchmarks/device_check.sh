@@ -67,10 +67,11 @@ $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.lo
 if want models; then
   # the attention file compiles every autotune candidate at three shapes and two dtypes, with and without
   # a text mask (~4 minutes in one process with the mask only): split in five; the group norm's GPU cases
-  # compile ~270 kernels (104 s in one process on a 2-core CPU machine, compile only): a group of their own
+  # compile ~270 kernels (104 s in one process on a 2-core CPU machine, compile only): a group of their own;
+  # the small ops' files run their CPU matrix on CUDA too (the device fixture): a group each
   tests gpu-tests 150 tests/test_fast_model.py tests/test_runners.py tests/test_precompile.py \
     "tests/test_train.py tests/test_cli.py tests/test_samplers.py" \
-    tests/test_group_norm_act.py "tests/test_concat.py tests/test_diffusion_ops.py tests/test_bias_add.py" \
+    tests/test_group_norm_act.py tests/test_concat.py tests/test_diffusion_ops.py tests/test_bias_add.py \
     tests/test_resample_ops.py \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype0" \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype1" \

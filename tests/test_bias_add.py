@@ -5,13 +5,12 @@ import torch
 from mdm_fast.ops import BackendUnavailable, bias_add
 from mdm_fast.ops import dispatch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # forward error bound per dtype: the fused pass rounds once, PyTorch's x + b + r twice
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 40, 9, 13)]  # odd C, H and W; one pixel; more than a block
 
 
-def _inputs(shape, dtype, channels_last, residual, device=DEVICE):
+def _inputs(shape, dtype, channels_last, residual, device):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_()
     b = torch.randn(shape[1], device=device).requires_grad_()  # an fp32 parameter, as under autocast
@@ -30,8 +29,8 @@ def _want(x, b, r):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("impl", ["triton", "ref"])
-def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, residual):
-    x, b, r = _inputs(shape, dtype, channels_last, residual)
+def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, residual, device):
+    x, b, r = _inputs(shape, dtype, channels_last, residual, device)
     out = bias_add(x, b, r, impl=impl)
     want = _want(x, b, r)
     assert out.dtype == dtype and out.shape == x.shape
@@ -48,14 +47,14 @@ def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, r
 
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])
-def test_a_strided_or_expanded_bias(impl):
-    x = torch.randn(2, 4, 3, 5, device=DEVICE)
-    for b in (torch.arange(8.0, device=DEVICE)[::2], torch.tensor([0.5], device=DEVICE).expand(4)):
+def test_a_strided_or_expanded_bias(impl, device):
+    x = torch.randn(2, 4, 3, 5, device=device)
+    for b in (torch.arange(8.0, device=device)[::2], torch.tensor([0.5], device=device).expand(4)):
         torch.testing.assert_close(bias_add(x, b, impl=impl), x + b[:, None, None])
 
 
 def test_opcheck():
-    x, b, r = _inputs((2, 3, 4, 5), torch.float32, True, True, device="cpu")
+    x, b, r = _inputs((2, 3, 4, 5), torch.float32, True, True, "cpu")
     torch.library.opcheck(torch.ops.mdm_fast.bias_add, (x, b, r, "ref"))
     torch.library.opcheck(torch.ops.mdm_fast.bias_add, (x, b, None, "ref"))
 

@@ -10,8 +10,6 @@ from mdm_fast.ops import diffusion_step as ds
 from mdm_fast.ops.diffusion_step import noisy_pyramid, sampler_update
 
 GOLDEN = Path("/work/shared/reference/golden/sampler_steps.pt")
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -54,8 +52,8 @@ def test_pyramid_ref_matches_direct_derivation(target):
 @pytest.mark.parametrize("ratios,H,W", [([1, 2], 6, 10), ([1, 4], 32, 24), ([1, 4, 16], 32, 48),
                                         ([1, 2, 4, 8], 16, 8), ([1], 5, 7), ([1, 32], 32, 32)])  # 32: over a tile cap
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_pyramid_triton_matches_ref(ratios, H, W, dtype, monkeypatch):
-    img, g, noises = _pyramid_inputs(ratios, 2, 3, H, W, dtype, DEV)
+def test_pyramid_triton_matches_ref(ratios, H, W, dtype, monkeypatch, device):
+    img, g, noises = _pyramid_inputs(ratios, 2, 3, H, W, dtype, device)
     inputs = [t.clone() for t in [img, g, *noises]]
     scales = [float(ratios[-1] // r) for r in ratios]
     calls = _spy(monkeypatch, "noisy_pyramid")
@@ -148,13 +146,14 @@ def test_update_ref_matches_public_formulas(kind, eta, clip):
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="golden files not present")
 @pytest.mark.parametrize("impl", ["ref", "triton"])
-def test_update_golden_public_steps(impl):
+def test_update_golden_public_steps(impl, device):
     for case in torch.load(GOLDEN, weights_only=True):
         kind = {"DDPM": "eps", "V_PREDICTION": "v"}[case["prediction_type"]]
         g_t, g_s = case["g_t"][:, 0, 0, 0][None], case["g_s"][:, 0, 0, 0][None]  # (1, B): one level
         assert torch.equal(case["g_t"], g_t[0].view(-1, 1, 1, 1).expand_as(case["g_t"]))
-        x0, xs, eps = sampler_update([case["x_t"].to(DEV)], [case["pred"].to(DEV)], g_t.to(DEV), g_s.to(DEV),
-                                     [case["noise"].to(DEV)], None, kind, case["ddim_eta"], "clip", impl=impl)
+        x_t, pred, noise = (case[key].to(device) for key in ("x_t", "pred", "noise"))
+        x0, xs, eps = sampler_update([x_t], [pred], g_t.to(device), g_s.to(device), [noise], None, kind,
+                                     case["ddim_eta"], "clip", impl=impl)
         for got, key in ((x0, "x0"), (xs, "x_s"), (eps, "eps")):
             torch.testing.assert_close(got[0].cpu(), case[key], atol=1e-6, rtol=1e-6)
 
@@ -163,10 +162,10 @@ def test_update_golden_public_steps(impl):
 @pytest.mark.parametrize("kind,eta,thresh,noisy", [("eps", None, "clip", True), ("v", 0.0, "none", True),
                                                    ("v", 0.7, "clip", True), ("x0", None, "none", False),
                                                    ("eps", 2.0, "clip", True)])  # eta > 1: 1 - g_s - var < 0
-def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch):
+def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch, device):
     """Both backends alike and finite (with eta > 1 DDIM's coefficient of eps_t clamps at 0)."""
     shapes = [(2, 3, 16, 12), (2, 3, 4, 3), (2, 3, 2, 3), (2, 3, 1, 2)]  # four levels (the most), odd sizes
-    x, p, n, g_t, g_s = _update_inputs(shapes, dtype, DEV, last=True)
+    x, p, n, g_t, g_s = _update_inputs(shapes, dtype, device, last=True)
     inputs = [t.clone() for t in [*x, *p, *n, g_t, g_s]]
     args = (x, p, g_t, g_s, n if noisy else None, [8.0, 4.0, 2.0, 1.0], kind, eta, thresh)
     calls = _spy(monkeypatch, "sampler_update")
