@@ -120,7 +120,8 @@ SCENARIOS = {
     "masked then unmasked": lambda: reuse((True, True), (True, False)),
     "channel-major then token-major": lambda: reuse((False, False), (True, False)),
 }
-for name in sys.argv[1:]:
+part, parts = map(int, sys.argv[1:])
+for name in list(SCENARIOS)[part::parts]:
     launched.clear()
     try:
         SCENARIOS[name]()
@@ -130,15 +131,11 @@ for name in sys.argv[1:]:
     print(json.dumps(dict(scenario=name, launched=dict(launched), error=error)), flush=True)
 """
 
-SCENARIOS = ["256 channels_last", "256 nchw", "1024 channels_last", "256 channels_last fp32", "temporal golden case",
-             "256 loss and sampling", "masked then unmasked", "channel-major then token-major"]
-
-
 @pytest.fixture(scope="module")
 def results():
-    """Two processes, half the scenarios each (compiling is single-threaded)."""
+    """Two processes, half the script's scenarios each (compiling is single-threaded)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, *SCENARIOS[i::2]], cwd=ROOT, env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), "2"], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     rows = []
     for proc in procs:
@@ -154,22 +151,30 @@ ATTENTION = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
 CHANNELS_LAST_ONLY = {"_concat_kernel", "_upsample_conv3x3_fwd"}  # NCHW takes PyTorch there
 
 
-@pytest.mark.parametrize("scenario, kernels", [
-    ("256 channels_last", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
-    ("256 nchw", {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION),
-    ("1024 channels_last", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
-    ("256 channels_last fp32", GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"}),
-    ("temporal golden case", {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION),
-    ("256 loss and sampling", {"_pyramid_kernel", "_update_kernel"} | GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY),
-])
-def test_model_training_step_compiles_for_sm90(results, scenario, kernels):
-    r = results[scenario]
+MODEL_STEPS = {  # scenario: the kernels it must launch
+    "256 channels_last": GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"},
+    "256 nchw": {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION,
+    "1024 channels_last": GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"},
+    "256 channels_last fp32": GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY | {"_bias_add_kernel"},
+    "temporal golden case": {"_fwd_fused", "_bwd_fused", "_bias_add_kernel"} | ATTENTION,
+    "256 loss and sampling": {"_pyramid_kernel", "_update_kernel"} | GROUP_NORM | ATTENTION | CHANNELS_LAST_ONLY,
+}
+REUSES = ["masked then unmasked", "channel-major then token-major"]
+
+
+def test_every_scenario_of_the_script_is_checked(results):
+    assert sorted(results) == sorted([*MODEL_STEPS, *REUSES])
+
+
+@pytest.mark.parametrize("scenario", MODEL_STEPS)
+def test_model_training_step_compiles_for_sm90(results, scenario):
+    r, kernels = results[scenario], MODEL_STEPS[scenario]
     assert r["error"] is None, r["error"]
     missing = kernels - set(r["launched"])
     assert not missing, f"not launched through triton (the test would not compile them): {missing}"
 
 
-@pytest.mark.parametrize("scenario", ["masked then unmasked", "channel-major then token-major"])
+@pytest.mark.parametrize("scenario", REUSES)
 def test_attention_choice_is_not_reused_where_it_does_not_fit(results, scenario):
     """dk/dv's 64x64 candidate for d 96 fits sm_90's shared memory with a text mask, or channel-major,
     but not token-major without a mask: a choice timed in one case must not be launched in the other
