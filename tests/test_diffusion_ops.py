@@ -144,18 +144,33 @@ def test_update_ref_matches_public_formulas(kind, eta, clip):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+def _max_err(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
 @pytest.mark.skipif(not GOLDEN.exists(), reason="golden files not present")
 @pytest.mark.parametrize("impl", ["ref", "triton"])
 def test_update_golden_public_steps(impl, device):
+    """On the CPU both backends follow the public code's fp32 arithmetic to 1e-6. Near g_s = 1 eps divides
+    by sqrt(1 - g_s) and amplifies every rounding (the golden fp32 eps is 1.4e-4 off the exact one), so on
+    CUDA, where the kernel's sqrt and division round otherwise, each output's error against the exact
+    (fp64) step is bounded by twice the public code's own, plus 1e-6."""
     for case in torch.load(GOLDEN, weights_only=True):
         kind = {"DDPM": "eps", "V_PREDICTION": "v"}[case["prediction_type"]]
         g_t, g_s = case["g_t"][:, 0, 0, 0][None], case["g_s"][:, 0, 0, 0][None]  # (1, B): one level
         assert torch.equal(case["g_t"], g_t[0].view(-1, 1, 1, 1).expand_as(case["g_t"]))
-        x_t, pred, noise = (case[key].to(device) for key in ("x_t", "pred", "noise"))
+        inputs = [case[key] for key in ("x_t", "pred", "noise")]
+        x_t, pred, noise = (t.to(device) for t in inputs)
         x0, xs, eps = sampler_update([x_t], [pred], g_t.to(device), g_s.to(device), [noise], None, kind,
                                      case["ddim_eta"], "clip", impl=impl)
-        for got, key in ((x0, "x0"), (xs, "x_s"), (eps, "eps")):
-            torch.testing.assert_close(got[0].cpu(), case[key], atol=1e-6, rtol=1e-6)
+        x_t, pred, noise = (t.double() for t in inputs)
+        exact = sampler_update([x_t], [pred], g_t.double(), g_s.double(), [noise], None, kind, case["ddim_eta"],
+                               "clip", impl="ref")
+        for got, key, want in zip((x0, xs, eps), ("x0", "x_s", "eps"), exact):
+            if device == "cpu":
+                torch.testing.assert_close(got[0], case[key], atol=1e-6, rtol=1e-6)
+            else:
+                assert _max_err(got[0], want[0]) <= 2 * _max_err(case[key], want[0]) + 1e-6, key
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -170,10 +185,14 @@ def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch,
     args = (x, p, g_t, g_s, n if noisy else None, [8.0, 4.0, 2.0, 1.0], kind, eta, thresh)
     calls = _spy(monkeypatch, "sampler_update")
     ref, tri = sampler_update(*args, impl="ref"), sampler_update(*args, impl="triton")
-    for a_list, b_list in zip(ref, tri):
-        for a, b in zip(a_list, b_list):
+    exact = sampler_update([t.double() for t in x], [t.double() for t in p], g_t.double(), g_s.double(),
+                           [t.double() for t in n] if noisy else None, *args[5:], impl="ref")
+    for a_list, b_list, e_list in zip(ref, tri, exact):
+        for a, b, e in zip(a_list, b_list, e_list):
             assert b.dtype == dtype and torch.isfinite(b.float()).all()
-            torch.testing.assert_close(b.float(), a.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+            # divisions by sqrt(g) and sqrt(1 - g) amplify rounding: the kernel's error against the exact
+            # (fp64) step, bounded by twice PyTorch's own in the same dtype
+            assert _max_err(b, e) <= 2 * _max_err(a, e) + TOL[dtype] * 4
     assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(inputs, [*x, *p, *n, g_t, g_s]))
 
 
