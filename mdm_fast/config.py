@@ -188,10 +188,11 @@ def _diffusion_config(model: str, d: Dict[str, Any], top: Dict[str, Any]):
 def _override_kind(key: str) -> Optional[type]:
     """The annotated type of the field a dotted override names (None where not a scalar field)."""
     from mdm_fast.diffusion.config import NestedDiffusionConfig, SamplerConfig
-    from mdm_fast.reference.config import NestedUNetConfig
+    from mdm_fast.reference.config import NestedUNetConfig, ResNetConfig
 
     sections = {"diffusion_config": NestedDiffusionConfig, "sampler_config": SamplerConfig,
-                "reader_config": ReaderConfig, "unet_config": NestedUNetConfig, "inner_config": NestedUNetConfig}
+                "reader_config": ReaderConfig, "unet_config": NestedUNetConfig, "inner_config": NestedUNetConfig,
+                "resnet_config": ResNetConfig}
     *path, name = key.split(".")
     cls = ExperimentConfig
     for part in path:

@@ -17,9 +17,13 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from mdm_fast.reference.config import none_string
-
 SCALARS = (bool, int, float, str)
+
+
+def none_string(value: Any, empty: bool = False) -> Any:
+    """None for the YAML texts "None" / "null" (any case; also "" with ``empty``), else the value."""
+    words = ("none", "null", "") if empty else ("none", "null")
+    return None if isinstance(value, str) and value.strip().lower() in words else value
 
 
 @functools.lru_cache(maxsize=None)

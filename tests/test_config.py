@@ -167,6 +167,32 @@ def test_values_take_their_fields_types():
             load_experiment(_minimal(), [bad])
 
 
+def _public(stem):
+    return yaml.safe_load((CONFIGS / f"{stem}.yaml").read_text())
+
+
+@needs_configs
+def test_unet_config_values_take_their_fields_types():
+    """The model's blocks too (unet_config, its inner_config and resnet_config, from a file or an override):
+    a quoted 'false' is False, not a true string; a value of the wrong type is refused by its field's name."""
+    d = _public("cc12m_256x256")
+    d["unet_config"]["freeze_inner_unet"] = "false"
+    d["unet_config"]["inner_config"]["resnet_config"]["dropout"] = "1e-1"
+    cfg = load_experiment(d, ["unet_config.skip_mid_blocks='no'", "unet_config.inner_config.temporal_dim='1024'"])
+    assert cfg.unet_config.freeze_inner_unet is False and cfg.unet_config.skip_mid_blocks is False
+    assert cfg.unet_config.inner_config.resnet_config.dropout == 0.1
+    assert cfg.unet_config.inner_config.temporal_dim == 1024
+    for bad, field in (("unet_config.temporal_dim=abc", "unet_config.temporal_dim"),
+                       ("unet_config.resnet_config.dropout=abc", "unet_config.resnet_config.dropout"),
+                       ("unet_config.inner_config.resnet_config.use_attention_ffn=maybe",
+                        "unet_config.inner_config.resnet_config.use_attention_ffn"),
+                       ("unet_config.inner_config.nesting=2", "unet_config.inner_config.nesting")):
+        with pytest.raises(ValueError, match=f"'{field}': expected"):
+            load_experiment(_public("cc12m_256x256"), [bad])
+    with pytest.raises(ValueError, match="inner_config.nesting: an inner UNet must have nesting: true"):
+        load_experiment(_public("cc12m_256x256"), ["unet_config.inner_config.nesting='false'"])
+
+
 def test_top_level_mixed_ratio_and_weights_are_one_setting_with_the_diffusion_configs():
     cfg = load_experiment(_nested(mixed_ratio="2:1"))
     assert cfg.diffusion_config.mixed_ratio == "2:1"

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from mdm_fast.config_values import coerce, field_kinds, none_string
+
 IntList = Union[str, List[int], None]
 
 # Public registry names -> nesting depth (number of NestedUNet levels around the innermost UNet).
@@ -125,12 +127,6 @@ def parse_micro_conditioning(spec: str) -> Dict[str, float]:
     return out
 
 
-def none_string(value: Any, empty: bool = False) -> Any:
-    """None for the YAML texts "None" / "null" (any case; also "" with ``empty``), else the value."""
-    words = ("none", "null", "") if empty else ("none", "null")
-    return None if isinstance(value, str) and value.strip().lower() in words else value
-
-
 def _from_dict(cls, d: Dict[str, Any], where: str, **overrides):
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
@@ -138,7 +134,8 @@ def _from_dict(cls, d: Dict[str, Any], where: str, **overrides):
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    kwargs = {k: v for k, v in d.items()}
+    kinds = field_kinds(cls)  # each value as its field's type: a quoted 'false' is False, 'abc' no int
+    kwargs = {k: coerce(f"{where}.{k}", v, kinds[k]) for k, v in d.items()}
     kwargs.update(overrides)
     return cls(**kwargs)
 
@@ -153,8 +150,10 @@ def unet_config_from_dict(model_name: str, d: Union[Dict[str, Any], UNetConfig],
     d = dict(d)
     depth = MODEL_DEPTHS[model_name]
     overrides: Dict[str, Any] = {}
+    if isinstance(d.get("resnet_config"), dict):  # here, where the error can name the block's place
+        d["resnet_config"] = _from_dict(ResNetConfig, d["resnet_config"], f"{_where}.resnet_config")
     if _inner:
-        if d.get("nesting", True) is False:
+        if coerce(f"{_where}.nesting", d.get("nesting", True), bool) is False:
             raise ValueError(f"{_where}.nesting: an inner UNet must have nesting: true")
         overrides["nesting"] = True
     if depth == 0:
