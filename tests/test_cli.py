@@ -89,18 +89,22 @@ def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
     assert cfg["ema"] == a["ema"] and cfg["seed"] == a["seed"]  # the EMA's warm-up count and the seed too
 
 
-def test_convert_public_file_with_pickled_args(tmp_path, capsys):
-    module = tmp_path / "fake_public_args.py"
-    module.write_text("class Args:\n    def __init__(self):\n        self.lr = 1e-4\n")
-    sys.path.insert(0, str(tmp_path))
+def _public_file_with_args(path, state_dict):
+    """A file as the public trainer writes it: the weights, batch_num and its pickled training args (an
+    object of a module that is gone when the file is read)."""
+    (path.parent / "fake_public_args.py").write_text("class Args:\n    def __init__(self):\n        self.lr = 1e-4\n")
+    sys.path.insert(0, str(path.parent))
     try:
         import fake_public_args
 
-        torch.save({"state_dict": {"w": torch.arange(4.0)}, "batch_num": 3, "args": fake_public_args.Args()},
-                   tmp_path / "pub.pth")
+        torch.save({"state_dict": state_dict, "batch_num": 3, "args": fake_public_args.Args()}, path)
     finally:
-        sys.path.remove(str(tmp_path))
+        sys.path.remove(str(path.parent))
         sys.modules.pop("fake_public_args", None)
+
+
+def test_convert_public_file_with_pickled_args(tmp_path, capsys):
+    _public_file_with_args(tmp_path / "pub.pth", {"w": torch.arange(4.0)})
     assert main(["convert", str(tmp_path / "pub.pth"), str(tmp_path / "o.pt"), "--to", "ours"]) == 2
     assert "--trust-pickle" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "pub.pth"), str(tmp_path / "o.pt"), "--to", "ours", "--trust-pickle"]) == 0
@@ -204,6 +208,26 @@ def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--cuda-graphs",
                  "--out", str(tmp_path / "s3")]) == 2  # bare --cuda-graphs = on: needs CUDA
     assert "cuda_graphs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_sample_a_public_file_with_pickled_args(tmp_path, capsys):
+    """A public checkpoint and its YAML: refused without --trust-pickle (saying so), then the images of
+    the same weights in our format."""
+    yaml_path = tmp_path / "tiny.yaml"
+    tiny(tmp_path / "unused", num_training_steps=1, save_freq=1).to_yaml(yaml_path)
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "run")]) == 0
+    ours = tmp_path / "run" / "ckpt_00000001.pt"
+    _public_file_with_args(tmp_path / "pub.pth", load_checkpoint(ours)["state_dict"])
+    common = ["--labels", "3", "--num-per-prompt", "1", "--steps", "2", "--grid-rows", "0"]
+    pub = ["sample", "--checkpoint", str(tmp_path / "pub.pth"), "--config", str(yaml_path), *common]
+    capsys.readouterr()
+    assert main([*pub, "--out", str(tmp_path / "refused")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main([*pub, "--trust-pickle", "--out", str(tmp_path / "pub")]) == 0
+    assert main(["sample", "--checkpoint", str(ours), "--no-ema", *common, "--out", str(tmp_path / "ours")]) == 0
+    want = _pixels(tmp_path / "ours")
+    assert len(want) == 2 and _pixels(tmp_path / "pub").keys() == want.keys()
+    assert all(np.array_equal(a, want[k]) for k, a in _pixels(tmp_path / "pub").items())
 
 
 def _sample_worker(rank, world, port, args, printed):

@@ -155,6 +155,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
+TRUST_PICKLE = "read public files that pickle Python objects (their 'args'); only for files you trust"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm-fast", description="Matryoshka Diffusion Models, fast.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images for prompts or class labels")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--config", help="experiment YAML (needed for public checkpoints)")
+    s.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     s.add_argument("--prompts", nargs="*", help="captions (text models) or class indices")
     s.add_argument("--labels", nargs="*", type=int, help="class labels (class-conditioned models)")
     s.add_argument("--prompt-file", help="a text/tsv file with one prompt per line (last column)")
@@ -206,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["ours", "public"], required=True)
     c.add_argument("--ema", action="store_true", help="to public: export the EMA weights")
     c.add_argument("--config", help="to ours: the experiment YAML to store with the weights")
-    c.add_argument("--trust-pickle", action="store_true",
-                   help="read public files that pickle Python objects (their 'args'); only for files you trust")
+    c.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     c.set_defaults(fn=cmd_convert)
 
     i = sub.add_parser("info", help="backends, devices and versions")

@@ -30,15 +30,15 @@ def image_name(prompt: int, copy: int, level: int, px: int) -> str:
 
 
 def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.device, use_ema: bool = True,
-                      overrides: Optional[List[str]] = None):
+                      overrides: Optional[List[str]] = None, trust_pickle: bool = False):
     """(cfg, encoder, model, diffusion) from one of our checkpoints (its config inside) or a public
-    checkpoint plus its YAML."""
+    checkpoint plus its YAML (``trust_pickle``: one that pickles its training args)."""
     from mdm_fast.config import load_experiment
     from mdm_fast.text import build_text_encoder
     from mdm_fast.train.checkpoint import load_checkpoint
     from mdm_fast.train.trainer import build_diffusion, build_network
 
-    ckpt = load_checkpoint(Path(checkpoint))
+    ckpt = load_checkpoint(Path(checkpoint), trust_pickle=trust_pickle)
     if config:
         cfg = load_experiment(config, overrides)
     elif "config" in ckpt:
@@ -128,7 +128,7 @@ def cmd_sample(args) -> int:
     info = init_distributed()
     device = _device(args)
     cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
-                                                       args.overrides)
+                                                       args.overrides, args.trust_pickle)
     prompts = read_prompts(args)
     image_size = args.image_size or cfg.image_size
     widths = [w for _, w in diffusion.level_sizes(image_size)]  # top level first

@@ -61,8 +61,33 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load and verify one checkpoint; CheckpointError (naming the file) if it is unusable."""
+class _Stub:
+    """Stands in for a class of the public code that is not installed (its pickled ``args``)."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("torch", "collections", "builtins", "numpy", "_codecs"):
+            return super().find_class(module, name)
+        return _Stub
+
+
+class _StubPickle:
+    Unpickler = _StubUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "stub_pickle"
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu", trust_pickle: bool = False) -> Dict[str, Any]:
+    """Load and verify one checkpoint; CheckpointError (naming the file) if it is unusable. A file that
+    pickles Python objects besides tensors (the public trainer's ``args``) is refused unless
+    ``trust_pickle``: then those objects are unpickled as stand-ins (the public code need not be installed)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -71,15 +96,25 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # garbage bytes fail here too
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_reason(e)})") from e
-        raise CheckpointPickleError(
-            f"checkpoint {path} pickles Python objects besides tensors (a public checkpoint's 'args'?); "
-            f"if you trust it, convert it once: mdm-fast convert {path} OUT.pt --to ours --trust-pickle") from e
+        if not trust_pickle:
+            raise CheckpointPickleError(
+                f"checkpoint {path} pickles Python objects besides tensors (a public checkpoint's 'args'?); "
+                f"if you trust it, pass --trust-pickle (mdm-fast sample, convert), or convert it once for "
+                f"training: mdm-fast convert {path} OUT.pt --to ours --trust-pickle") from e
+        ckpt = _load_trusted(path, map_location)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_reason(e)}; "
                               f"size {path.stat().st_size} bytes)") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {path} has no 'state_dict' mapping at the top level")
     return ckpt
+
+
+def _load_trusted(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_StubPickle)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
 def load_latest(folder: Path, map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:

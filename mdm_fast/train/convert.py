@@ -9,53 +9,12 @@ reproduces the public file's ``state_dict`` exactly, and ours -> public -> ours 
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
-
-from mdm_fast.train.checkpoint import FORMAT, CheckpointError, CheckpointPickleError, load_checkpoint, save_atomic
+from mdm_fast.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 
 _NUMERIC_EXTRAS = ("batch_num", "loss", "best_avg_loss", "exp_avg_loss", "exp_avg_loss_var")
-
-
-class _Stub:
-    """Stands in for a class of the public code that is not installed (its pickled ``args``)."""
-
-    def __init__(self, *a, **k):
-        pass
-
-    def __setstate__(self, state):
-        self.__dict__["_state"] = state
-
-
-class _StubUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module.split(".")[0] in ("torch", "collections", "builtins", "numpy", "_codecs"):
-            return super().find_class(module, name)
-        return _Stub
-
-
-class _StubPickle:
-    Unpickler = _StubUnpickler
-    load = staticmethod(pickle.load)
-    __name__ = "stub_pickle"
-
-
-def _load_any(path: Path, trust_pickle: bool) -> Dict[str, Any]:
-    try:
-        return load_checkpoint(path)
-    except CheckpointPickleError:
-        if not trust_pickle:
-            raise
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StubPickle)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: no 'state_dict' at the top level")
-    return ckpt
 
 
 def convert(src: str, dst: str, to: str, use_ema: bool = False, config: Optional[str] = None,
@@ -64,7 +23,7 @@ def convert(src: str, dst: str, to: str, use_ema: bool = False, config: Optional
     if to not in ("ours", "public"):
         raise ValueError(f"convert: --to must be 'ours' or 'public', got {to!r}")
     try:
-        ckpt = _load_any(Path(src), trust_pickle)
+        ckpt = load_checkpoint(Path(src), trust_pickle=trust_pickle)
     except CheckpointError as e:
         raise ValueError(str(e)) from e
     if to == "public":
