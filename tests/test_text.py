@@ -93,6 +93,7 @@ def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
     assert t5_enc.embed_dim == 16
     c, m = t5_enc.encode_batch({"caption": ["one two three", "x"]}, torch.device("cpu"))
     assert c.shape[-1] == 16 and m.shape == c.shape[:2]
+    assert HFTextEncoder(str(tmp_path), max_tokens=-1).max_tokens is None  # relative positions: no cut
 
 
 @needs_minilm
@@ -201,6 +202,23 @@ def test_caption_tokenizer_gives_what_the_encoder_feeds_and_pickles(monkeypatch)
             got = enc.encode_batch({"caption": caps, "caption_ids": rows}, cpu)
             assert got[0].shape[1] == (6 if pad_to_max else want[0].shape[1])
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@needs_minilm
+def test_no_token_limit_is_the_models_own(monkeypatch):
+    """max_token_length <= 0: no cut for a T5 (relative positions), the model's own number of positions for
+    one with absolute ones (MiniLM: 512), in sampling and in training alike."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cpu, long = torch.device("cpu"), " ".join(["word"] * 300)  # 302 tokens with [CLS] and [SEP]
+    enc = minilm_encoder(max_tokens=-1)
+    assert enc.max_tokens == 512
+    assert int(enc.encode_text([long, "x"], cpu)[1][0].sum()) == 302
+    rows = [enc.caption_tokenizer()(c) for c in (long, "x")]
+    assert int(enc.encode_batch({"caption": [long, "x"], "caption_ids": rows}, cpu)[1][0].sum()) == 302
+    assert int(enc.encode_text([" ".join(["word"] * 600)], cpu)[1].sum()) == 512
+    assert int(minilm_encoder(max_tokens=16).encode_text([long], cpu)[1].sum()) == 16
+    with pytest.raises(ValueError, match="pad_to_max_length needs reader_config.max_token_length > 0"):
+        minilm_encoder(max_tokens=0, pad_to_max=True)
 
 
 class _NoCalls:

@@ -147,6 +147,7 @@ class HFTextEncoder(TextEncoder):
 
     def __init__(self, path: str, max_tokens: int = 128, what: str = "text_model", pad_to_max: bool = False):
         super().__init__()
+        check_pad_to_max(max_tokens or 0, pad_to_max)
         folder = _require_local_folder(
             path, what, "save the model once on a connected machine (e.g. `python -c \"from transformers "
             "import AutoTokenizer, T5EncoderModel as M; n='google/flan-t5-xl'; M.from_pretrained(n)."
@@ -166,9 +167,12 @@ class HFTextEncoder(TextEncoder):
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = model.eval().requires_grad_(False)
         self.is_t5 = config.model_type in ("t5", "mt5", "umt5")
+        # no limit given (max_token_length <= 0): a T5's relative positions take any length, a model with
+        # absolute positions takes up to its own number of them
+        own = None if self.is_t5 else getattr(config, "max_position_embeddings", None)
+        self.max_tokens: Optional[int] = int(max_tokens) if max_tokens and max_tokens > 0 else own
         self.folder, self.vocab_size = folder, int(config.vocab_size)
         self.embed_dim = int(getattr(config, "d_model", None) or config.hidden_size)
-        self.max_tokens = int(max_tokens) if max_tokens and max_tokens > 0 else 128
         self.pad_to_max = bool(pad_to_max)
         self.captions: Optional[CaptionTokens] = None  # the public tokens, where use_public_tokens set them
         self._null: Dict[str, Cond] = {}
@@ -201,8 +205,8 @@ class HFTextEncoder(TextEncoder):
             raise ValueError("captions: expected a list of strings")
         if self.captions is not None:
             return self.captions.batch(captions, training)
-        tok = self.tokenizer(list(captions), padding="max_length" if self.pad_to_max else True, truncation=True,
-                             max_length=self.max_tokens, return_tensors="pt")
+        tok = self.tokenizer(list(captions), padding="max_length" if self.pad_to_max else True,
+                             truncation=self.max_tokens is not None, max_length=self.max_tokens, return_tensors="pt")
         return tok["input_ids"], tok["attention_mask"]
 
     @torch.no_grad()
@@ -223,7 +227,8 @@ class HFTextEncoder(TextEncoder):
         the captions, without tokenizing them again."""
         if self.captions is not None:
             return self.captions.pad(rows)
-        if any(len(r) > self.max_tokens for r in rows):  # the tokenizer's own cut keeps its end tokens
+        over = self.max_tokens is not None and any(len(r) > self.max_tokens for r in rows)
+        if over:  # the tokenizer's own cut keeps its end tokens
             return self._tokens(captions, training=True)
         padding = {"padding": "max_length", "max_length": self.max_tokens} if self.pad_to_max else {"padding": True}
         tok = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt", **padding)
