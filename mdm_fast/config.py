@@ -77,7 +77,7 @@ class ExperimentConfig:
     ema_decay: float = 0.9999
     ema_warmup_steps: int = 0
     sample_freq: int = 0  # 0: no periodic sample grids
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # at least 2: the previous good checkpoint stays
     distributed: str = "ddp"  # ddp | fsdp (used when WORLD_SIZE > 1)
     impl: str = "auto"  # the fast model's backends ("auto", "triton", ...), or "reference" for the oracle
     cuda_graphs: str = "auto"  # ours: auto (one CUDA process) | on | off: the step replayed from a CUDA graph
@@ -266,7 +266,7 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
 # (field, lowest allowed value, highest, whether the lowest is allowed)
 _RANGES = (("num_gradient_accumulations", 1, None, True), ("batch_size", 1, None, True), ("lr", 0, None, False),
            ("gradient_clip_norm", 0, None, False), ("warmup_steps", 0, None, True), ("log_freq", 1, None, True),
-           ("save_freq", 1, None, True), ("sample_freq", 0, None, True), ("keep_checkpoints", 1, None, True),
+           ("save_freq", 1, None, True), ("sample_freq", 0, None, True), ("keep_checkpoints", 2, None, True),
            ("cond_drop_prob", 0, 1, True), ("ema_decay", 0, 1, True), ("ema_warmup_steps", 0, None, True),
            ("loss_factor", 0, None, False))
 

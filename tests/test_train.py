@@ -591,7 +591,7 @@ def test_bad_configs_and_inputs_give_clear_errors(tmp_path):
         Trainer(tiny(tmp_path, file_list=str(tmp_path / "cap.tsv")), quiet=True)
     for field, value, bound in (("gradient_clip_norm", 0, "> 0"), ("gradient_clip_norm", -1, "> 0"),
                                 ("lr", 0.0, "> 0"), ("cond_drop_prob", 1.5, ">= 0 and <= 1"), ("log_freq", 0, ">= 1"),
-                                ("save_freq", 0, ">= 1"), ("keep_checkpoints", 0, ">= 1")):
+                                ("save_freq", 0, ">= 1"), ("keep_checkpoints", 1, ">= 2")):
         with pytest.raises(ValueError, match=f"{field}: expected {bound}"):
             tiny(tmp_path, **{field: value})
     with pytest.raises(ValueError, match="pretrained_vision_file: no file"):
