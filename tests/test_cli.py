@@ -354,6 +354,13 @@ def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):
     assert "batch_size: 2" in (out / "config.yaml").read_text()
     assert main(["train", "--config", str(yaml_path), "nonsense_field=1"]) == 2
     assert "nonsense_field" in capsys.readouterr().err
+    # a time limit stops the run after the step that ends past it, with a checkpoint there
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "timed"), "--time-limit",
+                 "1e-6", "num_training_steps=1000", "save_freq=1000"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+    assert (tmp_path / "timed" / "ckpt_00000001.pt").is_file()
+    assert main(["train", "--config", str(yaml_path), "--time-limit", "0"]) == 2
+    assert "--time-limit: expected minutes > 0" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

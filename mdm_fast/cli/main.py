@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,9 +34,12 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit: expected minutes > 0, got {args.time_limit}")
+    deadline = None if args.time_limit is None else time.time() + 60 * args.time_limit
     cfg = load_experiment(args.config, overrides)
     trainer = Trainer(cfg)
-    result = trainer.train(stop_after=args.steps)
+    result = trainer.train(stop_after=args.steps, deadline=deadline)
     if trainer.dist.is_main:
         print(json.dumps({"step": result["step"], "output_dir": str(trainer.out),
                           "skipped_images": result.get("skipped_images", 0)}))
@@ -166,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="experiment YAML (public ml-mdm format)")
     t.add_argument("--output-dir", help="where checkpoints and logs go (overrides output_dir)")
     t.add_argument("--steps", type=int, help="stop after this many steps of this run")
+    t.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop after the step that ends past this many minutes from the start (a cluster job's "
+                        "wall-time limit, less the time a checkpoint takes), with a checkpoint")
     t.add_argument("overrides", nargs="*",
                    help="KEY=VALUE overrides, dotted for sections (reader_config.image_size=64)")
     t.set_defaults(fn=cmd_train)

@@ -340,7 +340,8 @@ class NestedUNet(UNet):
         """The inner UNet between this level's down and up blocks: ``x`` (bh, C, h, w) features in,
         (``x`` plus the inner UNet's adapted features, the inner outputs) out."""
         bh, bl = x.size(0), x_t_low[0].size(0)
-        x_inner = None
+        x_inner = None  # skip_inner_unet_input: the inner UNet gets no features of this level (the public
+        # code pads None with zeros on a mixed batch, bh < bl, and crashes)
         if self.in_adapter is not None:
             x_inner = self.in_adapter(x)
             if bh < bl:  # zero features for the samples that only have low resolutions
