@@ -10,7 +10,7 @@ duplicated keys (the last one wins, as in the public loader), ``None`` written a
 An unknown field raises a ValueError naming it and the known ones.
 
 As in the public ``train_parallel.py`` / ``generate_sample.py``, the model's
-``conditioning_feature_dim`` is the text encoder's width; :meth:`ExperimentConfig.model_kwargs`
+``conditioning_feature_dim`` is the text encoder's width; :meth:`ExperimentConfig.unet_dict`
 sets it (``text_dim``) right before the model is built.
 """
 from __future__ import annotations

@@ -42,7 +42,7 @@ The process (``process.py``)::
       .predict(model, x_t_list, model_times, conditioning, cond_mask, micros=None) -> list[Tensor]
             # model call + output scale + residual-from-low-resolution; works for a plain UNet too
       .make_denoise(model, conditioning, cond_mask, guidance_scale=1.0, micros=None,
-                    uncond_conditioning=None, uncond_mask=None) -> denoise callable
+                    uncond_conditioning=None, uncond_mask=None, autocast=None) -> denoise callable
       .sampler(num_inference_steps=None, ddim_eta=None, threshold=None) -> Sampler
       .sample(model, conditioning, cond_mask, image_size, **sampler/denoise kwargs) -> list[Tensor]
 
@@ -50,17 +50,22 @@ Samplers (``sampler.py``)::
 
     denoise(x_t_list: list[Tensor], model_times: Tensor (B,) int64) -> list[Tensor] predictions
     make_denoise(diffusion, model, conditioning, cond_mask, guidance_scale=1.0, micros=None,
-                 uncond_conditioning=None, uncond_mask=None)
+                 uncond_conditioning=None, uncond_mask=None, autocast=None)
         CFG as the public code: batch doubled, [uncond; cond]; with uncond_conditioning=None and
-        guidance_scale != 1 the conditioning must already hold 2B rows in that order.
+        guidance_scale != 1 the conditioning must already hold 2B rows in that order. autocast: the
+        model under torch.autocast to that dtype (e.g. torch.bfloat16) on weights cast once;
+        guidance and the sampler update stay in x_t's dtype.
     inference_timesteps(num_diffusion_steps, num_inference_steps) -> list[int] (public spacing)
     Sampler(diffusion, num_inference_steps=None, ddim_eta=None (ancestral DDPM) | float (DDIM),
             threshold=None (config's threshold_function) | ThresholdType | str, impl="auto")
       .timesteps -> list[int]
       .initial_noise(batch, channels, image_size, generator=None, device=None) -> list[Tensor]
       .noised_start(images, t, generator=None) -> list[Tensor]   # partial diffusion start
-      .steps(denoise, x_t_list, start_t=None, generator=None) -> Iterator[SamplerStep]
-            SamplerStep(t, s, x0: list, x_s: list)   (intermediates, level units)
+      .steps(denoise, x_t_list, start_t=None, generator=None, step_fn=None) -> Iterator[SamplerStep]
+            SamplerStep(t, s, x0: list, x_s: list)   (intermediates, level units); step_fn replaces
+            .step (e.g. its CUDA-graph replay, mdm_fast.engine.GraphedCallable)
+      .precompile(denoise, x_t_list)   # the Triton kernels of the first and last step, compiled up front
+      .to_images(levels, clip=True) -> list[Tensor]   # level units -> image units in [-1, 1]
       .sample(denoise, x_t_list, start_t=None, generator=None) -> list[Tensor] in [-1, 1]
     tile_levels(levels: list[Tensor], mode="bilinear") -> (B, C, H, L*W) lowest level first
 
