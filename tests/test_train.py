@@ -179,6 +179,10 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     assert tr.step == 2 and tr.seed == 0  # a resume keeps the checkpoint's seed, not the config's 5
     assert torch.equal(torch.get_rng_state(), ck["rng"]["torch"])  # and the global generators' states
     assert np.array_equal(np.random.get_state()[1], ck["rng"]["numpy"]["key"].numpy())
+    # the skipped file is set aside: a step saved before 4 is written again keeps the good one resumed from
+    assert (tmp_path / "ckpt_00000004.pt.unreadable").exists()
+    tr.train(stop_after=1)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 2]
 
 
 def test_rng_state_round_trips_every_generator(tmp_path):
@@ -635,9 +639,10 @@ def test_starting_from_weights_without_ema_a_new_lr_and_a_stop_after_steps(tmp_p
     assert all(torch.equal(tr.model.state_dict()[k], v) for k, v in src["ema_state_dict"].items())
 
 
-def test_saved_files_follow_the_umask_and_unreadable_later_checkpoints_are_set_aside(tmp_path, caplog):
-    """Checkpoints get the mode open() gives; a later step's file (one a resume skipped) is renamed
-    *.unreadable and counts for nothing; the newest keep_checkpoints are kept, never fewer than two."""
+def test_saved_files_follow_the_umask_and_unreadable_checkpoints_are_set_aside(tmp_path, caplog):
+    """Checkpoints get the mode open() gives; a file the resume skipped as unreadable is renamed *.unreadable
+    and counts for nothing, so rotation keeps the good one it resumed from; the newest keep_checkpoints are
+    kept, never fewer than two; a write a kill interrupted leaves no temporary file past the next save."""
     from mdm_fast.train.checkpoint import save_rotating
 
     old = os.umask(0o022)
@@ -646,15 +651,18 @@ def test_saved_files_follow_the_umask_and_unreadable_later_checkpoints_are_set_a
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt_00000001.pt").stat().st_mode & 0o777 == 0o644
-    (tmp_path / "ckpt_00000009.pt").write_bytes(b"torn")  # a resume skipped it and went on from step 1
-    save_rotating({"state_dict": {}}, tmp_path, 2)
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 1]  # the set-aside file took no place
-    assert (tmp_path / "ckpt_00000009.pt.unreadable").read_bytes() == b"torn"
-    assert "unreadable" in caplog.text
-    for step, keep, kept in ((3, 3, [3, 2, 1]), (4, 3, [4, 3, 2]), (5, 1, [5, 4])):  # keep 1: the previous stays
+    (tmp_path / "ckpt_00000002.pt").write_bytes(b"torn")
+    assert load_latest(tmp_path)[0].name == "ckpt_00000001.pt"  # without set_aside: reported only
+    assert (tmp_path / "ckpt_00000002.pt").exists() and "falling back" in caplog.text
+    assert load_latest(tmp_path, set_aside=True)[0].name == "ckpt_00000001.pt"
+    assert (tmp_path / "ckpt_00000002.pt.unreadable").read_bytes() == b"torn" and "unreadable" in caplog.text
+    (tmp_path / "ckpt_00000003.pt.k2j4x_1a.tmp").write_bytes(b"half")  # killed while writing step 3
+    save_rotating({"state_dict": {}}, tmp_path, 3)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 1]  # the set-aside file took no place
+    assert not list(tmp_path.glob("*.tmp"))
+    for step, keep, kept in ((4, 3, [4, 3, 1]), (5, 3, [5, 4, 3]), (6, 1, [6, 5])):  # keep 1: the previous stays
         save_rotating({"state_dict": {}}, tmp_path, step, keep)
         assert [s for s, _ in list_checkpoints(tmp_path)] == kept, keep
-
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):

@@ -117,27 +117,28 @@ def _load_trusted(path: Path, map_location: Any) -> Any:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
-def load_latest(folder: Path, map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest checkpoint in ``folder`` that loads; bad ones are reported and skipped."""
+def load_latest(folder: Path, map_location: Any = "cpu", set_aside: bool = False
+                ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest checkpoint in ``folder`` that loads; bad ones are reported and skipped, and with
+    ``set_aside`` (one process of a run) renamed ``*.unreadable``: kept for inspection, no longer
+    counted among the checkpoints that rotation keeps, nor loaded again."""
     for _, path in list_checkpoints(folder):
         try:
             return path, load_checkpoint(path, map_location)
         except CheckpointError as e:
-            log.warning("%s; falling back to the previous checkpoint", e)
+            log.warning("%s; falling back to the previous checkpoint%s", e,
+                        "; renamed *.unreadable" if set_aside else "")
+            if set_aside:
+                path.rename(path.with_name(path.name + ".unreadable"))
     return None
 
 
 def save_rotating(obj: Dict[str, Any], folder: Path, step: int, keep: int = 2) -> Path:
     """Write ``ckpt_<step>.pt`` atomically, then drop all but the newest ``keep`` (>= 2: the previous
-    good one is always kept). Files of later steps are ones a resume skipped as unreadable: they are
-    renamed ``*.unreadable`` (kept for inspection, no longer counted or loaded)."""
+    good one is always kept) and the temporary files of writes a kill interrupted."""
     path = save_atomic(obj, checkpoint_path(folder, step))
-    found = list_checkpoints(folder)
-    for later, stale in found:
-        if later > step:
-            log.warning("%s: a later step than this run's %d, skipped as unreadable; renamed *.unreadable",
-                        stale, step)
-            stale.rename(stale.with_name(stale.name + ".unreadable"))
-    for _, old in [(s, p) for s, p in found if s <= step][max(2, keep):]:
+    for _, old in list_checkpoints(folder)[max(2, keep):]:
         old.unlink(missing_ok=True)
+    for torn in Path(folder).glob("ckpt_*.pt.*.tmp"):  # one writer per folder: none is being written now
+        torn.unlink(missing_ok=True)
     return path

@@ -135,7 +135,7 @@ class Trainer:
         self.dataset = build_dataset(cfg.file_list, cfg.reader_config, cfg.video_frames)  # fail fast on bad data
         self.skipped = 0
         self.seed = cfg.seed if cfg.seed >= 0 else self._shared_time_seed()
-        resume = ckpt_io.load_latest(self.out)
+        resume = ckpt_io.load_latest(self.out, set_aside=self.dist.is_main)
         if resume is not None:
             self.seed = int(resume[1].get("seed", self.seed))
         else:
