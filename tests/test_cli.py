@@ -287,6 +287,17 @@ def test_sampling_split_over_processes_writes_what_one_process_writes(tmp_path, 
                            (["--seed", "6"], "seed"), (["--no-ema"], "no_ema")):
         assert main([*common, *changed, "--skip-existing", "--out", str(tmp_path / "one")]) == 2
         assert f"holds the images of another run (its sample.json differs in {field})" in capsys.readouterr().err
+    other = load_checkpoint(ckpt)  # other weights written over the same path
+    other["ema_state_dict"] = {k: v + 1 for k, v in other["ema_state_dict"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    (tmp_path / "other.pt").replace(ckpt)
+    assert main([*common, "--skip-existing", "--out", str(tmp_path / "one")]) == 2
+    assert "sample.json differs in checkpoint_id" in capsys.readouterr().err
+    # a run without --skip-existing removes the folder's images first: stopped or not, none of another
+    # run's can pass for its own (its sample.json is written before its images)
+    assert main([*common, "--labels", "3", "--grid-rows", "0", "--out", str(tmp_path / "one")]) == 0
+    assert sorted(_pixels(tmp_path / "one")) == [f"000_{i:02d}_level{d}_{px}px.png" for i in range(3)
+                                                 for d, px in ((0, 16), (1, 8))]
     (tmp_path / "one" / "sample.json").unlink()
     assert main([*common, "--skip-existing", "--out", str(tmp_path / "one")]) == 2
     assert "without a sample.json" in capsys.readouterr().err

@@ -90,10 +90,28 @@ def run_manifest(args, prompts: List[str], image_size: int, autocast: Optional[t
     number of processes)."""
     fields = ("seed", "batch", "num_per_prompt", "steps", "guidance", "negative_prompt", "eta", "no_ema", "overrides")
     manifest = {name: getattr(args, name) for name in fields}
-    manifest.update(checkpoint=str(Path(args.checkpoint).resolve()),
+    manifest.update(checkpoint=str(Path(args.checkpoint).resolve()), checkpoint_id=file_id(Path(args.checkpoint)),
                     config=str(Path(args.config).resolve()) if args.config else None, image_size=image_size,
                     autocast=str(autocast), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
     return manifest
+
+
+def file_id(path: Path, span: int = 1 << 22) -> str:
+    """A file's size and a hash of its first and last ``span`` bytes: another checkpoint written over the
+    same path (other weights) is told apart without reading gigabytes."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        f.seek(max(size - span, 0))
+        digest.update(f.read(span))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def _remove_images(out: Path) -> None:
+    """A run without --skip-existing makes every image again: none of another run may stay among them."""
+    for path in [*out.glob("*_level*px.png"), out / "grid.png"]:
+        path.unlink(missing_ok=True)
 
 
 def check_resumable(out: Path, manifest: dict) -> None:
@@ -140,9 +158,12 @@ def cmd_sample(args) -> int:
         check_resumable(out, manifest)
     barrier(info)  # no process writes before every one has read what is there
     if info.is_main:
+        if not args.skip_existing:
+            _remove_images(out)  # before the manifest says they are this run's
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         one_line = [re.sub(r"[\t\r\n]", " ", p) for p in prompts]
         write_text_atomic(out / "prompts.tsv", "".join(f"{k}\t{p}\n" for k, p in enumerate(one_line)))
+    barrier(info)  # and none writes an image before the folder is this run's
     jobs = [(k, i) for k in range(len(prompts)) for i in range(args.num_per_prompt)]  # (prompt, copy)
     batches = [jobs[s:s + args.batch] for s in range(0, len(jobs), args.batch)]
     counts = torch.zeros(2, dtype=torch.long)  # images generated, skipped (their files were there)
