@@ -264,7 +264,8 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
 
 
 # (field, lowest allowed value, highest, whether the lowest is allowed)
-_RANGES = (("num_gradient_accumulations", 1, None, True), ("batch_size", 1, None, True), ("lr", 0, None, False),
+_RANGES = (("num_training_steps", 1, None, True), ("num_gradient_accumulations", 1, None, True),
+           ("batch_size", 1, None, True), ("lr", 0, None, False),
            ("gradient_clip_norm", 0, None, False), ("warmup_steps", 0, None, True), ("log_freq", 1, None, True),
            ("save_freq", 1, None, True), ("sample_freq", 0, None, True), ("keep_checkpoints", 2, None, True),
            ("cond_drop_prob", 0, 1, True), ("ema_decay", 0, 1, True), ("ema_warmup_steps", 0, None, True),

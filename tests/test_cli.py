@@ -321,6 +321,9 @@ def test_from_uint8_inverts_to_uint8():
     (["--grid-scale", "0"], "--grid-scale: expected >= 1"),
     (["--negative-prompt", "blurry"], "only used with --guidance != 1"),
     (["--prompts", "a cat", "diffusion_config.sampler_config.threshold_function=NONE"], "go before --prompts"),
+    (["--guidance", "nan"], "--guidance: expected a finite number, got nan"),
+    (["--eta", "inf"], "--eta: expected a finite number, got inf"),
+    (["--eta", "nan"], "--eta: expected a finite number, got nan"),
 ])
 def test_sample_refuses_bad_arguments_before_loading(tmp_path, capsys, args, message):
     # the checkpoint does not exist: each check runs before anything is loaded
@@ -365,6 +368,13 @@ def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):
     assert "batch_size: 2" in (out / "config.yaml").read_text()
     assert main(["train", "--config", str(yaml_path), "nonsense_field=1"]) == 2
     assert "nonsense_field" in capsys.readouterr().err
+    for bad, message in ((["--steps", "-3"], "--steps: expected >= 1"), (["num_training_steps=-5"],
+                         "num_training_steps: expected >= 1")):
+        assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "bad"), *bad]) == 2
+        assert message in capsys.readouterr().err
+    for bad in (["--steps", "-1"], ["--minutes", "-1"]):
+        assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), *bad]) == 2
+        assert f"{bad[0]}: expected >= 0 (0: by device)" in capsys.readouterr().err
     # a time limit stops the run after the step that ends past it, with a checkpoint there
     assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "timed"), "--time-limit",
                  "1e-6", "num_training_steps=1000", "save_freq=1000"]) == 0

@@ -181,8 +181,11 @@ def test_partial_start_and_step_counts():
     for bad in (0, 21):  # 0 ran all 20 steps
         with pytest.raises(ValueError, match="num_inference_steps"):
             diff.sampler(num_inference_steps=bad)
-    with pytest.raises(ValueError, match="ddim_eta"):
-        diff.sampler(ddim_eta=-0.5)
+    for bad in (-0.5, float("nan"), float("inf")):  # NaN passed a "< 0" check: black images
+        with pytest.raises(ValueError, match="ddim_eta must be None .* or a finite number >= 0"):
+            diff.sampler(ddim_eta=bad)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number, got nan"):
+        diff.make_denoise(model, torch.randn(2, 5, 8), None, guidance_scale=float("nan"))
 
 
 def test_model_predicts_in_eval_mode_and_keeps_its_mode():

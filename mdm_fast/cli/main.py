@@ -34,6 +34,8 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps: expected >= 1 (steps of this run), got {args.steps}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise ValueError(f"--time-limit: expected minutes > 0, got {args.time_limit}")
     deadline = None if args.time_limit is None else time.time() + 60 * args.time_limit
@@ -154,6 +156,9 @@ def cmd_summary(args) -> int:
 def cmd_demo(args) -> int:
     from mdm_fast.cli.demo import run_demo
 
+    for name in ("steps", "minutes"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name}: expected >= 0 (0: by device), got {getattr(args, name)}")
     result = run_demo(Path(args.out), steps=args.steps, minutes=args.minutes, quick=args.quick, resume=args.resume)
     print(json.dumps(result))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
@@ -62,6 +63,10 @@ def check_arguments(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.grid_rows < 0:
         raise ValueError(f"--grid-rows: expected >= 0 (0: no grid), got {args.grid_rows}")
+    for name in ("guidance", "eta"):  # NaN passes every comparison: all-black images, exit 0
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name}: expected a finite number, got {value}")
     if args.negative_prompt is not None and args.guidance == 1.0:
         raise ValueError("--negative-prompt: only used with --guidance != 1 (classifier-free guidance)")
     overrides = [p for p in args.prompts or [] if re.fullmatch(r"[A-Za-z_][\w.-]*=\S*", p)]
@@ -139,6 +144,7 @@ def _device(args) -> torch.device:
 def cmd_sample(args) -> int:
     from mdm_fast.files import write_text_atomic
     from mdm_fast.data.loader import derived_seed
+    from mdm_fast.text import ClassLabelEncoder
     from mdm_fast.train.distributed import barrier, init_distributed
     from mdm_fast.train.trainer import autocast_dtype
 
@@ -147,6 +153,9 @@ def cmd_sample(args) -> int:
     device = _device(args)
     cfg, encoder, model, diffusion = load_for_sampling(args.checkpoint, args.config, device, not args.no_ema,
                                                        args.overrides, args.trust_pickle)
+    if args.labels and not isinstance(encoder, ClassLabelEncoder):
+        raise ValueError(f"--labels: {args.checkpoint}'s model is conditioned on text ({type(encoder).__name__}), "
+                         "not on class labels; give --prompts or --prompt-file")
     prompts = read_prompts(args)
     image_size = args.image_size or cfg.image_size
     widths = [w for _, w in diffusion.level_sizes(image_size)]  # top level first

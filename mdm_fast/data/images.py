@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CorruptImage(Exception):

@@ -11,6 +11,7 @@ the public one; the model predicts in eval mode.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -77,6 +78,8 @@ def make_denoise(diffusion, model, conditioning: Tensor, cond_mask: Optional[Ten
     ``conditioning`` and ``cond_mask`` are read at every call: a caller may copy the next batch's into them.
     """
     scale = float(guidance_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
     null = null_mask = None
     if scale != 1 and uncond_conditioning is not None:
         n, T = conditioning.shape[:2]
@@ -137,8 +140,8 @@ class Sampler:
         self.diffusion = diffusion
         N = diffusion.schedule.num_steps
         self.timesteps = inference_timesteps(N, N if num_inference_steps is None else num_inference_steps)
-        if ddim_eta is not None and ddim_eta < 0:
-            raise ValueError(f"ddim_eta must be None (ancestral DDPM) or >= 0, got {ddim_eta}")
+        if ddim_eta is not None and not 0 <= ddim_eta < math.inf:  # NaN fails both
+            raise ValueError(f"ddim_eta must be None (ancestral DDPM) or a finite number >= 0, got {ddim_eta}")
         self.ddim_eta = ddim_eta
         kind = ThresholdType.parse(threshold if threshold is not None
                                    else diffusion.config.sampler_config.threshold_function)
