@@ -331,6 +331,16 @@ def test_sample_refuses_bad_arguments_before_loading(tmp_path, capsys, args, mes
     assert message in capsys.readouterr().err
 
 
+def test_sample_refuses_labels_for_a_text_model(tmp_path, capsys, monkeypatch):
+    """--labels of a text-conditioned model were read as the captions "1", "2"."""
+    import mdm_fast.cli.sample as sample
+    from mdm_fast.text import PrecomputedEncoder
+
+    monkeypatch.setattr(sample, "load_for_sampling", lambda *a: (None, PrecomputedEncoder(6), None, None))
+    assert main(["sample", "--checkpoint", str(tmp_path / "text.pt"), "--labels", "1", "2"]) == 2
+    assert "is conditioned on text (PrecomputedEncoder), not on class labels" in capsys.readouterr().err
+
+
 def test_demo_refuses_to_delete_another_runs_checkpoints(tmp_path, capsys):
     other = tmp_path / "run"
     other.mkdir()
