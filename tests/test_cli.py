@@ -331,6 +331,31 @@ def test_sample_refuses_bad_arguments_before_loading(tmp_path, capsys, args, mes
     assert message in capsys.readouterr().err
 
 
+def test_another_configs_weights_and_file_system_errors_are_named(tmp_path, capsys):
+    """Weights of another config (resume, sample), a missing file, an --out that is a file: an error line
+    naming the file, not a traceback; convert --to ours refuses --ema, which it would ignore."""
+    yaml_path = tmp_path / "tiny.yaml"
+    tiny(tmp_path / "unused", num_training_steps=1, save_freq=1).to_yaml(yaml_path)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(run)]) == 0
+    ckpt, wider = run / "ckpt_00000001.pt", "unet_config.temporal_dim=16"
+    capsys.readouterr()
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(run), "num_training_steps=2", wider]) == 2
+    assert f"{ckpt}: its weights do not fit the model this config builds (size mismatch" in capsys.readouterr().err
+    labels = ["--labels", "1", "--steps", "2", "--out", str(tmp_path / "s")]
+    assert main(["sample", "--checkpoint", str(ckpt), "--config", str(yaml_path), wider, *labels]) == 2
+    assert "its weights do not fit the model this config builds" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(ckpt), "--prompt-file", str(tmp_path / "none.tsv"), *labels]) == 2
+    err = capsys.readouterr().err
+    assert "No such file or directory" in err and "none.tsv" in err
+    (tmp_path / "a_file").write_text("")
+    assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--out",
+                 str(tmp_path / "a_file")]) == 2
+    assert "a_file" in capsys.readouterr().err
+    assert main(["convert", str(ckpt), str(tmp_path / "x.pt"), "--to", "ours", "--ema"]) == 2
+    assert "--ema exports the EMA weights --to public" in capsys.readouterr().err
+
+
 def test_sample_refuses_labels_for_a_text_model(tmp_path, capsys, monkeypatch):
     """--labels of a text-conditioned model were read as the captions "1", "2"."""
     import mdm_fast.cli.sample as sample

@@ -253,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, OSError) as e:  # OSError: a missing file, a read-only folder, ...
         print(f"mdm-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:  # the process group a command under torchrun joined (train, sample)

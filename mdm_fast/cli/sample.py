@@ -36,7 +36,7 @@ def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.devi
     checkpoint plus its YAML (``trust_pickle``: one that pickles its training args)."""
     from mdm_fast.config import load_experiment
     from mdm_fast.text import build_text_encoder
-    from mdm_fast.train.checkpoint import load_checkpoint
+    from mdm_fast.train.checkpoint import load_checkpoint, load_weights
     from mdm_fast.train.trainer import build_diffusion, build_network
 
     ckpt = load_checkpoint(Path(checkpoint), trust_pickle=trust_pickle)
@@ -51,7 +51,7 @@ def load_for_sampling(checkpoint: str, config: Optional[str], device: torch.devi
     encoder = build_text_encoder(cfg, device)
     model = build_network(cfg, encoder.embed_dim, device)
     state = ckpt["ema_state_dict"] if use_ema and "ema_state_dict" in ckpt else ckpt["state_dict"]
-    model.load_state_dict(state, strict=True)
+    load_weights(model, state, Path(checkpoint))
     model.eval().requires_grad_(False)  # sampling only: the fast model keeps the weights it derives
     return cfg, encoder, model, build_diffusion(cfg, model)
 

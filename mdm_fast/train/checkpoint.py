@@ -117,6 +117,19 @@ def _load_trusted(path: Path, map_location: Any) -> Any:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
+def load_weights(module: torch.nn.Module, state: Dict[str, Any], source: Path) -> None:
+    """``module.load_state_dict(state, strict=True)``; weights of another config are a ValueError naming
+    ``source`` and the first mismatches."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        detail = "; ".join(line if len(line) < 200 else line[:200] + "..." for line in lines[:2])
+        raise ValueError(f"{source}: its weights do not fit the model this config builds ({detail}); "
+                         "check that the config (--config, overrides) is the one the weights were trained "
+                         "with") from e
+
+
 def load_latest(folder: Path, map_location: Any = "cpu", set_aside: bool = False
                 ) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """The newest checkpoint in ``folder`` that loads; bad ones are reported and skipped, and with

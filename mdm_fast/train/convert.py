@@ -22,6 +22,9 @@ def convert(src: str, dst: str, to: str, use_ema: bool = False, config: Optional
     """Convert ``src`` to format ``to`` ("ours" or "public") at ``dst``; returns a short report."""
     if to not in ("ours", "public"):
         raise ValueError(f"convert: --to must be 'ours' or 'public', got {to!r}")
+    if use_ema and to == "ours":
+        raise ValueError("convert: --ema exports the EMA weights --to public; --to ours keeps every set of weights "
+                         "the file has (a public file's one set becomes the state_dict the EMA starts from)")
     try:
         ckpt = load_checkpoint(Path(src), trust_pickle=trust_pickle)
     except CheckpointError as e:

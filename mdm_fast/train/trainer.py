@@ -244,12 +244,12 @@ class Trainer:
         file holds the public EMA as its ``state_dict``) starts the EMA from its weights; with
         ``model_from_ema`` (``resume_from_ema``) the model starts from the EMA weights too."""
         ema = ckpt.get("ema_state_dict")
-        self.model.load_state_dict(ema if model_from_ema and ema is not None else ckpt["state_dict"], strict=True)
+        ckpt_io.load_weights(self.model, ema if model_from_ema and ema is not None else ckpt["state_dict"], path)
         if ema is not None:
-            self.ema.module.load_state_dict(ema, strict=True)
+            ckpt_io.load_weights(self.ema.module, ema, path)
             self.ema.set_count(int(ckpt.get("ema", {}).get("counter", 0)))
         else:
-            self.ema.module.load_state_dict(ckpt["state_dict"], strict=True)
+            ckpt_io.load_weights(self.ema.module, ckpt["state_dict"], path)
             if not self.quiet:
                 log.info("%s has no EMA weights: the EMA starts from its weights", path)
         self.step = int(ckpt.get("step", ckpt.get("batch_num", 0)))
