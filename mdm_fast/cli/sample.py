@@ -158,6 +158,7 @@ def cmd_sample(args) -> int:
                          "not on class labels; give --prompts or --prompt-file")
     prompts = read_prompts(args)
     image_size = args.image_size or cfg.image_size
+    model.check_image_size(image_size)
     widths = [w for _, w in diffusion.level_sizes(image_size)]  # top level first
     autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
     out = Path(args.out)

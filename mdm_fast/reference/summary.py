@@ -47,6 +47,7 @@ def _own_flops(counts, prefix: str) -> float:
 
 def summarize(model: nn.Module, image_size: int, text_tokens: int = 128) -> List[LevelSummary]:
     """Per nesting level, outermost first, for one image of ``image_size`` px at the top."""
+    model.check_image_size(image_size)
     ratios = model.resolution_ratios()
     with torch.device("meta"):
         meta = _meta_copy(model)

@@ -249,6 +249,23 @@ class UNet(nn.Module):
 
     # ---- input checks ----------------------------------------------------------------------
 
+    def size_multiple(self) -> int:
+        """What the top image's sides must be multiples of, so that every down-sampling (stride 2, this
+        UNet's levels and then its inner UNet's) halves them evenly and the up path meets its skips.
+        1 for a temporal model (the diffusion checks its frame grids)."""
+        inner = getattr(self, "inner_unet", None)
+        if self.config.temporal_mode or (inner is not None and inner.size_multiple() == 1):
+            return 1
+        own = 2 ** (len(self.config.resolution_channels) - 1)
+        return own if inner is None else own * inner.size_multiple()
+
+    def check_image_size(self, size: int) -> None:
+        """A ValueError naming the multiple an unusable top image size misses."""
+        m = self.size_multiple()
+        if size < 1 or size % m:
+            raise ValueError(f"image size {size}: this model halves it {m.bit_length() - 1} times (its levels, "
+                             f"nested ones included), so it must be a positive multiple of {m}")
+
     def resolution_ratios(self) -> List[int]:
         """Top resolution over each level's resolution, top first: ``[1]`` for a UNet, ``[1, 4]``
         for the 256x256 model, ``[1, 4, 16]`` for the 1024x1024 one.

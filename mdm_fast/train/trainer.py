@@ -145,6 +145,7 @@ class Trainer:
         self.dataset.tokenize = self.encoder.caption_tokenizer()  # in the workers; drops over max_token_length
         self.model = build_network(cfg, self.encoder.embed_dim, self.device)
         self.diffusion = build_diffusion(cfg, self.model)
+        unwrap(self.model).check_image_size(cfg.image_size)  # reader_config.image_size, before any file
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
         if cfg.sample_freq and not encodes_prompts(self.encoder):
             raise ValueError(f"sample_freq: {type(self.encoder).__name__} cannot encode prompts for the periodic "
