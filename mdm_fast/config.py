@@ -153,6 +153,8 @@ def _undash(d: Any) -> Any:
 
 
 def _dataclass_from(cls, d: Dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping of fields, got {d!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -218,7 +220,10 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    d = yaml.safe_load(path.read_text())
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a YAML mapping of config fields at the top level")
     return d

@@ -140,6 +140,8 @@ def test_summary_of_a_public_config(capsys):
     assert "nested_unet" in out and "256" in out
     assert main(["summary", "--config", str(CONFIGS / "cc12m_256x256.yaml"), "--image-size", "128", "name=n"]) == 0
     assert "n: nested_unet, 128x128" in capsys.readouterr().out  # the override and the size are used
+    assert main(["summary", "--config", str(CONFIGS / "cc12m_256x256.yaml"), "--image-size", "100"]) == 2
+    assert "image size 100: this model halves it 4 times" in capsys.readouterr().err  # 100 -> 50 -> 25 -> 13
 
 
 def test_summary_text_width_comes_from_the_flag_the_classes_the_width_or_the_text_model():
@@ -155,6 +157,8 @@ def test_summary_text_width_comes_from_the_flag_the_classes_the_width_or_the_tex
         assert text_width(ExperimentConfig(text_model=model), 0) == width, model
     with pytest.raises(ValueError, match="--text-dim"):
         text_width(ExperimentConfig(text_model="bert9000"), 0)
+    with pytest.raises(ValueError, match=r"--text-dim: expected >= 1 \(0: from the config\), got -5"):
+        text_width(ExperimentConfig(text_dim=64), -5)  # it built a model of another width
 
 
 def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
@@ -354,6 +358,13 @@ def test_another_configs_weights_and_file_system_errors_are_named(tmp_path, caps
     assert "a_file" in capsys.readouterr().err
     assert main(["convert", str(ckpt), str(tmp_path / "x.pt"), "--to", "ours", "--ema"]) == 2
     assert "--ema exports the EMA weights --to public" in capsys.readouterr().err
+    # an image size the model cannot halve evenly: refused before any file is written
+    assert main(["sample", "--checkpoint", str(ckpt), "--image-size", "10", *labels]) == 2
+    assert "image size 10: this model halves it 2 times" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "r10"),
+                 "reader_config.image_size=10"]) == 2
+    assert "must be a positive multiple of 4" in capsys.readouterr().err and not (tmp_path / "r10").exists()
 
 
 def test_sample_refuses_labels_for_a_text_model(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,5 @@
 """Experiment configs: the public YAMLs load, unknown fields are named, YAML round trips."""
+import re
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,28 @@ def test_unet_config_values_take_their_fields_types():
             load_experiment(_public("cc12m_256x256"), [bad])
     with pytest.raises(ValueError, match="inner_config.nesting: an inner UNet must have nesting: true"):
         load_experiment(_public("cc12m_256x256"), ["unet_config.inner_config.nesting='false'"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("unet_config.resolution_channels=abc", "unet_config.resolution_channels: expected a list of ints"),
+    ("unet_config.resolution_channels=[32,0]", "resolution_channels: expected one or more channel counts >= 1"),
+    ("unet_config.num_resnets_per_resolution=[1,-1]", "num_resnets_per_resolution: expected values >= 1"),
+    ("unet_config.num_resnets_per_resolution=[1,0]", "num_resnets_per_resolution: expected values >= 1"),
+    ("unet_config.num_attention_layers=[0,-1]", "num_attention_layers: expected values >= 0"),
+    ("unet_config.resnet_config.num_groups_norm=0", "resnet_config.num_groups_norm: expected >= 1"),
+    ("unet_config.resnet_config=4", "unet_config.resnet_config: expected a mapping of fields, got 4"),
+    ("reader_config=16", "reader_config: expected a mapping of fields, got 16"),
+])
+def test_malformed_model_fields_are_named(override, message):
+    """Each was a traceback (ValueError of int(), IndexError, ZeroDivisionError, AttributeError, TypeError)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_experiment(_minimal(), [override])
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: unet\nunet_config: {resolution_channels: [32, 64\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML \(while parsing"):
+        load_experiment(tmp_path / "bad.yaml")
 
 
 def test_top_level_mixed_ratio_and_weights_are_one_setting_with_the_diffusion_configs():

@@ -126,6 +126,8 @@ def cmd_info(args) -> int:
 
 # ---- summary -------------------------------------------------------------------------------------
 def text_width(cfg, given: Optional[int]) -> int:
+    if given is not None and given < 0:
+        raise ValueError(f"--text-dim: expected >= 1 (0: from the config), got {given}")
     if given:
         return given
     if cfg.categorical_conditioning > 0:

@@ -30,18 +30,19 @@ class ResNetConfig:
 def _int_list(value: IntList, name: str) -> Optional[List[int]]:
     if value is None:
         return None
-    if isinstance(value, str):
-        value = value.strip()
-        return [int(v) for v in value.split(",")] if value else []
     if isinstance(value, int):
         return [value]
     try:
+        if isinstance(value, str):
+            value = value.strip()
+            return [int(v) for v in value.split(",")] if value else []
         return [int(v) for v in value]
     except (TypeError, ValueError):
-        raise ValueError(f"unet_config.{name}: expected a list of ints or a string like '2,3', got {value!r}")
+        raise ValueError(f"unet_config.{name}: expected a list of ints or a string like '2,3', got {value!r}"
+                         ) from None
 
 
-def _per_level(value: IntList, name: str, levels: int) -> List[int]:
+def _per_level(value: IntList, name: str, levels: int, least: int = 0) -> List[int]:
     """A per-resolution list; one value is repeated for every level (as the public string form)."""
     out = _int_list(value, name)
     if out is None:
@@ -51,6 +52,8 @@ def _per_level(value: IntList, name: str, levels: int) -> List[int]:
     if len(out) != levels:
         raise ValueError(f"unet_config.{name}: expected 1 or {levels} values (one per entry of "
                          f"resolution_channels), got {len(out)}: {out}")
+    if min(out) < least:
+        raise ValueError(f"unet_config.{name}: expected values >= {least}, got {out}")
     return out
 
 
@@ -77,13 +80,14 @@ class UNetConfig:
 
     def __post_init__(self):
         self.resolution_channels = _int_list(self.resolution_channels, "resolution_channels")
-        if not self.resolution_channels:
-            raise ValueError("unet_config.resolution_channels: expected at least one level")
+        if not self.resolution_channels or min(self.resolution_channels) < 1:
+            raise ValueError(f"unet_config.resolution_channels: expected one or more channel counts >= 1, got "
+                             f"{self.resolution_channels}")
         levels = len(self.resolution_channels)
         self.attention_levels = _int_list(self.attention_levels, "attention_levels") or []
         self.num_attention_layers = _per_level(self.num_attention_layers, "num_attention_layers", levels)
         self.num_resnets_per_resolution = _per_level(
-            self.num_resnets_per_resolution, "num_resnets_per_resolution", levels)
+            self.num_resnets_per_resolution, "num_resnets_per_resolution", levels, least=1)
         if self.num_temporal_attention_layers is not None:
             self.num_temporal_attention_layers = _per_level(
                 self.num_temporal_attention_layers, "num_temporal_attention_layers", levels)
@@ -93,6 +97,11 @@ class UNetConfig:
                              "set the layers to 0 or temporal_spatial_ds: false")
         if isinstance(self.resnet_config, dict):
             self.resnet_config = _from_dict(ResNetConfig, self.resnet_config, "resnet_config")
+        if not isinstance(self.resnet_config, ResNetConfig):
+            raise ValueError(f"unet_config.resnet_config: expected a mapping of fields, got {self.resnet_config!r}")
+        if self.resnet_config.num_groups_norm < 1:
+            raise ValueError(f"unet_config.resnet_config.num_groups_norm: expected >= 1, got "
+                             f"{self.resnet_config.num_groups_norm}")
         if self.temporal_dim is not None and self.temporal_dim % 8:
             raise ValueError(f"unet_config.temporal_dim: expected a multiple of 8, got {self.temporal_dim}")
         if self.micro_conditioning is not None:
