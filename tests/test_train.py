@@ -665,6 +665,29 @@ def test_saved_files_follow_the_umask_and_unreadable_checkpoints_are_set_aside(t
         assert [s for s, _ in list_checkpoints(tmp_path)] == kept, keep
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_aborts(tmp_path, signame):
+    """Ctrl-C or a preemption notice (one process): the step under way ends, a checkpoint is written there
+    (save_freq far off), the handlers are put back; a second signal aborts at once."""
+    import signal
+
+    sig = getattr(signal, signame)
+    before = signal.getsignal(sig)
+    tr = Trainer(tiny(tmp_path / "one", num_training_steps=10, save_freq=100, sample_freq=1), quiet=True)
+    result = tr.train(sample_fn=lambda trainer: os.kill(os.getpid(), sig))  # after step 1: step 2 ends the run
+    assert result["step"] == 2 and [s for s, _ in list_checkpoints(tmp_path / "one")] == [2]
+    assert signal.getsignal(sig) is before
+
+    def twice(trainer):
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+
+    tr = Trainer(tiny(tmp_path / "two", num_training_steps=10, save_freq=100, sample_freq=1), quiet=True)
+    with pytest.raises(KeyboardInterrupt, match=f"{signame} again: aborted"):
+        tr.train(sample_fn=twice)
+    assert not list_checkpoints(tmp_path / "two") and signal.getsignal(sig) is before
+
+
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     import signal
     import subprocess

@@ -258,6 +258,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, CheckpointError, OSError) as e:  # OSError: a missing file, a read-only folder, ...
         print(f"mdm-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"mdm-fast {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 130
     finally:  # the process group a command under torchrun joined (train, sample)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

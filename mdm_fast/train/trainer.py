@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -419,10 +421,62 @@ class Trainer:
         return bool(late.item())
 
     # ---- the loop ----------------------------------------------------------------------------
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[List[str]]:
+        """One process in the main thread: SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) stops
+        the run after the step under way, with a checkpoint; a second one aborts. The yielded list names
+        the signal once one came. (Under torchrun the launcher handles signals: the ranks must stop together.)"""
+        received: List[str] = []
+        if self.dist.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield received
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if received:
+                raise KeyboardInterrupt(f"{name} again: aborted without a checkpoint of the step under way")
+            received.append(name)
+            log.warning("%s: stopping after this step with a checkpoint (%s again aborts)", name, name)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield received
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _loop(self, todo: int, it, bar, metrics, deadline: Optional[float], signalled: List[str],
+              sample_fn) -> Tuple[Dict[str, Any], float]:
+        cfg, total = self.cfg, self.cfg.num_training_steps
+        window, last = _Window(), ({}, 1.0)
+        for i in range(todo):
+            batches = [next(it) for _ in range(cfg.num_gradient_accumulations)]
+            if i == 0:
+                self.precompile(batches[0])
+            last = self.train_step(batches)
+            window.add(*last)
+            bar.update(1)
+            saved = self.step % cfg.save_freq == 0 or self.step == total
+            if saved:
+                self.save()
+            late = bool(signalled) or (deadline is not None and self._past(deadline))
+            stops = late or i == todo - 1  # the last step, stop_after's, the deadline's or a signal's
+            if self.step % cfg.log_freq == 0 or stops:  # where it stops, it logs its window and saves
+                self._log(window, metrics, bar)
+                window = _Window()
+            if stops and not saved:
+                self.save()
+            if late:
+                break
+            if cfg.sample_freq and self.step % cfg.sample_freq == 0 and self.dist.is_main:
+                (sample_fn or periodic_samples)(self)
+        return last
+
     def train(self, stop_after: Optional[int] = None, sample_fn: Optional[Callable[["Trainer"], None]] = None,
               deadline: Optional[float] = None) -> Dict[str, Any]:
         """Train until ``num_training_steps``, or ``stop_after`` more steps, or the wall-clock
-        ``deadline`` (time.time() value); a checkpoint is written where it stops."""
+        ``deadline`` (time.time() value), or a SIGINT / SIGTERM (one process: see ``_stop_on_signals``);
+        a checkpoint is written where it stops."""
         cfg = self.cfg
         total = cfg.num_training_steps
         todo = total - self.step
@@ -441,28 +495,8 @@ class Trainer:
                              prefetch_batches=min(cfg.reader_config.reader_buffer_size, 32))
         it = iter(loader)
         bar = tqdm(total=total, initial=self.step, desc="training", disable=self.quiet, dynamic_ncols=True)
-        window, last = _Window(), ({}, 1.0)
-        for i in range(todo):
-            batches = [next(it) for _ in range(cfg.num_gradient_accumulations)]
-            if i == 0:
-                self.precompile(batches[0])
-            last = self.train_step(batches)
-            window.add(*last)
-            bar.update(1)
-            saved = self.step % cfg.save_freq == 0 or self.step == total
-            if saved:
-                self.save()
-            late = deadline is not None and self._past(deadline)
-            stops = late or i == todo - 1  # the last step, stop_after's or the deadline's
-            if self.step % cfg.log_freq == 0 or stops:  # where it stops, it logs its window and saves
-                self._log(window, metrics, bar)
-                window = _Window()
-            if stops and not saved:
-                self.save()
-            if late:
-                break
-            if cfg.sample_freq and self.step % cfg.sample_freq == 0 and self.dist.is_main:
-                (sample_fn or periodic_samples)(self)
+        with self._stop_on_signals() as signalled:
+            last = self._loop(todo, it, bar, metrics, deadline, signalled, sample_fn)
         bar.close()
         if metrics is not None:
             plot_loss(metrics.read(), self.out / "loss.png", title=f"{cfg.name or cfg.model}: training loss")
