@@ -129,6 +129,51 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert 1 not in batch["label"].tolist() and 3 not in batch["label"].tolist()
 
 
+def test_a_sample_without_what_the_model_needs_is_skipped_and_counted(tmp_path, caplog):
+    """The encoder's sample_check (set by the trainer; picklable for the workers): an empty label cell, a
+    label out of range, a missing caption, an embedding of another width or an empty .npy skip the sample
+    as a corrupt image is skipped; they failed the whole batch, at the same step after every resume."""
+    import pickle
+
+    from mdm_fast.text import ClassLabelEncoder, PrecomputedEncoder
+    from mdm_fast.text.encoders import SampleCheck
+
+    _folder(tmp_path)
+    rows = ["file\tcaption\tlabel", "img0.png\ta\t", "img1.png\tb\t12", "img2.png\tc\t2", "img3.png"]
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    ds = build_dataset(str(tmp_path / "t.tsv"), R)
+    ds.check = pickle.loads(pickle.dumps(ClassLabelEncoder(8).sample_check()))
+    s = ds[(0, 0)]
+    assert s["label"] == 2 and s["_skipped"] == 2 and "label 12: expected one in [0, 8)" in caplog.text
+    ds.check = SampleCheck("caption")
+    assert ds[(3, 0)]["_skipped"] == 1 and "no 'caption'" in caplog.text  # a short row: no caption field
+    for name, emb in (("e0", np.zeros((3, 5), np.float32)), ("e2", np.ones((2, 6), np.float32))):
+        np.save(tmp_path / f"{name}.npy", emb)
+    (tmp_path / "e1.npy").write_bytes(b"")
+    rows = ["file\ttext_embedding"] + [f"img{i}.png\te{i}.npy" for i in range(3)]
+    (tmp_path / "e.tsv").write_text("\n".join(rows) + "\n")
+    ds = build_dataset(str(tmp_path / "e.tsv"), R)
+    ds.check = PrecomputedEncoder(6).sample_check()
+    s = ds[(0, 0)]
+    assert s["text_embedding"].shape == (2, 6) and s["_skipped"] == 2
+    assert "text_embedding of shape (3, 5): expected (tokens, 6)" in caplog.text
+
+
+def test_tables_with_a_byte_order_mark_stray_quotes_or_upper_case_suffixes(tmp_path, caplog):
+    """A spreadsheet's UTF-8 table (a byte-order mark) reads as written; a '"' that makes rows merge or
+    fields go missing is warned about, with the line; .TSV is a .tsv."""
+    _folder(tmp_path)
+    rows = ["file\tcaption", "img0.png\tcafé", "img1.png\t\"Stop\" sign", "img2.png\t\"open", "img3.png\tx"]
+    (tmp_path / "bom.TSV").write_text("\ufeff" + "\n".join(rows[:2]) + "\n", encoding="utf-8")
+    ds = build_dataset(str(tmp_path / "bom.TSV"), R)
+    assert len(ds) == 1 and ds[(0, 0)]["caption"] == "café" and "fields" not in caplog.text
+    (tmp_path / "q.tsv").write_text("\n".join(rows) + "\n")
+    assert len(build_dataset(str(tmp_path / "q.tsv"), R)) == 3  # the quote swallowed the last row
+    assert "1 row(s), the first on line 4, have more or fewer fields than the header or span lines" in caplog.text
+    (tmp_path / "b.jsonl").write_text("\ufeff" + json.dumps({"file": "img0.png", "caption": "x"}) + "\n")
+    assert build_dataset(str(tmp_path / "b.jsonl"), R)[(0, 0)]["caption"] == "x"
+
+
 def test_everything_corrupt_is_a_clear_error(tmp_path):
     ds = build_dataset(str(_folder(tmp_path, corrupt=range(5))), R)
     with pytest.raises(RuntimeError, match="unreadable"):
@@ -238,6 +283,9 @@ def test_arrays_and_digits(tmp_path):
     assert "label" not in s and np.array_equal(s["image"], np.repeat(np.rint(grey[0] * 255)[..., None], 3, -1))
     with pytest.raises(ValueError, match="expected 6 labels, got 5"):
         ArrayDataset(np.zeros((6, 8, 8), np.uint8), np.arange(5), R)
+    for dtype in (np.int64, np.uint16, np.bool_):  # saturated to white; their range is not known
+        with pytest.raises(ValueError, match=f"expected uint8, or float in \\[0, 1\\], got {np.dtype(dtype)}"):
+            ArrayDataset(np.full((2, 8, 8), 1, dtype), None, R)
     digits = build_dataset("sklearn:digits", ReaderConfig(image_size=32))
     assert len(digits) == 1797 and digits[(0, 0)]["image"].shape == (32, 32, 3)
     from sklearn.datasets import load_digits
@@ -259,10 +307,12 @@ def test_bad_sources_give_clear_errors(tmp_path):
     (tmp_path / "h.tsv").write_text("file\tcaption\n")
     (tmp_path / "i.tsv").write_text("tar\tcaption\nx.tar\thello\n")
     (tmp_path / "list.tsv").write_text("filename\ni.tsv\n")
+    (tmp_path / "lost.tsv").write_text("filename\ni.tsv\nnope.tsv\n")
     np.savez(tmp_path / "x.npz", pictures=np.zeros((1, 2, 2)))
     (tmp_path / "clips").mkdir()
     for spec, frames, match in (("absent.npz", 0, "no file"), ("absent.tsv", 0, "no file"), ("h.tsv", 0, "no rows"),
                                 ("list.tsv", 0, "expected columns tar, file"), ("x.npz", 0, "expected arrays 'images'"),
+                                ("lost.tsv", 0, r"lost.tsv: 1 index file\(s\) it lists do not exist, e.g. 'nope.tsv'"),
                                 ("t.tsv", 4, "a folder of clips"), ("clips", 4, "no clips")):
         with pytest.raises(ValueError, match=match):
             build_dataset(str(tmp_path / spec), R, video_frames=frames)
@@ -299,6 +349,17 @@ def test_video_frames_tile_into_the_temporal_grid(tmp_path):
         tile_frames(np.zeros((3, 2, 2, 1)))
     t = tile_frames(np.arange(4 * 2 * 2 * 1).reshape(4, 2, 2, 1))
     assert t[:, :, 0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_a_clip_with_frames_of_several_sizes_is_read(tmp_path):
+    """Each frame is resized and cropped on its own (the clip was skipped: its raw frames were stacked)."""
+    clip = tmp_path / "clip0"
+    clip.mkdir()
+    for f, size in enumerate([(20, 10), (20, 10), (24, 12), (20, 10)]):
+        Image.new("RGB", size, (60 * f, 0, 0)).save(clip / f"{f:03d}.png")
+    s = build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)[(0, 0)]
+    assert s["_skipped"] == 0 and s["image"].shape == (16, 16, 3)
+    assert [int(s["image"][i * 8 + 4, j * 8 + 4, 0]) for i in range(2) for j in range(2)] == [0, 60, 120, 180]
 
 
 def test_video_files_are_decoded_with_av(tmp_path, monkeypatch):

@@ -185,6 +185,15 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 2]
 
 
+def test_the_skipped_images_count_goes_on_after_a_resume(tmp_path):
+    """metrics.jsonl's skipped_images counts the whole run: the checkpoint keeps it (it restarted at 0)."""
+    tr = Trainer(tiny(tmp_path, num_training_steps=4, save_freq=1), quiet=True)
+    tr.skipped = 7  # as if seven unreadable samples had been skipped
+    tr.train(stop_after=1)
+    assert load_checkpoint(tmp_path / "ckpt_00000001.pt")["skipped_images"] == 7
+    assert Trainer(tiny(tmp_path, num_training_steps=4, save_freq=1), quiet=True).skipped == 7
+
+
 def test_rng_state_round_trips_every_generator(tmp_path):
     """The RNG states stored in a checkpoint (tensors: weights_only loads them): after a restore the
     torch, Python and NumPy draws repeat those made after the capture, cached Gaussians included."""

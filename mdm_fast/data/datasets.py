@@ -38,11 +38,14 @@ class SampleDataset(Dataset):
     """Base: subclasses implement ``__len__`` and ``load(index, rng) -> dict`` (CorruptImage on bad data).
     ``tokenize`` (the text encoder's ``caption_tokenizer()``, set by the trainer) gives each caption its
     token ids (``caption_ids``, which the encoder then only pads) and drops captions over
-    ``max_token_length`` tokens; without it they are left to the encoder, which cuts them."""
+    ``max_token_length`` tokens; without it they are left to the encoder, which cuts them. ``check`` (the
+    encoder's ``sample_check()``, set by the trainer) skips a sample without what the model is
+    conditioned on (a row's empty label cell, a label out of range, an embedding of another width)."""
 
     def __init__(self, reader: ReaderConfig):
         self.reader = reader
         self.tokenize: Optional[Callable[[str], List[int]]] = None
+        self.check: Optional[Callable[[Dict[str, Any]], None]] = None  # the encoder's SampleCheck
         if reader.smaller_side_size > 0 and reader.smaller_side_size != reader.image_size:
             log.warning("reader_config.smaller_side_size %d is not used, as in the public reader: the smaller "
                         "side is resized to image_size %d", reader.smaller_side_size, reader.image_size)
@@ -79,10 +82,12 @@ class SampleDataset(Dataset):
             i = (index + skipped) % len(self)
             try:
                 sample = self._tokenized(self.load(i, rng))
+                if self.check is not None:
+                    self.check(sample)
             except LongCaption as e:  # dropped, as the public reader does (counted, not logged one by one)
                 log.debug("skipping sample %d of %s: %s", i, type(self).__name__, e)
                 continue
-            except (CorruptImage, OSError, KeyError, ValueError) as e:
+            except (CorruptImage, OSError, KeyError, ValueError, EOFError) as e:  # EOFError: an empty .npy
                 log.warning("skipping sample %d of %s: %s", i, type(self).__name__, e)
                 continue
             sample["_skipped"] = skipped
@@ -103,6 +108,9 @@ class ArrayDataset(SampleDataset):
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f"image array: expected (N, H, W), (N, H, W, 1) or (N, H, W, 3), got {images.shape}")
         if images.dtype != np.uint8:
+            if not np.issubdtype(images.dtype, np.floating):
+                raise ValueError(f"image array: expected uint8, or float in [0, 1], got {images.dtype} (convert "
+                                 "other integer images to uint8 yourself: their range is not known here)")
             images = np.clip(np.asarray(images, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"labels: expected {len(images)} labels, got {len(labels)}")
@@ -138,16 +146,29 @@ def sklearn_digits(reader: ReaderConfig) -> ArrayDataset:
 
 
 def _read_table(path: Path) -> List[Dict[str, str]]:
-    if path.suffix == ".jsonl":
-        with open(path) as f:
+    """The rows of a .jsonl, .tsv or .csv table: UTF-8 (a byte-order mark, as spreadsheets write, is
+    dropped); '"' quotes a field, as the public reader and writer do."""
+    if _suffix(path) == ".jsonl":
+        with open(path, encoding="utf-8-sig") as f:
             return [json.loads(line) for line in f if line.strip()]
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter=_delimiter(path), quotechar='"'))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f, delimiter=_delimiter(path), quotechar='"'))
+    odd = [i for i, r in enumerate(rows, 2)
+           if None in r or None in r.values() or any("\n" in v for v in r.values() if isinstance(v, str))]
+    if odd:
+        log.warning("%s: %d row(s), the first on line %d, have more or fewer fields than the header or span "
+                    "lines: a '\"' in a field starts a quoted one (quote such a field whole, its quotes doubled, "
+                    "as the public writer does)", path, len(odd), odd[0])
+    return rows
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
 
 
 def _delimiter(path: Path) -> str:
     """The public index files are tab-separated (.tsv); a .csv is comma-separated."""
-    return "," if path.suffix == ".csv" else "\t"
+    return "," if _suffix(path) == ".csv" else "\t"
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -303,14 +324,14 @@ def expand_braces(pattern: str) -> List[str]:
     return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
 
 
-def _video_frames(path: Path, num_frames: int) -> np.ndarray:
-    """``num_frames`` frames sampled evenly from a folder of frame images or a video file: uint8 (T, H, W, 3)."""
+def _video_frames(path: Path, num_frames: int) -> List[np.ndarray]:
+    """``num_frames`` frames sampled evenly from a folder of frame images or a video file: uint8 (H, W, 3) each."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not files:
             raise CorruptImage(f"{path}: no frame images")
         pick = np.linspace(0, len(files) - 1, num_frames).round().astype(int)
-        return np.stack([np.asarray(decode_image(str(files[i]))) for i in pick])
+        return [np.asarray(decode_image(str(files[i]))) for i in pick]  # each resized on its own: any sizes
     try:
         import av
     except ImportError as e:
@@ -324,7 +345,7 @@ def _video_frames(path: Path, num_frames: int) -> np.ndarray:
     if not frames:
         raise CorruptImage(f"{path}: no frames")
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
-    return np.stack([frames[i] for i in pick])
+    return [frames[i] for i in pick]
 
 
 class VideoClips(SampleDataset):
@@ -391,7 +412,7 @@ def build_dataset(spec: str, reader: ReaderConfig, video_frames: int = 0) -> Sam
         if not path.is_dir():
             raise ValueError(f"video data: expected a folder of clips, got {spec!r}")
         return VideoClips(path, reader, video_frames)
-    if path.suffix == ".npz":
+    if _suffix(path) == ".npz":
         if not path.is_file():
             raise ValueError(f"file_list: no file {spec}")
         arrays = np.load(path)
@@ -403,20 +424,25 @@ def build_dataset(spec: str, reader: ReaderConfig, video_frames: int = 0) -> Sam
             if (path / name).is_file():
                 return CaptionFolder(path / name, reader)
         raise ValueError(f"{spec}: a data folder needs captions.tsv or captions.jsonl (file + caption/label)")
-    if path.suffix in (".tsv", ".csv", ".jsonl"):
+    if _suffix(path) in (".tsv", ".csv", ".jsonl"):
         if not path.is_file():
             raise ValueError(f"file_list: no file {spec}")
-        if path.suffix == ".jsonl":
+        if _suffix(path) == ".jsonl":
             return CaptionFolder(path, reader)
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             header = f.readline().rstrip("\r\n").split(_delimiter(path))
         if header == ["filename"]:
-            return TarIndexDataset([_resolve(r["filename"], path.parent) for r in _read_table(path)], reader)
+            indexes = [_resolve(r["filename"], path.parent) for r in _read_table(path)]
+            missing = [str(p) for p in indexes if not p.is_file()]
+            if missing:
+                raise ValueError(f"{spec}: {len(missing)} index file(s) it lists do not exist, e.g. {missing[0]!r} "
+                                 f"(looked for as written, and in {path.parent})")
+            return TarIndexDataset(indexes, reader)
         if "tar" in header and "file" in header:
             return TarIndexDataset([path], reader)
         return CaptionFolder(path, reader)
     tars = [Path(p) for p in expand_braces(spec)]
-    if tars and all(p.suffix == ".tar" and p.is_file() for p in tars):
+    if tars and all(_suffix(p) == ".tar" and p.is_file() for p in tars):
         return WebDataset(tars, reader)
     raise ValueError(f"file_list {spec!r}: not a known dataset form (sklearn:digits, .npz, .tsv/.jsonl table, "
                      "public file list or index tsv, a folder with captions.tsv, webdataset .tar shards)")

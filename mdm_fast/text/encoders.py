@@ -19,9 +19,11 @@ encoding its batch never waits for the GPU.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +31,28 @@ import torch.nn.functional as F
 from mdm_fast.text.tokenizer import CaptionTokens, check_pad_to_max, load_vocab
 
 Cond = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SampleCheck:
+    """What an encoder needs of every training sample (picklable: the data loader's workers run it): the
+    ``key`` it encodes, a label in [0, ``classes``), a ``text_embedding`` (T, ``width``). A sample without
+    it raises ValueError, and the dataset skips it as unreadable instead of failing the whole batch (every
+    time a resume reaches it)."""
+
+    key: str
+    classes: int = 0
+    width: int = 0
+
+    def __call__(self, sample: Dict[str, Any]) -> None:
+        if self.key not in sample:
+            raise ValueError(f"no {self.key!r}, which the model is conditioned on (the sample has "
+                             f"{sorted(k for k in sample if k != 'image')})")
+        value = sample[self.key]
+        if self.classes and not 0 <= value < self.classes:
+            raise ValueError(f"label {value}: expected one in [0, {self.classes}) (categorical_conditioning)")
+        if self.width and (np.ndim(value) != 2 or np.shape(value)[1] != self.width):
+            raise ValueError(f"text_embedding of shape {np.shape(value)}: expected (tokens, {self.width})")
 
 
 class TextEncoder(nn.Module):
@@ -45,6 +69,10 @@ class TextEncoder(nn.Module):
         cut to ``max_token_length`` (None: the encoder does not tokenize captions). Picklable: the data
         loader's workers tokenize with it, drop captions over ``max_token_length`` by its length and hand
         the ids on in the batch (``caption_ids``), so ``encode_batch`` only pads them."""
+        return None
+
+    def sample_check(self) -> Optional[SampleCheck]:
+        """What each training sample must give this encoder (None: nothing)."""
         return None
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
@@ -87,6 +115,9 @@ class ClassLabelEncoder(TextEncoder):
         cond = F.one_hot(labels, self.embed_dim).float().unsqueeze(1)  # (B, 1, K)
         return cond, torch.ones(labels.shape[0], 1, device=device)
 
+    def sample_check(self) -> SampleCheck:
+        return SampleCheck("label", classes=self.embed_dim)
+
     def encode_batch(self, batch, device):
         if "label" not in batch:
             raise ValueError("class conditioning needs a 'label' per sample; this dataset gives "
@@ -105,6 +136,9 @@ class PrecomputedEncoder(TextEncoder):
         check_pad_to_max(max_tokens, pad_to_max)
         self.embed_dim = int(embed_dim)
         self.max_tokens, self.pad_to_max = int(max_tokens), bool(pad_to_max)
+
+    def sample_check(self) -> SampleCheck:
+        return SampleCheck("text_embedding", width=self.embed_dim)
 
     def encode_batch(self, batch, device):
         if "text_embedding" not in batch:
@@ -188,6 +222,9 @@ class HFTextEncoder(TextEncoder):
 
     def caption_tokenizer(self) -> Callable[[str], List[int]]:
         return self.captions.training if self.captions is not None else TokenIds(self.tokenizer)
+
+    def sample_check(self) -> SampleCheck:
+        return SampleCheck("caption")
 
     def null(self, batch_size: int, device: torch.device) -> Cond:
         """The empty caption's encoding (B, T, D), (B, T): the public sampler's default negative prompt

@@ -140,11 +140,13 @@ class Trainer:
         resume = ckpt_io.load_latest(self.out, set_aside=self.dist.is_main)
         if resume is not None:
             self.seed = int(resume[1].get("seed", self.seed))
+            self.skipped = int(resume[1].get("skipped_images", 0))
         else:
             _check_start_files(cfg)
         torch.manual_seed(self.seed)
         self.encoder = build_text_encoder(cfg, self.device)
         self.dataset.tokenize = self.encoder.caption_tokenizer()  # in the workers; drops over max_token_length
+        self.dataset.check = self.encoder.sample_check()  # a sample without what the model needs is skipped
         self.model = build_network(cfg, self.encoder.embed_dim, self.device)
         self.diffusion = build_diffusion(cfg, self.model)
         unwrap(self.model).check_image_size(cfg.image_size)  # reader_config.image_size, before any file
@@ -228,6 +230,7 @@ class Trainer:
             "batch_num": self.step,  # the public name of the step counter
             "step": self.step,
             "seed": self.seed,
+            "skipped_images": self.skipped,  # metrics.jsonl's count goes on after a resume
             "rng": rng_state(),
             "model": self.cfg.model,
             "config": self.cfg.to_yaml(),
