@@ -295,6 +295,16 @@ def test_autotuning_shares_a_choice_between_near_text_lengths():
     assert k128 != k129 != key(0)[0] and key(1)[0] == key(16)[0] != key(17)[0]
 
 
+def test_a_second_derivative_raises_on_the_kernel_backend():
+    """create_graph=True through the triton backward (kernels, no graph): an error naming the op, where the
+    second-derivative term was silently missing."""
+    q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, impl="triton")
+    g, = torch.autograd.grad((out * torch.randn_like(out)).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="Attention: no second derivative"):
+        torch.autograd.grad((g ** 2).sum(), q)
+
+
 def test_opcheck_custom_ops():
     q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(1, 2, 5, 3, 16, torch.float16))
     q = torch.randn(1, 5, 2, 16, dtype=torch.float16).transpose(1, 2).requires_grad_()  # (B, H, L, d) strided view

@@ -419,6 +419,28 @@ def test_eps_zero_is_allowed():
                                reference(x, 2, None, None, eps=0))
 
 
+def test_a_second_derivative_raises_on_the_kernel_backend_and_is_right_on_ref():
+    """A gradient penalty (create_graph=True) through the triton backward, whose kernels make no graph, was
+    silently missing its second-derivative term; it raises now, naming the op. The ref backend's is PyTorch's."""
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+
+    def penalty(impl, x):
+        y = group_norm_act(x, 4, None, None, impl=impl)
+        g, = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+        return y.sum() + (g ** 2).sum()
+
+    want, = torch.autograd.grad(penalty("ref", x), x)
+    assert torch.autograd.gradcheck(lambda t: penalty("ref", t), (x,))
+    with pytest.raises(RuntimeError, match="GroupNormAct: no second derivative"):
+        torch.autograd.grad(penalty("triton", x.float()), x)
+    y = group_norm_act(x.float(), 4, None, None, impl="triton")  # first derivatives: as before
+    got, = torch.autograd.grad((y * w.float()).sum(), x)
+    torch.testing.assert_close(got, torch.autograd.grad((group_norm_act(x, 4, None, None, impl="ref") * w).sum(),
+                                                        x)[0], rtol=1e-4, atol=1e-4)
+    assert want.abs().max() > 0
+
+
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_opcheck(backend):
     x, w, b, sc, sh = _inputs((2, 4, 3, 5), 2, torch.float32, channels_last=True)

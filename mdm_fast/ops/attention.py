@@ -164,7 +164,7 @@ _attention_fwd.register_autograd(lambda ctx, grad_out, _glse: _attention_grad(ct
                                  setup_context=_attention_setup)
 _attention = dispatch.with_eager_path(
     "Attention", _attention_fwd, _attention_fwd_impl, _attention_setup,
-    lambda ctx, grad_out, _glse: _attention_grad(ctx, grad_out, _attention_bwd_impl))
+    lambda ctx, grad_out, _glse: _attention_grad(ctx, grad_out, _attention_bwd_impl), first_order=True)
 
 
 # ---- layout-fused custom ops: qkv (B, 3C, L), kv_cond (B, T, 2C) -> (B, C, L) ------------------
@@ -260,7 +260,7 @@ _attention_qkv_fwd.register_autograd(
     setup_context=_attention_qkv_setup)
 _attention_qkv = dispatch.with_eager_path(
     "AttentionQKV", _attention_qkv_fwd, _attention_qkv_fwd_impl, _attention_qkv_setup,
-    lambda ctx, grad_out, _glse: _attention_qkv_grad(ctx, grad_out, _attention_qkv_bwd_impl))
+    lambda ctx, grad_out, _glse: _attention_qkv_grad(ctx, grad_out, _attention_qkv_bwd_impl), first_order=True)
 
 
 # ---- dispatch ------------------------------------------------------------------------------

@@ -230,21 +230,54 @@ def non_differentiable(ctx, *outputs: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
+class _SecondDerivative(torch.autograd.Function):
+    """Passes a backward's results on; differentiating through them raises (see :func:`_first_order`)."""
+
+    @staticmethod
+    def forward(ctx, name, n, *grads_then_saved):  # the op's saved tensors tie the results to its inputs
+        ctx.name = name
+        return grads_then_saved[:n]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name}: no second derivative: its backward kernels make no graph; run the op "
+                           "with impl='ref' where a gradient is differentiated again (create_graph=True)")
+
+
+def _first_order(name: str, backward: Callable) -> Callable:
+    """``backward`` whose results, under create_graph=True, raise when differentiated again (as
+    ``once_differentiable`` does only where the incoming gradients themselves need a gradient: a gradient
+    penalty's second derivative through the op would be silently zero)."""
+    def wrapped(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        saved = ctx.saved_tensors
+        out = backward(ctx, *grads)
+        out = out if isinstance(out, tuple) else (out,)
+        return _SecondDerivative.apply(name, len(out), *[o if o is None else o.detach().requires_grad_() for o in out],
+                                       *saved)
+
+    return wrapped
+
+
 def with_eager_path(name: str, op: Callable, forward: Callable, setup_context: Callable,
-                    backward: Callable) -> Callable:
+                    backward: Callable, first_order: bool = False) -> Callable:
     """``op(*args)`` (a custom op with a registered autograd formula) as a plain function. Outside tracing
     (:func:`plain_eager` of its tensor arguments) the custom op's dispatch is skipped, which costs about
     0.2-0.3 ms of host time per forward + backward on a CPU host (more than the kernel itself at most of
     the model's shapes): with no gradient wanted ``forward`` runs directly, else an autograd.Function made
     of ``forward``, the op's ``setup_context`` and ``backward`` (one that calls the backward
-    implementation directly). torch.compile, export and other tracing see the custom op."""
+    implementation directly). torch.compile, export and other tracing see the custom op. ``first_order``:
+    the backward runs kernels that make no graph, so a second derivative through it raises
+    (:func:`_first_order`) instead of coming out silently zero."""
     def forward_with_ctx(ctx, *args):  # the ctx-first form: apply() binds no signature (~80 us saved per call)
         out = forward(*args)
         setup_context(ctx, args, out)
         return out
 
+    grad = _first_order(name, backward) if first_order else backward
     fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_ctx),
-                                                 "backward": staticmethod(backward)})
+                                                 "backward": staticmethod(grad)})
 
     def call(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]

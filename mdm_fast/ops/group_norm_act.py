@@ -297,7 +297,8 @@ torch.library.register_autograd("mdm_fast::group_norm_act_fwd",
                                 lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, group_norm_act_bwd),
                                 setup_context=_setup_context)
 _group_norm_act = dispatch.with_eager_path("GroupNormAct", group_norm_act_fwd, _forward_impl, _setup_context,
-                                           lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, _backward_impl))
+                                           lambda ctx, dy, _dmean, _drstd: _grads(ctx, dy, _backward_impl),
+                                           first_order=True)
 
 
 # ---- validation and backend reasons --------------------------------------------------------
