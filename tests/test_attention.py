@@ -361,6 +361,7 @@ def test_dispatch_rules(monkeypatch):
     (dict(scale=-0.5), r"scale must be a finite float > 0"),
     (dict(scale=0.0), r"scale must be a finite float > 0"),
     (dict(scale=float("inf")), r"scale must be a finite float > 0"),
+    (dict(q=torch.randn(2, 2, 5, 0), k=torch.randn(2, 2, 5, 0), v=torch.randn(2, 2, 5, 0)), "with d >= 1"),
 ])
 def test_bad_inputs_raise(bad, match):
     args = dict(q=torch.randn(2, 2, 5, 16), k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16))
@@ -372,6 +373,8 @@ def test_bad_inputs_raise(bad, match):
 def test_bad_layout_inputs_raise():
     with pytest.raises(ValueError, match="divisible by heads"):
         attention_from_qkv(torch.randn(1, 3 * 10, 4), None, None, heads=3)
+    with pytest.raises(ValueError, match="divisible by heads=True"):  # a bool is no head count
+        attention_from_qkv(torch.randn(1, 3 * 8, 4), None, None, heads=True)
     with pytest.raises(ValueError, match=r"kv_cond must have shape \(B, T, 2\*C\)"):
         attention_from_qkv(torch.randn(1, 3 * 8, 4), torch.randn(1, 2, 8), None, heads=2)
     with pytest.raises(ValueError, match="qkv must be"):

@@ -196,6 +196,40 @@ def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch,
     assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(inputs, [*x, *p, *n, g_t, g_s]))
 
 
+@pytest.mark.parametrize("eta", [None, 0.5])
+def test_update_keeps_a_nan_prediction_nan(device, eta):
+    """A diverged model's NaN stays NaN through the clip (torch.clip keeps it; a GPU's plain min/max
+    would return the bound: plausible images from a broken model). The interpreter keeps NaN either way:
+    the CUDA case is the one that can fail."""
+    x, p = [torch.randn(1, 2, 4, 4, device=device)], [torch.randn(1, 2, 4, 4, device=device)]
+    p[0][0, 0, 0, 0] = float("nan")
+    g_t, g_s = torch.tensor([[0.5]], device=device), torch.tensor([[0.8]], device=device)
+    for impl in ("ref", "triton"):
+        x0, xs, _ = sampler_update(x, p, g_t, g_s, None, None, "x0", eta, "clip", impl=impl)
+        assert torch.isnan(x0[0][0, 0, 0, 0]) and torch.isnan(xs[0][0, 0, 0, 0]), impl
+        assert torch.isnan(xs[0]).sum() == 1, impl
+
+
+def test_bad_update_and_pyramid_arguments_are_named():
+    """Each was uninitialised memory (a tensor on another device ran the fake kernels), a division by zero
+    in the launcher, a schema error printing whole tensors, or a silent truncation (ratio 2.7 as 2)."""
+    x, p = [torch.randn(1, 2, 2, 2)], [torch.randn(1, 2, 2, 2)]
+    g = torch.tensor([[0.5]])
+    for args, match in (((x, p, g.to("meta"), g), "every tensor must be on one device, got .*g_t on meta"),
+                        ((x, [p[0].to("meta")], g, g), "pred\\[0\\] on meta"),
+                        ((x, [None], g, g), r"pred\[0\] must be a tensor of x_t\[0\]'s shape"),
+                        ((x, p, g, g, None, [0.0]), r"signal_scales must be finite and > 0, got \[0.0\]")):
+        with pytest.raises(ValueError, match=match):
+            sampler_update(*args)
+    with pytest.raises(ValueError, match="eta must be None .* or a finite number >= 0"):
+        sampler_update(x, p, g, g, None, None, "eps", float("nan"))
+    img, gam, noises = _pyramid_inputs([1, 2], 1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"ratios must be integers, got \[1, 2.7\]"):
+        noisy_pyramid(img, [1, 2.7], gam, noises)
+    with pytest.raises(ValueError, match="every tensor must be on one device, got .*noises\\[1\\] on meta"):
+        noisy_pyramid(img, [1, 2], gam, [noises[0], noises[1].to("meta")])
+
+
 @pytest.mark.parametrize("kind", ["eps", "v", "x0"])
 def test_prediction_conversions_invert_each_other(kind):
     """For x_t = sqrt(g) x0 + sqrt(1 - g) eps (fp64): pred_from_x0 gives the prediction target of ``kind``

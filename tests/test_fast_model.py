@@ -102,6 +102,24 @@ def tiny_inputs(batch=2, low_batch=None):
     return x, torch.randint(0, 1000, (low_batch,)), torch.randn(low_batch, 5, 24), mask
 
 
+def test_a_model_made_and_run_under_inference_mode():
+    """Weights created under torch.inference_mode are inference tensors, without a version counter: the
+    derived-weight caches (time projections, sub-pixel weights) rebuild instead of keying on it (it raised)."""
+    torch.manual_seed(0)
+    want_model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config(), channels_last=False))
+    args = tiny_inputs()
+    with torch.no_grad():
+        want = want_model.eval()(*args)
+    with torch.inference_mode():
+        model = mdm_fast.build_model("nested_unet", tiny_nested_config(), channels_last=False).eval()
+        model.requires_grad_(False)
+        model.load_state_dict(want_model.state_dict())
+        for _ in range(2):
+            got = model(*args)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
+
+
 @pytest.fixture
 def whole_rows_norms(monkeypatch):
     """Every channels_last norm on its split path over whole rows (the large norms of the public models):

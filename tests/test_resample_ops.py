@@ -196,6 +196,9 @@ def test_upsample_conv3x3_errors():
         upsample_conv3x3(x, _rand(4, 3, 3, 3), _rand(5))
     with pytest.raises(ValueError, match=r"\(B, Cin, H, W\)"):
         upsample_conv3x3(_rand(3, 4, 4), _rand(4, 3, 3, 3), None)
+    for empty in (_rand(2, 3, 0, 5), _rand(2, 3, 4, 0)):  # the backends disagreed: an empty result or errors
+        with pytest.raises(ValueError, match=r"x must have H, W >= 1"):
+            upsample_conv3x3(empty, _rand(4, 3, 3, 3), None, impl="triton")
     with pytest.raises(BackendUnavailable, match="float64"):
         upsample_conv3x3(x.double(), _rand(4, 3, 3, 3, dtype=torch.float64), None, impl="triton")
 

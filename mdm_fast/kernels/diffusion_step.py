@@ -141,15 +141,15 @@ def _update_level(blk, x_ptr, p_ptr, n_ptr, x0_ptr, xs_ptr, eps_ptr, gt_ptr, gs_
         x0 = x * sg - p * s1g
     else:
         x0 = p
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0 * scale, -1.0), 1.0) * inv_scale
+    if CLIP:  # NaN stays NaN, as torch.clip keeps it (a GPU's plain min/max return the other operand)
+        x0 = tl.clamp(x0 * scale, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL) * inv_scale
     alpha = g / gs
     beta = 1.0 - alpha
     var = beta * (1.0 - gs) / (1.0 - g)
     eps_t = (x - x0 * sg) / s1g
     if DDIM:
         var = eta * eta * var
-        xs = x0 * tl.sqrt(gs) + eps_t * tl.sqrt(tl.maximum(1.0 - gs - var, 0.0))
+        xs = x0 * tl.sqrt(gs) + eps_t * tl.sqrt(tl.maximum(1.0 - gs - var, 0.0, propagate_nan=tl.PropagateNan.ALL))
     else:
         xs = x0 * beta * tl.sqrt(gs) / (1.0 - g) + x * tl.sqrt(alpha) * (1.0 - gs) / (1.0 - g)
     if NOISE:

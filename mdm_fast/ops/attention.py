@@ -369,9 +369,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor] = None, 
     A query whose keys in a branch are ALL masked gets zero from that branch (the public code
     gives NaN), and finite gradients.
     """
-    if not isinstance(q, Tensor) or q.dim() != 4 or q.dtype not in _FLOATS:
+    if not isinstance(q, Tensor) or q.dim() != 4 or q.dtype not in _FLOATS or q.shape[3] == 0:
         got = f"{_shape(q)} {q.dtype}" if isinstance(q, Tensor) else type(q).__name__
-        raise ValueError(f"q must be a (B, heads, L, d) float16/bfloat16/float32 tensor, got {got}")
+        raise ValueError(f"q must be a (B, heads, L, d) float16/bfloat16/float32 tensor with d >= 1, got {got}")
     B, H, _, d = q.shape
     _check_tensor("k", k, (B, H, None, d), "(B, heads, S, d) matching q", q)
     _check_tensor("v", v, tuple(k.shape), "(B, heads, S, d) like k", q)
@@ -400,7 +400,7 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
         got = f"{_shape(qkv)} {qkv.dtype}" if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must be a (B, 3*C, L) float16/bfloat16/float32 tensor, got {got}")
     B, C3, L = qkv.shape
-    if not isinstance(heads, int) or heads <= 0 or C3 % (3 * heads) != 0:
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0 or C3 % (3 * heads) != 0:
         raise ValueError(f"qkv has {C3} channels: expected 3 * C with C divisible by heads={heads}")
     C = C3 // 3
     q, k, v = _qkv_views(qkv, heads)

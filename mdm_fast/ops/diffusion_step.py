@@ -23,6 +23,7 @@ the plain formulas below. Arithmetic is fp32 (fp64 for fp64 inputs, ref only); o
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -144,6 +145,17 @@ def _check_gammas(name: str, g: Tensor, levels: int, batch: int) -> None:
         raise ValueError(f"{name} must be a ({levels}, {batch}) tensor (levels, batch), got {shape}")
 
 
+def _check_common(op: str, tensors: dict, signal_scales: Sequence[float]) -> None:
+    """One device for every tensor (a mixed call ran the fake kernels: uninitialised memory), signal
+    scales finite and > 0 (each level's image is divided by its scale)."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: every tensor must be on one device, got "
+                         + ", ".join(f"{name} on {d}" for name, d in devices.items()))
+    if not all(0 < s < math.inf for s in signal_scales):
+        raise ValueError(f"{op}: signal_scales must be finite and > 0, got {list(signal_scales)}")
+
+
 def _check_pyramid(images: Tensor, ratios: Sequence[int], gammas: Tensor, noises: Sequence[Tensor],
                    signal_scales: Sequence[float], target: str) -> None:
     if not isinstance(images, Tensor) or images.dim() != 4 or images.dtype not in _DTYPES:
@@ -166,6 +178,8 @@ def _check_pyramid(images: Tensor, ratios: Sequence[int], gammas: Tensor, noises
             raise ValueError(f"noisy_pyramid: the noise of ratio {r} must be a floating {want} tensor, got "
                              f"{tuple(n.shape) if isinstance(n, Tensor) else type(n).__name__}")
     _check_gammas("noisy_pyramid: gammas", gammas, L, B)
+    _check_common("noisy_pyramid", {"images": images, "gammas": gammas,
+                                    **{f"noises[{i}]": n for i, n in enumerate(noises)}}, signal_scales)
     if target not in KINDS:
         raise ValueError(f"noisy_pyramid: target must be one of {KINDS}, got {target!r}")
 
@@ -182,18 +196,23 @@ def _check_update(x_t: Sequence[Tensor], pred: Sequence[Tensor], g_t: Tensor, g_
         if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype not in _DTYPES:
             raise ValueError(f"sampler_update: x_t[{i}] must be a floating (B, C, H, W) tensor")
         for name, t in (("pred", p), ("noise", n)):
-            if t is not None and (not isinstance(t, Tensor) or t.shape != x.shape):
-                raise ValueError(f"sampler_update: {name}[{i}] must have x_t[{i}]'s shape {tuple(x.shape)}")
+            if (t is not None or name == "pred") and (not isinstance(t, Tensor) or t.shape != x.shape):
+                raise ValueError(f"sampler_update: {name}[{i}] must be a tensor of x_t[{i}]'s shape "
+                                 f"{tuple(x.shape)}")
         if x.shape[0] != B:
             raise ValueError("sampler_update: every level must have the same batch size")
     _check_gammas("sampler_update: g_t", g_t, L, B)
     _check_gammas("sampler_update: g_s", g_s, L, B)
+    _check_common("sampler_update", {"g_t": g_t, "g_s": g_s, **{f"{name}[{i}]": t for name, ts in
+                                     (("x_t", x_t), ("pred", pred), ("noise", noise)) for i, t in enumerate(ts)}},
+                  signal_scales)
     if kind not in KINDS:
         raise ValueError(f"sampler_update: prediction kind must be one of {KINDS}, got {kind!r}")
     if thresh not in THRESHOLDS:
         raise ValueError(f"sampler_update: threshold must be one of {THRESHOLDS}, got {thresh!r}")
-    if eta is not None and eta < 0:
-        raise ValueError(f"sampler_update: eta must be None (DDPM posterior) or >= 0 (DDIM), got {eta}")
+    if eta is not None and not 0 <= eta < math.inf:  # NaN fails both
+        raise ValueError(f"sampler_update: eta must be None (DDPM posterior) or a finite number >= 0 (DDIM), "
+                         f"got {eta}")
 
 
 # ---- backends --------------------------------------------------------------------------------
@@ -317,6 +336,8 @@ def noisy_pyramid(images: Tensor, ratios: Sequence[int], gammas: Tensor, noises:
     For ``target="eps"`` the targets are the noises themselves (returned, not copied).
     No gradient flows through this op (its inputs are data).
     """
+    if any(int(r) != r for r in ratios):  # 2.7 was read as 2
+        raise ValueError(f"noisy_pyramid: ratios must be integers, got {list(ratios)}")
     ratios = [int(r) for r in ratios]
     noises = list(noises)
     scales = [1.0] * len(ratios) if signal_scales is None else [float(s) for s in signal_scales]

@@ -77,7 +77,8 @@ def _check_name(impl: str) -> str:
 
 @contextlib.contextmanager
 def use_impl(impl: str) -> Iterator[None]:
-    """Force ``impl`` for every op called inside the block (``"auto"`` restores automatic choice)."""
+    """Force ``impl`` for every op this thread calls inside the block (``"auto"`` restores automatic
+    choice); other threads, started inside it or not, keep theirs (``MDM_FAST_IMPL`` sets every thread's)."""
     _check_name(impl)
     stack = getattr(_local, "stack", None)
     if stack is None:

@@ -93,9 +93,9 @@ _DERIVED = torch.utils.weak.WeakIdKeyDictionary()  # weight -> {derive: ParamCac
 
 def _derived(derive: Callable[[Tensor], Tensor], weight: Tensor) -> Tensor:
     """``derive(weight)``, kept while ``weight`` lives and rebuilt when it changes (:class:`ParamCache`:
-    only for a weight that needs no gradient). Never kept for an inference tensor (no version counter)
-    or a traced one (fake, functional)."""
-    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.is_inference() or not ParamCache.keeps([weight]):
+    only for a weight that needs no gradient and is no inference tensor). Never kept for a traced one
+    (fake, functional)."""
+    if type(weight) not in (Tensor, torch.nn.Parameter) or not ParamCache.keeps([weight]):
         return derive(weight)
     caches = _DERIVED.setdefault(weight, {})
     if derive not in caches:
@@ -265,6 +265,8 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, i
     x's dtype -> (B, Cout, 2H, 2W) in x's memory format.
     """
     _check_float("x", x, 4, "(B, Cin, H, W)")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # the backends disagreed (an empty result, or torch's errors)
+        raise ValueError(f"x must have H, W >= 1, got {tuple(x.shape)}")
     _check_conv("", weight, bias, x.shape[1], x, square3=True)
     backend = dispatch.resolve("upsample_conv3x3", impl, x, weight, bias)
     return _upsample_conv3x3_call(x, weight, bias, backend)

@@ -67,8 +67,9 @@ class ParamCache:
 
     @staticmethod
     def keeps(params: Sequence[Optional[Tensor]]) -> bool:
-        """Whether a value built from ``params`` is kept: none of them requires a gradient."""
-        return not any(p is not None and p.requires_grad for p in params)
+        """Whether a value built from ``params`` is kept: none of them requires a gradient or is an
+        inference tensor (made under torch.inference_mode: no version counter tells its changes)."""
+        return not any(p is not None and (p.requires_grad or p.is_inference()) for p in params)
 
     @staticmethod
     def key(params: Sequence[Optional[Tensor]], extra: Any = None) -> list:
