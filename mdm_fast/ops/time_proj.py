@@ -69,7 +69,8 @@ class ParamCache:
     def keeps(params: Sequence[Optional[Tensor]]) -> bool:
         """Whether a value built from ``params`` is kept: none of them requires a gradient or is an
         inference tensor (made under torch.inference_mode: no version counter tells its changes)."""
-        return not any(p is not None and (p.requires_grad or p.is_inference()) for p in params)
+        inference = not torch.compiler.is_compiling()  # dynamo cannot trace is_inference(): a graph break
+        return not any(p is not None and (p.requires_grad or (inference and p.is_inference())) for p in params)
 
     @staticmethod
     def key(params: Sequence[Optional[Tensor]], extra: Any = None) -> list:
