@@ -102,6 +102,71 @@ def tiny_inputs(batch=2, low_batch=None):
     return x, torch.randint(0, 1000, (low_batch,)), torch.randn(low_batch, 5, 24), mask
 
 
+def test_derived_weights_follow_a_fused_step_between_two_frozen_uses_and_do_not_pickle():
+    """Frozen to sample, unfrozen for a fused AdamW step (which bumps no version counter), frozen again:
+    the derived weights are rebuilt (every optimizer step forgets them), as for a fresh model with the new
+    weights. A model that kept derived weights pickles (they are left out)."""
+    import io
+
+    torch.manual_seed(0)
+    model = randomize(mdm_fast.build_model("nested_unet", tiny_nested_config(), channels_last=False)).eval()
+    args = tiny_inputs(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with torch.no_grad():
+        model.requires_grad_(False)
+        model(*args)  # keeps the derived weights
+    model.requires_grad_(True)
+    sum(o.square().mean() for o in model(*args)).backward()
+    opt.step()
+    model.requires_grad_(False)
+    fresh = mdm_fast.build_model("nested_unet", tiny_nested_config(), channels_last=False).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for a, b in zip(model(*args), fresh.requires_grad_(False)(*args)):
+            torch.testing.assert_close(a, b)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        for a, b in zip(loaded(*args), fresh(*args)):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_submodule_replaced_after_a_forward_is_used_after_forget_derived_weights():
+    """The batched time projections hold the blocks' time layers found at the first forward: a layer
+    replaced later is taken after forget_derived_weights() (the outputs then equal the reference's)."""
+    ref = randomize(build_reference("nested_unet", tiny_nested_config())).eval()
+    fast = mdm_fast.optimize(copy.deepcopy(ref)).eval()
+    args = tiny_inputs(1)
+    with torch.no_grad():
+        fast(*args)
+        for model in (ref, fast):
+            block = model.inner_unet.down_blocks[0].resnets[0]
+            torch.manual_seed(3)
+            block.time_layer = randomize(torch.nn.Linear(*block.time_layer.weight.shape[::-1]))
+        mdm_fast.models.forget_derived_weights()
+        for a, b in zip(ref(*args), fast(*args)):
+            assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def test_a_failed_training_forward_leaves_no_split_behind(monkeypatch):
+    """A forward that raises part-way (an out-of-memory error in a layer): the blocks it did not reach drop
+    the time-projection splits the level made, which held the graph and made deepcopy (ModelEma) raise."""
+    from mdm_fast.models.fast import FastSelfAttention
+
+    model = mdm_fast.build_model("nested_unet", tiny_nested_config(), channels_last=False)
+
+    def oom(*a, **k):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(FastSelfAttention, "forward", oom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(*tiny_inputs(1))
+    assert not any("_split_proj" in m.__dict__ for m in model.modules())
+    copy.deepcopy(model)
+
+
 def test_a_model_made_and_run_under_inference_mode():
     """Weights created under torch.inference_mode are inference tensors, without a version counter: the
     derived-weight caches (time projections, sub-pixel weights) rebuild instead of keying on it (it raised)."""
@@ -400,6 +465,13 @@ def test_optimize_rebuilds_a_public_code_model_with_its_weights(name):
     with torch.no_grad():
         for a, b in zip(want, as_list(fast(*args))):
             assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+    public.eval()  # its modes and frozen parameters come along (the copy was in training mode, all trainable)
+    frozen = [n for n, _ in public.named_parameters()][::2]
+    for n in frozen:
+        public.get_parameter(n).requires_grad_(False)
+    again = mdm_fast.optimize(public)
+    assert not any(m.training for m in again.modules())
+    assert [n for n, p in again.named_parameters() if not p.requires_grad] == frozen
     assert all(p.dtype == torch.bfloat16 for p in mdm_fast.optimize(public.bfloat16()).parameters())
 
 

@@ -28,9 +28,10 @@ def build_model(model_name: str, unet_config: Union[Dict[str, Any], UNetConfig],
 
 def forget_derived_weights() -> None:
     """Make every fast model rebuild the weights it derives and keeps for sampling (time and text
-    projections, sub-pixel upsample weights). Needed only after writing a frozen model's weights through
-    ``.data``, which no version counter sees; ``copy_``, ``load_state_dict`` and in-place ops under
-    ``torch.no_grad()`` are seen."""
+    projections, sub-pixel upsample weights) and find its blocks again. Needed only after writing a frozen
+    model's weights through ``.data``, which no version counter sees (``copy_``, ``load_state_dict``,
+    in-place ops under ``torch.no_grad()`` and optimizer steps are seen), or after replacing a submodule
+    (``block.time_layer = nn.Linear(...)``) of a model that already ran."""
     from mdm_fast.ops.time_proj import ParamCache
 
     ParamCache.forget_all()
@@ -67,4 +68,10 @@ def optimize(module: nn.Module, impl: str = "auto", channels_last: bool = True) 
     first = next(module.parameters())
     fast.to(device=first.device, dtype=first.dtype)
     fast.load_state_dict(module.state_dict(), strict=True)
+    mine = dict(fast.named_modules())
+    for name, m in module.named_modules():  # its train/eval modes and frozen parameters too
+        if name in mine:
+            mine[name].training = m.training
+    for name, p in module.named_parameters():
+        fast.get_parameter(name).requires_grad_(p.requires_grad)
     return fast

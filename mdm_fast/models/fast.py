@@ -43,7 +43,7 @@ from mdm_fast import ops
 from mdm_fast.models.tensors import is_sharded, same_view
 from mdm_fast.models.text_kv import batched_text_kv, text_kv
 from mdm_fast.ops.dispatch import impl_for
-from mdm_fast.ops.time_proj import TimeProjections
+from mdm_fast.ops.time_proj import TimeProjections, found_once
 from mdm_fast.reference.layers import ResNet, ResNetBlock, SelfAttention, SelfAttention1D, repeat_to_batch
 from mdm_fast.reference.unet import NestedUNet, UNet
 
@@ -270,22 +270,17 @@ class FastUNetMixin:
     def _time_projections(self) -> Optional[TimeProjections]:
         """The level's batched ResNet time projections, or None while its weights are FSDP-sharded
         (each block's weights are gathered only inside that block, so the blocks project themselves)."""
-        tp = self.__dict__.get("_tp")
-        if tp is None:
-            tp = self.__dict__["_tp"] = TimeProjections([m.time_layer for m in self._own_resnets()])
+        tp = found_once(self, "_tp", lambda: TimeProjections([m.time_layer for m in self._own_resnets()]))
         batched = not is_sharded(tp.layers[0].weight)
-        if self.__dict__.get("_batched") is not batched:  # (re)assign the blocks' columns on a change only
+        if self.__dict__.get("_batched") != (batched, tp):  # (re)assign the blocks' columns on a change only
             offsets = [sum(tp.sizes[:i]) for i in range(len(tp.sizes))] if batched else [None] * len(tp.sizes)
             for m, off in zip(self._own_resnets(), offsets):
                 m.proj_offset = off
-            self.__dict__["_batched"] = batched
+            self.__dict__["_batched"] = (batched, tp)
         return tp if batched else None
 
-    def _own_resnets(self):
-        resnets = self.__dict__.get("_resnets")  # found once: a training forward asks for them every step
-        if resnets is None:
-            resnets = self.__dict__["_resnets"] = [m for m in _own_modules(self) if isinstance(m, ResNet)]
-        return resnets
+    def _own_resnets(self):  # found once: a training forward asks for them every step
+        return found_once(self, "_resnets", lambda: [m for m in _own_modules(self) if isinstance(m, ResNet)])
 
     def time_embedding(self, times, cond_emb, micros):
         temb = super().time_embedding(times, cond_emb, micros)  # (B, temporal_dim)
@@ -307,8 +302,13 @@ class FastUNetMixin:
         (the attention op would convert it in every layer; the reference reads ``mask == 0`` alike)."""
         if cond_mask is not None and cond_mask.dtype != torch.bool:
             cond_mask = cond_mask != 0  # (B, T)
-        with batched_text_kv(self, FastSelfAttention, conditioning):
-            return super().forward_denoising(x_t, times, cond_emb, conditioning, cond_mask, micros)
+        try:
+            with batched_text_kv(self, FastSelfAttention, conditioning):
+                return super().forward_denoising(x_t, times, cond_emb, conditioning, cond_mask, micros)
+        except BaseException:  # the splits of the blocks it did not reach (inner levels' too) would hold
+            for m in self.modules():  # the graph, and block deepcopy (so ModelEma), until the next forward
+                m.__dict__.pop("_split_proj", None)
+            raise
 
     def forward_output_layer(self, x):
         n_in, n_out = self._frame_grid("output")

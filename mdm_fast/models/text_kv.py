@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdm_fast.models.tensors import is_sharded, same_view
-from mdm_fast.ops.time_proj import ParamCache
+from mdm_fast.ops.time_proj import ParamCache, found_once
 
 
 class TextProjections:
@@ -91,11 +91,8 @@ class TextProjections:
 def _cross_attention_layers(model: nn.Module, kind: type) -> List[nn.Module]:
     """The model's ``kind`` layers with text cross-attention, found once (a forward must not walk the
     module tree: the eager sampler is bound by the host)."""
-    layers = model.__dict__.get("_cross_attention_layers")
-    if layers is None:
-        layers = model.__dict__["_cross_attention_layers"] = [
-            m for m in model.modules() if isinstance(m, kind) and m.has_cross]
-    return layers
+    return found_once(model, "_cross_attention_layers",
+                      lambda: [m for m in model.modules() if isinstance(m, kind) and m.has_cross])
 
 
 def _wanted(layers: Sequence[nn.Module], cond: Optional[Tensor]) -> bool:

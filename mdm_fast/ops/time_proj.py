@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def expand_batch(t: Tensor, batch: int) -> Tensor:
@@ -53,16 +54,29 @@ class ParamCache:
     Sampling keeps the value through parameters that need no gradient: the copies of
     :class:`mdm_fast.models.CastWeights`, an EMA model, a model after ``requires_grad_(False)``.
     A write through ``p.data`` (``p.data.mul_(d)``, an old EMA idiom) bumps no version counter: after
-    one, :meth:`forget_all` (``mdm_fast.models.forget_derived_weights()``) makes every cache rebuild."""
+    one, :meth:`forget_all` (``mdm_fast.models.forget_derived_weights()``) makes every cache rebuild.
+    Every optimizer step makes the values rebuild too (:meth:`forget_values`, a global post-step hook):
+    a model frozen to sample, unfrozen for a fused step and frozen again would otherwise find its old
+    values under unchanged counters.
+    The values are not pickled (``torch.save(model)``): a loaded model builds them again."""
 
-    _epoch = 0  # bumped by forget_all: part of every key
+    _epoch = 0  # bumped by forget_all and every optimizer step: part of every key
+    structure = 0  # bumped by forget_all only: the fast models find their module lists again (found_once)
 
     def __init__(self):
         # (ids of the parameters, extra) -> (weak references to them, key, value)
         self._entries: Dict[Tuple[Tuple[int, ...], Any], Tuple[list, list, Any]] = {}
 
+    def __getstate__(self) -> dict:  # weak references do not pickle; the values are rebuilt after a load
+        return {**self.__dict__, "_entries": {}}
+
     @classmethod
     def forget_all(cls) -> None:
+        cls.forget_values()
+        cls.structure += 1
+
+    @classmethod
+    def forget_values(cls) -> None:
         cls._epoch += 1
 
     @staticmethod
@@ -90,6 +104,19 @@ class ParamCache:
             refs = [None if p is None else weakref.ref(p) for p in params]
             e = self._entries[ids] = (refs, key, build())
         return e[2]
+
+
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: ParamCache.forget_values())
+
+
+def found_once(module: nn.Module, name: str, find: Callable[[], Any]) -> Any:
+    """``find()``, kept in ``module.__dict__[name]`` (a forward must not walk the module tree: the eager
+    sampler is bound by the host) until :meth:`ParamCache.forget_all` (``forget_derived_weights``, after
+    a submodule of a model that ran was replaced)."""
+    entry = module.__dict__.get(name)
+    if entry is None or entry[0] != ParamCache.structure:
+        entry = module.__dict__[name] = (ParamCache.structure, find())
+    return entry[1]
 
 
 def _alive(refs: list) -> bool:
