@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from mdm_fast.config_values import coerce, field_kinds, none_string, parse_override
+from mdm_fast.config_values import dataclass_from, field_kinds, none_string, parse_override
 from mdm_fast.data.reader_config import ReaderConfig
 from mdm_fast.files import write_text_atomic
 
@@ -152,20 +152,6 @@ def _undash(d: Any) -> Any:
     return d
 
 
-def _dataclass_from(cls, d: Dict[str, Any], where: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping of fields, got {d!r}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    inst = cls()
-    kinds = field_kinds(cls)
-    for k, v in d.items():
-        setattr(inst, k, coerce(f"{where}.{k}", v, kinds[k]))
-    return inst
-
-
 # Fields the public YAMLs set at the top level that belong to the nested diffusion config: one setting
 # in two places. A file that sets both differently is refused; an override of either sets both.
 MIRRORED = ("mixed_ratio", "multi_res_weights")
@@ -252,12 +238,12 @@ def load_experiment(source: Union[str, Path, Dict[str, Any]], overrides: Optiona
     sections = {
         "unet_config": lambda v: unet_config_from_dict(model, v or {}),
         "diffusion_config": lambda v: _diffusion_config(model, v, raw),
-        "reader_config": lambda v: _dataclass_from(ReaderConfig, v or {}, "reader_config"),
+        "reader_config": lambda v: dataclass_from(ReaderConfig, v or {}, "reader_config"),
     }
     if isinstance(raw.get("cuda_graphs"), bool):  # YAML 1.1 reads on/off as booleans
         raw["cuda_graphs"] = "on" if raw["cuda_graphs"] else "off"
     flat = {k: v for k, v in raw.items() if k not in sections}
-    cfg = _dataclass_from(ExperimentConfig, flat, "experiment config")
+    cfg = dataclass_from(ExperimentConfig, flat, "experiment config")
     for key, build in sections.items():
         setattr(cfg, key, build(_plain(raw.get(key))))
     _check_ranges(cfg)

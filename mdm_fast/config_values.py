@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import functools
 import typing
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
@@ -78,6 +78,22 @@ def coerce(name: str, value: Any, kind: Optional[type]) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"config field {name!r}: expected {kind.__name__}, got {value!r}") from None
+
+
+def dataclass_from(cls, d: Dict[str, Any], where: str, ignored: Sequence[str] = (), **overrides: Any) -> Any:
+    """``cls`` from the mapping ``d``, each value as its field's type (:func:`coerce`, errors named
+    ``where.field``); a field it does not know is a ValueError listing the known ones (``ignored`` ones
+    are dropped); ``overrides`` are passed as they are."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping of fields, got {d!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - set(ignored))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}")
+    kinds = field_kinds(cls)
+    kwargs = {k: coerce(f"{where}.{k}", v, kinds[k]) for k, v in d.items() if k in names}
+    kwargs.update(overrides)
+    return cls(**kwargs)
 
 
 def parse_override(text: str, kind: Optional[type]) -> Any:

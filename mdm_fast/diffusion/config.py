@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
-from mdm_fast.config_values import coerce, field_kinds
+from mdm_fast.config_values import dataclass_from
 
 
 class _NamedEnum(enum.Enum):
@@ -50,16 +50,7 @@ T = TypeVar("T")
 
 
 def _from_dict(cls: Type[T], d: Dict[str, Any], ignored=()) -> T:
-    if isinstance(d, cls):
-        return d
-    if not isinstance(d, dict):
-        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names - set(ignored))
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}")
-    kinds = field_kinds(cls)
-    return cls(**{k: coerce(f"{cls.__name__}.{k}", v, kinds[k]) for k, v in d.items() if k in names})
+    return d if isinstance(d, cls) else dataclass_from(cls, d, cls.__name__, ignored)
 
 
 def _to_dict(obj) -> Dict[str, Any]:

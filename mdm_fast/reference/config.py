@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from mdm_fast.config_values import coerce, field_kinds, none_string
+from mdm_fast.config_values import coerce, dataclass_from, none_string
 
 IntList = Union[str, List[int], None]
 
@@ -95,10 +95,8 @@ class UNetConfig:
             raise ValueError("unet_config.num_temporal_attention_layers: temporal attention is not built with "
                              "temporal_spatial_ds: true (the public code builds none, then fails calling it); "
                              "set the layers to 0 or temporal_spatial_ds: false")
-        if isinstance(self.resnet_config, dict):
-            self.resnet_config = _from_dict(ResNetConfig, self.resnet_config, "resnet_config")
         if not isinstance(self.resnet_config, ResNetConfig):
-            raise ValueError(f"unet_config.resnet_config: expected a mapping of fields, got {self.resnet_config!r}")
+            self.resnet_config = dataclass_from(ResNetConfig, self.resnet_config, "unet_config.resnet_config")
         if self.resnet_config.num_groups_norm < 1:
             raise ValueError(f"unet_config.resnet_config.num_groups_norm: expected >= 1, got "
                              f"{self.resnet_config.num_groups_norm}")
@@ -136,19 +134,6 @@ def parse_micro_conditioning(spec: str) -> Dict[str, float]:
     return out
 
 
-def _from_dict(cls, d: Dict[str, Any], where: str, **overrides):
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    kinds = field_kinds(cls)  # each value as its field's type: a quoted 'false' is False, 'abc' no int
-    kwargs = {k: coerce(f"{where}.{k}", v, kinds[k]) for k, v in d.items()}
-    kwargs.update(overrides)
-    return cls(**kwargs)
-
-
 def unet_config_from_dict(model_name: str, d: Union[Dict[str, Any], UNetConfig], *, _where: str = "unet_config",
                           _inner: bool = False) -> UNetConfig:
     """The typed config of public model ``model_name`` from a YAML ``unet_config`` block."""
@@ -160,20 +145,20 @@ def unet_config_from_dict(model_name: str, d: Union[Dict[str, Any], UNetConfig],
     depth = MODEL_DEPTHS[model_name]
     overrides: Dict[str, Any] = {}
     if isinstance(d.get("resnet_config"), dict):  # here, where the error can name the block's place
-        d["resnet_config"] = _from_dict(ResNetConfig, d["resnet_config"], f"{_where}.resnet_config")
+        d["resnet_config"] = dataclass_from(ResNetConfig, d["resnet_config"], f"{_where}.resnet_config")
     if _inner:
         if coerce(f"{_where}.nesting", d.get("nesting", True), bool) is False:
             raise ValueError(f"{_where}.nesting: an inner UNet must have nesting: true")
         overrides["nesting"] = True
     if depth == 0:
-        return _from_dict(UNetConfig, d, _where, **overrides)
+        return dataclass_from(UNetConfig, d, _where, **overrides)
     inner_name = "unet" if depth == 1 else f"nested{depth - 1}_unet".replace("nested1_", "nested_")
     inner = d.pop("inner_config", {}) or {}
     overrides["inner_config"] = unet_config_from_dict(inner_name, inner, _where=f"{_where}.inner_config",
                                                       _inner=True)
     if "initialize_inner_with_pretrained" in d:
         d["initialize_inner_with_pretrained"] = none_string(d["initialize_inner_with_pretrained"], empty=True)
-    return _from_dict(NestedUNetConfig, d, _where, **overrides)
+    return dataclass_from(NestedUNetConfig, d, _where, **overrides)
 
 
 def model_name_of(config: UNetConfig) -> str:
