@@ -254,10 +254,10 @@ class UNet(nn.Module):
         UNet's levels and then its inner UNet's) halves them evenly and the up path meets its skips.
         1 for a temporal model (the diffusion checks its frame grids)."""
         inner = getattr(self, "inner_unet", None)
-        if self.config.temporal_mode or (inner is not None and inner.size_multiple() == 1):
+        below = 1 if inner is None else inner.size_multiple()
+        if self.config.temporal_mode or (inner is not None and below == 1):
             return 1
-        own = 2 ** (len(self.config.resolution_channels) - 1)
-        return own if inner is None else own * inner.size_multiple()
+        return 2 ** (len(self.config.resolution_channels) - 1) * below
 
     def check_image_size(self, size: int) -> None:
         """A ValueError naming the multiple an unusable top image size misses."""
