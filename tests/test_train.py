@@ -697,6 +697,41 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_aborts(tmp
     assert not list_checkpoints(tmp_path / "two") and signal.getsignal(sig) is before
 
 
+def _stopping_worker(rank, world, port, out, how):
+    """Rank 1 alone meets the stop: two SIGTERMs during step 1 (its own and the launcher's forward), or a
+    deadline already past; rank 0 neither. Each rank writes the step it stopped at."""
+    import signal
+
+    as_torchrun_rank(rank, world, port)
+    try:
+        tr = Trainer(tiny(out, num_training_steps=10, save_freq=100), quiet=True)
+        if rank == 1 and how == "signal":
+            step = tr.train_step
+
+            def signalled_step(batches):
+                if tr.step == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step(batches)
+
+            tr.train_step = signalled_step
+        result = tr.train(deadline=0.0 if rank == 1 and how == "deadline" else None)
+        with open(os.path.join(out, f"stopped_{rank}"), "w") as f:
+            f.write(str(result["step"]))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("how", ["signal", "deadline"])
+def test_under_torchrun_one_ranks_signal_or_deadline_stops_every_rank_at_one_step(tmp_path, how):
+    """Under torchrun a preemption's SIGTERM (possibly twice: the scheduler's and the launcher's forward)
+    or a time limit seen by one rank stops all of them after the same step, with a checkpoint there."""
+    spawn_on_free_port(_stopping_worker, str(tmp_path), how)
+    assert [(tmp_path / f"stopped_{rank}").read_text() for rank in (0, 1)] == ["1", "1"]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
+
+
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     import signal
     import subprocess

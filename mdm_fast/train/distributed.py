@@ -18,6 +18,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    control: Any = None  # a gloo group for host-side flags (the world's where it is gloo); None: one process
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +39,18 @@ def init_distributed(graph_safe: bool = False) -> DistInfo:
             if graph_safe:
                 os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+    control = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, control)
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank: a collective on the host (the gloo control group), which leaves
+    the GPU's queue alone."""
+    if info.world_size <= 1:
+        return flag
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=info.control)
+    return bool(votes.item())
 
 
 def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", for_capture: bool = False) -> nn.Module:

@@ -33,8 +33,8 @@ from mdm_fast.data import build_dataset, make_loader, to_model_range
 from mdm_fast.models.cast_weights import CastEachCall
 from mdm_fast.text import build_text_encoder, drop_conditioning, encodes_prompts
 from mdm_fast.train import checkpoint as ckpt_io
-from mdm_fast.train.distributed import (DistInfo, barrier, full_model_state, full_optimizer_state, grad_sync,
-                                        init_distributed, unwrap, wrap_model)
+from mdm_fast.train.distributed import (DistInfo, any_rank, barrier, full_model_state, full_optimizer_state,
+                                        grad_sync, init_distributed, unwrap, wrap_model)
 from mdm_fast.train.ema import ModelEma
 from mdm_fast.train.graphed_step import GraphedMicroSteps
 from mdm_fast.train.metrics import MetricsLog, plot_loss
@@ -416,30 +416,33 @@ class Trainer:
         self.step += 1
         return stats, ok
 
-    def _past(self, deadline: float) -> bool:
-        if self.dist.world_size == 1:
-            return time.time() > deadline
-        late = torch.tensor([float(time.time() > deadline)], device=self.device)
-        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)  # every rank stops at one step
-        return bool(late.item())
+    def _stops_here(self, signalled: List[str], deadline: Optional[float]) -> bool:
+        """A signal or the deadline on any rank stops every rank after this step (under torchrun, one
+        host-side all-reduce per step: the ranks must stop together)."""
+        return any_rank(bool(signalled) or (deadline is not None and time.time() > deadline), self.dist)
 
     # ---- the loop ----------------------------------------------------------------------------
     @contextmanager
     def _stop_on_signals(self) -> Iterator[List[str]]:
-        """One process in the main thread: SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) stops
-        the run after the step under way, with a checkpoint; a second one aborts. The yielded list names
-        the signal once one came. (Under torchrun the launcher handles signals: the ranks must stop together.)"""
+        """In the main thread, SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) stops the run after
+        the step under way, with a checkpoint; the yielded list names the signal once one came. One process:
+        a second signal aborts. Under torchrun every rank stops at the same step (``_stops_here``), and a
+        repeat is ignored: the launcher forwards the signal it got to ranks that may have had it already (a
+        terminal's Ctrl-C reaches every process of the job), and kills them itself 30 s after forwarding."""
         received: List[str] = []
-        if self.dist.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             yield received
             return
+        one = self.dist.world_size == 1
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if received:
+            if received and one:
                 raise KeyboardInterrupt(f"{name} again: aborted without a checkpoint of the step under way")
+            if not received:
+                log.warning("%s: stopping after this step with a checkpoint%s", name,
+                            f" ({name} again aborts)" if one else " (every rank stops at that step)")
             received.append(name)
-            log.warning("%s: stopping after this step with a checkpoint (%s again aborts)", name, name)
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -462,7 +465,7 @@ class Trainer:
             saved = self.step % cfg.save_freq == 0 or self.step == total
             if saved:
                 self.save()
-            late = bool(signalled) or (deadline is not None and self._past(deadline))
+            late = self._stops_here(signalled, deadline)
             stops = late or i == todo - 1  # the last step, stop_after's, the deadline's or a signal's
             if self.step % cfg.log_freq == 0 or stops:  # where it stops, it logs its window and saves
                 self._log(window, metrics, bar)
@@ -478,7 +481,7 @@ class Trainer:
     def train(self, stop_after: Optional[int] = None, sample_fn: Optional[Callable[["Trainer"], None]] = None,
               deadline: Optional[float] = None) -> Dict[str, Any]:
         """Train until ``num_training_steps``, or ``stop_after`` more steps, or the wall-clock
-        ``deadline`` (time.time() value), or a SIGINT / SIGTERM (one process: see ``_stop_on_signals``);
+        ``deadline`` (time.time() value), or a SIGINT / SIGTERM (see ``_stop_on_signals``);
         a checkpoint is written where it stops."""
         cfg = self.cfg
         total = cfg.num_training_steps
