@@ -377,6 +377,8 @@ def test_bad_layout_inputs_raise():
         attention_from_qkv(torch.randn(1, 3 * 8, 4), None, None, heads=True)
     with pytest.raises(ValueError, match=r"kv_cond must have shape \(B, T, 2\*C\)"):
         attention_from_qkv(torch.randn(1, 3 * 8, 4), torch.randn(1, 2, 8), None, heads=2)
+    with pytest.raises(ValueError, match="kv_cond has T = 0 text tokens; pass kv_cond=None"):
+        attention_from_qkv(torch.randn(1, 3 * 8, 4), torch.randn(1, 0, 16), None, heads=2)
     with pytest.raises(ValueError, match="qkv must be"):
         attention_from_qkv(torch.randn(1, 24), None, None, heads=2)
 

@@ -406,6 +406,8 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
     q, k, v = _qkv_views(qkv, heads)
     if kv_cond is not None:
         _check_tensor("kv_cond", kv_cond, (B, None, 2 * C), f"(B, T, 2*C) = ({B}, T, {2 * C})", qkv)
+        if kv_cond.shape[1] == 0:
+            raise ValueError("kv_cond has T = 0 text tokens; pass kv_cond=None for no text branch")
     k_cond, v_cond = _kv_views(kv_cond, heads)
     keep_cond = _check_cond(q, k_cond, v_cond, cond_mask)
     backend = dispatch.resolve(OP, impl, q, k, v, k_cond, v_cond)
