@@ -541,8 +541,9 @@ def test_log_window_means_cover_the_kept_steps_only(flag):
 def test_a_log_line_every_log_freq_steps_and_at_the_last_holds_its_window_means(tmp_path):
     """log_freq 4 over 6 steps, stopped by a past deadline after step 1, by stop_after at step 3, resumed
     each time: lines at steps 1 and 3 (where a run stops, it logs its partial window), 4 and 6 (the last
-    step logs whatever log_freq says), each the mean of a log_freq 1 run's lines over its window;
-    images_per_s counts every micro-batch (window steps x batch_size x accumulations per second)."""
+    step logs whatever log_freq says), each the mean of a log_freq 1 run's lines over its window, which
+    it counts in ``steps``; images_per_s counts every micro-batch (window steps x batch_size x accumulations
+    per second)."""
     logs = {}
     for freq in (1, 4):
         cfg = tiny(tmp_path / str(freq), log_freq=freq, num_gradient_accumulations=2, save_freq=6)
@@ -555,6 +556,7 @@ def test_a_log_line_every_log_freq_steps_and_at_the_last_holds_its_window_means(
     for r, (lo, hi) in zip(logs[4], ((0, 1), (1, 3), (3, 4), (4, 6))):
         for k in ("loss", "loss_level0", "loss_level1", "grad_norm", "lr"):
             assert r[k] == pytest.approx(np.mean([e[k] for e in logs[1][lo:hi]]), rel=1e-6), k
+        assert r["steps"] == hi - lo  # a run's first window, after a resume too, is short
         assert r["images_per_s"] * r["time_s"] == pytest.approx((hi - lo) * 4 * 2, rel=0.02)
 
 

@@ -524,7 +524,8 @@ class Trainer:
         bar.set_postfix(loss=f"{means['loss']:.4f}")
         if metrics is not None:
             cfg, seconds = self.cfg, max(1e-9, window.seconds())
-            metrics.write({"step": self.step, **means, "skipped_images": self.skipped, "time_s": round(seconds, 3),
+            metrics.write({"step": self.step, "steps": window.steps, **means, "skipped_images": self.skipped,
+                           "time_s": round(seconds, 3),
                            "images_per_s": round(window.steps * cfg.batch_size * cfg.num_gradient_accumulations
                                                  * self.dist.world_size / seconds, 2)})
 
