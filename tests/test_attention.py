@@ -342,6 +342,25 @@ def test_dispatch_rules(monkeypatch):
     assert dispatch.resolve("attention", "auto", q, k, v, kc, vc) == "sdpa"
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "ref"])
+def test_float64_runs_in_float64_on_the_pytorch_backends(impl):
+    """float64 (a float64 model, gradient checks): the PyTorch backends compute in it, softmax included
+    (an fp32 step shows at ~1e-7); the kernels refuse it by name, and auto passes them by."""
+    q, k, v, kc, vc = make_inputs(2, 2, 7, 3, 8, torch.float64)
+    mask = padded_mask(2, 3)
+    leaves = [t.requires_grad_() for t in (q, k, v, kc, vc)]
+    out = attention(*leaves, cond_mask=mask, impl=impl)
+    want = oracle(*leaves, cond_mask=mask)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, atol=1e-13, rtol=1e-12)
+    g = torch.randn_like(want)
+    for got, exp in zip(grads(out, leaves, g), grads(want, leaves, g)):
+        torch.testing.assert_close(got, exp, atol=1e-13, rtol=1e-12)
+    assert dispatch.resolve("attention", "auto", q, k, v) != "triton"
+    with pytest.raises(BackendUnavailable, match="dtype float64 not supported"):
+        attention(q, k, v, impl="triton")
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(k=torch.randn(2, 2, 5, 8)), r"k must have shape \(B, heads, S, d\)"),
     (dict(v=torch.randn(2, 2, 6, 16)), r"v must have shape"),
@@ -350,8 +369,9 @@ def test_dispatch_rules(monkeypatch):
     (dict(k_cond=torch.randn(2, 2, 3, 16), v_cond=torch.randn(2, 2, 3, 16), cond_mask=torch.ones(2, 4)),
      r"cond_mask must have shape \(B, T\)"),
     (dict(cond_mask=torch.ones(2, 3)), "cond_mask given without"),
-    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), "float16, bfloat16 or float32"),
-    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float16)), r"float16, bfloat16 or float32 like q \(torch.float32\)"),
+    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), r"float32 or float64 like q \(torch.float32\)"),
+    (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float16)), r"float16, bfloat16, float32 or float64 like q"),
+    (dict(q=torch.randn(2, 2, 5, 16).int()), "float16/bfloat16/float32/float64 tensor"),
     (dict(v=torch.randn(2, 2, 5, 16, device="meta")), "v is on meta but q is on cpu"),
     (dict(k_cond=torch.randn(2, 2, 0, 16), v_cond=torch.randn(2, 2, 0, 16)), "T = 0 text tokens"),
     (dict(k_cond=torch.randn(2, 2, 3, 16), v_cond=torch.randn(2, 2, 3, 16),

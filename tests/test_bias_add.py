@@ -46,6 +46,22 @@ def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, r
         torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-5 * shape[0] * shape[2] * shape[3])
 
 
+def test_float64_on_the_ref_backend_sums_in_float64():
+    """A float64 model's bias gradient sums in float64 (fp32 sums were off by ~1e-7 of it); triton refuses
+    float64 by name and auto passes it by."""
+    x, b, r = (t.detach().double().requires_grad_() for t in _inputs((2, 5, 3, 7), torch.float32, False, True,
+                                                                        "cpu"))
+    out = bias_add(x, b, r)
+    want = _want(x, b, r)
+    assert out.dtype == torch.float64 and torch.equal(out, want)
+    g = torch.randn_like(want)
+    for got, exp in zip(torch.autograd.grad(out, (x, b, r), g), torch.autograd.grad(want, (x, b, r), g)):
+        torch.testing.assert_close(got, exp, rtol=1e-14, atol=1e-14)
+    assert dispatch.resolve("bias_add", "auto", x, b, r) == "ref"
+    with pytest.raises(BackendUnavailable, match="dtype float64 not supported"):
+        bias_add(x, b, r, impl="triton")
+
+
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 def test_a_strided_or_expanded_bias(impl, device):
     x = torch.randn(2, 4, 3, 5, device=device)

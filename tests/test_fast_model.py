@@ -1,11 +1,14 @@
 """The fast NestedUNet against the reference: golden cases, random configs, gradients, conversion."""
 import collections
+import contextlib
 import copy
+import functools
 import gc
 import weakref
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import mdm_fast
 from mdm_fast.models import set_activation_checkpointing, set_channels_last
@@ -335,6 +338,66 @@ def test_random_configs_match_reference():
         with torch.no_grad():
             for a, b in zip(ref(*args), fast(*args)):
                 assert (a - b).abs().max().item() <= FP32_ATOL["ref"]
+
+
+class KeepFloat64(TorchFunctionMode):
+    """Casts of float64 tensors to float32 keep float64: the public code rounds its attention softmax and
+    its nearest upsample's input to fp32, which would make the float64 reference an oracle to ~1e-8 only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.float, torch.Tensor.type, torch.Tensor.to) and args[0].dtype == torch.float64:
+            to = torch.float32 if func is torch.Tensor.float else [*args[1:], *kwargs.values()][0]
+            if to == torch.float32:
+                return args[0]
+        return func(*args, **kwargs)
+
+
+def test_float64_model_is_float64_throughout():
+    """A float64 fast model (the PyTorch backends: the kernels take fp16/bf16/fp32) gives the float64
+    reference's outputs and gradients, training and sampling, to fp64 rounding; one fp32 step anywhere
+    shows at ~1e-7."""
+    ref = unit_scale(build_reference("nested_unet", tiny_nested_config())).double()
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    x, times, cond, mask = tiny_inputs(2, 3)
+    args = [t.double() for t in x], times, cond.double(), mask
+    outs = []
+    for model, mode in ((ref, KeepFloat64()), (fast, contextlib.nullcontext())):
+        with mode:
+            out = model(*args)
+        sum((o ** 2).mean() for o in out).backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_r, grad_r), (out_f, grad_f) = outs
+    for a, b in zip(out_r, out_f):
+        assert b.dtype == torch.float64 and (a - b).abs().max().item() <= 1e-12 * a.abs().max().item()
+    assert grad_f.keys() == grad_r.keys()
+    for n, g in grad_r.items():
+        assert (grad_f[n] - g).abs().max().item() <= 1e-12 * g.abs().max().item() + 1e-300, n
+    with torch.no_grad(), KeepFloat64():  # sampling: the text projections folded into one GEMM
+        out_r = ref(*args)
+    with torch.no_grad():
+        out_f = fast(*args)
+    for a, b in zip(out_r, out_f):
+        assert (a - b).abs().max().item() <= 1e-12 * a.abs().max().item()
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    """torch.func (grad, vmap, ...) takes neither the custom ops' autograd formulas nor autograd.Functions:
+    the fast model says so and names the reference, which runs there."""
+    ref = randomize(build_reference("nested_unet", tiny_nested_config()))
+    fast = mdm_fast.optimize(copy.deepcopy(ref))
+    args = tiny_inputs(1, 2)
+    params = {n: p.detach() for n, p in fast.named_parameters()}
+
+    def loss(model, p):
+        return sum((o ** 2).mean() for o in torch.func.functional_call(model, p, args))
+
+    with pytest.raises(RuntimeError, match="does not run under torch.func transforms.*reference model"):
+        torch.func.grad(functools.partial(loss, fast))(params)
+    grads = torch.func.grad(functools.partial(loss, ref))(params)
+    loss(ref, dict(ref.named_parameters())).backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
 
 
 def test_a_resnet_given_float32_under_autocast_promotes_as_the_reference():

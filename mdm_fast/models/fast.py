@@ -300,6 +300,10 @@ class FastUNetMixin:
         """The reference's, with every attention layer's text keys and values from one GEMM when
         sampling (:func:`mdm_fast.models.text_kv.batched_text_kv`), and the text mask made bool once
         (the attention op would convert it in every layer; the reference reads ``mask == 0`` alike)."""
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            raise RuntimeError("the fast model does not run under torch.func transforms (grad, vmap, jacrev, ...): "
+                               "its custom ops have no functorch rules; run the reference model "
+                               "(mdm_fast.reference.build_model, the same state_dict) there")
         if cond_mask is not None and cond_mask.dtype != torch.bool:
             cond_mask = cond_mask != 0  # (B, T)
         try:

@@ -67,14 +67,15 @@ class TextProjections:
 
     @staticmethod
     def _fold(m: nn.Module, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-        """The layer's folded (2C, D) weight and (2C,) bias in fp32, from its Linear's parameters in
+        """The layer's folded (2C, D) weight and (2C,) bias in fp32 (fp64 for fp64), from its Linear's parameters in
         ``dtype`` (what autocast would multiply by: a model whose weights were cast once folds the same)."""
-        w, b = m.kv_cond.weight.to(dtype).float(), m.kv_cond.bias.to(dtype).float()
+        acc = torch.promote_types(dtype, torch.float32)
+        w, b = m.kv_cond.weight.to(dtype).to(acc), m.kv_cond.bias.to(dtype).to(acc)
         gamma, beta = m.norm_cond.weight, m.norm_cond.bias
         if beta is not None:
-            b = b + w @ beta.float()
+            b = b + w @ beta.to(acc)
         if gamma is not None:
-            w = w * gamma.float()
+            w = w * gamma.to(acc)
         return w, b
 
     def __call__(self, cond: Tensor) -> List[Tensor]:

@@ -29,7 +29,8 @@ from torch import Tensor
 from mdm_fast.ops import dispatch
 
 OP = "attention"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # the kernels'
+_DTYPES = _FLOATS + (torch.float64,)  # float64: the ref and sdpa backends
 _TRITON_MAX_HEAD_DIM = 128  # the triton kernel keeps one (padded) head row in registers
 
 
@@ -37,13 +38,13 @@ _TRITON_MAX_HEAD_DIM = 128  # the triton kernel keeps one (padded) head row in r
 
 
 def _ref_branch(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
-    """Public formulation: einsum scores, fp32 softmax cast back, einsum with v; (B, H, L, d)."""
+    """Public formulation: einsum scores, softmax in fp32 (or fp64) cast back, einsum with v; (B, H, L, d)."""
     s = math.sqrt(scale)  # applied to q and k separately, as the public code does (fp16 range)
     w = torch.einsum("bhld,bhsd->bhls", q * s, k * s)
     if keep is not None:
         any_key = keep.any(-1)  # (B,)
         w = w.masked_fill(~(keep | ~any_key[:, None])[:, None, None, :], float("-inf"))
-    w = torch.softmax(w.float(), dim=-1).to(q.dtype)
+    w = torch.softmax(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(q.dtype)
     out = torch.einsum("bhls,bhsd->bhld", w, v)
     return out if keep is None else out * any_key[:, None, None, None]
 
@@ -314,8 +315,8 @@ def _check_tensor(name: str, t: Tensor, shape: Sequence[Optional[int]], what: st
         raise ValueError(f"{name} must be a tensor of shape {what}, got {type(t).__name__}")
     if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
         raise ValueError(f"{name} must have shape {what}, got {_shape(t)}")
-    if t.dtype != ref.dtype or t.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32 like q ({ref.dtype}), got {t.dtype}")
+    if t.dtype != ref.dtype or t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64 like q ({ref.dtype}), got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but q is on {ref.device}")
 
@@ -369,9 +370,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor] = None, 
     A query whose keys in a branch are ALL masked gets zero from that branch (the public code
     gives NaN), and finite gradients.
     """
-    if not isinstance(q, Tensor) or q.dim() != 4 or q.dtype not in _FLOATS or q.shape[3] == 0:
+    if not isinstance(q, Tensor) or q.dim() != 4 or q.dtype not in _DTYPES or q.shape[3] == 0:
         got = f"{_shape(q)} {q.dtype}" if isinstance(q, Tensor) else type(q).__name__
-        raise ValueError(f"q must be a (B, heads, L, d) float16/bfloat16/float32 tensor with d >= 1, got {got}")
+        raise ValueError(f"q must be a (B, heads, L, d) float16/bfloat16/float32/float64 tensor with d >= 1, "
+                         f"got {got}")
     B, H, _, d = q.shape
     _check_tensor("k", k, (B, H, None, d), "(B, heads, S, d) matching q", q)
     _check_tensor("v", v, tuple(k.shape), "(B, heads, S, d) like k", q)
@@ -396,9 +398,9 @@ def attention_from_qkv(qkv: Tensor, kv_cond: Optional[Tensor], cond_mask: Option
     order. cond_mask (B, T) nonzero = keep. Same result as :func:`attention` on those views
     (including the all-masked-row rule), in qkv's layout (channel- or token-major) for ``proj_out``.
     """
-    if not isinstance(qkv, Tensor) or qkv.dim() != 3 or qkv.dtype not in _FLOATS:
+    if not isinstance(qkv, Tensor) or qkv.dim() != 3 or qkv.dtype not in _DTYPES:
         got = f"{_shape(qkv)} {qkv.dtype}" if isinstance(qkv, Tensor) else type(qkv).__name__
-        raise ValueError(f"qkv must be a (B, 3*C, L) float16/bfloat16/float32 tensor, got {got}")
+        raise ValueError(f"qkv must be a (B, 3*C, L) float16/bfloat16/float32/float64 tensor, got {got}")
     B, C3, L = qkv.shape
     if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0 or C3 % (3 * heads) != 0:
         raise ValueError(f"qkv has {C3} channels: expected 3 * C with C divisible by heads={heads}")

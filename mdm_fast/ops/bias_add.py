@@ -22,7 +22,8 @@ from torch import Tensor
 from mdm_fast.ops import dispatch
 
 OP = "bias_add"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = _FAST_DTYPES + (torch.float64,)  # float64: the ref backend
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -53,7 +54,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     n = ctx.needs_input_grad
-    dbias = dy.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if n[1] else None  # (C,)
+    acc = torch.promote_types(dy.dtype, torch.float32)  # fp32 sums, fp64 for fp64
+    dbias = dy.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype) if n[1] else None  # (C,)
     return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None
 
 
@@ -64,7 +66,7 @@ _bias_add = dispatch.with_eager_path("BiasAdd", _bias_add_op, _forward_impl, _se
 def _triton_reason(x, bias, residual) -> Optional[str]:
     return dispatch.first_reason(
         dispatch.triton_reason(x, bias, residual),
-        dispatch.dtype_reason(_DTYPES, x, bias),
+        dispatch.dtype_reason(_FAST_DTYPES, x, bias),
         None if x.is_contiguous() or _channels_last(x) else "x is neither NCHW- nor channels_last-dense",
         None if residual is None or residual.stride() == x.stride() else "residual's layout differs from x's")
 
@@ -75,7 +77,7 @@ dispatch.register(OP, {"ref": lambda *a: None, "triton": _triton_reason}, prefer
 def _check(x, bias, residual) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype not in _DTYPES:
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"bias_add: x must be a (B, C, H, W) float16/bfloat16/float32 tensor, got {got}")
+        raise ValueError(f"bias_add: x must be a (B, C, H, W) float16/bfloat16/float32/float64 tensor, got {got}")
     if not isinstance(bias, Tensor) or tuple(bias.shape) != (x.shape[1],) or not bias.is_floating_point():
         got = f"{tuple(bias.shape)} {bias.dtype}" if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias_add: bias must be a float tensor of shape ({x.shape[1]},), got {got}")
