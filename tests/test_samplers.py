@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig, SamplerConfig, inference_timesteps, tile_levels
+from mdm_fast.diffusion import (DiffusionConfig, NestedDiffusion, NestedDiffusionConfig, SamplerConfig,
+                                inference_timesteps, tile_levels)
 
 
 class TinyNested(nn.Module):
@@ -74,6 +75,40 @@ def test_loop_matches_public_sequence(shifted, n, eta):
         torch.testing.assert_close(got, (want * sc).clamp(-1, 1), atol=1e-5, rtol=1e-5)
     times = [c[0][0].item() for c in model.calls[:n]]
     assert times == [t - 1 for t in ts[:-1]]  # one model call per step, at model time t - 1
+
+
+class TinyPlain(nn.Module):
+    """A plain (one-level) stand-in: one 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x_t, times, conditioning, cond_mask, micros={}):
+        return self.conv(x_t) * 0.5
+
+
+@pytest.mark.parametrize("n", [4, 20])
+def test_plain_loop_draws_noise_as_the_public_sampler(n):
+    """The public plain Sampler draws noise at every step but the one to s = 0 (NestedSampler: but the one
+    from t = 1); 4 of 20 steps end at 5 -> 0, which draws nothing: a second batch on the same generator
+    starts from the public noise."""
+    sc = SamplerConfig(num_diffusion_steps=20, schedule_type="DEEPFLOYD", prediction_type="V_PREDICTION")
+    diff, model = NestedDiffusion(DiffusionConfig(sampler_config=sc)), TinyPlain()
+    sampler = diff.sampler(num_inference_steps=n)
+    gen = torch.Generator().manual_seed(3)
+    x = sampler.initial_noise(2, 3, 8, generator=gen)
+    out = sampler.sample(diff.make_denoise(model, torch.zeros(2, 1, 4), None), x, generator=gen)
+    gen_public = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, generator=gen_public)
+    ts = inference_timesteps(20, n)
+    table = diff.schedule.gammas
+    for t, s in zip(ts[:-1], ts[1:]):
+        pred = model(x, None, None, None)
+        noise = torch.randn(x.shape, generator=gen_public) if s != 0 else None  # need_noise=(time_step_last != 0)
+        x = _public_update(x, pred, table[0, t], table[0, s], 1.0, noise)
+    assert torch.equal(gen.get_state(), gen_public.get_state())
+    torch.testing.assert_close(out[0], x.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_steps_yield_intermediates_and_ddim_is_deterministic():

@@ -221,11 +221,14 @@ class Sampler:
         x_t = list(x_t)
         B, device = x_t[0].shape[0], x_t[0].device
         noisy = self.ddim_eta is None or self.ddim_eta > 0
+        nested = self.diffusion.nested
         for t, s in zip(ts[:-1], ts[1:]):
             with torch.no_grad():
                 times = torch.full((B,), t - 1, dtype=torch.long, device=device)
                 noise = None
-                if noisy and t != 1:  # drawn at every step but from t = 1, as the public sampler draws
+                # drawn as the public samplers draw: NestedSampler at every step but from t = 1, Sampler at
+                # every step but to s = 0 (so the next batch's draws stay the public ones too)
+                if noisy and (t != 1 if nested else s != 0):
                     noise = [torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) for x in x_t]
                 if s == 0:  # but none added where the posterior's variance is 0
                     noise = None
