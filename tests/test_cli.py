@@ -1,4 +1,5 @@
 """The mdm-fast command line: info, convert (lossless both ways), summary, a tiny demo, sample."""
+import argparse
 import json
 import sys
 import time
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from mdm_fast.cli.main import backend_report, main
-from mdm_fast.train import load_checkpoint
+from mdm_fast.train import Trainer, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_config import CONFIGS, needs_configs  # noqa: E402
@@ -64,8 +65,6 @@ def test_convert_public_to_ours_and_back_is_lossless(tmp_path, capsys):
 
 
 def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
-    from mdm_fast.train import Trainer
-
     Trainer(tiny(tmp_path / "run", num_training_steps=2), quiet=True).train()
     src = tmp_path / "run" / "ckpt_00000002.pt"
     assert main(["convert", str(src), str(tmp_path / "ema.pth"), "--to", "public", "--ema"]) == 0
@@ -365,6 +364,53 @@ def test_another_configs_weights_and_file_system_errors_are_named(tmp_path, caps
     assert main(["train", "--config", str(yaml_path), "--output-dir", str(tmp_path / "r10"),
                  "reader_config.image_size=10"]) == 2
     assert "must be a positive multiple of 4" in capsys.readouterr().err and not (tmp_path / "r10").exists()
+
+
+def test_a_sample_run_refused_by_the_model_sampler_or_encoder_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """What only the loaded model, its sampler or its encoder can judge is refused before a run without
+    --skip-existing removes the folder's images (they were all deleted, then the run failed)."""
+    Trainer(tiny(tmp_path / "run", num_training_steps=1, save_freq=1), quiet=True).train()
+    common = ["sample", "--checkpoint", str(tmp_path / "run" / "ckpt_00000001.pt"), "--steps", "2", "--out",
+              str(tmp_path / "s")]
+    assert main([*common, "--labels", "3"]) == 0
+    before = _pixels(tmp_path / "s")
+    for bad, message in ((["--labels", "3", "--steps", "2000"], "num_inference_steps must be in [1, 1000]"),
+                         (["--labels", "10"], "class labels must lie in [0, 10), got [10]"),
+                         (["--prompts", "a cat"], "must be class indices"),
+                         (["--labels", "3", "--guidance", "2", "--negative-prompt", "blurry"],
+                          "negative_prompt must be class indices"),
+                         (["--labels", "3", "--eta", "-1"], "ddim_eta must be None (ancestral DDPM) or a finite"),
+                         (["--labels", "3", "--cuda-graphs", "on"], "--cuda-graphs on: needs a CUDA device"),
+                         (["--labels", "3", "--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+                         (["--labels", "3", "--device", "cuda:7"], "--device cuda:7: no such CUDA device here")):
+        capsys.readouterr()
+        assert main([*common, *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad
+        after = _pixels(tmp_path / "s")
+        assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before), bad
+
+
+def test_prompt_files_public_tables_and_plain_lines(tmp_path):
+    """The public prompt files (a 'caption' header), quoted fields spanning lines and a byte-order mark are
+    read as the data tables are; a file without that header is one prompt per line, its last column."""
+    from mdm_fast.cli.sample import read_prompt_file, run_manifest
+
+    public = tmp_path / "prompts_public.tsv"
+    public.write_text('\ufeffcaption\n"a bed\nframe, ""DIY"""\na red car\n\n', encoding="utf-8")
+    assert read_prompt_file(public) == ['a bed\nframe, "DIY"', "a red car"]
+    csv_file = tmp_path / "captions.csv"
+    csv_file.write_text('file,caption\nx.png,"a cat, sitting"\n')
+    assert read_prompt_file(csv_file) == ["a cat, sitting"]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"caption": "a dog"}\n{"label": 3}\n')
+    assert read_prompt_file(jsonl) == ["a dog"]
+    plain = tmp_path / "prompts.tsv"
+    plain.write_text("\ufeff0\ta corgi\n\n1\tcaptions, plain\n", encoding="utf-8")
+    assert read_prompt_file(plain) == ["a corgi", "captions, plain"]
+    # two prompts and one that holds a newline: different runs for --skip-existing
+    args = argparse.Namespace(seed=0, batch=1, num_per_prompt=1, steps=2, guidance=1.0, negative_prompt=None,
+                              eta=None, no_ema=False, overrides=[], checkpoint=str(plain), config=None)
+    assert run_manifest(args, ["a", "b"], 8, None) != run_manifest(args, ["a\nb"], 8, None)
 
 
 def test_sample_refuses_labels_for_a_text_model(tmp_path, capsys, monkeypatch):

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     s.add_argument("--prompts", nargs="*", help="captions (text models) or class indices")
     s.add_argument("--labels", nargs="*", type=int, help="class labels (class-conditioned models)")
-    s.add_argument("--prompt-file", help="a text/tsv file with one prompt per line (last column)")
+    s.add_argument("--prompt-file", help="a table with a 'caption' column (.tsv/.csv with that header, .jsonl), "
+                   "else one prompt per line (its last tab-separated column)")
     s.add_argument("--num-per-prompt", type=int, default=4)
     s.add_argument("--steps", type=int, default=50, help="inference steps")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")

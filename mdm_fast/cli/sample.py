@@ -77,14 +77,29 @@ def check_arguments(args) -> None:
 
 
 def read_prompts(args) -> List[str]:
-    """--prompts, then --labels, then --prompt-file's lines (their last tab-separated column)."""
+    """--prompts, then --labels, then --prompt-file's (:func:`read_prompt_file`)."""
     prompts = list(args.prompts or []) + [str(label) for label in (args.labels or [])]
     if args.prompt_file:
-        prompts += [line.split("\t")[-1].strip() for line in Path(args.prompt_file).read_text().splitlines()
-                    if line.strip()]
+        prompts += read_prompt_file(Path(args.prompt_file))
     if not prompts:
         raise ValueError("sample: give --prompts, --labels or --prompt-file")
     return prompts
+
+
+def read_prompt_file(path: Path) -> List[str]:
+    """A table with a ``caption`` column (a .tsv or .csv whose header names it, as the public prompt files'
+    and a captions.tsv's do, or a .jsonl), read as the data tables are (quoted fields, a byte-order mark);
+    else one prompt per non-empty line, its last tab-separated column (prompts_demo.tsv, the prompts.tsv
+    this command writes)."""
+    from mdm_fast.data.datasets import read_table, table_delimiter
+
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    suffix = path.suffix.lower()
+    header = lines[0].split(table_delimiter(path)) if lines and suffix in (".tsv", ".csv") else []
+    if suffix == ".jsonl" or "caption" in [h.strip() for h in header]:
+        return [r["caption"].strip() for r in read_table(path) if isinstance(r.get("caption"), str)
+                and r["caption"].strip()]
+    return [line.split("\t")[-1].strip() for line in lines if line.strip()]
 
 
 MANIFEST = "sample.json"  # what made the images of an --out folder
@@ -97,7 +112,7 @@ def run_manifest(args, prompts: List[str], image_size: int, autocast: Optional[t
     manifest = {name: getattr(args, name) for name in fields}
     manifest.update(checkpoint=str(Path(args.checkpoint).resolve()), checkpoint_id=file_id(Path(args.checkpoint)),
                     config=str(Path(args.config).resolve()) if args.config else None, image_size=image_size,
-                    autocast=str(autocast), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
+                    autocast=str(autocast), prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest())
     return manifest
 
 
@@ -136,9 +151,31 @@ def check_resumable(out: Path, manifest: dict) -> None:
 
 def _device(args) -> torch.device:
     if args.device:
-        return torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= visible:
+            raise ValueError(f"--device {args.device}: no such CUDA device here ({visible} visible)")
+        return device
     # under torchrun, init_distributed made this process's GPU (LOCAL_RANK) the current one
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_run(args, diffusion, encoder, prompts: List[str], device: torch.device) -> None:
+    """What sampling would refuse, refused before the --out folder is touched (a run without
+    --skip-existing removes the folder's images first): the steps and eta, prompts the encoder cannot
+    take (class indices for a class model: all of them; a text model takes any), --cuda-graphs on
+    without CUDA."""
+    from mdm_fast.text import ClassLabelEncoder, encode_prompts
+
+    diffusion.sampler(num_inference_steps=args.steps, ddim_eta=args.eta)
+    encode_prompts(encoder, prompts if isinstance(encoder, ClassLabelEncoder) else prompts[:1], device)
+    if args.negative_prompt is not None:
+        encode_prompts(encoder, [args.negative_prompt], device, what="negative_prompt")
+    if args.cuda_graphs == "on" and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs on: needs a CUDA device, sampling on {device}")
 
 
 def cmd_sample(args) -> int:
@@ -161,6 +198,7 @@ def cmd_sample(args) -> int:
     model.check_image_size(image_size)
     widths = [w for _, w in diffusion.level_sizes(image_size)]  # top level first
     autocast = {"config": autocast_dtype(cfg, device), "bf16": torch.bfloat16, "fp32": None}[args.precision]
+    check_run(args, diffusion, encoder, prompts, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = run_manifest(args, prompts, image_size, autocast)

@@ -145,14 +145,14 @@ def sklearn_digits(reader: ReaderConfig) -> ArrayDataset:
     return ArrayDataset(images, d.target.astype(np.int64), reader, captions)
 
 
-def _read_table(path: Path) -> List[Dict[str, str]]:
+def read_table(path: Path) -> List[Dict[str, str]]:
     """The rows of a .jsonl, .tsv or .csv table: UTF-8 (a byte-order mark, as spreadsheets write, is
     dropped); '"' quotes a field, as the public reader and writer do."""
     if _suffix(path) == ".jsonl":
         with open(path, encoding="utf-8-sig") as f:
             return [json.loads(line) for line in f if line.strip()]
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f, delimiter=_delimiter(path), quotechar='"'))
+        rows = list(csv.DictReader(f, delimiter=table_delimiter(path), quotechar='"'))
     odd = [i for i, r in enumerate(rows, 2)
            if None in r or None in r.values() or any("\n" in v for v in r.values() if isinstance(v, str))]
     if odd:
@@ -166,7 +166,7 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _delimiter(path: Path) -> str:
+def table_delimiter(path: Path) -> str:
     """The public index files are tab-separated (.tsv); a .csv is comma-separated."""
     return "," if _suffix(path) == ".csv" else "\t"
 
@@ -190,7 +190,7 @@ class CaptionFolder(SampleDataset):
     def __init__(self, table: Path, reader: ReaderConfig):
         super().__init__(reader)
         self.base = table.parent
-        rows = _read_table(table)
+        rows = read_table(table)
         if not rows:
             raise ValueError(f"{table}: no rows")
         key = next((k for k in self.FILE_KEYS if k in rows[0]), None)
@@ -248,7 +248,7 @@ class TarIndexDataset(SampleDataset):
         super().__init__(reader)
         self.rows: List[Tuple[Path, Dict[str, str]]] = []
         for index in index_files:
-            for row in _read_table(index):
+            for row in read_table(index):
                 if "tar" not in row or "file" not in row:
                     raise ValueError(f"{index}: expected columns tar, file, caption; got {list(row)}")
                 self.rows.append((index.parent, row))
@@ -368,7 +368,7 @@ class VideoClips(SampleDataset):
         annotations: Dict[str, Dict[str, Any]] = {}
         for name in ("captions.tsv", "captions.jsonl"):
             if (root / name).is_file():
-                for row in _read_table(root / name):
+                for row in read_table(root / name):
                     key = next((row[k] for k in CaptionFolder.FILE_KEYS if k in row), None)
                     annotations[str(key)] = row
         self.clips = [(c, annotations.get(c.name, {})) for c in clips]
@@ -430,9 +430,9 @@ def build_dataset(spec: str, reader: ReaderConfig, video_frames: int = 0) -> Sam
         if _suffix(path) == ".jsonl":
             return CaptionFolder(path, reader)
         with open(path, encoding="utf-8-sig") as f:
-            header = f.readline().rstrip("\r\n").split(_delimiter(path))
+            header = f.readline().rstrip("\r\n").split(table_delimiter(path))
         if header == ["filename"]:
-            indexes = [_resolve(r["filename"], path.parent) for r in _read_table(path)]
+            indexes = [_resolve(r["filename"], path.parent) for r in read_table(path)]
             missing = [str(p) for p in indexes if not p.is_file()]
             if missing:
                 raise ValueError(f"{spec}: {len(missing)} index file(s) it lists do not exist, e.g. {missing[0]!r} "
