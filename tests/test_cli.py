@@ -210,7 +210,7 @@ def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
     assert main(["sample", "--checkpoint", str(ckpt), "--prompts", "a cat", "--out", str(tmp_path / "s2")]) == 2
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "--steps", "2", "--cuda-graphs",
                  "--out", str(tmp_path / "s3")]) == 2  # bare --cuda-graphs = on: needs CUDA
-    assert "cuda_graphs needs a CUDA device" in capsys.readouterr().err
+    assert "--cuda-graphs on: needs a CUDA device" in capsys.readouterr().err
 
 
 def test_sample_a_public_file_with_pickled_args(tmp_path, capsys):

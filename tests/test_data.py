@@ -408,6 +408,9 @@ def test_sharded_sampler_is_a_pure_function_of_the_step():
     ranks = [list(ShardedSampler(10, 2, rank=r, world_size=2, accumulations=2, seed=3, num_steps=2)) for r in range(2)]
     assert four == [x for k in range(2) for r in range(2) for x in ranks[r][4 * k:4 * k + 4]]
     assert len(ShardedSampler(10, 2, accumulations=4, num_steps=2)) == len(four)
+    # a resume with a smaller global batch (4 -> 2) goes on where the run stopped, 8 samples in
+    smaller = list(ShardedSampler(10, 2, seed=3, start_step=2, start_position=8, num_steps=3))
+    assert smaller == one[8:12] + list(ShardedSampler(10, 2, accumulations=2, seed=3, start_step=3, num_steps=1))[:2]
     with pytest.raises(ValueError, match="empty"):
         ShardedSampler(0, 2)
 

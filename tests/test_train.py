@@ -5,6 +5,7 @@ import math
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mdm_fast.config import load_experiment
-from mdm_fast.data import collate
+from mdm_fast.data import collate, to_model_range
 from mdm_fast.engine import GraphedCallable
 from mdm_fast.reference import build_model
 from mdm_fast.train import CheckpointError, ModelEma, Trainer, load_checkpoint, load_latest, save_atomic
@@ -72,20 +73,26 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert (tmp_path / "samples" / "step_00000040.png").stat().st_size > 0  # the periodic sample grid
 
 
+def _image_table(folder: Path, n: int, corrupt=()) -> Path:
+    """``folder/labels.tsv``: n 16x16 images labelled 0..n-1, the ``corrupt`` ones not images."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["file\tlabel"]
+    for i in range(n):
+        if i in corrupt:
+            (folder / f"img{i}.png").write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (16, 16), (15 * i, 100, 50)).save(folder / f"img{i}.png")
+        rows.append(f"img{i}.png\t{i}")
+    (folder / "labels.tsv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.tsv"
+
+
 def test_unreadable_images_are_counted_in_the_log_and_the_result(tmp_path):
     """A corrupt image is replaced by the next one and counted: two corrupt files of eight, each read once
     in the one epoch that two steps of four draw, make skipped_images 2 (the result and the last log line)."""
-    from PIL import Image
-
-    rows = ["file\tlabel"]
-    for i in range(8):
-        if i in (1, 5):
-            (tmp_path / f"img{i}.png").write_bytes(b"not an image")
-        else:
-            Image.new("RGB", (16, 16), (30 * i, 100, 50)).save(tmp_path / f"img{i}.png")
-        rows.append(f"img{i}.png\t{i}")
-    (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
-    cfg = tiny(tmp_path / "out", file_list=str(tmp_path / "labels.tsv"), categorical_conditioning=8,
+    cfg = tiny(tmp_path / "out", file_list=str(_image_table(tmp_path, 8, corrupt=(1, 5))), categorical_conditioning=8,
                num_training_steps=2)
     result = Trainer(cfg, quiet=True).train()
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -183,6 +190,20 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     assert (tmp_path / "ckpt_00000004.pt.unreadable").exists()
     tr.train(stop_after=1)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 2]
+
+
+def test_a_resume_with_another_global_batch_reads_on_from_where_the_run_stopped(tmp_path, monkeypatch):
+    """The checkpoint keeps the data position (samples_seen): 2 steps of 4 samples, then one of 8 (twice the
+    accumulations, as another number of processes would change it) reads samples 8-15, not 16-23."""
+    import mdm_fast.train.trainer as trainer_module
+
+    starts, make_loader = [], trainer_module.make_loader
+    monkeypatch.setattr(trainer_module, "make_loader", lambda *a, **k: starts.append(k["start_position"])
+                        or make_loader(*a, **k))
+    Trainer(tiny(tmp_path, num_training_steps=2, save_freq=1), quiet=True).train()
+    assert load_checkpoint(tmp_path / "ckpt_00000002.pt")["samples_seen"] == 8
+    Trainer(tiny(tmp_path, num_training_steps=3, save_freq=1, num_gradient_accumulations=2), quiet=True).train()
+    assert starts == [0, 8] and load_checkpoint(tmp_path / "ckpt_00000003.pt")["samples_seen"] == 16
 
 
 def test_the_skipped_images_count_goes_on_after_a_resume(tmp_path):
@@ -355,25 +376,51 @@ def test_spawn_tries_again_when_the_port_was_taken_or_a_process_aborted(tmp_path
         spawn_on_free_port(_fails_once, str(tmp_path / "aborted"), "abort")  # the second try passes
 
 
+# layers the public code builds and the forward never reads: the outer level's text embedding and
+# interp_conditioning's layers (DDP waited for their gradients and failed at step 2)
+UNUSED_OUTER = {**OUTER, "skip_cond_emb": False, "interp_conditioning": True}
+# and dropout in every ResNet (the ranks drew the same masks)
+QUIRKS_OUTER = {**UNUSED_OUTER, "resnet_config": {"num_groups_norm": 4, "dropout": 0.3},
+                "inner_config": {**INNER, "resnet_config": {"num_groups_norm": 4, "dropout": 0.3}}}
+
+
+def _two_process_cfg(out, mode, accumulations):
+    """The tiny run of a two-process test; ddp-quirks: QUIRKS_OUTER on the test's 16 images (5 corrupt)."""
+    over = {}
+    if mode.endswith("quirks"):
+        over = {"unet_config": QUIRKS_OUTER, "categorical_conditioning": 16,
+                "file_list": str(Path(out).parent / "data" / "labels.tsv")}
+    return tiny(out, num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=accumulations,
+                distributed=mode.split("-")[0], fp16=1, **over)
+
+
 def _ddp_worker(rank, world, port, out, mode, acc):
     as_torchrun_rank(rank, world, port)
     try:
-        cfg = tiny(out, num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=acc,
-                   distributed=mode.split("-")[0], fp16=1)
-        Trainer(cfg, quiet=True, graphed=mode.endswith("graphed")).train()
+        Trainer(_two_process_cfg(out, mode, acc), quiet=True, graphed=mode.endswith("graphed")).train()
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode,acc", [("ddp", 1), ("fsdp", 1), ("fsdp", 2), ("ddp-graphed", 2)])
+@pytest.mark.parametrize("mode,acc", [("ddp", 1), ("fsdp", 1), ("fsdp", 2), ("ddp-graphed", 2), ("ddp-quirks", 1)])
 def test_two_processes_match_one_process(tmp_path, mode, acc):
-    """One process reading both shards of each global batch (2x the accumulations) == 2 ranks (gloo, CPU).
+    """One process reading both shards of each global batch (2x the accumulations) == 2 ranks (gloo, CPU):
+    weights, optimizer state and metrics.jsonl (every rank's losses and skipped images, not rank 0's).
     acc 2: gradient accumulation on the ranks (no reduction but on the last micro-step). ddp-graphed:
-    the graphed step's logic under DDP (the skip flag all-reduced too), without a graph. fp16: 1 (fp32 on a
-    CPU) averages micro-batch gradients, as the ranks' all-reduce does; fp16: 0 sums them (the public code)."""
-    Trainer(tiny(tmp_path / "one", num_training_steps=3, save_freq=3, batch_size=2, num_gradient_accumulations=2 * acc,
-                 distributed=mode.split("-")[0], fp16=1), quiet=True, graphed=mode.endswith("graphed")).train()
+    the graphed step's logic under DDP (the skip flag all-reduced too), without a graph. ddp-quirks: layers
+    the forward never reads (DDP ignores them: unused_parameters), dropout (masks drawn per shard) and
+    corrupt images. fp16: 1 (fp32 on a CPU) averages micro-batch gradients, as the ranks' all-reduce does;
+    fp16: 0 sums them (the public code)."""
+    _image_table(tmp_path / "data", 16, corrupt=(1, 5, 6, 9, 14))
+    Trainer(_two_process_cfg(tmp_path / "one", mode, 2 * acc), quiet=True, graphed=mode.endswith("graphed")).train()
     spawn_on_free_port(_ddp_worker, str(tmp_path / "ddp"), mode, acc)
+    logs = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "ddp")]
+    skipped = [[r["skipped_images"] for r in log_] for log_ in logs]
+    assert skipped[1] == skipped[0] and (skipped[0][-1] > 0) == mode.endswith("quirks")
+    for a, b in zip(*logs):
+        for k in ("loss", "loss_level0", "loss_level1", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), k
     one = load_checkpoint(tmp_path / "one" / "ckpt_00000003.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_00000003.pt")
     # fp32 summation order differs: across ranks (FSDP's reduce-scatter) ~2e-7 after 3 steps at lr 3e-3, with
@@ -390,6 +437,21 @@ def test_two_processes_match_one_process(tmp_path, mode, acc):
     for name in sa:
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(sb[name][k], sa[name][k], rtol=1e-4, atol=1e-9, msg=(name, k))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_unused_parameters_are_those_without_a_gradient(tmp_path, fast):
+    """unused_parameters() names exactly the parameters a training step leaves without a gradient (the
+    outer level's text embedding and interp layers here), for the reference and the fast model."""
+    tr = Trainer(tiny(tmp_path, unet_config=UNUSED_OUTER, cond_drop_prob=0.0), quiet=True)
+    model = tr.model if fast else build_model("nested_unet", tr.cfg.unet_dict(10))
+    unused = model.unused_parameters()
+    assert {"cond_emb.weight", "interp_layer1.weight", "interp_layer2.bias"} <= set(unused)
+    batch = collate([tr.dataset[(i, 0)] for i in range(4)])
+    cond, mask = tr.encoder.encode_batch(batch, tr.device)
+    loss, _ = tr.diffusion.loss(model, to_model_range(batch["image"]), cond, mask)
+    loss.backward()
+    assert sorted(unused) == sorted(n for n, p in model.named_parameters() if p.grad is None)
 
 
 def test_progressive_training_loads_and_freezes_the_inner_model(tmp_path):
@@ -697,6 +759,29 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_aborts(tmp
     with pytest.raises(KeyboardInterrupt, match=f"{signame} again: aborted"):
         tr.train(sample_fn=twice)
     assert not list_checkpoints(tmp_path / "two") and signal.getsignal(sig) is before
+
+
+def _disagreeing_worker(rank, world, port, out):
+    from mdm_fast.train.distributed import check_ranks_agree, init_distributed
+
+    as_torchrun_rank(rank, world, port)
+    try:
+        info = init_distributed()
+        check_ranks_agree(info, resume_step=6, dataset_length=6)  # agreed: nothing happens
+        with pytest.raises(ValueError, match=r"the ranks disagree on dataset_length: \[1797, 1000\] \(rank 0 "
+                                             r"first\); every rank must see the same output_dir"):
+            check_ranks_agree(info, resume_step=6, dataset_length=[1797, 1000][rank])
+        with open(os.path.join(out, f"raised_{rank}"), "w"):
+            pass
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_disagree_on_their_start_all_raise(tmp_path):
+    """Ranks resuming from different steps (an output_dir not shared) hung at their first collective, and
+    datasets of other lengths overlapped their shards silently: every rank raises, naming the values."""
+    spawn_on_free_port(_disagreeing_worker, str(tmp_path))
+    assert (tmp_path / "raised_0").exists() and (tmp_path / "raised_1").exists()
 
 
 def _stopping_worker(rank, world, port, out, how):

@@ -5,14 +5,15 @@ The sample order is a pure function of (seed, position): epoch ``e`` is ``randpe
 ``position`` is read with the seed ``seed * 1_000_003 + position`` (its random crop). At optimizer step
 ``k`` the global batch is positions ``[k*G, (k+1)*G)`` with ``G = batch_size * world_size * accumulations``,
 cut into ``world_size * accumulations`` shards of ``batch_size``; shard ``rank * accumulations + micro``
-goes to that rank's micro-batch. So the data position is just the step number (resume = start the sampler
-at that step), and one process with ``accumulations = world_size * A`` reads exactly the shards that
-``world_size`` processes read.
+goes to that rank's micro-batch. So the data position is the step number times G (resume = start the
+sampler there), and one process with ``accumulations = world_size * A`` reads exactly the shards that
+``world_size`` processes read. A run resumed with another G starts at the position its checkpoint
+reached (``start_position``), then goes on in steps of the new G.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,14 +30,18 @@ def derived_seed(seed: int, index: int) -> int:
 
 
 class ShardedSampler(Sampler):
-    """Yields ``(index, seed)`` items in the order one rank consumes them, from ``start_step`` on."""
+    """Yields ``(index, seed)`` items in the order one rank consumes them, from ``start_step`` on, whose
+    global batch starts at ``start_position`` (default: ``start_step`` global batches in)."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 accumulations: int = 1, seed: int = 0, start_step: int = 0, num_steps: int = -1):
+                 accumulations: int = 1, seed: int = 0, start_step: int = 0, num_steps: int = -1,
+                 start_position: Optional[int] = None):
         if num_samples < 1:
             raise ValueError("dataset is empty")
         self.n, self.b, self.rank, self.world, self.acc = num_samples, batch_size, rank, world_size, accumulations
         self.seed, self.start_step, self.num_steps = seed, start_step, num_steps
+        self.start_position = start_step * batch_size * world_size * accumulations if start_position is None \
+            else start_position
         self._epoch, self._perm = -1, None
 
     def _index(self, position: int) -> int:
@@ -51,7 +56,8 @@ class ShardedSampler(Sampler):
         step = self.start_step
         while self.num_steps < 0 or step < self.start_step + self.num_steps:
             for micro in range(self.acc):
-                first = step * global_batch + (self.rank * self.acc + micro) * self.b
+                first = self.start_position + (step - self.start_step) * global_batch + \
+                    (self.rank * self.acc + micro) * self.b
                 for pos in range(first, first + self.b):
                     yield self._index(pos), derived_seed(self.seed, pos)
             step += 1
@@ -89,9 +95,12 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def make_loader(dataset: SampleDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
                 accumulations: int = 1, seed: int = 0, start_step: int = 0, num_steps: int = -1,
-                num_workers: int = 0, pin_memory: bool = False, prefetch_batches: int = 4) -> DataLoader:
-    """A DataLoader of micro-batches in training order (``num_steps`` optimizer steps, -1: endless)."""
-    sampler = ShardedSampler(len(dataset), batch_size, rank, world_size, accumulations, seed, start_step, num_steps)
+                num_workers: int = 0, pin_memory: bool = False, prefetch_batches: int = 4,
+                start_position: Optional[int] = None) -> DataLoader:
+    """A DataLoader of micro-batches in training order (``num_steps`` optimizer steps, -1: endless; see
+    :class:`ShardedSampler` for ``start_position``)."""
+    sampler = ShardedSampler(len(dataset), batch_size, rank, world_size, accumulations, seed, start_step, num_steps,
+                             start_position)
     workers = max(0, min(num_workers, (os.cpu_count() or 1)))
     kwargs: Dict[str, Any] = {}
     if workers > 0:

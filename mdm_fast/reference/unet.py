@@ -124,6 +124,11 @@ class UNet(nn.Module):
     def model_type(self) -> str:
         return "unet"
 
+    def unused_parameters(self) -> List[str]:
+        """Names of the parameters the forward never reads (built as the public code builds them): a
+        plain UNet reads all of its own."""
+        return []
+
     # ---- the temporal (video) mode: frames tiled in the image grid --------------------------
 
     def _frame_grid(self, stage: str) -> Tuple[int, int]:
@@ -318,6 +323,15 @@ class NestedUNet(UNet):
     @property
     def model_type(self) -> str:
         return "nested_unet"
+
+    def unused_parameters(self) -> List[str]:
+        """The inner UNet's, and this level's own text layers (the innermost level encodes the text for
+        all: ``forward_conditioning``) and ``interp_conditioning``'s layers, which the public code builds
+        and never calls."""
+        own = [name for name in ("cond_emb", "lm_proj", "lm_head", "interp_layer1", "interp_layer2")
+               if getattr(self, name, None) is not None]
+        return ([f"{m}.{n}" for m in own for n, _ in getattr(self, m).named_parameters()]
+                + [f"inner_unet.{n}" for n in self.inner_unet.unused_parameters()])
 
     def load_inner(self, path: str) -> None:
         """Initialise the inner UNet from a lower-resolution model's checkpoint (``{"state_dict": ...}``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,31 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(votes.item())
 
 
+def sum_over_ranks(values: Sequence[float], info: DistInfo) -> List[float]:
+    """Each value summed over the ranks: a collective on the host (the gloo control group), in float64."""
+    if info.world_size <= 1:
+        return list(values)
+    summed = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(summed, group=info.control)
+    return summed.tolist()
+
+
+def check_ranks_agree(info: DistInfo, **values: int) -> None:
+    """Every rank holds the same ``values`` (its resume step, its dataset's length, ...), or every rank
+    raises, naming them rank by rank: a rank resuming elsewhere hangs the job at its first collective, and
+    datasets of other lengths give overlapping shards silently."""
+    if info.world_size <= 1:
+        return
+    mine = torch.tensor(list(values.values()), dtype=torch.long)
+    every = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(every, mine, group=info.control)
+    for i, name in enumerate(values):
+        seen = [int(t[i]) for t in every]
+        if len(set(seen)) > 1:
+            raise ValueError(f"the ranks disagree on {name}: {seen} (rank 0 first); every rank must see the same "
+                             "output_dir (a shared file system) and the same data")
+
+
 def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", for_capture: bool = False) -> nn.Module:
     """DDP (every rank holds the whole model) or FSDP (FSDP2 ``fully_shard``: parameters, gradients and
     optimizer state sharded; each down/mid/up block of every level is one unit, gathered when it runs).
@@ -61,6 +86,11 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp", for_capture:
         return model
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
     if mode == "ddp":
+        # parameters the forward never reads (``unused_parameters``: e.g. interp_conditioning's layers): DDP
+        # would wait for their gradients and fail the next step
+        unused = getattr(model, "unused_parameters", lambda: [])()
+        if unused:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, unused)
         if not for_capture:
             return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         with side_stream():
@@ -132,8 +162,10 @@ def full_model_state(model: nn.Module) -> Dict[str, Any]:
 
 
 def full_optimizer_state(model: nn.Module, optimizer) -> Dict[str, Any]:
-    """The optimizer state keyed by parameter name, whole (gathered under FSDP), so any world size
-    and either wrapper can resume from it."""
+    """The optimizer state keyed by parameter name, whole, so any world size and either wrapper can resume
+    from it: in host memory, and under FSDP on rank 0 only (gathered shard by shard; every rank gathered
+    all of it in GPU memory, twice the parameters in fp32, at every save)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True))
+    return get_optimizer_state_dict(unwrap(model), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))

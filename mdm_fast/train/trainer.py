@@ -33,8 +33,9 @@ from mdm_fast.data import build_dataset, make_loader, to_model_range
 from mdm_fast.models.cast_weights import CastEachCall
 from mdm_fast.text import build_text_encoder, drop_conditioning, encodes_prompts
 from mdm_fast.train import checkpoint as ckpt_io
-from mdm_fast.train.distributed import (DistInfo, any_rank, barrier, full_model_state, full_optimizer_state,
-                                        grad_sync, init_distributed, unwrap, wrap_model)
+from mdm_fast.train.distributed import (DistInfo, any_rank, barrier, check_ranks_agree, full_model_state,
+                                        full_optimizer_state, grad_sync, init_distributed, sum_over_ranks, unwrap,
+                                        wrap_model)
 from mdm_fast.train.ema import ModelEma
 from mdm_fast.train.graphed_step import GraphedMicroSteps
 from mdm_fast.train.metrics import MetricsLog, plot_loss
@@ -135,7 +136,8 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         self.out = Path(cfg.output_dir)
         self.dataset = build_dataset(cfg.file_list, cfg.reader_config, cfg.video_frames)  # fail fast on bad data
-        self.skipped = 0
+        self.skipped = 0  # images skipped in the whole run, every rank's (_sync_skipped)
+        self._new_skips = 0  # this rank's, not yet counted there
         self.seed = cfg.seed if cfg.seed >= 0 else self._shared_time_seed()
         resume = ckpt_io.load_latest(self.out, set_aside=self.dist.is_main)
         if resume is not None:
@@ -151,15 +153,20 @@ class Trainer:
         self.diffusion = build_diffusion(cfg, self.model)
         unwrap(self.model).check_image_size(cfg.image_size)  # reader_config.image_size, before any file
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
+        self.dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.modules())
         if cfg.sample_freq and not encodes_prompts(self.encoder):
             raise ValueError(f"sample_freq: {type(self.encoder).__name__} cannot encode prompts for the periodic "
                              "sample grids (precomputed text embeddings); set sample_freq: 0")
         self.step = 0
+        self.global_batch = cfg.batch_size * self.dist.world_size * cfg.num_gradient_accumulations
+        self._start = (0, 0)  # (step, samples seen) where this run started
         if resume is not None:
             self._restore_weights(*resume)
         elif cfg.pretrained_vision_file:  # the public way to start from a checkpoint: weights and batch_num
             path = Path(cfg.pretrained_vision_file)
             self._restore_weights(path, ckpt_io.load_checkpoint(path), model_from_ema=cfg.resume_from_ema)
+        check_ranks_agree(self.dist, resume_step=self.step, samples_seen=self.samples_seen,
+                          dataset_length=len(self.dataset), seed=self.seed)
         # FSDP replaces the parameters by shards, so the optimizer is built on the wrapped model
         self.wrapped = wrap_model(self.model, self.dist, cfg.distributed,
                                   for_capture=cfg.cuda_graphs == "on" and self.device.type == "cuda")
@@ -219,8 +226,14 @@ class Trainer:
         return int(seed.item())
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def _sync_skipped(self) -> None:
+        """Every rank's images skipped since the last call, added to the run's count (a collective)."""
+        self.skipped += round(sum_over_ranks([self._new_skips], self.dist)[0])
+        self._new_skips = 0
+
     def checkpoint_dict(self) -> Dict[str, Any]:
-        """The checkpoint (a collective under FSDP: call it on every rank; full on rank 0)."""
+        """The checkpoint (a collective: call it on every rank; full on rank 0 under FSDP)."""
+        self._sync_skipped()
         return {
             "state_dict": full_model_state(self.model),  # public: torch.load(f)["state_dict"]
             "ema_state_dict": self.ema.module.state_dict(),
@@ -231,12 +244,18 @@ class Trainer:
             "step": self.step,
             "seed": self.seed,
             "skipped_images": self.skipped,  # metrics.jsonl's count goes on after a resume
+            "samples_seen": self.samples_seen,  # the data position: a resume with another global batch goes on
             "rng": rng_state(),
             "model": self.cfg.model,
             "config": self.cfg.to_yaml(),
             "text_dim": self.encoder.embed_dim,
             "format": ckpt_io.FORMAT,
         }
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples of the data order consumed: where the next step's global batch starts."""
+        return self._start[1] + (self.step - self._start[0]) * self.global_batch
 
     def save(self) -> Optional[Path]:
         state, path = self.checkpoint_dict(), None
@@ -259,6 +278,7 @@ class Trainer:
             if not self.quiet:
                 log.info("%s has no EMA weights: the EMA starts from its weights", path)
         self.step = int(ckpt.get("step", ckpt.get("batch_num", 0)))
+        self._start = (self.step, int(ckpt.get("samples_seen", self.step * self.global_batch)))
         if not self.quiet:
             log.info("weights from %s (step %d)", path, self.step)
 
@@ -352,15 +372,19 @@ class Trainer:
             return loss * self.loss_factor, stats
 
     def _micro_inputs(self, batch, micro: int):
-        """Re-seed the step's generator for this micro-batch; (images, cond, mask) on the device."""
+        """Re-seed the step's generator for this micro-batch (and the global generators the dropout layers
+        draw from, where there are any: the ranks drew the same masks); (images, cond, mask) on the device."""
         acc = self.cfg.num_gradient_accumulations
-        self.generator.manual_seed(step_seed(self.seed, self.step, self.dist.rank * acc + micro))
+        seed = step_seed(self.seed, self.step, self.dist.rank * acc + micro)
+        self.generator.manual_seed(seed)
+        if self.dropout:
+            torch.manual_seed(seed)
         # the (pinned) uint8 batch crosses to the device, then is converted there: a quarter of the bytes,
         # and an asynchronous copy (the float32 tensor made on the host would be pageable)
         images = to_model_range(batch["image"].to(self.device, non_blocking=True))
         with torch.no_grad(), self._autocast():
             cond, mask = self._conditioning(batch, self.generator)
-        self.skipped += int(batch.get("_skipped", 0))
+        self._new_skips += int(batch.get("_skipped", 0))
         return images, cond, mask
 
     def train_step(self, batches) -> Tuple[Dict[str, Any], Any]:
@@ -496,8 +520,8 @@ class Trainer:
             return {"step": self.step}
         loader = make_loader(self.dataset, cfg.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
                              accumulations=cfg.num_gradient_accumulations, seed=self.seed, start_step=self.step,
-                             num_steps=todo, num_workers=cfg.reader_config.num_readers,
-                             pin_memory=self.device.type == "cuda",
+                             start_position=self.samples_seen, num_steps=todo,
+                             num_workers=cfg.reader_config.num_readers, pin_memory=self.device.type == "cuda",
                              prefetch_batches=min(cfg.reader_config.reader_buffer_size, 32))
         it = iter(loader)
         bar = tqdm(total=total, initial=self.step, desc="training", disable=self.quiet, dynamic_ncols=True)
@@ -513,7 +537,8 @@ class Trainer:
 
     def _log(self, window: "_Window", metrics: Optional[MetricsLog], bar) -> None:
         """The window's means (one read of the device values) to metrics.jsonl and the progress bar."""
-        means, skipped = window.means()
+        means, skipped = window.means(self.dist)
+        self._sync_skipped()
         if skipped:
             log.warning("steps %d-%d: %d updates skipped (loss or gradient norm not finite)",
                         self.step - window.steps + 1, self.step, skipped)
@@ -547,11 +572,13 @@ class _Window:
             v = torch.where(ok > 0, v, 0.0) if isinstance(ok, torch.Tensor) else (v if ok else 0.0)
             self.sums[k] = self.sums.get(k, 0.0) + v
 
-    def means(self) -> Tuple[Dict[str, float], int]:
-        """(mean of each stat over the kept steps, number of skipped steps)."""
-        kept = float(self.kept)
-        means = {k: float(v) / kept for k, v in self.sums.items()} if kept else {}
-        return means, self.steps - round(kept)
+    def means(self, info: DistInfo = DistInfo()) -> Tuple[Dict[str, float], int]:
+        """(mean of each stat over the kept steps of every rank (a collective), number of skipped steps:
+        the ranks skip together)."""
+        keys = sorted(self.sums)
+        *sums, kept = sum_over_ranks([float(self.sums[k]) for k in keys] + [float(self.kept)], info)
+        means = {k: v / kept for k, v in zip(keys, sums)} if kept else {}
+        return means, self.steps - round(kept / info.world_size)
 
     def seconds(self) -> float:
         return time.time() - self.start
