@@ -169,8 +169,8 @@ def _diffusion_config(model: str, d: Dict[str, Any], top: Dict[str, Any]):
                                  "(one setting: give one of them, or the same value)")
             if value is not None:
                 d[key] = value
-        return dconf.NestedDiffusionConfig.from_dict(d)
-    return dconf.DiffusionConfig.from_dict(d)
+        return dconf.NestedDiffusionConfig.from_dict(d, "diffusion_config")
+    return dconf.DiffusionConfig.from_dict(d, "diffusion_config")
 
 
 def _override_kind(key: str) -> Optional[type]:

@@ -87,6 +87,12 @@ def test_unknown_fields_are_named():
     d["unet_config"]["channels"] = [1]
     with pytest.raises(ValueError, match="channels"):
         load_experiment(d)
+    # the diffusion sections by their YAML paths (they were named by their classes)
+    for section, path in (({"use_double_los": True}, r"diffusion_config: unknown field\(s\) \['use_double_los'\]"),
+                          ({"sampler_config": {"num_diffusion_step": 3}},
+                           r"diffusion_config.sampler_config: unknown field\(s\) \['num_diffusion_step'\]")):
+        with pytest.raises(ValueError, match=path):
+            load_experiment({**_minimal(), "diffusion_config": section})
 
 
 def test_bad_values_and_overrides(tmp_path):

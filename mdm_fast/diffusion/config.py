@@ -49,8 +49,10 @@ class ThresholdType(_NamedEnum):
 T = TypeVar("T")
 
 
-def _from_dict(cls: Type[T], d: Dict[str, Any], ignored=()) -> T:
-    return d if isinstance(d, cls) else dataclass_from(cls, d, cls.__name__, ignored)
+def _from_dict(cls: Type[T], d: Dict[str, Any], where: Optional[str] = None) -> T:
+    """``cls`` from ``d``; errors named ``where`` (the YAML path: diffusion_config.sampler_config), else by
+    the class."""
+    return d if isinstance(d, cls) else dataclass_from(cls, d, where or cls.__name__)
 
 
 def _to_dict(obj) -> Dict[str, Any]:
@@ -111,7 +113,7 @@ class SamplerConfig:
             raise ValueError(f"rescale_signal must be > 0 or None, got {self.rescale_signal!r}")
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SamplerConfig":
+    def from_dict(cls, d: Dict[str, Any], where: Optional[str] = None) -> "SamplerConfig":
         d = dict(d)
         # The public cc12m_64x64.yaml carries a field the public dataclass no longer has.
         if d.pop("predict_variances", False):
@@ -121,7 +123,7 @@ class SamplerConfig:
                 "SamplerConfig: loss_target_type HA_STYLE (public cc12m_64x64.yaml) does not exist in the "
                 "public sampler either; set loss_target_type to DDPM or V_PREDICTION (or leave it out)"
             )
-        return _from_dict(cls, d)
+        return _from_dict(cls, d, where)
 
     def to_dict(self) -> Dict[str, Any]:
         return _to_dict(self)
@@ -142,8 +144,11 @@ class DiffusionConfig:
             raise ValueError(f"model_output_scale must be >= 0, got {self.model_output_scale!r}")
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]):
-        return _from_dict(cls, d)
+    def from_dict(cls, d: Dict[str, Any], where: Optional[str] = None):
+        where = where or cls.__name__
+        if isinstance(d, dict) and isinstance(d.get("sampler_config"), dict):
+            d = {**d, "sampler_config": SamplerConfig.from_dict(d["sampler_config"], f"{where}.sampler_config")}
+        return _from_dict(cls, d, where)
 
     def to_dict(self) -> Dict[str, Any]:
         return _to_dict(self)
