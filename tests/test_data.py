@@ -319,13 +319,13 @@ def test_bad_sources_give_clear_errors(tmp_path):
 
 
 def test_video_frames_tile_into_the_temporal_grid(tmp_path):
-    """Frames sampled evenly, frame i*n + j at grid cell (i, j); a random crop is the same for every
-    frame of the clip; the grid side must divide image_size."""
+    """Frames in time order (digit runs compared as numbers) sampled evenly, frame i*n + j at grid cell
+    (i, j); a random crop is the same for every frame of the clip; the grid side must divide image_size."""
     clip = tmp_path / "clip0"
     clip.mkdir()
     ramp = np.tile(np.arange(0, 240, 12, dtype=np.uint8), (10, 1))  # (H, W) = (10, 20): green along x
-    for f in range(8):  # 8 frames on disk, 4 sampled evenly: 0, 2, 5, 7
-        Image.fromarray(np.stack([np.full_like(ramp, f * 30), ramp, 0 * ramp], -1)).save(clip / f"{f:03d}.png")
+    for f in range(12):  # 12 frames on disk named as ffmpeg's %d names them, 4 sampled evenly: 0, 4, 7, 11
+        Image.fromarray(np.stack([np.full_like(ramp, f * 20), ramp, 0 * ramp], -1)).save(clip / f"{f}.png")
     (tmp_path / "captions.tsv").write_text("file\tcaption\nclip0\ta red ramp\n")
     ds = build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)
     s = ds[(0, 0)]
@@ -334,7 +334,7 @@ def test_video_frames_tile_into_the_temporal_grid(tmp_path):
     # frame i*n + j sits at grid cell (i, j): the layout `b c (n h) (m w) -> b (n m) c h w` reads back
     frames = torch.from_numpy(img).permute(2, 0, 1)[None].reshape(1, 3, 2, 8, 2, 8).permute(0, 2, 4, 1, 3, 5)
     reds = frames.reshape(1, 4, 3, 8, 8)[0, :, 0, 4, 4].tolist()
-    assert reds == [0, 60, 150, 210]
+    assert reds == [0, 80, 140, 220]  # in time order: 10.png after 9.png (a text sort read frames 0, 2, 5, 9)
     img = build_dataset(str(tmp_path), ReaderConfig(image_size=16, random_crop=True), video_frames=4)[(0, 3)]["image"]
     tiles = [img[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8, 1] for i in range(2) for j in range(2)]  # (8, 8) greens
     assert all(np.array_equal(t, tiles[0]) for t in tiles)
@@ -385,9 +385,12 @@ def test_video_files_are_decoded_with_av(tmp_path, monkeypatch):
         def decode(self, video):
             return [types.SimpleNamespace(to_ndarray=lambda format, a=a: a) for a in self.frames]
 
-    monkeypatch.setitem(sys.modules, "av", types.SimpleNamespace(open=Container))
     for name in clips:
         (tmp_path / name).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "av", None)  # not installed: one clear error (files were skipped as corrupt)
+    with pytest.raises(ValueError, match="decoding video files needs the `av` package"):
+        build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)
+    monkeypatch.setitem(sys.modules, "av", types.SimpleNamespace(open=Container))
     ds = build_dataset(str(tmp_path), ReaderConfig(image_size=16), video_frames=4)
     img = ds[(0, 0)]["image"]  # (16, 16, 3): frames 0, 2, 5, 7 in a 2 x 2 grid
     assert [img[0, 0, 0], img[0, 8, 0], img[8, 0, 0], img[8, 8, 0]] == [0, 60, 150, 210]

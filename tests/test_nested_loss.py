@@ -1,4 +1,5 @@
 """The nested training loss against a direct re-derivation of the public NestedDiffusion.get_loss."""
+import argparse
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,27 @@ def test_plain_unet_loss():
     torch.testing.assert_close(model.seen[0], x_t)
     v = g.sqrt() * eps - (1 - g).sqrt() * x0
     torch.testing.assert_close(loss, ((model(x_t, t, None, None) - v) ** 2).mean(), atol=1e-6, rtol=1e-6)
+
+
+def test_a_temporal_models_frame_grid_sets_the_pyramids():
+    """for_model takes the frame grid from the model (the golden temporal model: 2x2 frames, not the public
+    4x4): its lower level is frame 0 of the 4, where a 4x4 grid made it a mosaic of crops of frames 0 and
+    2. The trainer refuses clips of another size than the grid."""
+    from mdm_fast.reference import build_model
+    from mdm_fast.train.trainer import _check_video_frames
+    from test_reference import load_case
+
+    case = load_case("nested_temporal_tiny")
+    model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
+    diff = NestedDiffusion.for_model(_cfg(no_use_residual=True), model)
+    assert model.frames_per_side() == diff.frames_per_side == 2 and diff.is_temporal[0]
+    frames = torch.rand(4, 3, 8, 8) * 2 - 1  # 4 frames of 8x8, tiled 2x2 -> 16x16
+    images = frames.unflatten(0, (2, 2)).permute(2, 0, 3, 1, 4).reshape(1, 3, 16, 16)
+    x0, _, _, _ = diff.pyramid(images, torch.tensor([10]))
+    torch.testing.assert_close(x0[1], frames[:1])
+    with pytest.raises(ValueError, match=r"video_frames: 16, but the model takes clips of 4 frames \(a 2x2 grid"):
+        _check_video_frames(argparse.Namespace(video_frames=16), diff)
+    _check_video_frames(argparse.Namespace(video_frames=4), diff)
 
 
 def test_temporal_levels_take_every_fourth_frame():

@@ -319,3 +319,16 @@ def test_config_defaults_are_the_public_ones():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="nested_unet"):
         build_model("nested9_unet", {})
+
+
+def test_a_temporal_models_image_sizes_are_checked_by_name():
+    """A temporal model takes the sizes its frame grid and stride-2 levels divide evenly: 30 and 34 crashed
+    inside the model (a 17 or 15 px frame halves unevenly), 32 and 36 run."""
+    case = load_case("nested_temporal_tiny")
+    model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
+    for size in (32, 36):
+        model.check_image_size(size)
+    for size in (30, 34):
+        with pytest.raises(ValueError, match=f"image size {size}: this temporal model's 2x2 frame grid and levels "
+                                             r"do not divide it evenly; sizes near it that they do: \[.*32"):
+            model.check_image_size(size)

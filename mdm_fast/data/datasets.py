@@ -324,19 +324,21 @@ def expand_braces(pattern: str) -> List[str]:
     return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
 
 
+def _natural_key(path: Path) -> List[Any]:
+    """Sort key: the name's digit runs as numbers (frame 2 before frame 10, as ffmpeg's %d names them)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
 def _video_frames(path: Path, num_frames: int) -> List[np.ndarray]:
     """``num_frames`` frames sampled evenly from a folder of frame images or a video file: uint8 (H, W, 3) each."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS), key=_natural_key)
         if not files:
             raise CorruptImage(f"{path}: no frame images")
         pick = np.linspace(0, len(files) - 1, num_frames).round().astype(int)
         return [np.asarray(decode_image(str(files[i]))) for i in pick]  # each resized on its own: any sizes
-    try:
-        import av
-    except ImportError as e:
-        raise ValueError(f"{path}: decoding video files needs the `av` package (pip install av); "
-                         "or extract the frames into a folder per clip") from e
+    import av  # VideoClips checked that it is there
+
     try:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -365,6 +367,12 @@ class VideoClips(SampleDataset):
         clips = sorted(p for p in root.iterdir() if p.is_dir() or p.suffix.lower() in VIDEO_EXTS)
         if not clips:
             raise ValueError(f"{root}: no clips (sub-folders of frames or video files)")
+        if any(not c.is_dir() for c in clips):
+            try:
+                import av  # noqa: F401
+            except ImportError:
+                raise ValueError(f"{root}: decoding video files needs the `av` package (pip install av); or "
+                                 "extract the frames into a folder per clip") from None
         annotations: Dict[str, Dict[str, Any]] = {}
         for name in ("captions.tsv", "captions.jsonl"):
             if (root / name).is_file():

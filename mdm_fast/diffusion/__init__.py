@@ -32,7 +32,7 @@ The process (``process.py``)::
 
     NestedDiffusion(config: DiffusionConfig | NestedDiffusionConfig, nest_ratio=(), is_temporal=(),
                     frames_per_side=4)
-    NestedDiffusion.for_model(config, model)       # reads model.nest_ratio / model.is_temporal
+    NestedDiffusion.for_model(config, model)       # reads model.nest_ratio / .is_temporal / .frames_per_side()
       .num_levels, .scales, .ratios (top size / level size), .schedule (LevelSchedule)
       .loss(model, images, conditioning, cond_mask, micros=None, times=None, generator=None)
             -> (loss: scalar tensor, stats: dict[str, Tensor])   # stats: "loss_level{i}" (detached

@@ -85,7 +85,10 @@ class NestedDiffusion:
 
     @classmethod
     def for_model(cls, config, model, **kwargs) -> "NestedDiffusion":
-        """Read ``nest_ratio`` / ``is_temporal`` from the model (absent: a plain UNet)."""
+        """Read ``nest_ratio`` / ``is_temporal`` (absent: a plain UNet) and a temporal model's frame grid
+        (``frames_per_side()``) from the model."""
+        if any(getattr(model, "is_temporal", ())) and hasattr(model, "frames_per_side"):
+            kwargs.setdefault("frames_per_side", model.frames_per_side())
         return cls(config, getattr(model, "nest_ratio", ()), getattr(model, "is_temporal", ()), **kwargs)
 
     @property

@@ -145,6 +145,11 @@ class UNet(nn.Module):
             s = t
         return {"input": (s, s), "output": (s, s), "down": (s, t), "up": (t, s)}[stage]
 
+    def frames_per_side(self) -> int:
+        """Frames per side of the grid the model takes (a temporal model's clip of n*n frames tiled in
+        one image; 1: images)."""
+        return self._frame_grid("input")[0]
+
     # ---- conditioning ----------------------------------------------------------------------
 
     def create_temporal_embedding(self, times: torch.Tensor, ff_layers=None) -> torch.Tensor:
@@ -257,7 +262,7 @@ class UNet(nn.Module):
     def size_multiple(self) -> int:
         """What the top image's sides must be multiples of, so that every down-sampling (stride 2, this
         UNet's levels and then its inner UNet's) halves them evenly and the up path meets its skips.
-        1 for a temporal model (the diffusion checks its frame grids)."""
+        1 for a temporal model (:meth:`check_image_size` tries its sizes on the meta device)."""
         inner = getattr(self, "inner_unet", None)
         below = 1 if inner is None else inner.size_multiple()
         if self.config.temporal_mode or (inner is not None and below == 1):
@@ -265,11 +270,37 @@ class UNet(nn.Module):
         return 2 ** (len(self.config.resolution_channels) - 1) * below
 
     def check_image_size(self, size: int) -> None:
-        """A ValueError naming the multiple an unusable top image size misses."""
+        """A ValueError naming the multiple an unusable top image size misses (a temporal model: the sizes
+        near it that its frame grids and levels take, found by shape-only forwards)."""
         m = self.size_multiple()
         if size < 1 or size % m:
             raise ValueError(f"image size {size}: this model halves it {m.bit_length() - 1} times (its levels, "
                              f"nested ones included), so it must be a positive multiple of {m}")
+        if self.config.temporal_mode and not self._runs_at(size):
+            n = self.frames_per_side()
+            near: List[int] = []
+            for s in sorted(range(max(n, size - 8 * n), size + 8 * n + 1, n), key=lambda s: (abs(s - size), s)):
+                if len(near) < 4 and s != size and self._runs_at(s):
+                    near.append(s)
+            near.sort()
+            raise ValueError(f"image size {size}: this temporal model's {n}x{n} frame grid and levels do not "
+                             f"divide it evenly; sizes near it that they do: {near or 'none found'}")
+
+    def _runs_at(self, size: int) -> bool:
+        """Whether a forward at a size x size top image goes through: a reference model of this config on
+        the meta device (shapes only; this model and what it caches stay untouched)."""
+        cls = next(c for c in type(self).__mro__ if c.__module__ == __name__)  # the reference class
+        with torch.device("meta"):
+            probe = cls(self.input_channels, self.output_channels, self.config)
+            x_t = [torch.empty(1, self.input_channels, size // r, size // r) for r in self.resolution_ratios()]
+            text = (torch.empty(1, 1, probe.input_conditioning_feature_dim), torch.ones(1, 1)) \
+                if self.config.conditioning_feature_dim > 0 else (None, None)
+            try:
+                with torch.no_grad():
+                    probe(x_t if len(x_t) > 1 else x_t[0], torch.zeros(1, dtype=torch.long), *text)
+            except (RuntimeError, ValueError):
+                return False
+        return True
 
     def resolution_ratios(self) -> List[int]:
         """Top resolution over each level's resolution, top first: ``[1]`` for a UNet, ``[1, 4]``

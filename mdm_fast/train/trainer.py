@@ -151,6 +151,7 @@ class Trainer:
         self.dataset.check = self.encoder.sample_check()  # a sample without what the model needs is skipped
         self.model = build_network(cfg, self.encoder.embed_dim, self.device)
         self.diffusion = build_diffusion(cfg, self.model)
+        _check_video_frames(cfg, self.diffusion)
         unwrap(self.model).check_image_size(cfg.image_size)  # reader_config.image_size, before any file
         self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup_steps)
         self.dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.modules())
@@ -595,6 +596,14 @@ def _check_start_files(cfg: ExperimentConfig) -> None:
         if path and not Path(path).is_file():
             raise ValueError(f"{where}.initialize_inner_with_pretrained: no file {path!r}")
         level, where = getattr(level, "inner_config", None), f"{where}.inner_config"
+
+
+def _check_video_frames(cfg: ExperimentConfig, diffusion) -> None:
+    """Clips tiled as the temporal model takes them: video_frames is its frame grid's n*n."""
+    n = diffusion.frames_per_side
+    if cfg.video_frames and any(diffusion.is_temporal) and cfg.video_frames != n * n:
+        raise ValueError(f"video_frames: {cfg.video_frames}, but the model takes clips of {n * n} frames (a {n}x{n} "
+                         f"grid, from its unet_config); set video_frames: {n * n}")
 
 
 def autocast_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
