@@ -224,26 +224,26 @@ def revision() -> str:
     return f"commit {sha}" + (" with local changes" if dirty else "") + f" ({fingerprint})"
 
 
+def report_head(suite: str, timing: str = DEVICE_TIMES) -> str:
+    """A table file's header: the card, the time, mdm_fast's commit, torch and CUDA, the ceilings measured
+    in this run and how ``timing`` was taken."""
+    c = ceilings()
+    return (f"# {suite} on {card_name()}\n\nMeasured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"mdm_fast at {revision()}, torch {torch.__version__}"
+            + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")
+            + f". Ceilings measured in the same run: copy {c.copy_gbps:.0f} GB/s (read + write), "
+            f"bf16 matmul {c.bf16_tflops:.0f} TFLOP/s. {timing}\n\n")
+
+
 def write_report(suite: str, sections: Dict[str, str], out_dir: Optional[Path] = None,
                  timing: str = DEVICE_TIMES, echo: bool = True) -> Path:
     """Write ``<out_dir>/<suite>-<card>.md`` with a header naming the card, versions, ceilings and timing
     (and print it, with ``echo``)."""
     out_dir = Path(out_dir or os.environ.get("MDM_FAST_BENCH_OUT", RESULTS))
-    c = ceilings()
-    head = [
-        f"# {suite} on {card_name()}",
-        "",
-        f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, mdm_fast at {revision()}, "
-        f"torch {torch.__version__}"
-        + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")
-        + f". Ceilings measured in the same run: copy {c.copy_gbps:.0f} GB/s (read + write), "
-        f"bf16 matmul {c.bf16_tflops:.0f} TFLOP/s. " + timing,
-        "",
-    ]
     body = []
     for title, table in sections.items():
         body += [f"## {title}", "", table, ""]
-    path = write_atomic(out_dir / f"{suite}-{card_slug()}.md", "\n".join(head + body))
+    path = write_atomic(out_dir / f"{suite}-{card_slug()}.md", report_head(suite, timing) + "\n".join(body))
     if echo:
         print(path.read_text())
     return path

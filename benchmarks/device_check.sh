@@ -3,15 +3,15 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         8.8 minutes, under one call's 10; `more`, 8.9
+#                                                         9.4 minutes, under one call's 10; `more`, 8.9
 #                                                         minutes with the install, is a call of its own)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
-# says which stages passed. ../shared does not travel to the device machine: copy it into an ignored
-# folder of the checkout, carry it, and put it back first, e.g.
-#   run(command="mkdir -p /work/shared && cp -r .devshared/reference /work/shared/ && bash benchmarks/device_check.sh",
-#       carry=[".devshared"])   after   cp -r ../shared/reference .devshared/  (.devshared/ in .git/info/exclude)
-# Tables land in $OUT (benchmarks/results/ by default), every stage's full
+# says which stages passed. The golden cases and public YAMLs (shared/reference, 36 MB) must be there:
+# ../shared does not travel to the device machine, a shared/ folder inside the checkout does, so first
+#   mkdir -p shared && cp -r ../shared/reference shared/ && echo shared/ >>.git/info/exclude
+# (mdm_fast.reference.data.reference_dir() looks inside the checkout first). Tables land in $OUT
+# (benchmarks/results/ by default), every stage's full
 # output in $OUT/log.txt; the device tool returns at most 8 files, so a call that writes more than
 # 6 tables leaves them in $OUT/tables.tar.
 set -uo pipefail
@@ -32,9 +32,8 @@ stage() {  # stage NAME SECONDS CMD...
   local t0=$SECONDS
   echo "=== $name (limit ${secs}s)"
   echo "=== $name" >>"$OUT/log.txt"
-  timeout --kill-after=10 "$secs" "$@" >/tmp/stage.log 2>&1
-  local rc=$?
-  cat /tmp/stage.log >>"$OUT/log.txt"
+  timeout --kill-after=5 "$secs" "$@" 2>&1 | tee -a "$OUT/log.txt" >/tmp/stage.log  # a cut call keeps the log
+  local rc=${PIPESTATUS[0]}
   tail -n 25 /tmp/stage.log
   note "$name: rc=$rc $((SECONDS - t0))s"
 }
@@ -46,7 +45,7 @@ tests() {  # tests NAME SECONDS "FILES..." "FILES..." ...: one GPU pytest proces
   echo "=== $name (limit ${secs}s, $# groups side by side)"
   for group in "$@"; do
     # shellcheck disable=SC2086  # a group is a space-separated list of test files
-    timeout --kill-after=10 "$secs" $PY -m pytest -q -m gpu --maxfail=10 --durations=5 -p no:cacheprovider \
+    timeout --kill-after=5 "$secs" $PY -m pytest -q -m gpu --maxfail=10 --durations=5 -p no:cacheprovider \
       $group >"/tmp/tests$i.log" 2>&1 &
     pids+=($!); i=$((i + 1))
   done
@@ -58,9 +57,13 @@ tests() {  # tests NAME SECONDS "FILES..." "FILES..." ...: one GPU pytest proces
   note "$name: rc=${rcs# } $((SECONDS - t0))s"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stage install 80 $PY -m pip install --no-build-isolation --no-deps -e .
+note "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
+stage install 60 $PY -m pip install --no-build-isolation --no-deps -e .
+note "mdm_fast at $($PY -c 'from benchmarks.common import revision; print(revision())' 2>&1 | tail -n 1)"
 $PY -c "import mdm_fast._ext as e; print('mdm_fast._C:', e.ext is not None, e.load_error or '')"
+# the golden cases: without them the reference tests stop at collection and the models suite has no config
+$PY -c "from mdm_fast.reference.data import reference_dir as r; assert (r() / 'golden' / 'index.json').is_file(), r()" \
+  || note "NO shared/reference: copy ../shared/reference into the checkout's shared/ (see the header)"
 
 # Most important first: a stage cut by the lease still leaves the earlier tables (the models suite
 # rewrites its table after each workload).
@@ -78,13 +81,13 @@ if want models; then
     "tests/test_attention.py::test_every_hopper_autotune_candidate_is_correct -k cmask" \
     "tests/test_attention.py::test_every_hopper_autotune_candidate_is_correct -k nomask" \
     "tests/test_attention.py::test_gpu_layout_fused tests/test_attention.py::test_gpu_compile_and_cuda_graph"
-  stage bench-models 200 $PY -m benchmarks.models --suite quick --out "$OUT"
+  stage bench-models 240 $PY -m benchmarks.models --suite quick --out "$OUT"  # 200 s cut the 1024 train step
 fi
 if want ops; then
   # attention: the unmasked-text rows compile each kernel's 3-4 candidates a second time; the table is
   # rewritten after each section
-  stage bench-attention 60 $PY -m benchmarks.attention --suite quick --out "$OUT"
-  stage bench-group-norm 40 $PY -m benchmarks.group_norm --suite quick --out "$OUT"
+  stage bench-attention 55 $PY -m benchmarks.attention --suite quick --out "$OUT"
+  stage bench-group-norm 55 $PY -m benchmarks.group_norm --suite quick --out "$OUT"  # rewritten per section
 fi
 if want more; then  # what holds each step back first (the profiles against the floor, the train step's
   # memory), then the group-norm plan sweep and the op suites measured in an earlier lease

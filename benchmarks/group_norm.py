@@ -90,7 +90,8 @@ def _available(impl: str, args) -> Optional[str]:
     return dispatch.why_not(OP, impl, *args)
 
 
-def run(suite: str) -> Dict[str, str]:
+def run(suite: str, written: Callable[[Dict[str, str]], None] = lambda sections: None) -> Dict[str, str]:
+    """The suite's sections; ``written(sections)`` after each one (a run cut by its time limit keeps them)."""
     copy = ceilings().copy_gbps
     compile_budget = 1 if suite == "quick" else math.inf
     sections: Dict[str, str] = {}
@@ -128,6 +129,7 @@ def run(suite: str) -> Dict[str, str]:
                   "triton % copy", "cuda GB/s", "cuda % copy", "ref / best fast"]
         title = "act(group_norm(x) * (1 + scale) + shift), bf16" if scale_shift else "act(group_norm(x)), bf16"
         sections[title] = markdown_table(header, rows)
+        written(sections)
     sections["The decoder's concatenation + norm1 (forward, bf16, channels_last, scale-shift + SiLU)"] = decoder(
         suite, copy)
     if notes:
@@ -233,7 +235,9 @@ def main() -> None:
     if args.sweep:
         sweep(args.out)
         return
-    write_report(f"group_norm-{args.suite}", run(args.suite), args.out)
+    name = f"group_norm-{args.suite}"
+    sections = run(args.suite, lambda done: write_report(name, done, args.out, echo=False))
+    write_report(name, sections, args.out)
 
 
 if __name__ == "__main__":

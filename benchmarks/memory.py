@@ -212,9 +212,10 @@ def main(argv=None) -> None:
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks.memory --gpu needs a CUDA device")
-        from benchmarks.common import card_slug
+        from benchmarks.common import card_slug, report_head
 
-        text = gpu_phases(args.model, GPU_BATCH[args.model])
+        text = report_head(f"memory-{args.model}", "Peaks from torch.cuda.max_memory_allocated.") + \
+            gpu_phases(args.model, GPU_BATCH[args.model])
         print(text, flush=True)
         for text in (text, with_tracked(text, args.model, GPU_BATCH[args.model])):
             if args.out:

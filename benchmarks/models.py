@@ -36,6 +36,7 @@ import yaml
 
 from benchmarks.common import (TRITON_COMPILES, WALL_TIMES, ceilings, markdown_table, parser,
                                record_triton_compiles, time_ms, write_report)
+from mdm_fast.reference.data import reference_dir
 
 try:  # process start, for the time to the first step
     import psutil
@@ -44,7 +45,7 @@ try:  # process start, for the time to the first step
 except ImportError:
     PROCESS_START = time.time()
 
-CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "ml-mdm-configs"
+CONFIGS = reference_dir() / "ml-mdm-configs"
 TEXT_WIDTH, TEXT_TOKENS = 2048, 128
 
 

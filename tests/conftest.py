@@ -1,4 +1,5 @@
-"""Test setup: Triton runs under its interpreter on machines without CUDA.
+"""Test setup: Triton runs under its interpreter on machines without CUDA; the public reference cases
+(shared/reference) must be there.
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection start.
 Tests that need a GPU carry ``@pytest.mark.gpu`` and are skipped without CUDA.
@@ -17,6 +18,11 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running on CPU")
+    from mdm_fast.reference.data import reference_dir
+
+    if not (reference_dir() / "golden" / "index.json").is_file():  # the golden tests must not pass by skipping
+        raise pytest.UsageError(f"the public reference cases are not at {reference_dir()}: put shared/reference "
+                                "inside the checkout or beside it, or name it in MDM_FAST_REFERENCE")
 
 
 def pytest_collection_modifyitems(config, items):

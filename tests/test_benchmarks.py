@@ -136,7 +136,6 @@ def _public_levels(stem):
     return nestings
 
 
-@pytest.mark.skipif(not models.CONFIGS.exists(), reason="needs shared/reference/ml-mdm-configs")
 def test_suites_shapes_are_the_public_models():
     """The group norm, attention, upsample and pyramid shapes are those of the public configs: levels
     (channels, px); attention at the inner model's attention levels; an upsample into each level but the
@@ -157,11 +156,13 @@ def test_suites_shapes_are_the_public_models():
 
 def test_attention_flops(monkeypatch):
     """4 * B * heads * L * (L + T) * d forward, 2.5x backward, against the bf16 ceiling; the levels' head
-    dims are those their names give."""
+    dims are those their names give; each row's ratio is against the SDPA pair with its kind of text mask."""
     for name, (L, C, heads) in attention.LEVELS.items():
         assert heads * int(name.split("d=")[1].rstrip(")")) == C
     monkeypatch.setattr(attention, "_inputs", lambda *a: {})
-    monkeypatch.setattr(attention, "_variants", lambda x, h, s, r: {"SDPA pair (B,h,L,d)": 2.0, "fast": 0.5})
+    monkeypatch.setattr(attention, "_variants", lambda x, h, s, r: {
+        "SDPA pair (B,h,L,d)": 2.0, "fast": 0.5, "SDPA pair (B,h,L,d), unmasked text": 1.0,
+        "fast, unmasked text": 0.5})
     monkeypatch.setattr(attention, "_leaves", lambda x, name: [])
     monkeypatch.setattr(attention, "_time_backward", lambda fn, leaves, iters: 2 * fn)
     monkeypatch.setattr(common, "device_ms", lambda fn, iters: fn)
@@ -171,9 +172,11 @@ def test_attention_flops(monkeypatch):
     attention._section("t", level, 16, torch.bfloat16, True, 1, "quick", False)
     B, L, T, heads, d = 16, 1024, attention.TEXT_TOKENS, 8, 64
     flops = 4 * B * heads * L * (L + T) * d
-    _, fast = tables[-1]
+    rows = {row[0]: row for row in tables[-1]}  # the section's whole table
     tf_f, tf_b = flops / 0.5e-3 / 1e12, 2.5 * flops / 1e-3 / 1e12  # TFLOP/s at 0.5 ms forward, 1 ms backward
-    assert fast[1:] == pytest.approx([0.5, tf_f, 100 * tf_f / 100.0, 4.0, 1.0, tf_b, 100 * tf_b / 100.0, 4.0])
+    assert rows["fast"][1:] == pytest.approx([0.5, tf_f, 100 * tf_f / 100.0, 4.0, 1.0, tf_b, 100 * tf_b / 100.0, 4.0])
+    # an unmasked row against the unmasked SDPA pair (it was against the masked one: 2x here, not 1x)
+    assert rows["fast, unmasked text"][4] == rows["fast, unmasked text"][8] == 2.0
 
 
 def test_attention_variants_run_with_their_own_leaves():
@@ -434,7 +437,9 @@ def test_device_check_runs_every_stage_and_brings_back_at_most_8_files(tmp_path,
     subprocess.run(["bash", "benchmarks/device_check.sh", *stages.split()], cwd=repo, check=True, timeout=60,
                    capture_output=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "OUT": str(out)})
     summary = (out / "summary.txt").read_text().splitlines()
-    assert summary[0].startswith("install: rc=0") and all(" rc=0" in line for line in summary), summary
+    assert summary[0].startswith("card: ") and summary[2].startswith("mdm_fast at "), summary  # what and where
+    stages = [line for line in summary if " rc=" in line]
+    assert stages[0].startswith("install: rc=0") and all(" rc=0" in line for line in stages), summary
     files = sorted(p.name for p in out.iterdir())
     if out.samefile(repo / "benchmarks" / "results"):
         assert committed.read_text() == "| a committed table |" and "tables.tar" not in files

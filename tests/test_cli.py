@@ -14,7 +14,7 @@ from mdm_fast.cli.main import backend_report, main
 from mdm_fast.train import Trainer, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_config import CONFIGS, needs_configs  # noqa: E402
+from test_config import CONFIGS  # noqa: E402
 from test_train import OUTER, _one_thread, as_torchrun_rank, spawn_on_free_port, tiny  # noqa: E402,F401  (_one_thread: the autouse fixture)
 
 
@@ -132,7 +132,6 @@ def test_bad_inputs_exit_with_a_message(tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
-@needs_configs
 def test_summary_of_a_public_config(capsys):
     assert main(["summary", "--config", str(CONFIGS / "cc12m_256x256.yaml")]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,5 @@
 """Experiment configs: the public YAMLs load, unknown fields are named, YAML round trips."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -8,15 +7,12 @@ import yaml
 from mdm_fast.config import ExperimentConfig, load_experiment
 from mdm_fast.data.reader_config import ReaderConfig
 from mdm_fast.diffusion.config import DiffusionConfig, NestedDiffusionConfig
+from mdm_fast.reference.data import reference_dir
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-mdm-configs"
-if not CONFIGS.is_dir():  # CI: shared/ sits beside the clone
-    CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "ml-mdm-configs"
+CONFIGS = reference_dir() / "ml-mdm-configs"
 NAMES = ["cc12m_64x64.yaml", "cc12m_256x256.yaml", "cc12m_1024x1024.yaml"]
-needs_configs = pytest.mark.skipif(not CONFIGS.is_dir(), reason="shared/reference/ml-mdm-configs not found")
 
 
-@needs_configs
 @pytest.mark.parametrize("name", NAMES)
 def test_public_yaml_loads_every_field(name):
     raw = yaml.safe_load((CONFIGS / name).read_text())
@@ -33,7 +29,6 @@ def test_public_yaml_loads_every_field(name):
     assert cfg.unet_config.resolution_channels == raw["unet_config"]["resolution_channels"]
 
 
-@needs_configs
 def test_public_yaml_quirks():
     c64 = load_experiment(CONFIGS / "cc12m_64x64.yaml")
     # duplicated diffusion_config: the last block wins (as the public YAML loader does)
@@ -49,7 +44,6 @@ def test_public_yaml_quirks():
     assert c1024.unet_config.inner_config.inner_config.resolution_channels == [256, 512, 768]
 
 
-@needs_configs
 def test_text_width_fills_every_level():
     cfg = load_experiment(CONFIGS / "cc12m_1024x1024.yaml")
     d = cfg.unet_dict(text_dim=2048)
@@ -58,7 +52,6 @@ def test_text_width_fills_every_level():
     assert d["inner_config"]["inner_config"]["conditioning_feature_dim"] == 2048
 
 
-@needs_configs
 @pytest.mark.parametrize("name", NAMES)
 def test_yaml_round_trip(name, tmp_path):
     cfg = load_experiment(CONFIGS / name)
@@ -178,7 +171,6 @@ def _public(stem):
     return yaml.safe_load((CONFIGS / f"{stem}.yaml").read_text())
 
 
-@needs_configs
 def test_unet_config_values_take_their_fields_types():
     """The model's blocks too (unet_config, its inner_config and resnet_config, from a file or an override):
     a quoted 'false' is False, not a true string; a value of the wrong type is refused by its field's name."""

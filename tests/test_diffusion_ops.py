@@ -1,5 +1,4 @@
 """The fused diffusion ops: ref against an independent derivation, triton against ref (interpreter on CPU)."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +7,9 @@ import torch.nn.functional as F
 from mdm_fast.ops import BackendUnavailable, use_impl
 from mdm_fast.ops import diffusion_step as ds
 from mdm_fast.ops.diffusion_step import noisy_pyramid, sampler_update
+from mdm_fast.reference.data import reference_dir
 
-GOLDEN = Path("/work/shared/reference/golden/sampler_steps.pt")
+GOLDEN = reference_dir() / "golden" / "sampler_steps.pt"
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -148,7 +148,6 @@ def _max_err(got, want):
     return (got.double() - want.double()).abs().max().item()
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="golden files not present")
 @pytest.mark.parametrize("impl", ["ref", "triton"])
 def test_update_golden_public_steps(impl, device):
     """On the CPU both backends follow the public code's fp32 arithmetic to 1e-6. Near g_s = 1 eps divides

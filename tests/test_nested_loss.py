@@ -1,6 +1,5 @@
 """The nested training loss against a direct re-derivation of the public NestedDiffusion.get_loss."""
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,9 @@ import torch.nn.functional as F
 
 from mdm_fast.diffusion import DiffusionConfig, NestedDiffusion, NestedDiffusionConfig, SamplerConfig, prediction_kind
 from mdm_fast.diffusion.schedules import gamma_table, shift_gammas, vdm_loss_weights
+from mdm_fast.reference.data import reference_dir
 
-GOLDEN = Path("/work/shared/reference/golden")
+GOLDEN = reference_dir() / "golden"
 N = 50
 
 
@@ -215,7 +215,6 @@ def test_bad_configs_and_inputs():
         NestedDiffusion(_cfg(use_double_loss=True, multi_res_weights="4:1", no_use_residual=True), [16, 4])
 
 
-@pytest.mark.skipif(not (GOLDEN / "nested2_tiny.pt").exists(), reason="golden files not present")
 def test_reference_model_trains_and_samples():
     from mdm_fast.reference import build_model
 

@@ -2,16 +2,16 @@
 import copy
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from mdm_fast.reference import build_model, unet_config_from_dict
+from mdm_fast.reference.data import reference_dir
 from mdm_fast.reference.summary import summarize
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+SHARED = reference_dir()
 GOLDEN = SHARED / "golden"
 CONFIGS = SHARED / "ml-mdm-configs"
 CASES = sorted(json.loads((GOLDEN / "index.json").read_text()))
@@ -332,3 +332,21 @@ def test_a_temporal_models_image_sizes_are_checked_by_name():
         with pytest.raises(ValueError, match=f"image size {size}: this temporal model's 2x2 frame grid and levels "
                                              r"do not divide it evenly; sizes near it that they do: \[.*32"):
             model.check_image_size(size)
+
+
+def test_the_reference_cases_are_found_inside_the_checkout_first(tmp_path, monkeypatch):
+    """MDM_FAST_REFERENCE, then <checkout>/shared/reference (the device tool carries a shared/ folder of the
+    checkout), then <checkout>/../shared/reference (a developer's and CI's layout)."""
+    import mdm_fast.reference.data as data
+
+    checkout = tmp_path / "repo"
+    monkeypatch.setattr(data, "__file__", str(checkout / "mdm_fast" / "reference" / "data.py"))
+    monkeypatch.delenv("MDM_FAST_REFERENCE", raising=False)
+    beside, inside, named = (tmp_path / "shared" / "reference", checkout / "shared" / "reference",
+                             tmp_path / "elsewhere")
+    assert data.reference_dir() == beside  # none there: the last, for the error to name
+    for folder, env in ((beside, None), (inside, None), (named, str(named))):
+        folder.mkdir(parents=True)
+        if env:
+            monkeypatch.setenv("MDM_FAST_REFERENCE", env)
+        assert data.reference_dir() == folder

@@ -5,7 +5,7 @@ import torch
 import mdm_fast
 from mdm_fast.diffusion import NestedDiffusion, NestedDiffusionConfig
 from mdm_fast.engine import GraphedCallable, GraphedTrainStep, graphed_sampler_step, graphs
-from test_config import CONFIGS, needs_configs
+from test_config import CONFIGS
 from test_fast_model import randomize, tiny_inputs, tiny_nested_config
 from test_text import needs_minilm
 
@@ -376,7 +376,6 @@ def test_the_captured_steps_read_nothing_back_to_the_host(eta):
     assert watch.found == []
 
 
-@needs_configs
 @pytest.mark.parametrize("stem", ["256x256", "1024x1024"])
 def test_the_public_models_steps_read_nothing_back(monkeypatch, stem):
     """The public 256x256 and 1024x1024 configs (mixed ratios, micro-conditioning, text projection,

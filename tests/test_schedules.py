@@ -1,6 +1,5 @@
 """Schedules and configs: golden tables from the public sampler, shifts, strict config parsing."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,13 +10,12 @@ from mdm_fast.diffusion import (DiffusionConfig, LevelSchedule, NestedDiffusionC
                                 ScheduleType, ThresholdType, gamma_table, inference_timesteps, shift_gammas,
                                 vdm_loss_weights)
 from mdm_fast.diffusion.schedules import sigmoid_gammas
+from mdm_fast.reference.data import reference_dir
 
-GOLDEN = Path("/work/shared/reference/golden")
-CONFIGS = Path("/work/shared/reference/ml-mdm-configs")
-needs_golden = pytest.mark.skipif(not (GOLDEN / "schedules.pt").exists(), reason="golden files not present")
+GOLDEN = reference_dir() / "golden"
+CONFIGS = reference_dir() / "ml-mdm-configs"
 
 
-@needs_golden
 @pytest.mark.parametrize("key", ["COSINE_shift1_power1", "COSINE_shift4_power1", "COSINE_shift16_power2",
                                  "DDPM_shift1_power1", "DDPM_shift4_power1", "DDPM_shift16_power2",
                                  "DEEPFLOYD_shift1_power1", "DEEPFLOYD_shift4_power1", "DEEPFLOYD_shift16_power2"])
@@ -122,7 +120,6 @@ def test_config_from_dict_strict():
     assert DiffusionConfig.from_dict({}).sampler_config == SamplerConfig()
 
 
-@pytest.mark.skipif(not CONFIGS.exists(), reason="public configs not present")
 @pytest.mark.parametrize("name", ["cc12m_256x256.yaml", "cc12m_1024x1024.yaml"])
 def test_public_yaml_diffusion_blocks_load(name):
     d = yaml.safe_load((CONFIGS / name).read_text())

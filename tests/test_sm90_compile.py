@@ -82,8 +82,8 @@ def loss_and_sampling_step():  # the 256 model's training loss (noisy pyramid) a
         next(iter(sampler.steps(denoise, sampler.initial_noise(2, 3, 64))))
 
 def golden_step(name):  # a golden case's config and inputs (the temporal one: 1-D attention over frames)
-    from pathlib import Path
-    case = torch.load(Path("..") / "shared" / "reference" / "golden" / f"{name}.pt", weights_only=True)
+    from mdm_fast.reference.data import reference_dir
+    case = torch.load(reference_dir() / "golden" / f"{name}.pt", weights_only=True)
     model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
     model.load_state_dict(case["state_dict"])
     inp = case["inputs"]
