@@ -44,7 +44,7 @@ def _ref_branch(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: 
     if keep is not None:
         any_key = keep.any(-1)  # (B,)
         w = w.masked_fill(~(keep | ~any_key[:, None])[:, None, None, :], float("-inf"))
-    w = torch.softmax(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(q.dtype)
+    w = torch.softmax(w.to(torch.float64 if w.dtype == torch.float64 else torch.float32), dim=-1).to(q.dtype)
     out = torch.einsum("bhls,bhsd->bhld", w, v)
     return out if keep is None else out * any_key[:, None, None, None]
 
