@@ -70,11 +70,15 @@ $PY -c "from mdm_fast.reference.data import reference_dir as r; assert (r() / 'g
 if want models; then
   # the attention file compiles every autotune candidate at three shapes and two dtypes, with and without
   # a text mask (~4 minutes in one process with the mask only): split in five; the group norm's GPU cases
-  # compile ~270 kernels (104 s in one process on a 2-core CPU machine, compile only): a group of their own;
-  # the small ops' files run their CPU matrix on CUDA too (the device fixture): a group each
+  # compile ~270 kernels (104 s in one process on a 2-core CPU machine, compile only): split in four, its
+  # matrix by dtype; the small ops' files run their CPU matrix on CUDA too (the device fixture): a group each
+  gna=tests/test_group_norm_act.py
   tests gpu-tests 150 tests/test_fast_model.py tests/test_runners.py tests/test_precompile.py \
     "tests/test_train.py tests/test_cli.py tests/test_samplers.py" \
-    tests/test_group_norm_act.py tests/test_concat.py tests/test_diffusion_ops.py tests/test_bias_add.py \
+    "$gna::test_gpu_input_bias $gna::test_gpu_model_shapes $gna::test_gpu_runs_on_the_current_stream $gna::test_gpu_weight_none_and_split_path" \
+    "$gna::test_gpu_matches_reference -k dtype0" "$gna::test_gpu_matches_reference -k dtype1" \
+    "$gna::test_gpu_matches_reference -k dtype2" \
+    tests/test_concat.py tests/test_diffusion_ops.py tests/test_bias_add.py \
     tests/test_resample_ops.py \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype0" \
     "tests/test_attention.py::test_gpu_error_bounded_by_torch_lowprec -k dtype1" \
