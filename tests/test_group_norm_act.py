@@ -585,13 +585,27 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
     (dict(input_bias=torch.randn(2, 4)), r"input_bias must have shape \(4,\)"),
     (dict(act="relu"), "act must be 'silu' or None"),
     (dict(eps=-1.0), "eps"),
-    (dict(x=torch.randn(0, 4, 3, 3)), "must not be empty"),
 ])
 def test_bad_inputs_raise_value_error(kwargs, match):
     args = dict(x=torch.randn(2, 4, 3, 3), num_groups=2, weight=None, bias=None)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         group_norm_act(**args)
+
+
+def test_an_empty_batch_runs_like_pytorch_whatever_backend_was_asked():
+    """A mixed batch's top level can hold no samples (mixed_ratio at a small batch): an empty x gives an
+    empty output and zero parameter gradients, as PyTorch's ops do (it raised), on any requested backend."""
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    w, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    sc, sh = torch.randn(0, 4, requires_grad=True), torch.randn(0, 4, requires_grad=True)
+    for impl in ("triton", "ref"):
+        assert dispatch.resolve("group_norm_act", impl, x, w, b, sc, sh) == "ref"
+        y = group_norm_act(x, 2, w, b, scale=sc, shift=sh, impl=impl)
+        assert y.shape == x.shape
+        grads = torch.autograd.grad(y.sum(), (x, w, b, sc, sh))
+        assert [tuple(g.shape) for g in grads] == [(0, 4, 3, 3), (4,), (4,), (0, 4), (0, 4)]
+        assert all(not g.any() for g in grads)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------

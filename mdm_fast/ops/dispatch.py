@@ -120,9 +120,12 @@ def impl_for(op_name: str, impl: str) -> str:
 def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
     """The concrete backend that will run ``op_name`` on these arguments. A global request
     (:func:`use_impl`, ``MDM_FAST_IMPL``) is a preference as :func:`impl_for` makes it: ops without that
-    backend choose automatically; an op that has it but cannot run these inputs raises, saying why."""
-    want = requested_impl(impl)
+    backend choose automatically; an op that has it but cannot run these inputs raises, saying why. An
+    empty input runs the ref backend, whatever was asked."""
     op = _REGISTRY[op_name]
+    if _empty(args):  # nothing to compute (a mixed batch's empty top level): PyTorch's ops take empty tensors
+        return "ref"
+    want = requested_impl(impl)
     if impl == "auto" and want != "auto":
         want = impl_for(op_name, want)
     if want != "auto":
@@ -136,6 +139,12 @@ def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
         if backend in op.reasons and why_not(op_name, backend, *args, **kwargs) is None:
             return backend
     return "ref"
+
+
+def _empty(args) -> bool:
+    """The first tensor argument (the op's input) has no elements."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return first is not None and first.numel() == 0
 
 
 def _on_interpreter(args, kwargs) -> bool:

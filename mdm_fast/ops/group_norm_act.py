@@ -353,8 +353,6 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, act, input_bias) -> N
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"group_norm_act: num_groups must be a positive int dividing the {C} channels, "
                          f"got {num_groups!r}")
-    if x.numel() == 0:
-        raise ValueError(f"group_norm_act: x must not be empty, got shape {tuple(x.shape)}")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"group_norm_act: eps must be a non-negative float, got {eps!r}")
     if act not in _ACTS:
