@@ -91,7 +91,8 @@ def test_max_caption_length_counts_bytes_and_the_two_spaces_of_the_public_reader
     (folder / "captions.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     ds = build_dataset(str(folder), ReaderConfig(image_size=16, max_caption_length=10))
     assert [ds[(i, 0)]["label"] for i in range(3)] == [0, 3, 3]
-    with pytest.raises(RuntimeError, match="unreadable"):  # 0 keeps no caption (each has its two spaces)
+    with pytest.raises(ValueError, match=r"consecutive samples from index 3 are unusable \(the last: "):  # 0 keeps
+        # no caption (each has its two spaces)
         build_dataset(str(folder), ReaderConfig(image_size=16, max_caption_length=0))[(3, 0)]
 
 
@@ -175,8 +176,9 @@ def test_tables_with_a_byte_order_mark_stray_quotes_or_upper_case_suffixes(tmp_p
 
 
 def test_everything_corrupt_is_a_clear_error(tmp_path):
+    """A data set whose samples all fail is one ValueError (the CLI's one error line) naming the last reason."""
     ds = build_dataset(str(_folder(tmp_path, corrupt=range(5))), R)
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(ValueError, match=r"64 consecutive samples from index 0 are unusable \(the last: .*img"):
         ds[(0, 0)]
 
 
@@ -519,7 +521,8 @@ def test_workers_give_the_same_batches(tmp_path):
 
 
 def test_precomputed_text_embeddings_are_padded_with_a_mask(tmp_path):
-    """Embeddings (T, D), or (1, T, D) as saved with a batch axis, padded to the longest with a mask."""
+    """Embeddings (T, D), or (1, T, D) as saved with a batch axis, padded to the longest with a mask that
+    leaves out all-zero rows."""
     _folder(tmp_path)
     rows = ["file\tcaption\ttext_embedding"]
     for i in range(2):
@@ -531,3 +534,9 @@ def test_precomputed_text_embeddings_are_padded_with_a_mask(tmp_path):
     assert batch["text_embedding"].shape == (2, 3, 6)
     assert batch["text_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
     assert batch["text_embedding"][0, 2].abs().sum() == 0 and batch["text_embedding"][1, 2, 0] == 2
+    # stored zero rows (an encoder's output padded to a fixed length, as the public precompute saves it) are
+    # padding: masked, as the public mask from the caption's tokens masks them (they were kept as tokens)
+    padded = np.zeros((4, 6), np.float32)
+    padded[:2] = 1
+    batch = collate([{**ds[(0, 0)], "text_embedding": padded}, ds[(1, 0)]])
+    assert batch["text_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]

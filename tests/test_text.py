@@ -339,3 +339,59 @@ def test_a_t5_encoder_is_fed_the_public_tokens(tmp_path, monkeypatch):
         big = tmp_path / "big.vocab"
         big.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(8)]))
         build_text_encoder(_cfg(text_model=str(tmp_path), vocab_file=str(big)))
+
+
+@needs_minilm
+def test_hugging_face_folders_the_encoder_takes_and_refuses(tmp_path, monkeypatch):
+    """A folder saved in bf16 runs in fp32 (as the public encoder); an encoder-decoder (BART) gives its
+    encoder's states, not its decoder's; a model without a text vocabulary (a whole CLIP), a tokenizer that
+    is not the model's (none saved: a 5-token fallback fed every word as [UNK]) and captions that give no
+    token are named errors; a hub name in the local Hugging Face cache loads from there, offline."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = minilm_encoder().tokenizer
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tok), d_model=8, d_ff=16, d_kv=4,
+                                                           num_layers=1, num_heads=2))
+    t5.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in HFTextEncoder(str(tmp_path / "bf16")).model.parameters()} == {torch.float32}
+    bart = transformers.BartModel(transformers.BartConfig(vocab_size=len(tok), d_model=8, encoder_layers=1,
+                                                          decoder_layers=1, encoder_attention_heads=2,
+                                                          decoder_attention_heads=2, encoder_ffn_dim=16,
+                                                          decoder_ffn_dim=16, max_position_embeddings=64)).eval()
+    bart.save_pretrained(tmp_path / "bart")
+    tok.save_pretrained(tmp_path / "bart")
+    cond, mask = HFTextEncoder(str(tmp_path / "bart")).encode_text(["a red car"], torch.device("cpu"))
+    ids = tok(["a red car"], return_tensors="pt")
+    with torch.no_grad():
+        want = bart.get_encoder()(**ids).last_hidden_state
+    torch.testing.assert_close(cond, want * mask[..., None])
+    transformers.CLIPConfig().save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="clip model without a text vocabulary"):
+        HFTextEncoder(str(tmp_path / "clip"))
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=1000, hidden_size=8, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=16))
+    bert.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="tokens for a model of 1000 token embeddings; save the model's tokenizer"):
+        HFTextEncoder(str(tmp_path / "bert"))
+    small = transformers.BertModel(transformers.BertConfig(vocab_size=len(TOY), hidden_size=8, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=16))
+    small.save_pretrained(tmp_path / "bare")
+    unigram = Tokenizer(models.Unigram([(p, float(s)) for p, s in TOY], unk_id=BOS))  # adds no end token
+    transformers.PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>").save_pretrained(
+        tmp_path / "bare")
+    bare = HFTextEncoder(str(tmp_path / "bare"))
+    with pytest.raises(ValueError, match="a caption gives no tokens"):
+        bare.null(1, torch.device("cpu"))
+    # the local Hugging Face cache's copy of a hub name: refs/main -> snapshots/<revision>
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-t5" / "snapshots" / "abc123"
+    snapshot.parent.mkdir(parents=True)
+    (tmp_path / "bf16").rename(snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert HFTextEncoder("org/tiny-t5").folder == snapshot

@@ -78,6 +78,7 @@ class SampleDataset(Dataset):
     def __getitem__(self, item) -> Dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, item)
         rng = np.random.default_rng(seed)
+        last = "?"
         for skipped in range(MAX_SKIPS):
             i = (index + skipped) % len(self)
             try:
@@ -86,14 +87,16 @@ class SampleDataset(Dataset):
                     self.check(sample)
             except LongCaption as e:  # dropped, as the public reader does (counted, not logged one by one)
                 log.debug("skipping sample %d of %s: %s", i, type(self).__name__, e)
+                last = str(e)
                 continue
             except (CorruptImage, OSError, KeyError, ValueError, EOFError) as e:  # EOFError: an empty .npy
                 log.warning("skipping sample %d of %s: %s", i, type(self).__name__, e)
+                last = str(e)
                 continue
             sample["_skipped"] = skipped
             return sample
-        raise RuntimeError(f"{type(self).__name__}: {MAX_SKIPS} consecutive samples from index {index} are "
-                           "unreadable; check the dataset")
+        raise ValueError(f"{type(self).__name__}: {MAX_SKIPS} consecutive samples from index {index} are "
+                         f"unusable (the last: {last}); check the dataset and the config")
 
 
 class ArrayDataset(SampleDataset):

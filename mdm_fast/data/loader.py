@@ -88,7 +88,7 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         mask = torch.zeros(len(embs), t)
         for i, e in enumerate(embs):
             emb[i, : e.shape[0]] = torch.from_numpy(e)
-            mask[i, : e.shape[0]] = 1
+            mask[i, : e.shape[0]] = torch.from_numpy(np.abs(e).sum(-1) > 0)  # stored all-zero rows: padding
         out["text_embedding"], out["text_mask"] = emb, mask
     return out
 

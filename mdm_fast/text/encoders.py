@@ -158,10 +158,18 @@ class PrecomputedEncoder(TextEncoder):
 
 
 def _require_local_folder(path: str, what: str, how: str) -> Path:
+    """A model folder: ``path``, or the Hugging Face cache's copy of the hub name ``path`` (never fetched)."""
     p = Path(path).expanduser()
+    if not p.is_dir() and "/" in path and not p.is_absolute():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not in the cache (or no huggingface_hub): named below
+            pass
     if not (p.is_dir() and (p / "config.json").is_file()):
-        raise ValueError(f"{what}: {path!r} is not a local model folder (no config.json there). mdm_fast never "
-                         f"downloads weights at run time; {how}")
+        raise ValueError(f"{what}: {path!r} is not a local model folder (no config.json there) nor in the Hugging "
+                         f"Face cache. mdm_fast never downloads weights at run time; {how}")
     return p
 
 
@@ -194,12 +202,21 @@ class HFTextEncoder(TextEncoder):
         except ImportError as e:
             raise ValueError(f"{what}: text encoders need the `transformers` package (pip install transformers)") from e
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        if not isinstance(getattr(config, "vocab_size", None), int):
+            raise ValueError(f"{what}: {folder} holds a {config.model_type} model without a text vocabulary (a "
+                             "CLIP model's text encoder is saved with CLIPTextModel); give a text encoder")
         if config.model_type in ("t5", "mt5", "umt5"):
             model = transformers.T5EncoderModel.from_pretrained(folder, local_files_only=True)
         else:
             model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+            if getattr(config, "is_encoder_decoder", False):  # BART and the like: their encoder's states
+                model = model.get_encoder()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = model.eval().requires_grad_(False)
+        if len(self.tokenizer) < config.vocab_size // 2:  # a fallback tokenizer, not the model's
+            raise ValueError(f"{what}: the tokenizer found in {folder} has {len(self.tokenizer)} tokens for a model "
+                             f"of {config.vocab_size} token embeddings; save the model's tokenizer beside it")
+        # fp32 whatever dtype the folder was saved in (the public code's encoder; autocast may lower it)
+        self.model = model.float().eval().requires_grad_(False)
         self.is_t5 = config.model_type in ("t5", "mt5", "umt5")
         # no limit given (max_token_length <= 0): a T5's relative positions take any length, a model with
         # absolute positions takes up to its own number of them
@@ -248,6 +265,9 @@ class HFTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> Cond:
+        if ids.numel() == 0 or not mask.sum(1).all():
+            raise ValueError(f"a caption gives no tokens with {self.folder}'s tokenizer (one that adds no end "
+                             "token: the empty caption, the guidance null, has none); give it an end token")
         model_device = next(self.model.parameters()).device
         mask = mask.to(model_device, non_blocking=True)
         ids = ids.to(model_device, non_blocking=True)
