@@ -335,6 +335,10 @@ def test_a_t5_encoder_is_fed_the_public_tokens(tmp_path, monkeypatch):
     exact = tmp_path / "exact.vocab"  # as many pieces as the model has embeddings: fine
     exact.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(4)]))
     enc.use_public_tokens(str(exact), ReaderConfig())
+    other = tmp_path / "other.vocab"  # another T5's pieces (an mT5's): every id would name another piece
+    other.write_text("".join(f"{p}\t{s}\n" for p, s in TOY[:4] + TOY[5:] + TOY[4:5]))
+    with pytest.raises(ValueError, match=r"is not the vocabulary of .* \(their piece 4 differs: 'a' in"):
+        enc.use_public_tokens(str(other), ReaderConfig())
     with pytest.raises(ValueError, match="more than the 16"):
         big = tmp_path / "big.vocab"
         big.write_text("".join(f"{p}\t{s}\n" for p, s in TOY + [(f"w{i}", -5) for i in range(8)]))

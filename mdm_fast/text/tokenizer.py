@@ -90,10 +90,18 @@ class VocabTokenizer:
 def load_vocab(vocab_file: str, model_folder: str) -> VocabTokenizer:
     """The public ``vocab_file`` where it exists, else the T5 vocabulary saved with the model (the Unigram
     model of its ``tokenizer.json``: the same pieces and ids, with unrounded scores)."""
-    if vocab_file and Path(vocab_file).is_file():
-        return VocabTokenizer.from_vocab_file(Path(vocab_file))
     saved = Path(model_folder).expanduser() / "tokenizer.json"
     model = json.loads(saved.read_text(encoding="utf-8")).get("model", {}) if saved.is_file() else {}
+    if vocab_file and Path(vocab_file).is_file():
+        vocab = VocabTokenizer.from_vocab_file(Path(vocab_file))
+        if model.get("type") == "Unigram":  # another T5's vocabulary (an mT5's) would feed it wrong ids
+            own = VocabTokenizer(((piece, logp) for piece, logp in model["vocab"]), str(saved))
+            differ = next((i for i, (a, b) in enumerate(zip(vocab.ids, own.ids)) if a != b), None)
+            if differ is not None:
+                raise ValueError(f"vocab_file {vocab_file!r} is not the vocabulary of {model_folder} (their piece "
+                                 f"{differ} differs: {model['vocab'][differ][0]!r} in the model's tokenizer.json); "
+                                 "leave vocab_file out to use the model's own")
+        return vocab
     if model.get("type") != "Unigram":
         raise ValueError(f"vocab_file {vocab_file!r}: no such file, and {model_folder} holds no T5 (Unigram) "
                          "tokenizer.json; set vocab_file to the public T5 vocabulary (ml-mdm's data/t5.vocab)")
