@@ -94,6 +94,8 @@ def test_minilm_offline_and_a_local_t5(tmp_path, monkeypatch):
     c, m = t5_enc.encode_batch({"caption": ["one two three", "x"]}, torch.device("cpu"))
     assert c.shape[-1] == 16 and m.shape == c.shape[:2]
     assert HFTextEncoder(str(tmp_path), max_tokens=-1).max_tokens is None  # relative positions: no cut
+    with pytest.raises(ValueError, match="text_dim: 64, but .*'s width is 16"):  # it was silently ignored
+        build_text_encoder(_cfg(text_model=str(tmp_path), vocab_file=str(vocab), text_dim=64))
 
 
 @needs_minilm

@@ -344,6 +344,9 @@ def build_text_encoder(cfg, device: Optional[torch.device] = None) -> TextEncode
             enc.use_public_tokens(cfg.vocab_file, cfg.reader_config)
     else:
         raise ValueError(f"text_encoder: expected one of auto, class, precomputed, minilm, t5, hf; got {kind!r}")
+    if isinstance(enc, HFTextEncoder) and cfg.text_dim > 0 and cfg.text_dim != enc.embed_dim:
+        raise ValueError(f"text_dim: {cfg.text_dim}, but {cfg.text_model}'s width is {enc.embed_dim} (text_dim is "
+                         "the width of precomputed embeddings; leave it out)")
     return enc.to(device) if device is not None else enc
 
 
