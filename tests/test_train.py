@@ -739,9 +739,10 @@ def test_saved_files_follow_the_umask_and_unreadable_checkpoints_are_set_aside(t
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_aborts(tmp_path, signame):
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_aborts(tmp_path, signame, monkeypatch):
     """Ctrl-C or a preemption notice (one process): the step under way ends, a checkpoint is written there
-    (save_freq far off), the handlers are put back; a second signal aborts at once."""
+    (save_freq far off), the handlers are put back; a second signal aborts at once, but not under a
+    one-rank torchrun, whose launcher forwards the signal again."""
     import signal
 
     sig = getattr(signal, signame)
@@ -759,6 +760,10 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_aborts(tmp
     with pytest.raises(KeyboardInterrupt, match=f"{signame} again: aborted"):
         tr.train(sample_fn=twice)
     assert not list_checkpoints(tmp_path / "two") and signal.getsignal(sig) is before
+    # a one-rank torchrun: the launcher forwards the signal the rank may have had already; a repeat is ignored
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    tr = Trainer(tiny(tmp_path / "torchrun", num_training_steps=10, save_freq=100, sample_freq=1), quiet=True)
+    assert tr.train(sample_fn=twice)["step"] == 2 and [s for s, _ in list_checkpoints(tmp_path / "torchrun")] == [2]
 
 
 def _disagreeing_worker(rank, world, port, out):
@@ -817,6 +822,39 @@ def test_under_torchrun_one_ranks_signal_or_deadline_stops_every_rank_at_one_ste
     spawn_on_free_port(_stopping_worker, str(tmp_path), how)
     assert [(tmp_path / f"stopped_{rank}").read_text() for rank in (0, 1)] == ["1", "1"]
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
+
+
+def test_a_schedulers_sigterm_to_the_whole_job_stops_with_a_checkpoint(tmp_path):
+    """SIGTERM to every process of the job (a scheduler's, as a one-rank torchrun gets it) while loader workers
+    run: the run stops after the step under way with a checkpoint and exits 0 (the workers died of it and
+    failed the step), and the workers end (they ignore SIGTERM: the trainer shuts them down)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny(tmp_path / "run", num_training_steps=100_000, save_freq=100_000, reader_config={
+        "image_size": 16, "num_readers": 1})
+    cfg.to_yaml(tmp_path / "run.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "test"}
+    proc = subprocess.Popen([sys.executable, "-m", "mdm_fast.cli.main", "train", "--config",
+                             str(tmp_path / "run.yaml")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (
+                metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        for _ in range(2):  # the trainer and its loader worker, twice in a row (they may arrive as one)
+            os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = proc.stderr.read().decode()
+    assert rc == 0, err[-2000:]
+    assert list_checkpoints(tmp_path / "run"), err[-2000:]
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):

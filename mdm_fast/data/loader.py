@@ -13,6 +13,7 @@ reached (``start_position``), then goes on in steps of the new G.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -93,6 +94,23 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker ignores SIGINT and SIGTERM: the trainer stops after the step under way on them, and
+    the signal reaches the workers too (a terminal's Ctrl-C, torchrun's and schedulers' forwarding to the
+    process group), where it killed them and failed that step. The main process ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def close_loader(iterator) -> None:
+    """End a loader iterator's workers now. A persistent worker's shutdown would otherwise wait for the
+    garbage collector, and at interpreter exit multiprocessing ends workers with SIGTERM, which they
+    ignore (:func:`ignore_stop_signals`)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # PyTorch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
 def make_loader(dataset: SampleDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
                 accumulations: int = 1, seed: int = 0, start_step: int = 0, num_steps: int = -1,
                 num_workers: int = 0, pin_memory: bool = False, prefetch_batches: int = 4,
@@ -104,6 +122,7 @@ def make_loader(dataset: SampleDataset, batch_size: int, *, rank: int = 0, world
     workers = max(0, min(num_workers, (os.cpu_count() or 1)))
     kwargs: Dict[str, Any] = {}
     if workers > 0:
-        kwargs = {"persistent_workers": True, "prefetch_factor": max(2, min(8, prefetch_batches // workers))}
+        kwargs = {"persistent_workers": True, "prefetch_factor": max(2, min(8, prefetch_batches // workers)),
+                  "worker_init_fn": ignore_stop_signals}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
                       pin_memory=pin_memory, drop_last=False, **kwargs)

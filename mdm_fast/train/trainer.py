@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -29,7 +30,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from mdm_fast.config import ExperimentConfig
-from mdm_fast.data import build_dataset, make_loader, to_model_range
+from mdm_fast.data import build_dataset, close_loader, make_loader, to_model_range
 from mdm_fast.models.cast_weights import CastEachCall
 from mdm_fast.text import build_text_encoder, drop_conditioning, encodes_prompts
 from mdm_fast.train import checkpoint as ckpt_io
@@ -451,14 +452,15 @@ class Trainer:
     def _stop_on_signals(self) -> Iterator[List[str]]:
         """In the main thread, SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) stops the run after
         the step under way, with a checkpoint; the yielded list names the signal once one came. One process:
-        a second signal aborts. Under torchrun every rank stops at the same step (``_stops_here``), and a
-        repeat is ignored: the launcher forwards the signal it got to ranks that may have had it already (a
-        terminal's Ctrl-C reaches every process of the job), and kills them itself 30 s after forwarding."""
+        a second signal aborts. Under torchrun (any number of ranks) every rank stops at the same step
+        (``_stops_here``), and a repeat is ignored: the launcher forwards the signal it got to ranks that may
+        have had it already (a terminal's Ctrl-C, a scheduler's SIGTERM reach every process of the job), and
+        kills them itself 30 s after forwarding."""
         received: List[str] = []
         if threading.current_thread() is not threading.main_thread():
             yield received
             return
-        one = self.dist.world_size == 1
+        one = self.dist.world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ  # not under torchrun
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
@@ -526,8 +528,11 @@ class Trainer:
                              prefetch_batches=min(cfg.reader_config.reader_buffer_size, 32))
         it = iter(loader)
         bar = tqdm(total=total, initial=self.step, desc="training", disable=self.quiet, dynamic_ncols=True)
-        with self._stop_on_signals() as signalled:
-            last = self._loop(todo, it, bar, metrics, deadline, signalled, sample_fn)
+        try:
+            with self._stop_on_signals() as signalled:
+                last = self._loop(todo, it, bar, metrics, deadline, signalled, sample_fn)
+        finally:
+            close_loader(it)
         bar.close()
         if metrics is not None:
             plot_loss(metrics.read(), self.out / "loss.png", title=f"{cfg.name or cfg.model}: training loss")
