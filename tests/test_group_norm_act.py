@@ -5,6 +5,7 @@ every gradient. GPU tests bound each backend's error by twice PyTorch's own erro
 (the reference run in that precision vs fp64), plus a small atol, as flash-attention's tests do.
 """
 import concurrent.futures
+import functools
 import math
 from typing import List
 
@@ -593,15 +594,17 @@ def test_bad_inputs_raise_value_error(kwargs, match):
         group_norm_act(**args)
 
 
-def test_an_empty_batch_runs_like_pytorch_whatever_backend_was_asked():
+def test_an_empty_batch_runs_like_pytorch_whatever_backend_was_asked_also_compiled():
     """A mixed batch's top level can hold no samples (mixed_ratio at a small batch): an empty x gives an
-    empty output and zero parameter gradients, as PyTorch's ops do (it raised), on any requested backend."""
+    empty output and zero parameter gradients, as PyTorch's ops do (it raised), on any requested backend,
+    and under torch.compile (which runs the custom op: its ref code reshaped to (0, G, -1))."""
     x = torch.randn(0, 4, 3, 3, requires_grad=True)
     w, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
     sc, sh = torch.randn(0, 4, requires_grad=True), torch.randn(0, 4, requires_grad=True)
-    for impl in ("triton", "ref"):
+    compiled = torch.compile(functools.partial(group_norm_act, num_groups=2), backend="aot_eager", fullgraph=True)
+    for impl, fn in (("triton", group_norm_act), ("ref", group_norm_act), ("ref", compiled)):
         assert dispatch.resolve("group_norm_act", impl, x, w, b, sc, sh) == "ref"
-        y = group_norm_act(x, 2, w, b, scale=sc, shift=sh, impl=impl)
+        y = fn(x, num_groups=2, weight=w, bias=b, scale=sc, shift=sh, impl=impl)
         assert y.shape == x.shape
         grads = torch.autograd.grad(y.sum(), (x, w, b, sc, sh))
         assert [tuple(g.shape) for g in grads] == [(0, 4, 3, 3), (4,), (4,), (0, 4), (0, 4)]

@@ -328,25 +328,25 @@ def test_a_temporal_models_image_sizes_are_checked_by_name():
     model = build_model(case["model"], case["unet_config"], case["input_channels"], case["output_channels"])
     for size in (32, 36):
         model.check_image_size(size)
-    for size in (30, 34):
+    for size in (30, 33, 34):  # an odd size too: the sizes offered are the grid's multiples
         with pytest.raises(ValueError, match=f"image size {size}: this temporal model's 2x2 frame grid and levels "
                                              r"do not divide it evenly; sizes near it that they do: \[.*32"):
             model.check_image_size(size)
 
 
 def test_the_reference_cases_are_found_inside_the_checkout_first(tmp_path, monkeypatch):
-    """MDM_FAST_REFERENCE, then <checkout>/shared/reference (the device tool carries a shared/ folder of the
-    checkout), then <checkout>/../shared/reference (a developer's and CI's layout)."""
+    """MDM_FAST_REFERENCE where set, else <checkout>/shared/reference (the device tool carries a shared/
+    folder of the checkout), then <checkout>/../shared/reference (a developer's and CI's layout)."""
     import mdm_fast.reference.data as data
 
     checkout = tmp_path / "repo"
     monkeypatch.setattr(data, "__file__", str(checkout / "mdm_fast" / "reference" / "data.py"))
     monkeypatch.delenv("MDM_FAST_REFERENCE", raising=False)
     beside, inside, named = (tmp_path / "shared" / "reference", checkout / "shared" / "reference",
-                             tmp_path / "elsewhere")
+                             tmp_path / "not-made")
     assert data.reference_dir() == beside  # none there: the last, for the error to name
-    for folder, env in ((beside, None), (inside, None), (named, str(named))):
+    for folder in (beside, inside):
         folder.mkdir(parents=True)
-        if env:
-            monkeypatch.setenv("MDM_FAST_REFERENCE", env)
         assert data.reference_dir() == folder
+    monkeypatch.setenv("MDM_FAST_REFERENCE", str(named))  # named: that one, there or not (the error names it)
+    assert data.reference_dir() == named

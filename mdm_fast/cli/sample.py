@@ -166,8 +166,8 @@ def _device(args) -> torch.device:
 def check_run(args, diffusion, encoder, prompts: List[str], device: torch.device) -> None:
     """What sampling would refuse, refused before the --out folder is touched (a run without
     --skip-existing removes the folder's images first): the steps and eta, prompts the encoder cannot
-    take (class indices for a class model: all of them; a text model takes any), --cuda-graphs on
-    without CUDA."""
+    take (a class model's: all of them; a text model's: the first, which shows the encoder works), the
+    negative prompt, --cuda-graphs on without CUDA."""
     from mdm_fast.text import ClassLabelEncoder, encode_prompts
 
     diffusion.sampler(num_inference_steps=args.steps, ddim_eta=args.eta)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdm_fast.models.tensors import is_sharded, same_view
+from mdm_fast.ops.dispatch import accumulation_dtype
 from mdm_fast.ops.time_proj import ParamCache, found_once
 
 
@@ -69,7 +70,7 @@ class TextProjections:
     def _fold(m: nn.Module, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """The layer's folded (2C, D) weight and (2C,) bias in fp32 (fp64 for fp64), from its Linear's parameters in
         ``dtype`` (what autocast would multiply by: a model whose weights were cast once folds the same)."""
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(dtype)
         w, b = m.kv_cond.weight.to(dtype).to(acc), m.kv_cond.bias.to(dtype).to(acc)
         gamma, beta = m.norm_cond.weight, m.norm_cond.bias
         if beta is not None:

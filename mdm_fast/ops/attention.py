@@ -7,7 +7,8 @@ the sum the public ``SelfAttention`` computes (its 1/sqrt(sqrt(d)) on q and k is
 Backends: ``triton`` (one fused flash kernel, :mod:`mdm_fast.kernels.attention`), ``sdpa`` (two
 ``F.scaled_dot_product_attention`` calls and a sum), ``flash_attn`` / ``xformers`` (that library's
 kernel for the unmasked self branch, SDPA for a key-masked text branch; when installed) and ``ref``
-(the public einsum formulation, fp32 softmax). ``impl="auto"`` follows the measured order in the
+(the public einsum formulation, softmax in fp32, fp64 for fp64; the kernels take fp16/bf16/fp32,
+sdpa and ref also fp64). ``impl="auto"`` follows the measured order in the
 ``dispatch.register`` call below.
 
 Masked keys: a query whose keys in a branch are all masked gets ZERO from that branch (the public
@@ -44,7 +45,7 @@ def _ref_branch(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: 
     if keep is not None:
         any_key = keep.any(-1)  # (B,)
         w = w.masked_fill(~(keep | ~any_key[:, None])[:, None, None, :], float("-inf"))
-    w = torch.softmax(w.to(torch.float64 if w.dtype == torch.float64 else torch.float32), dim=-1).to(q.dtype)
+    w = torch.softmax(w.to(dispatch.accumulation_dtype(w.dtype)), dim=-1).to(q.dtype)
     out = torch.einsum("bhls,bhsd->bhld", w, v)
     return out if keep is None else out * any_key[:, None, None, None]
 
@@ -365,7 +366,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cond: Optional[Tensor] = None, 
     (B, heads, T, d) or None (plain self-attention); cond_mask (B, T), nonzero = keep (bool, int or
     float); self_mask (B, S), nonzero = keep, masks the self branch's keys (the 1-D attention of
     the LM head); scale defaults to 1/sqrt(d). q, k, v, k_cond, v_cond share one dtype (float16,
-    bfloat16 or float32) and device; any strides.
+    bfloat16, float32, or float64 on the sdpa and ref backends) and device; any strides.
 
     A query whose keys in a branch are ALL masked gets zero from that branch (the public code
     gives NaN), and finite gradients.

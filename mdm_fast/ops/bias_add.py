@@ -5,9 +5,9 @@ The fast ResNet runs its 3x3 convolutions without bias: ``conv2``'s is added her
 skip (``h + x`` of the public code: one pass instead of cuDNN's broadcast bias pass and then the
 residual add); ``conv1``'s is added by the group norm that reads its output
 (``group_norm_act(..., input_bias=)``), so that no pass writes that sum. Backward: ``dx = dresidual
-= dy``, ``dbias = dy`` summed over batch and pixels (fp32).
+= dy``, ``dbias = dy`` summed over batch and pixels (fp32; fp64 for fp64).
 
-x (B, C, H, W) fp16/bf16/fp32, NCHW or channels_last; bias (C,) in any float dtype (an fp32
+x (B, C, H, W) fp16/bf16/fp32 (fp64: the ref backend), NCHW or channels_last; bias (C,) in any float dtype (an fp32
 parameter under autocast is read as is); residual None or x's shape, dtype and layout.
 Backends: ``triton`` (CUDA, or the CPU interpreter by name), ``ref`` (PyTorch: ``x + bias``, then
 ``+ residual``, each rounded to x's dtype, as the public code).
@@ -54,7 +54,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     n = ctx.needs_input_grad
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32  # (no dispatched op: roofline counts)
+    acc = dispatch.accumulation_dtype(dy.dtype)
     dbias = dy.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype) if n[1] else None  # (C,)
     return (dy if n[0] else None), dbias, (dy if ctx.has_residual and n[2] else None), None
 

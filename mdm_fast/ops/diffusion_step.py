@@ -132,7 +132,7 @@ def step(x_t: Tensor, x0: Tensor, g: Tensor, g_s: Tensor, eta: Optional[float],
 
 def _acc(t: Tensor) -> Tensor:
     """fp32 arithmetic for every dtype but fp64 (kept, so the ref backend can serve as an fp64 oracle)."""
-    return t if t.dtype == torch.float64 else t.float()
+    return t.to(dispatch.accumulation_dtype(t.dtype))
 
 
 def _per_sample(g: Tensor, level: int, like: Tensor) -> Tensor:

@@ -123,9 +123,9 @@ def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
     backend choose automatically; an op that has it but cannot run these inputs raises, saying why. An
     empty input runs the ref backend, whatever was asked."""
     op = _REGISTRY[op_name]
+    want = requested_impl(impl)  # a bad name raises, empty input or not
     if _empty(args):  # nothing to compute (a mixed batch's empty top level): PyTorch's ops take empty tensors
         return "ref"
-    want = requested_impl(impl)
     if impl == "auto" and want != "auto":
         want = impl_for(op_name, want)
     if want != "auto":
@@ -142,7 +142,7 @@ def resolve(op_name: str, impl: str, *args, **kwargs) -> str:
 
 
 def _empty(args) -> bool:
-    """The first tensor argument (the op's input) has no elements."""
+    """The first tensor argument has no elements (an op's input, or its batch's per-sample values)."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     return first is not None and first.numel() == 0
 
@@ -153,6 +153,13 @@ def _on_interpreter(args, kwargs) -> bool:
 
 
 # ---- common reasons shared by the ops ------------------------------------------------------
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the PyTorch backends sum and normalise in: fp32, or fp64 for fp64 (a float64 model stays float64
+    throughout). A plain branch: torch.promote_types would dispatch an op the roofline counts."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 
 def triton_interpreting() -> bool:

@@ -74,7 +74,7 @@ def _format(x: Tensor) -> torch.memory_format:
 
 
 def _group_stats(x: Tensor, num_groups: int, eps: float) -> Tuple[Tensor, Tensor]:
-    var, mean = torch.var_mean(x.float().reshape(x.shape[0], num_groups, -1), dim=-1, unbiased=False)
+    var, mean = torch.var_mean(x.float().unflatten(1, (num_groups, -1)).flatten(2), dim=-1, unbiased=False)
     return mean, torch.rsqrt(var + eps)  # (B, G) fp32
 
 
@@ -104,17 +104,18 @@ def _ref_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps
     d = gain * bias.to(ct) if bias is not None else torch.zeros_like(gain)
     if shift is not None:
         d = d + shift.to(ct)
-    xhat = (_plus_input_bias(x, input_bias).to(ct).reshape(B, num_groups, -1) - mean[..., None]) * rstd[..., None]
-    xhat = xhat.reshape(B, C, -1)  # (B, C, S)
-    dz = dy.to(ct).reshape(B, C, -1)
+    # unflatten / flatten, not reshape(B, ..., -1): an empty batch (B = 0) has no -1 to infer
+    xb = _plus_input_bias(x, input_bias).to(ct).unflatten(1, (num_groups, -1)).flatten(2)  # (B, G, C/G * S)
+    xhat = ((xb - mean[..., None]) * rstd[..., None]).unflatten(2, (C // num_groups, -1)).flatten(1, 2)  # (B, C, S)
+    dz = dy.to(ct).flatten(2)
     if silu:
         z = xhat * k[..., None] + d[..., None]
         sg = torch.sigmoid(z)
         dz = dz * sg * (1 + z * (1 - sg))
     s1, s2 = dz.sum(-1), (dz * xhat).sum(-1)  # (B, C)
     n = xhat.shape[-1] * (C // num_groups)
-    c1 = (k * s1).reshape(B, num_groups, -1).sum(-1) / n  # (B, G)
-    c2 = (k * s2).reshape(B, num_groups, -1).sum(-1) / n
+    c1 = (k * s1).unflatten(1, (num_groups, -1)).sum(-1) / n  # (B, G)
+    c2 = (k * s2).unflatten(1, (num_groups, -1)).sum(-1) / n
     expand = lambda t: t.repeat_interleave(C // num_groups, dim=1)[..., None]  # (B, G) -> (B, C, 1)
     dx = expand(rstd) * (dz * k[..., None] - expand(c1) - xhat * expand(c2))  # (B, C, S)
     dx_terms = None if input_bias is None else dx.sum(2)  # (B, C), from dx before it is rounded
@@ -397,7 +398,7 @@ def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act, input_
     """The ref backend outside torch.compile: the public formula in fp32 (fp64 kept) with PyTorch's own
     kernels and autograd, which on a CPU is faster than the custom op's formula-by-formula backward.
     Under torch.compile the custom op (same numbers, traceable) runs instead."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = dispatch.accumulation_dtype(x.dtype)
     up = [None if t is None else t.to(acc) for t in (x, weight, bias, scale, shift)]
     y = reference(_plus_input_bias(up[0], input_bias), num_groups, up[1], up[2], eps, up[3], up[4], act)
     return y.to(x.dtype).contiguous(memory_format=_format(x))

@@ -56,7 +56,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _acc(weight: Tensor) -> Tensor:
-    return weight if weight.dtype == torch.float64 else weight.float()  # taps summed in >= fp32
+    return weight.to(dispatch.accumulation_dtype(weight.dtype))  # taps summed in >= fp32
 
 
 def _phase_taps(w: Tensor, dim: int) -> Tensor:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 
 def reference_dir() -> Path:
-    """The first of $MDM_FAST_REFERENCE, <checkout>/shared/reference and <checkout>/../shared/reference that
-    exists (else the last: its absence is then named by whoever reads it)."""
+    """$MDM_FAST_REFERENCE where it is set; else the first of <checkout>/shared/reference and
+    <checkout>/../shared/reference that exists (else the last). A missing one is named by whoever reads it."""
+    if os.environ.get("MDM_FAST_REFERENCE"):
+        return Path(os.environ["MDM_FAST_REFERENCE"])
     checkout = Path(__file__).resolve().parents[2]
     candidates = [checkout / "shared" / "reference", checkout.parent / "shared" / "reference"]
-    if os.environ.get("MDM_FAST_REFERENCE"):
-        candidates.insert(0, Path(os.environ["MDM_FAST_REFERENCE"]))
     return next((c for c in candidates if c.is_dir()), candidates[-1])

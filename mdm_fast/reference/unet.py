@@ -279,7 +279,8 @@ class UNet(nn.Module):
         if self.config.temporal_mode and not self._runs_at(size):
             n = self.frames_per_side()
             near: List[int] = []
-            for s in sorted(range(max(n, size - 8 * n), size + 8 * n + 1, n), key=lambda s: (abs(s - size), s)):
+            multiples = range(max(n, (size // n - 8) * n), (size // n + 9) * n, n)  # the grid's multiples near it
+            for s in sorted(multiples, key=lambda s: (abs(s - size), s)):
                 if len(near) < 4 and s != size and self._runs_at(s):
                     near.append(s)
             near.sort()

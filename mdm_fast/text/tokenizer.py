@@ -95,8 +95,8 @@ def load_vocab(vocab_file: str, model_folder: str) -> VocabTokenizer:
     if vocab_file and Path(vocab_file).is_file():
         vocab = VocabTokenizer.from_vocab_file(Path(vocab_file))
         if model.get("type") == "Unigram":  # another T5's vocabulary (an mT5's) would feed it wrong ids
-            own = VocabTokenizer(((piece, logp) for piece, logp in model["vocab"]), str(saved))
-            differ = next((i for i, (a, b) in enumerate(zip(vocab.ids, own.ids)) if a != b), None)
+            own = (piece.replace(SPACE, " ").encode("utf-8") for piece, _ in model["vocab"])  # as ids' keys
+            differ = next((i for i, (a, b) in enumerate(zip(vocab.ids, own)) if a != b), None)
             if differ is not None:
                 raise ValueError(f"vocab_file {vocab_file!r} is not the vocabulary of {model_folder} (their piece "
                                  f"{differ} differs: {model['vocab'][differ][0]!r} in the model's tokenizer.json); "

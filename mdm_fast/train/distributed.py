@@ -163,8 +163,8 @@ def full_model_state(model: nn.Module) -> Dict[str, Any]:
 
 def full_optimizer_state(model: nn.Module, optimizer) -> Dict[str, Any]:
     """The optimizer state keyed by parameter name, whole, so any world size and either wrapper can resume
-    from it: in host memory, and under FSDP on rank 0 only (gathered shard by shard; every rank gathered
-    all of it in GPU memory, twice the parameters in fp32, at every save)."""
+    from it: in host memory, on rank 0 only under torch.distributed (the others get {}; under FSDP every
+    rank gathered all of it in GPU memory, twice the parameters in fp32, at every save)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(unwrap(model), optimizer,
