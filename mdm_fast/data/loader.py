@@ -54,14 +54,13 @@ class ShardedSampler(Sampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         global_batch = self.b * self.world * self.acc
-        step = self.start_step
-        while self.num_steps < 0 or step < self.start_step + self.num_steps:
+        start = self.start_position  # of the global batch of each step from start_step on
+        while self.num_steps < 0 or start < self.start_position + self.num_steps * global_batch:
             for micro in range(self.acc):
-                first = self.start_position + (step - self.start_step) * global_batch + \
-                    (self.rank * self.acc + micro) * self.b
+                first = start + (self.rank * self.acc + micro) * self.b
                 for pos in range(first, first + self.b):
                     yield self._index(pos), derived_seed(self.seed, pos)
-            step += 1
+            start += global_batch
 
     def __len__(self):
         return self.num_steps * self.b * self.acc if self.num_steps >= 0 else 1 << 62

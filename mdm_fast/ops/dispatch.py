@@ -161,7 +161,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET read as triton reads it: 1, true, on, yes or y, in any case."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")

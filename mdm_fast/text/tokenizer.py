@@ -24,13 +24,18 @@ import torch
 SPACE = "\u2581"
 
 
+def piece_key(piece: str) -> bytes:
+    """A vocabulary piece as the tokenizer matches it: its UTF-8 bytes, the word-start mark a space."""
+    return piece.replace(SPACE, " ").encode("utf-8")
+
+
 class VocabTokenizer:
     """Unigram tokenizer over ``(piece, log-probability)`` pairs, ids in their order."""
 
     def __init__(self, pieces: Iterable[Tuple[str, float]], source: str = "vocabulary"):
         self.ids, self.scores, self.prefixes = {}, [], set()
         for piece, logp in pieces:
-            key = piece.replace(SPACE, " ").encode("utf-8")
+            key = piece_key(piece)
             if key in self.ids:
                 raise ValueError(f"{source}: piece {piece!r} appears twice")
             self.ids[key] = len(self.scores)
@@ -95,7 +100,7 @@ def load_vocab(vocab_file: str, model_folder: str) -> VocabTokenizer:
     if vocab_file and Path(vocab_file).is_file():
         vocab = VocabTokenizer.from_vocab_file(Path(vocab_file))
         if model.get("type") == "Unigram":  # another T5's vocabulary (an mT5's) would feed it wrong ids
-            own = (piece.replace(SPACE, " ").encode("utf-8") for piece, _ in model["vocab"])  # as ids' keys
+            own = (piece_key(piece) for piece, _ in model["vocab"])
             differ = next((i for i, (a, b) in enumerate(zip(vocab.ids, own)) if a != b), None)
             if differ is not None:
                 raise ValueError(f"vocab_file {vocab_file!r} is not the vocabulary of {model_folder} (their piece "

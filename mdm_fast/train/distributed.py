@@ -46,11 +46,7 @@ def init_distributed(graph_safe: bool = False) -> DistInfo:
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """Whether ``flag`` holds on any rank: a collective on the host (the gloo control group), which leaves
     the GPU's queue alone."""
-    if info.world_size <= 1:
-        return flag
-    votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=info.control)
-    return bool(votes.item())
+    return sum_over_ranks([float(flag)], info)[0] > 0
 
 
 def sum_over_ranks(values: Sequence[float], info: DistInfo) -> List[float]:
