@@ -69,9 +69,9 @@ def registered_ops() -> Dict[str, OpBackends]:
     return dict(_REGISTRY)
 
 
-def _check_name(impl: str) -> str:
+def _check_name(impl: str, source: str = "impl") -> str:
     if impl != "auto" and impl not in BACKENDS:
-        raise ValueError(f"impl must be 'auto' or one of {BACKENDS}, got {impl!r}")
+        raise ValueError(f"{source} must be 'auto' or one of {BACKENDS}, got {impl!r}")
     return impl
 
 
@@ -98,7 +98,8 @@ def requested_impl(impl: str = "auto") -> str:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _check_name(os.environ.get(_ENV_VAR, "auto") or "auto")
+    env = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
+    return _check_name(env, f"the environment variable {_ENV_VAR}")
 
 
 def why_not(op_name: str, backend: str, *args, **kwargs) -> Optional[str]:
@@ -213,7 +214,8 @@ def dtype_reason(allowed: Sequence[torch.dtype], *tensors: Optional[torch.Tensor
     for t in tensors:
         if t is not None and t.dtype not in allowed:
             names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-            return f"dtype {str(t.dtype).replace('torch.', '')} not supported (supported: {names})"
+            return (f"dtype {str(t.dtype).replace('torch.', '')} not supported (supported: {names}): "
+                    f"the input of shape {tuple(t.shape)}")
     return None
 
 
