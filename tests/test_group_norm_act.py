@@ -114,8 +114,39 @@ CASES = [
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", CASES)
 def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
     B, C = shape[:2]
-    assert kern.plan(B, C, math.prod(shape[2:]), G, cl).single
+    frames = shape[2] if len(shape) == 5 else 1  # video: frames in the batch
+    assert kern.plan(B * frames, C, math.prod(shape[-2:]), G, cl).single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("cl", [False, True])
+def test_video_input_is_normalised_per_frame(impl, cl):
+    """5-D input as the public model runs video: each frame normalised on its own (not over T, H and W
+    together, as F.group_norm would), with its sample's scale and shift; gradients and layout alike."""
+    x, w, b, sc, sh = [t.double().requires_grad_() for t in _inputs((2, 8, 3, 5, 4), 4, torch.float32, cl)]
+    per_frame = torch.stack([torch.nn.functional.silu(torch.nn.functional.group_norm(x[:, :, t], 4, w, b)
+                                                      * (1 + sc[:, :, None, None]) + sh[:, :, None, None])
+                             for t in range(3)], dim=2)  # (B, C, T, H, W)
+    got = group_norm_act(x.float(), 4, w.float(), b.float(), scale=sc.float(), shift=sh.float(), impl=impl)
+    assert got.stride() == x.stride(), "output must keep x's memory format"
+    torch.testing.assert_close(got.double(), per_frame, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(per_frame)
+    for g, r in zip(torch.autograd.grad(got, (x, w, b, sc, sh), dy.float()),
+                    torch.autograd.grad(per_frame, (x, w, b, sc, sh), dy)):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 3, 5), (2, 8, 2, 3, 5)])
+def test_ref_channels_last_input_without_gradient(shape):
+    """A frozen producer before a trained norm, channels_last, on the CPU: PyTorch's own group-norm
+    backward crashes the process there (SIGSEGV); the ref backend must give the weights' gradients."""
+    x, w, b, _, _ = _inputs(shape, 4, torch.float32, channels_last=True, scale_shift=False)
+    w, b = w.requires_grad_(), b.requires_grad_()
+    got = torch.autograd.grad(group_norm_act(x, 4, w, b, impl="ref").sum(), (w, b))
+    want = torch.autograd.grad(reference(x.contiguous(), 4, w, b).sum(), (w, b))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
 
 
 def _force_split(monkeypatch) -> None:
@@ -516,9 +547,12 @@ def test_overrides(monkeypatch):
     monkeypatch.delenv("MDM_FAST_IMPL")
     with use_impl("triton"), concurrent.futures.ThreadPoolExecutor(1) as pool:  # a block is the thread's own
         assert _resolve(x) == "triton" and pool.submit(_resolve, x).result() == "ref"
+    monkeypatch.setenv("MDM_FAST_IMPL", " Ref ")  # as a shell may leave it
+    assert _resolve(x) == "ref"
     monkeypatch.setenv("MDM_FAST_IMPL", "fastest")
-    with pytest.raises(ValueError, match="got 'fastest'"):
+    with pytest.raises(ValueError, match="environment variable MDM_FAST_IMPL must be .* got 'fastest'"):
         _resolve(x)
+    monkeypatch.delenv("MDM_FAST_IMPL")
     with pytest.raises(ValueError, match="got 'fastest'"), use_impl("fastest"):
         pass
 
@@ -560,7 +594,8 @@ def test_common_reasons(monkeypatch):
     assert "tensor on meta" in dispatch.triton_reason(x, x.to("meta"))  # the interpreter runs CPU tensors only
     monkeypatch.setattr(dispatch, "_triton_installed", lambda: False)
     assert dispatch.triton_reason(x) == "the triton package is not installed"
-    assert "float64 not supported" in dispatch.dtype_reason((torch.float32,), None, x.double())
+    assert "float64 not supported (supported: float32): the input of shape (2, 4, 3, 3)" in dispatch.dtype_reason(
+        (torch.float32,), None, x.double())  # names the tensor by its shape
 
 
 def test_explicit_backend_that_cannot_run_says_why(monkeypatch):

@@ -6,10 +6,11 @@ the three call sites of MDM: ``silu(norm1(x))`` and ``silu(norm_out(x))`` (no sc
 ResNet's ``silu(norm2(h) * (1 + ta) + tb)``. ``scale``/``shift`` are (B, C), broadcast over space.
 
 Input: (B, C, H, W) or (B, C, T, H, W), NCHW-contiguous or channels_last(_3d); the output keeps
-the input's memory format (any other strides are made contiguous first). 5-D input is normalised
-per (sample, group) over T, H and W together, as ``F.group_norm`` does; the public model folds
-video frames into the batch, (B*T, C, H, W), for per-frame statistics, and callers that want the
-model's behaviour pass that 4-D view. Statistics and arithmetic are fp32 for every input dtype.
+the input's memory format (any other strides are made contiguous first). 5-D (video) input is
+reshaped as the public model runs video: its T frames folded into the batch, (B*T, C, H, W), so that
+each frame is normalised on its own, with a sample's scale and shift repeated for each of its frames
+(``ResNet.forward``'s repeat); a channels_last_3d input folds without a copy. Statistics and
+arithmetic are fp32 for every input dtype.
 
 Backends: ``triton`` (:mod:`mdm_fast.kernels.group_norm`), ``cuda`` (``csrc/group_norm.cu``
 through ``mdm_fast._C``) and ``ref`` (the public PyTorch formulation; its backward is autograd
@@ -47,13 +48,17 @@ _ACTS = ("silu", None)
 
 def reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
               scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, act: Optional[str] = "silu") -> Tensor:
-    """The public code's ops, unfused: ``F.silu(F.group_norm(x) * (1 + scale) + shift)``."""
+    """The public code's ops, unfused: ``F.silu(F.group_norm(x) * (1 + scale) + shift)``; 5-D x per frame."""
+    if x.dim() == 5:
+        frames = x.shape[2]
+        y = reference(_frames_in_batch(x), num_groups, weight, bias, eps, _per_frame(scale, frames),
+                      _per_frame(shift, frames), act)
+        return _frames_back(y, x)
     h = F.group_norm(x, num_groups, weight, bias, eps)
-    spatial = (...,) + (None,) * (x.dim() - 2)  # (B, C) -> (B, C, 1, 1[, 1])
     if scale is not None:
-        h = h * (1 + scale[spatial])
+        h = h * (1 + scale[:, :, None, None])  # (B, C) -> (B, C, 1, 1)
     if shift is not None:
-        h = h + shift[spatial]
+        h = h + shift[:, :, None, None]
     return F.silu(h) if act == "silu" else h
 
 
@@ -71,6 +76,24 @@ def _is_channels_last(x: Tensor) -> bool:
 
 def _format(x: Tensor) -> torch.memory_format:
     return _channels_last_format(x) if _is_channels_last(x) else torch.contiguous_format
+
+
+def _frames_in_batch(x: Tensor) -> Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W), the public model's video layout: a view of channels_last_3d x
+    (then channels_last), a copy of NCDHW x."""
+    B, C, T, H, W = x.shape
+    return x.transpose(1, 2).reshape(B * T, C, H, W)
+
+
+def _frames_back(y: Tensor, x: Tensor) -> Tensor:
+    """(B*T, C, H, W) -> x's (B, C, T, H, W) shape and memory format."""
+    B, C, T, H, W = x.shape
+    return y.view(B, T, C, H, W).transpose(1, 2).contiguous(memory_format=_format(x))
+
+
+def _per_frame(t: Optional[Tensor], frames: int) -> Optional[Tensor]:
+    """A sample's (B, C) scale or shift for each of its frames: (B*T, C)."""
+    return None if t is None else t.repeat_interleave(frames, dim=0)
 
 
 def _group_stats(x: Tensor, num_groups: int, eps: float) -> Tuple[Tensor, Tensor]:
@@ -400,6 +423,8 @@ def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act, input_
     Under torch.compile the custom op (same numbers, traceable) runs instead."""
     acc = dispatch.accumulation_dtype(x.dtype)
     up = [None if t is None else t.to(acc) for t in (x, weight, bias, scale, shift)]
+    if x.device.type == "cpu":  # PyTorch's CPU group-norm backward crashes (SIGSEGV) on channels_last x
+        up[0] = up[0].contiguous()  # that needs no gradient when weight or bias does (torch 2.13)
     y = reference(_plus_input_bias(up[0], input_bias), num_groups, up[1], up[2], eps, up[3], up[4], act)
     return y.to(x.dtype).contiguous(memory_format=_format(x))
 
@@ -410,13 +435,19 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
                    input_bias: Optional[Tensor] = None) -> Tensor:
     """``act(group_norm(x + input_bias[c], num_groups, weight, bias, eps) * (1 + scale) + shift)``.
 
-    x: (B, C, H, W) or (B, C, T, H, W) fp16/bf16/fp32, NCHW or channels_last (kept in the output).
+    x: (B, C, H, W) or (B, C, T, H, W) fp16/bf16/fp32, NCHW or channels_last (kept in the output); 5-D x
+    is normalised per frame, with each sample's scale and shift for all its frames.
     weight, bias, input_bias: (C,) or None. scale, shift: (B, C) or None. act: "silu" or None.
     impl: "auto", "ref", "triton" or "cuda" (see :mod:`mdm_fast.ops.dispatch`).
     moments: x's partial moments from the op that produced x (``concat_channels_for_norm``), or None;
     the triton backend then skips its statistics pass, the others ignore them.
     """
     _check(x, num_groups, weight, bias, eps, scale, shift, act, input_bias)
+    if x.dim() == 5:  # frames in the batch (moments are a channels_last 4-D producer's)
+        frames = x.shape[2]
+        y = group_norm_act(_frames_in_batch(x), num_groups, weight, bias, eps, _per_frame(scale, frames),
+                           _per_frame(shift, frames), act, impl, None, input_bias)
+        return _frames_back(y, x)
     if moments is not None and (not isinstance(moments, Tensor) or moments.dtype != torch.float32
                                 or moments.dim() != 4 or tuple(moments.shape[1:4:2]) != tuple(x.shape[:2])):
         got = f"{tuple(moments.shape)} {moments.dtype}" if isinstance(moments, Tensor) else type(moments).__name__
