@@ -173,6 +173,42 @@ def test_fully_masked_row_is_zero_and_grads_finite():
         assert dvc[0, :, 1].abs().max() == 0  # a masked key gets no gradient
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_all_self_keys_masked_leaves_the_text_branch(impl):
+    """A sample whose self keys are all masked gets the text branch alone (zero from the self branch,
+    not NaN), finite gradients and none to its masked keys; the other sample is untouched."""
+    B, H, L, T, d = 2, 2, 19, 7, 16
+    q, k, v, kc, vc = (t.requires_grad_() for t in make_inputs(B, H, L, T, d, torch.float32))
+    self_mask = torch.ones(B, L, dtype=torch.bool)
+    self_mask[0] = False  # (B, L): sample 0 keeps no pixel key
+    out = attention(q, k, v, kc, vc, padded_mask(B, T), self_mask=self_mask, impl=impl)
+    text_only = oracle_branch(q, kc, vc, padded_mask(B, T), 1 / math.sqrt(d))
+    torch.testing.assert_close(out[0].double(), text_only[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, kc, vc, padded_mask(B, T), self_mask=self_mask),
+                               atol=2e-5, rtol=2e-5)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert dk[0].abs().max() == 0 and dv[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_expanded_and_strided_masks(impl):
+    """Bool masks with stride 0 (one row expanded over the batch) or a column stride (a slice) give what
+    their contiguous copies give, for the text and the self keys."""
+    B, H, L, T, d = 2, 2, 13, 9, 16
+    q, k, v, kc, vc = make_inputs(B, H, L, T, d, torch.float32)
+    row = torch.tensor([True, False, True, True, False, True, False, True, True])  # (T,)
+    wide = torch.rand(B, 2 * L) > 0.4
+    wide[:, 0] = True  # a kept key per sample
+    for cond_mask, self_mask in ((row.expand(B, T), None), (None, wide[:, ::2]), (row.expand(B, T), wide[:, ::2])):
+        masks = {"cond_mask": cond_mask if cond_mask is not None else torch.ones(B, T, dtype=torch.bool),
+                 "self_mask": self_mask}
+        got = attention(q, k, v, kc, vc, impl=impl, **masks)
+        dense = {n: None if m is None else m.contiguous() for n, m in masks.items()}
+        assert all(m is None or m.is_contiguous() for m in dense.values())
+        torch.testing.assert_close(got, attention(q, k, v, kc, vc, impl=impl, **dense), atol=1e-6, rtol=1e-6)
+
+
 def _public_attention(q, k, v, heads, mask=None):
     """The public SelfAttention.attention on (B, C, L) tensors (its formula, for the layout test)."""
     bs, width, length = q.shape
@@ -505,6 +541,16 @@ def test_gpu_layout_fused(dtype, token_major):
                           torch.autograd.grad(low, (qkv, kv_lin), g.to(dtype)),
                           torch.autograd.grad(want, (qkv, kv_lin), g)):
         assert _max_err(got, w) <= 2 * _max_err(lo, w) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_gpu_fp32_matches_oracle(d):
+    """fp32 inputs run ieee dots on a GPU (tf32's ~1e-3 errors would fail the fp32 tolerances here):
+    forward and gradients at the CPU tests' fp32 tolerance, with tails and a padded text mask."""
+    B, H, L, T = 2, 2, 300, 77
+    check_against_oracle("triton", *make_inputs(B, H, L, T, d, torch.float32, device="cuda"),
+                         padded_mask(B, T, device="cuda"))
 
 
 @pytest.mark.gpu

@@ -46,6 +46,20 @@ def test_matches_fp64_forward_and_gradients(impl, shape, dtype, channels_last, r
         torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-5 * shape[0] * shape[2] * shape[3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_rounds_once(dtype, channels_last, device):
+    """The triton pass sums x + bias + residual in fp32 and rounds to x's dtype once: bit for bit the
+    fp32 sum cast once (PyTorch's x + b + r rounds after each add). (bf16 on a GPU only: the interpreter's
+    fp32 -> bf16 cast truncates.)"""
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter truncates fp32 -> bf16 casts")
+    x, b, r = (t.detach() for t in _inputs((3, 40, 9, 13), dtype, channels_last, True, device))
+    want = ((x.float() + b[:, None, None]) + r.float()).to(dtype)
+    assert torch.equal(bias_add(x, b, r, impl="triton"), want)
+    assert not torch.equal(x + b[:, None, None].to(dtype) + r, want)  # the inputs tell one rounding from two
+
+
 def test_float64_on_the_ref_backend_sums_in_float64():
     """A float64 model's bias gradient sums in float64 (fp32 sums were off by ~1e-7 of it); triton refuses
     float64 by name and auto passes it by."""
@@ -85,6 +99,18 @@ def test_dispatch_reasons():
     with pytest.raises(BackendUnavailable, match="residual's layout"):
         bias_add(x, torch.randn(4), mixed, impl="triton")
     torch.testing.assert_close(bias_add(x, torch.zeros(4), mixed), x + mixed)  # auto: the ref backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_more_than_2_31_elements(channels_last):
+    """Offsets past 2^31 (the 1024x1024 model's outer level at a large batch): the last sample equals the
+    op on that sample alone, bit for bit."""
+    x, b, r = (t.detach() for t in _inputs((2, 4, 16384, 16400), torch.bfloat16, channels_last, True, "cuda"))
+    assert x.numel() > 2**31
+    out = bias_add(x, b, r, impl="triton")
+    assert torch.equal(out[-1:], bias_add(x[-1:], b, r[-1:], impl="triton"))
+    assert torch.equal(out[:1], bias_add(x[:1], b, r[:1], impl="triton"))
 
 
 @pytest.mark.parametrize("args,match", [

@@ -94,6 +94,13 @@ def _check_against_fp64(inputs, G, act, impl, eps=1e-5):
     assert got[0].stride() == x.stride() and got[1].stride() == x.stride(), "output must keep x's memory format"
 
 
+def _plan(shape, G, channels_last, **kw):
+    """The kernels' plan for an input of this shape (5-D video: its frames in the batch)."""
+    B, C, *space = shape
+    frames = space[0] if len(space) == 3 else 1
+    return kern.plan(B * frames, C, math.prod(space[-2:]), G, channels_last, **kw)
+
+
 # shape, groups, dtype, channels_last, scale_shift, affine, act
 CASES = [
     ((2, 8, 5, 7), 4, torch.float32, False, True, True, "silu"),
@@ -113,9 +120,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", CASES)
 def test_triton_fused_matches_reference(shape, G, dtype, cl, ss, affine, act):
-    B, C = shape[:2]
-    frames = shape[2] if len(shape) == 5 else 1  # video: frames in the batch
-    assert kern.plan(B * frames, C, math.prod(shape[-2:]), G, cl).single
+    assert _plan(shape, G, cl).single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
@@ -174,7 +179,7 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", SPLIT_CASES)
 def test_triton_split_matches_reference(split_path, shape, G, dtype, cl, ss, affine, act):
-    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
+    p = _plan(shape, G, cl)
     assert not p.fused and p.nsplit > 1
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
@@ -203,10 +208,9 @@ WHOLE_ROWS_CASES = [
 
 @pytest.mark.parametrize("shape,G,dtype,cl,ss,affine,act", WHOLE_ROWS_CASES)
 def test_triton_whole_rows_split_matches_reference(whole_rows, shape, G, dtype, cl, ss, affine, act):
-    B, C = shape[:2]
     for backward in (False, True):
-        p = kern.plan(B, C, math.prod(shape[2:]), G, cl, backward=backward)
-        assert p.gpb == G and p.block_c == triton.next_power_of_2(C) and p.nsplit > 1
+        p = _plan(shape, G, cl, backward=backward)
+        assert p.gpb == G and p.block_c == triton.next_power_of_2(shape[1]) and p.nsplit > 1
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
 
@@ -246,10 +250,24 @@ def test_triton_input_bias_matches_reference(monkeypatch, path, shape, G, dtype,
     if path == "whole_rows" and not cl:
         pytest.skip("whole rows are a channels_last path")
     _path(path, monkeypatch)
-    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
+    p = _plan(shape, G, cl)
     assert {"single": p.single, "looping": p.fused and not p.single, "split": p.nsplit > 1,
             "whole_rows": p.nsplit > 1 and p.block_c == triton.next_power_of_2(shape[1])}[path], p
     _check_against_fp64(_with_input_bias(_inputs(shape, G, dtype, cl, ss, affine)), G, act, "triton")
+
+
+@pytest.mark.parametrize("path", ["single", "looping", "split", "whole_rows"])
+def test_triton_scale_shift_as_column_slices(monkeypatch, path):
+    """scale and shift as the fast ResNet passes them: column slices of the batched time projection
+    (B, 3C), rows 3C apart; forward and every gradient (dscale, dshift in the slices' shape)."""
+    _path(path, monkeypatch)
+    shape, G, C = (2, 8, 9, 13), 4, 8
+    x, w, b, _, _ = _inputs(shape, G, torch.float32, channels_last=True)
+    proj = torch.randn(2, 3 * C)  # (B, 3C)
+    proj[:, C:2 * C] *= 0.5
+    scale, shift = proj[:, C:2 * C], proj[:, 2 * C:]  # (B, C) each, strides (3C, 1)
+    assert not scale.is_contiguous() and not shift.is_contiguous()
+    _check_against_fp64([x, w, b, scale, shift], G, "silu", "triton")
 
 
 @pytest.mark.parametrize("path", ["single", "looping", "split", "whole_rows"])
@@ -259,7 +277,7 @@ def test_eps_of_low_variance_groups(monkeypatch, path):
     every gradient by tens of percent. (The other tests' inputs have variance ~2: eps there is 5e-6 of it.)"""
     _path(path, monkeypatch)
     shape, G = (2, 8, 9, 13), 4
-    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, True)
+    p = _plan(shape, G, True)
     assert {"single": p.single, "looping": p.fused and not p.single, "split": p.nsplit > 1,
             "whole_rows": p.nsplit > 1 and p.block_c == triton.next_power_of_2(shape[1])}[path], p
     inputs = _inputs(shape, G, torch.float32, channels_last=True)
@@ -349,7 +367,7 @@ def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows(monkeypa
 def test_triton_fused_looping_matches_reference(monkeypatch, shape, G, dtype, cl, ss, affine, act):
     """The fused path with groups larger than one tile: statistics pass, then a second pass over the group."""
     small_tiles(monkeypatch, 32)
-    p = kern.plan(shape[0], shape[1], math.prod(shape[2:]), G, cl)
+    p = _plan(shape, G, cl)
     assert p.fused and not p.single
     _check_against_fp64(_inputs(shape, G, dtype, cl, ss, affine), G, act, "triton")
 
@@ -711,6 +729,24 @@ def test_gpu_input_bias(impl, dtype, cl, shape, G):
     dinput_bias is 0 there, the triton kernels' closed form a difference of large sums."""
     inputs = _with_input_bias(_inputs(shape, G, dtype, cl, device="cuda"))
     _check_against_pytorch_error(inputs, G, "silu", impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("cl", [False, True])
+def test_gpu_more_than_2_31_elements(impl, cl):
+    """A batch of more than 2^31 elements (the 1024x1024 model's outer level past batch 32): the last
+    sample, whose offsets overflow int32, gives what it gives alone, forward and backward."""
+    x, w, b, sc, sh = _inputs((33, 64, 1024, 1024), 32, torch.bfloat16, cl, device="cuda")
+    assert x.numel() > 2**31
+    x.requires_grad_()
+    y = group_norm_act(x, 32, w, b, scale=sc, shift=sh, impl=impl)
+    dy = torch.randn_like(y)
+    dx, = torch.autograd.grad(y, x, dy)
+    alone = x[-1:].detach().requires_grad_()
+    y_alone = group_norm_act(alone, 32, w, b, scale=sc[-1:], shift=sh[-1:], impl=impl)
+    torch.testing.assert_close(y[-1:], y_alone, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dx[-1:], torch.autograd.grad(y_alone, alone, dy[-1:])[0], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -465,6 +465,19 @@ def test_upsample_conv3x3_gpu(monkeypatch, impl, dtype, fmt, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_upsample_conv3x3_fp32_gpu(fmt):
+    """fp32 on a GPU: the triton kernel's dots are ieee (tf32 would be ~1e-4 of the output off) and its
+    forward is as close to fp64 as the CPU tests ask. (Its backward is cuDNN's, tf32 by PyTorch's default.)"""
+    B, cin, H, W, cout = 2, 96, 9, 7, 80
+    x = _rand(B, cin, H, W, fmt=fmt, device="cuda")
+    w = _rand(cout, cin, 3, 3, device="cuda") / (3 * cin**0.5)
+    b = _rand(cout, device="cuda")
+    y64 = _public_upsample_conv(x.double(), w.double(), b.double())
+    assert _max_err(upsample_conv3x3(x, w, b, impl="triton"), y64) <= _tol(torch.float32, y64.abs().max().item())
+
+
+@pytest.mark.gpu
 def test_upsample_conv3x3_compiles_gpu():
     x = _rand(2, 32, 8, 8, dtype=torch.bfloat16, fmt=CL, device="cuda")
     w, b = _rand(32, 32, 3, 3, dtype=torch.bfloat16, device="cuda"), _rand(32, dtype=torch.bfloat16, device="cuda")

@@ -78,17 +78,39 @@ def _format(x: Tensor) -> torch.memory_format:
     return _channels_last_format(x) if _is_channels_last(x) else torch.contiguous_format
 
 
-def _frames_in_batch(x: Tensor) -> Tensor:
-    """(B, C, T, H, W) -> (B*T, C, H, W), the public model's video layout: a view of channels_last_3d x
-    (then channels_last), a copy of NCDHW x."""
+def _fold_frames(x: Tensor) -> Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W): a view of channels_last_3d x (then channels_last), else a copy."""
     B, C, T, H, W = x.shape
     return x.transpose(1, 2).reshape(B * T, C, H, W)
 
 
+def _unfold_frames(y: Tensor, shape: torch.Size, memory_format: torch.memory_format) -> Tensor:
+    """(B*T, C, H, W) -> (B, C, T, H, W) in ``memory_format``."""
+    B, C, T, H, W = shape
+    return y.reshape(B, T, C, H, W).transpose(1, 2).contiguous(memory_format=memory_format)
+
+
+class _FramesInBatch(torch.autograd.Function):
+    """The public model's video layout, (B, C, T, H, W) -> (B*T, C, H, W), with x's gradient in x's
+    memory format (autograd through the transpose would hand NCDHW x a (B, T, C, H, W)-strided one)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape, ctx.memory_format = x.shape, _format(x)
+        return _fold_frames(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _unfold_frames(grad, ctx.shape, ctx.memory_format)
+
+
+def _frames_in_batch(x: Tensor) -> Tensor:
+    return _FramesInBatch.apply(x)
+
+
 def _frames_back(y: Tensor, x: Tensor) -> Tensor:
     """(B*T, C, H, W) -> x's (B, C, T, H, W) shape and memory format."""
-    B, C, T, H, W = x.shape
-    return y.view(B, T, C, H, W).transpose(1, 2).contiguous(memory_format=_format(x))
+    return _unfold_frames(y, x.shape, _format(x))
 
 
 def _per_frame(t: Optional[Tensor], frames: int) -> Optional[Tensor]:
@@ -423,8 +445,8 @@ def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act, input_
     Under torch.compile the custom op (same numbers, traceable) runs instead."""
     acc = dispatch.accumulation_dtype(x.dtype)
     up = [None if t is None else t.to(acc) for t in (x, weight, bias, scale, shift)]
-    if x.device.type == "cpu":  # PyTorch's CPU group-norm backward crashes (SIGSEGV) on channels_last x
-        up[0] = up[0].contiguous()  # that needs no gradient when weight or bias does (torch 2.13)
+    if x.device.type == "cpu" and not x.requires_grad:  # PyTorch's CPU group-norm backward crashes (SIGSEGV)
+        up[0] = up[0].contiguous()  # on channels_last x that needs no gradient when weight or bias does (2.13)
     y = reference(_plus_input_bias(up[0], input_bias), num_groups, up[1], up[2], eps, up[3], up[4], act)
     return y.to(x.dtype).contiguous(memory_format=_format(x))
 
