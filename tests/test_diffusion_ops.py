@@ -178,7 +178,8 @@ def test_update_golden_public_steps(impl, device):
                                                    ("eps", 2.0, "clip", True)])  # eta > 1: 1 - g_s - var < 0
 def test_update_triton_matches_ref(dtype, kind, eta, thresh, noisy, monkeypatch, device):
     """Both backends alike and finite (with eta > 1 DDIM's coefficient of eps_t clamps at 0)."""
-    shapes = [(2, 3, 16, 12), (2, 3, 4, 3), (2, 3, 2, 3), (2, 3, 1, 2)]  # four levels (the most), odd sizes
+    # four levels (the most), odd sizes; the top one over two 1024-element blocks per sample, with a tail
+    shapes = [(2, 3, 24, 31), (2, 3, 4, 3), (2, 3, 2, 3), (2, 3, 1, 2)]
     x, p, n, g_t, g_s = _update_inputs(shapes, dtype, device, last=True)
     inputs = [t.clone() for t in [*x, *p, *n, g_t, g_s]]
     args = (x, p, g_t, g_s, n if noisy else None, [8.0, 4.0, 2.0, 1.0], kind, eta, thresh)

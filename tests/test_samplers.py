@@ -28,9 +28,9 @@ class TinyNested(nn.Module):
         return [c(x) * 0.5 + bias[: x.shape[0]] for c, x in zip(self.convs, x_t)]
 
 
-def _diffusion(steps=20, shifted=True, kind="V_PREDICTION", **kw):
+def _diffusion(steps=20, shifted=True, kind="V_PREDICTION", target=None, **kw):
     sc = SamplerConfig(num_diffusion_steps=steps, schedule_type="DEEPFLOYD", prediction_type=kind,
-                       schedule_shifted=shifted, schedule_shifted_power=2)
+                       loss_target_type=target, schedule_shifted=shifted, schedule_shifted_power=2)
     return NestedDiffusion(NestedDiffusionConfig(sampler_config=sc, no_use_residual=True, **kw), [4], [False])
 
 
@@ -48,11 +48,14 @@ def _public_update(x_t, pred, g, gl, scale, noise, eta=None):
     return xs + bt.sqrt() * noise if noise is not None else xs
 
 
-@pytest.mark.parametrize("shifted,n,eta", [(True, 4, None), (False, 4, None), (True, 20, 0.5)])
-def test_loop_matches_public_sequence(shifted, n, eta):
-    """n = 20 steps reach t = 1, where the public sampler draws no noise; DDIM with eta > 0 draws it too."""
+@pytest.mark.parametrize("shifted,n,eta,target", [(True, 4, None, None), (False, 4, None, None), (True, 20, 0.5, None),
+                                                  (True, 4, None, "DDPM")])
+def test_loop_matches_public_sequence(shifted, n, eta, target):
+    """n = 20 steps reach t = 1, where the public sampler draws no noise; DDIM with eta > 0 draws it too.
+    The sampler reads the model's output as its prediction_type (v), whatever loss_target_type trains it
+    (the public 256x256 and 1024x1024 configs: V_PREDICTION with a DDPM loss target)."""
     torch.manual_seed(0)
-    diff, model = _diffusion(shifted=shifted), TinyNested()
+    diff, model = _diffusion(shifted=shifted, target=target), TinyNested()
     cond, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
     sampler = diff.sampler(num_inference_steps=n, ddim_eta=eta)
     gen = torch.Generator().manual_seed(3)

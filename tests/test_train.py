@@ -204,6 +204,12 @@ def test_a_resume_with_another_global_batch_reads_on_from_where_the_run_stopped(
     assert load_checkpoint(tmp_path / "ckpt_00000002.pt")["samples_seen"] == 8
     Trainer(tiny(tmp_path, num_training_steps=3, save_freq=1, num_gradient_accumulations=2), quiet=True).train()
     assert starts == [0, 8] and load_checkpoint(tmp_path / "ckpt_00000003.pt")["samples_seen"] == 16
+    # a public file has no samples_seen: its batch_num steps of this run's global batch (4) were read
+    public = tmp_path / "public.pt"
+    torch.save({"state_dict": load_checkpoint(tmp_path / "ckpt_00000002.pt")["state_dict"], "batch_num": 2}, public)
+    Trainer(tiny(tmp_path / "from_public", num_training_steps=3, pretrained_vision_file=str(public)),
+            quiet=True).train()
+    assert starts == [0, 8, 8]
 
 
 def test_the_skipped_images_count_goes_on_after_a_resume(tmp_path):
