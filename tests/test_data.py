@@ -140,24 +140,29 @@ def test_a_sample_without_what_the_model_needs_is_skipped_and_counted(tmp_path, 
     from mdm_fast.text.encoders import SampleCheck
 
     _folder(tmp_path)
-    rows = ["file\tcaption\tlabel", "img0.png\ta\t", "img1.png\tb\t12", "img2.png\tc\t2", "img3.png"]
+    rows = ["file\tcaption\tlabel", "img0.png\ta\t", "img1.png\tb\t12", "img2.png\tc\t8", "img3.png\td\t-1",
+            "img2.png\tc\t2", "img3.png"]
     (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
     ds = build_dataset(str(tmp_path / "t.tsv"), R)
     ds.check = pickle.loads(pickle.dumps(ClassLabelEncoder(8).sample_check()))
     s = ds[(0, 0)]
-    assert s["label"] == 2 and s["_skipped"] == 2 and "label 12: expected one in [0, 8)" in caplog.text
+    assert s["label"] == 2 and s["_skipped"] == 4 and "label 12: expected one in [0, 8)" in caplog.text
+    assert "label 8: expected" in caplog.text and "label -1: expected" in caplog.text  # both bounds
     ds.check = SampleCheck("caption")
-    assert ds[(3, 0)]["_skipped"] == 1 and "no 'caption'" in caplog.text  # a short row: no caption field
-    for name, emb in (("e0", np.zeros((3, 5), np.float32)), ("e2", np.ones((2, 6), np.float32))):
-        np.save(tmp_path / f"{name}.npy", emb)
+    assert ds[(5, 0)]["_skipped"] == 1 and "no 'caption'" in caplog.text  # a short row: no caption field
+    embeddings = {"e0": (3, 5), "e2": (2, 6), "e3": (1, 4, 6), "e4": (2, 3, 6)}  # e3: one caption's, batched
+    for name, shape in embeddings.items():
+        np.save(tmp_path / f"{name}.npy", np.ones(shape, np.float32))
     (tmp_path / "e1.npy").write_bytes(b"")
-    rows = ["file\ttext_embedding"] + [f"img{i}.png\te{i}.npy" for i in range(3)]
+    rows = ["file\ttext_embedding"] + [f"img{i % 4}.png\te{i}.npy" for i in range(5)]
     (tmp_path / "e.tsv").write_text("\n".join(rows) + "\n")
     ds = build_dataset(str(tmp_path / "e.tsv"), R)
     ds.check = PrecomputedEncoder(6).sample_check()
     s = ds[(0, 0)]
     assert s["text_embedding"].shape == (2, 6) and s["_skipped"] == 2
     assert "text_embedding of shape (3, 5): expected (tokens, 6)" in caplog.text
+    assert ds[(3, 0)]["_skipped"] == 0  # (1, T, D), which collate takes
+    assert ds[(4, 0)]["_skipped"] == 3 and "text_embedding of shape (2, 3, 6)" in caplog.text  # e4, e0, e1
 
 
 def test_tables_with_a_byte_order_mark_stray_quotes_or_upper_case_suffixes(tmp_path, caplog):

@@ -51,8 +51,10 @@ class SampleCheck:
         value = sample[self.key]
         if self.classes and not 0 <= value < self.classes:
             raise ValueError(f"label {value}: expected one in [0, {self.classes}) (categorical_conditioning)")
-        if self.width and (np.ndim(value) != 2 or np.shape(value)[1] != self.width):
-            raise ValueError(f"text_embedding of shape {np.shape(value)}: expected (tokens, {self.width})")
+        shape = np.shape(value)
+        if self.width and (len(shape) < 2 or shape[-1] != self.width or any(n != 1 for n in shape[:-2])):
+            raise ValueError(f"text_embedding of shape {shape}: expected (tokens, {self.width}) or (1, tokens, "
+                             f"{self.width})")
 
 
 class TextEncoder(nn.Module):
