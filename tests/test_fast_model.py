@@ -2,6 +2,7 @@
 import collections
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import weakref
@@ -37,8 +38,27 @@ def test_golden_outputs_ref_backends(name):
     case, model = fast_golden(name, "auto")
     with torch.no_grad():
         out = as_list(model(*model_inputs(case), {}))
+    assert [o.shape for o in out] == [w.shape for w in case["outputs"]]  # every resolution, top first
     for got, want in zip(out, case["outputs"]):
         assert (got - want).abs().max().item() <= FP32_ATOL["ref"]
+
+
+def _public_like(config):
+    """A config as the public code holds it (``args.unet_config``): dataclasses of other classes, same fields."""
+    if not dataclasses.is_dataclass(config):
+        return config
+    values = {f.name: _public_like(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return dataclasses.make_dataclass(type(config).__name__, list(values))(**values)
+
+
+def test_build_model_takes_a_public_config_object():
+    from mdm_fast.reference.config import unet_config_from_dict
+
+    public = _public_like(unet_config_from_dict("nested_unet", tiny_nested_config()))
+    assert not isinstance(public, mdm_fast.reference.config.UNetConfig)
+    got = mdm_fast.build_model("nested_unet", public).state_dict()
+    want = build_reference("nested_unet", tiny_nested_config()).state_dict()
+    assert [(k, v.shape) for k, v in got.items()] == [(k, v.shape) for k, v in want.items()]
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
@@ -996,15 +1016,19 @@ def public_256_small_batch(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
-def test_gpu_golden_fp32(name):
+def test_gpu_golden_fp32(name, monkeypatch):
+    """fp32 as issue 7 asks, tight: cuDNN without tf32 (PyTorch's default for convolutions), so that an
+    error the size of a 10% slip in a time embedding's shift (6e-4 to 1e-3 here) fails."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     case, model = fast_golden(name, "auto")
     model.cuda()
     x_t, t, c, m = model_inputs(case)
     to = lambda v: [x.cuda() for x in v] if isinstance(v, list) else v.cuda()  # noqa: E731
     with torch.no_grad():
         out = as_list(model(to(x_t), to(t), to(c), to(m), {}))
+    assert [o.shape for o in out] == [w.shape for w in case["outputs"]]
     for got, want in zip(out, case["outputs"]):
-        assert (got.cpu() - want).abs().max().item() <= 1e-3  # tf32-free fp32 kernels; cuDNN may use tf32
+        assert (got.cpu() - want).abs().max().item() <= 1e-4  # accumulation order only
 
 
 @pytest.mark.gpu

@@ -136,10 +136,11 @@ def parse_micro_conditioning(spec: str) -> Dict[str, float]:
 
 def unet_config_from_dict(model_name: str, d: Union[Dict[str, Any], UNetConfig], *, _where: str = "unet_config",
                           _inner: bool = False) -> UNetConfig:
-    """The typed config of public model ``model_name`` from a YAML ``unet_config`` block."""
+    """The typed config of public model ``model_name`` from a YAML ``unet_config`` block, or from a config
+    object: ours or the public code's (``args.unet_config``, dataclasses of the same fields)."""
     if model_name not in MODEL_DEPTHS:
         raise ValueError(f"unknown model name {model_name!r}; expected one of {list(MODEL_DEPTHS)}")
-    if isinstance(d, UNetConfig):
+    if dataclasses.is_dataclass(d) and not isinstance(d, type):
         d = dataclasses.asdict(d)
     d = dict(d)
     depth = MODEL_DEPTHS[model_name]
