@@ -282,3 +282,26 @@ def set_dotted(d: Dict[str, Any], key: str, value: Any) -> None:
             raise ValueError(f"override {key!r}: {p!r} is not a config section")
         d = nxt
     d[parts[-1]] = value
+
+
+# Widths of the text encoders the public configs name (a model's shapes without loading the encoder).
+KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/t5-v1_1-xl": 2048, "google/flan-t5-xxl": 4096,
+                     "google/flan-t5-large": 1024, "google/flan-t5-base": 768, "google/flan-t5-small": 512,
+                     "minilm": 384}
+
+
+def text_width(cfg: ExperimentConfig, given: Optional[int]) -> int:
+    """The model's text width: ``given`` (--text-dim) if > 0, else the class count, text_dim, or the
+    width of the named text model."""
+    if given is not None and given < 0:
+        raise ValueError(f"--text-dim: expected >= 1 (0: from the config), got {given}")
+    if given:
+        return given
+    if cfg.categorical_conditioning > 0:
+        return cfg.categorical_conditioning
+    if cfg.text_dim > 0:
+        return cfg.text_dim
+    width = KNOWN_TEXT_WIDTHS.get(cfg.text_model.lower() if cfg.text_model.lower() == "minilm" else cfg.text_model)
+    if width is None:
+        raise ValueError(f"the text width of {cfg.text_model!r} is unknown; pass --text-dim")
+    return width

@@ -64,7 +64,7 @@ def test_convert_public_to_ours_and_back_is_lossless(tmp_path, capsys):
     assert torch.load(tmp_path / "b.pth", weights_only=True)["batch_num"] == 7
 
 
-def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
+def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path, capsys):
     Trainer(tiny(tmp_path / "run", num_training_steps=2), quiet=True).train()
     src = tmp_path / "run" / "ckpt_00000002.pt"
     assert main(["convert", str(src), str(tmp_path / "ema.pth"), "--to", "public", "--ema"]) == 0
@@ -86,6 +86,15 @@ def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path):
     assert cfg["config"] == load_experiment(str(tmp_path / "other.yaml")).to_yaml() != a["config"]
     assert cfg["step"] == 2 and cfg["model"] == "nested_unet" and cfg["format"] == FORMAT
     assert cfg["ema"] == a["ema"] and cfg["seed"] == a["seed"]  # the EMA's warm-up count and the seed too
+    # weights that do not fit the config's model: an error naming the file and a mismatch, nothing written
+    tiny(tmp_path / "wide", categorical_conditioning=12).to_yaml(tmp_path / "wide.yaml")  # another text width
+    public = tmp_path / "pub.pth"
+    for config, text_dim in (("wide.yaml", "0"), ("other.yaml", "12")):
+        assert main(["convert", str(public), str(tmp_path / "no.pt"), "--to", "ours", "--config",
+                     str(tmp_path / config), "--text-dim", text_dim]) == 2
+        err = capsys.readouterr().err
+        assert f"{public}: its weights do not fit the model" in err and "size mismatch" in err
+        assert not (tmp_path / "no.pt").exists()
 
 
 def _public_file_with_args(path, state_dict):
@@ -145,7 +154,7 @@ def test_summary_of_a_public_config(capsys):
 def test_summary_text_width_comes_from_the_flag_the_classes_the_width_or_the_text_model():
     """--text-dim wins; then categorical_conditioning's class count, text_dim, and the width of the named
     text model (d_model of the public T5 checkpoints); an unknown model asks for --text-dim."""
-    from mdm_fast.cli.main import text_width
+    from mdm_fast.config import text_width
     from mdm_fast.config import ExperimentConfig
 
     assert text_width(ExperimentConfig(categorical_conditioning=10, text_dim=64), 32) == 32
@@ -347,6 +356,10 @@ def test_another_configs_weights_and_file_system_errors_are_named(tmp_path, caps
     labels = ["--labels", "1", "--steps", "2", "--out", str(tmp_path / "s")]
     assert main(["sample", "--checkpoint", str(ckpt), "--config", str(yaml_path), wider, *labels]) == 2
     assert "its weights do not fit the model this config builds" in capsys.readouterr().err
+    ddp = tmp_path / "ddp.pt"  # weights saved from a DDP-wrapped model: the error says what to strip
+    torch.save({"state_dict": {"module." + k: v for k, v in load_checkpoint(ckpt)["state_dict"].items()}}, ddp)
+    assert main(["sample", "--checkpoint", str(ddp), "--config", str(yaml_path), *labels]) == 2
+    assert "its keys start with 'module.' (saved from a DDP-wrapped model): strip" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(ckpt), "--prompt-file", str(tmp_path / "none.tsv"), *labels]) == 2
     err = capsys.readouterr().err
     assert "No such file or directory" in err and "none.tsv" in err

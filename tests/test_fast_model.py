@@ -589,6 +589,8 @@ def test_optimize_rejects_other_modules():
     ref = build_reference("nested_unet", tiny_nested_config())
     with pytest.raises(ValueError, match="torch.compile wrapper"):
         mdm_fast.optimize(torch.compile(ref))
+    with pytest.raises(ValueError, match=r"DataParallel wrapper; pass the model itself \(its .module\)"):
+        mdm_fast.optimize(torch.nn.DataParallel(ref))
 
 
 def test_a_global_backend_preference_runs_the_whole_model(monkeypatch):

@@ -20,11 +20,6 @@ from mdm_fast.cli.sample import cmd_sample  # noqa: E402
 
 log = logging.getLogger("mdm_fast")
 
-# Widths of the text encoders the public configs name (for `summary` without loading the encoder).
-KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/t5-v1_1-xl": 2048, "google/flan-t5-xxl": 4096,
-                     "google/flan-t5-large": 1024, "google/flan-t5-base": 768, "google/flan-t5-small": 512,
-                     "minilm": 384}
-
 
 # ---- train ---------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
@@ -53,7 +48,7 @@ def cmd_convert(args) -> int:
     from mdm_fast.train.convert import convert
 
     info = convert(args.input, args.output, to=args.to, use_ema=args.ema, config=args.config,
-                   trust_pickle=args.trust_pickle)
+                   trust_pickle=args.trust_pickle, text_dim=args.text_dim)
     print(json.dumps(info))
     return 0
 
@@ -125,23 +120,8 @@ def cmd_info(args) -> int:
 
 
 # ---- summary -------------------------------------------------------------------------------------
-def text_width(cfg, given: Optional[int]) -> int:
-    if given is not None and given < 0:
-        raise ValueError(f"--text-dim: expected >= 1 (0: from the config), got {given}")
-    if given:
-        return given
-    if cfg.categorical_conditioning > 0:
-        return cfg.categorical_conditioning
-    if cfg.text_dim > 0:
-        return cfg.text_dim
-    width = KNOWN_TEXT_WIDTHS.get(cfg.text_model.lower() if cfg.text_model.lower() == "minilm" else cfg.text_model)
-    if width is None:
-        raise ValueError(f"summary: the text width of {cfg.text_model!r} is unknown; pass --text-dim")
-    return width
-
-
 def cmd_summary(args) -> int:
-    from mdm_fast.config import load_experiment
+    from mdm_fast.config import load_experiment, text_width
     from mdm_fast.reference import build_model
     from mdm_fast.reference.summary import describe
 
@@ -224,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument("--to", choices=["ours", "public"], required=True)
     c.add_argument("--ema", action="store_true", help="to public: export the EMA weights")
-    c.add_argument("--config", help="to ours: the experiment YAML to store with the weights")
+    c.add_argument("--config", help="to ours: the experiment YAML to store with the weights (which must fit the "
+                   "model it builds)")
+    c.add_argument("--text-dim", type=int, default=0,
+                   help="with --config: the text width (default: the file's, else from the config's text model)")
     c.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     c.set_defaults(fn=cmd_convert)
 

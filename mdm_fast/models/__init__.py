@@ -54,6 +54,9 @@ def optimize(module: nn.Module, impl: str = "auto", channels_last: bool = True) 
     if isinstance(getattr(module, "_orig_mod", None), nn.Module):
         raise ValueError("optimize: got a torch.compile wrapper; pass the model itself "
                          "(torch.compile(mdm_fast.optimize(model)) compiles the fast model)")
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError(f"optimize: got a {type(module).__name__} wrapper; pass the model itself (its .module), "
+                         "then wrap the fast model")
     if isinstance(module, reference.UNet):
         return convert(module, impl, channels_last)
     config = getattr(module, "config", None)

@@ -125,9 +125,12 @@ def load_weights(module: torch.nn.Module, state: Dict[str, Any], source: Path) -
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         detail = "; ".join(line if len(line) < 200 else line[:200] + "..." for line in lines[:2])
-        raise ValueError(f"{source}: its weights do not fit the model this config builds ({detail}); "
-                         "check that the config (--config, overrides) is the one the weights were trained "
-                         "with") from e
+        if state and all(k.startswith("module.") for k in state):
+            hint = ("its keys start with 'module.' (saved from a DDP-wrapped model): strip that prefix "
+                    "(torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.'))")
+        else:
+            hint = "check that the config (--config, overrides) is the one the weights were trained with"
+        raise ValueError(f"{source}: its weights do not fit the model this config builds ({detail}); {hint}") from e
 
 
 def load_latest(folder: Path, map_location: Any = "cpu", set_aside: bool = False
