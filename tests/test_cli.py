@@ -169,6 +169,8 @@ def test_summary_text_width_comes_from_the_flag_the_classes_the_width_or_the_tex
 
 
 def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
+    """The quick demo writes its grid, loss curve and metrics in a minute; sample reads its checkpoint and
+    hands each command-line setting (steps, guidance, eta, negative prompt, precision, seed) to the sampler."""
     t0 = time.time()
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     assert time.time() - t0 < 60
@@ -181,17 +183,21 @@ def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
     assert grid.height > 10 * 32  # a row per digit
     ckpt = sorted((tmp_path / "demo").glob("ckpt_*.pt"))[-1]
     assert result["steps"] == int(ckpt.stem.split("_")[1])
+    import mdm_fast.train.grids as grids
+
+    calls, generate = [], grids.generate  # the keyword arguments of each generate() call
+    monkeypatch.setattr(grids, "generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
     assert main(["sample", "--checkpoint", str(ckpt), "--labels", "1", "7", "--num-per-prompt", "2", "--steps", "4",
-                 "--guidance", "2", "--batch", "3", "--out", str(tmp_path / "s")]) == 0
+                 "--guidance", "2", "--eta", "0.5", "--negative-prompt", "0", "--batch", "3",
+                 "--out", str(tmp_path / "s")]) == 0
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert "grid.png" in files and "000_00_level0_32px.png" in files and "001_01_level1_8px.png" in files
+    # every batch (4 images in batches of 3: 2) samples with the command line's settings
+    assert [(k["steps"], k["guidance"], k["ddim_eta"], k["negative_prompt"]) for k in calls] == [(4, 2.0, 0.5, "0")] * 2
+    calls.clear()
     # the same label and seed: the raw weights (--no-ema) and a bigger grid change what comes out, and
     # --precision reaches the sampler (bf16 autocast works on a CPU too; its rounding is below 8 bits here);
     # a prompt file's last column is the prompt, --image-size the top resolution
-    import mdm_fast.train.grids as grids
-
-    autocasts, generate = [], grids.generate
-    monkeypatch.setattr(grids, "generate", lambda *a, **k: autocasts.append(k["autocast"]) or generate(*a, **k))
     (tmp_path / "prompts.tsv").write_text("x7\t3\n\n9\n")  # id<TAB>label; a blank line; a label
     runs = {"fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"], "raw": ["--no-ema", "--grid-scale", "2"],
             "size": ["--image-size", "48"], "file": ["reader_config.image_size=64", "--prompt-file",
@@ -201,7 +207,7 @@ def test_quick_demo_then_sample(tmp_path, capsys, monkeypatch):
         assert main(["sample", "--checkpoint", str(ckpt), *extra, *labels, "--num-per-prompt", "1", "--steps", "2",
                      "--out", str(tmp_path / name)]) == 0, name
     img = {n: np.asarray(Image.open(tmp_path / n / "000_00_level0_32px.png")) for n in ("fp32", "bf16", "raw")}
-    assert autocasts[:2] == [None, torch.bfloat16] and not np.array_equal(img["fp32"], img["raw"])
+    assert [k["autocast"] for k in calls[:2]] == [None, torch.bfloat16] and not np.array_equal(img["fp32"], img["raw"])
     grid = {n: Image.open(tmp_path / n / "grid.png").size for n in ("fp32", "raw")}
     assert grid["raw"][0] > grid["fp32"][0] and grid["raw"][1] > grid["fp32"][1]  # --grid-scale 2
     assert (tmp_path / "file" / "001_00_level0_64px.png").stat().st_size > 0  # two prompts: 3 and 9
@@ -295,7 +301,9 @@ def test_sampling_split_over_processes_writes_what_one_process_writes(tmp_path, 
     assert not (tmp_path / "one" / "grid.png").exists()
     # another run's images are not kept: sample.json tells (or, missing, cannot tell) which run made them
     for changed, field in ((["--steps", "3"], "steps"), (["--labels", "3", "1", "5"], "prompts_sha256"),
-                           (["--seed", "6"], "seed"), (["--no-ema"], "no_ema")):
+                           (["--seed", "6"], "seed"), (["--no-ema"], "no_ema"), (["--guidance", "2"], "guidance"),
+                           (["--eta", "0.5"], "eta"), (["log_freq=7"], "overrides"),
+                           (["--guidance", "2", "--negative-prompt", "0"], "guidance, negative_prompt")):
         assert main([*common, *changed, "--skip-existing", "--out", str(tmp_path / "one")]) == 2
         assert f"holds the images of another run (its sample.json differs in {field})" in capsys.readouterr().err
     other = load_checkpoint(ckpt)  # other weights written over the same path
@@ -446,22 +454,27 @@ def test_demo_refuses_to_delete_another_runs_checkpoints(tmp_path, capsys):
 
 
 def test_a_fresh_demo_deletes_an_earlier_demos_checkpoints_and_resume_keeps_them(tmp_path, monkeypatch):
-    """Without --resume the demo starts over (its old checkpoints deleted); with it they stay."""
+    """Without --resume the demo starts over (its old checkpoints deleted); with it they stay. --steps
+    sets the run's training steps (else 12 for --quick)."""
     import mdm_fast.train
 
+    steps = []  # each run's num_training_steps
+
     def stop(cfg):
+        steps.append(cfg.num_training_steps)
         raise ValueError("stopped before training")
 
     monkeypatch.setattr(mdm_fast.train, "Trainer", stop)
     (tmp_path / "config.yaml").write_text("name: demo_digits\n")
     (tmp_path / "ckpt_00000005.pt").write_bytes(b"an earlier demo")
-    assert main(["demo", "--quick", "--resume", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--quick", "--resume", "--steps", "3", "--out", str(tmp_path)]) == 2
     assert (tmp_path / "ckpt_00000005.pt").exists()
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
-    assert not (tmp_path / "ckpt_00000005.pt").exists()
+    assert not (tmp_path / "ckpt_00000005.pt").exists() and steps == [3, 12]
 
 
-def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):
+def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys, monkeypatch):
+    """train: overrides, --steps, resume, bad values named, --time-limit (minutes) stops the run."""
     yaml_path = tmp_path / "tiny.yaml"
     tiny(tmp_path / "unused", num_training_steps=3, save_freq=1).to_yaml(yaml_path)
     out = tmp_path / "run"
@@ -486,6 +499,16 @@ def test_train_from_a_yaml_with_overrides_then_resume(tmp_path, capsys):
     assert (tmp_path / "timed" / "ckpt_00000001.pt").is_file()
     assert main(["train", "--config", str(yaml_path), "--time-limit", "0"]) == 2
     assert "--time-limit: expected minutes > 0" in capsys.readouterr().err
+    # --time-limit is in minutes: 1.5 gives the trainer a deadline 90 s away (the trainer stubbed)
+    import mdm_fast.train
+
+    deadlines = []
+    trainer = argparse.Namespace(dist=argparse.Namespace(is_main=False),
+                                 train=lambda stop_after, deadline: deadlines.append(deadline) or {"step": 0})
+    monkeypatch.setattr(mdm_fast.train, "Trainer", lambda cfg: trainer)
+    t0 = time.time()
+    assert main(["train", "--config", str(yaml_path), "--time-limit", "1.5"]) == 0
+    assert t0 + 90 <= deadlines[0] <= time.time() + 90
 
 
 @pytest.mark.gpu

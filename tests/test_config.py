@@ -145,9 +145,12 @@ def test_values_take_their_fields_types():
     cfg = load_experiment(_minimal(), [f"{sampler}.beta_start=1e-4", f"{sampler}.schedule_shifted='false'",
                                        f"{sampler}.rescale_signal=None", "diffusion_config.model_output_scale=1e0",
                                        "output_dir=0123", "seed=1e3", f"{sampler}.threshold_function=NONE",
-                                       "unet_config.micro_conditioning=None"])
+                                       "unet_config.micro_conditioning=None", "reader_config.bucket=0123",
+                                       "pretrained_vision_file=null", "mixed_ratio=NULL"])
     sc = cfg.diffusion_config.sampler_config
     assert (sc.beta_start, sc.schedule_shifted, sc.rescale_signal) == (1e-4, False, None)
+    assert cfg.reader_config.bucket == "0123"  # a section's str field too (YAML would read 83)
+    assert cfg.pretrained_vision_file is None and cfg.mixed_ratio is None  # null, any case: None
     assert (cfg.diffusion_config.model_output_scale, cfg.output_dir, cfg.seed) == (1.0, "0123", 1000)
     assert sc.threshold_function.name == "NONE" and cfg.unet_config.micro_conditioning is None
     # in a YAML file: 1e-4 is read as a string, a quoted 'false' too; a number in a str field is its text
@@ -232,6 +235,24 @@ def test_top_level_mixed_ratio_and_weights_are_one_setting_with_the_diffusion_co
     d["mixed_ratio"] = "2"
     assert load_experiment(d).diffusion_config.mixed_ratio == "2"
     assert load_experiment(_nested(mixed_ratio="")).diffusion_config.mixed_fractions(2) is None  # empty: unset
+
+
+def test_experiment_defaults_are_the_public_ones():
+    """The defaults of the public command lines' arguments (ml_mdm/config.py: common, trainer, sampler and
+    evaluator parsers; models/model_ema.py's ModelEma for the EMA), which configs that omit a field rely on.
+    Not compared: output_dir, file_list (the public ones are placeholders) and use_adamw (a public
+    store_true flag that every public YAML sets)."""
+    public = {
+        "loglevel": "INFO", "device": "cuda", "fp16": 0, "seed": -1, "vocab_file": "data/c4_wpm.vocab",
+        "pretrained_vision_file": None, "categorical_conditioning": 0, "text_model": "google/flan-t5-xl",
+        "model": "unet", "use_precomputed_text_embeddings": 0, "batch_size": 2, "num_training_steps": 850000,
+        "num_epochs": 20000, "multinode": 1, "local_rank": 0, "log_freq": 100, "save_freq": 1000, "lr": 0.001,
+        "lr_scaling_factor": 0.8, "gradient_clip_norm": 2.0, "warmup_steps": 5000, "num_gradient_accumulations": 1,
+        "loss_factor": 1.0, "resume_from_ema": False, "model_file": "", "test_file_list": "", "sample_dir": "samples",
+        "eval_freq": 1000, "sample_image_size": -1, "port": 19231, "min_examples": 10000, "num_eval_batches": 500,
+        "reader_config_file": None, "ema_decay": 0.9999, "ema_warmup_steps": 0}
+    ours = ExperimentConfig().to_dict()
+    assert {k: ours[k] for k in public} == public
 
 
 def test_diffusion_defaults_are_the_public_ones():

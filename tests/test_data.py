@@ -55,10 +55,10 @@ def test_a_csv_table_is_comma_separated(tmp_path):
     assert s["caption"] == "caption, 3" and s["label"] == 3
 
 
-def test_table_cells_and_paths_read_as_written(tmp_path):
+def test_table_cells_and_paths_read_as_written(tmp_path, monkeypatch):
     """An empty caption is a caption (""), an empty label no label, a label that is not a number skips
-    the sample (counted); a file path is read as written, then relative to the table, and only then by
-    its basename there."""
+    the sample (counted); a file path is read as written (from the working directory, as the public
+    reader reads it), then relative to the table, and only then by its basename there."""
     _folder(tmp_path)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "img0.png").write_bytes(_png((1, 2, 3)))  # not tmp_path/img0.png, of colour (0, 10, 200)
@@ -69,6 +69,11 @@ def test_table_cells_and_paths_read_as_written(tmp_path):
     assert s["caption"] == "" and "label" not in s and s["_skipped"] == 0 and tuple(s["image"][8, 8]) == (1, 2, 3)
     s = ds[(1, 0)]
     assert s["caption"] == "two" and s["label"] == 2 and s["_skipped"] == 1
+    cwd = tmp_path / "cwd"  # a working directory holding sub/img0.png too: read before the table's own
+    (cwd / "sub").mkdir(parents=True)
+    (cwd / "sub" / "img0.png").write_bytes(_png((4, 5, 6)))
+    monkeypatch.chdir(cwd)
+    assert tuple(build_dataset(str(tmp_path / "t.tsv"), R)[(0, 0)]["image"][8, 8]) == (4, 5, 6)
 
 
 def test_samples_with_captions_over_max_caption_length_are_dropped(tmp_path):
@@ -412,6 +417,8 @@ def test_sharded_sampler_is_a_pure_function_of_the_step():
     assert one == merged
     resumed = list(ShardedSampler(10, 2, accumulations=2, seed=3, start_step=1, num_steps=2))
     assert resumed == one[4:]
+    for r in range(2):  # a rank resumed at step 1 starts a global batch (2 ranks x 2) in, not its own batch
+        assert list(ShardedSampler(10, 2, rank=r, world_size=2, seed=3, start_step=1, num_steps=2)) == two[r][2:]
     assert sorted(i for i, _ in list(ShardedSampler(10, 5, seed=1, num_steps=2))) == list(range(10))  # an epoch
     # 2 ranks x 2 accumulations: rank r's micro-batch m is shard 2r + m of one process's 4 accumulations
     four = list(ShardedSampler(10, 2, accumulations=4, seed=3, num_steps=2))
@@ -514,7 +521,8 @@ def test_reader_config_defaults_are_the_public_ones():
 
 def test_workers_give_the_same_batches(tmp_path):
     """Random crops are a function of the sample's seed, not of the process that reads it (the images are
-    vertical ramps, so that crops at other offsets differ)."""
+    vertical ramps, so that crops at other offsets differ); a file dataset crops at random only with
+    reader_config.random_crop."""
     _folder(tmp_path)
     for i in range(5):
         _gray(np.repeat(np.arange(i, 240 + i, 10)[:, None], 20, 1)).save(tmp_path / f"img{i}.png")  # (H, W) = (24, 20)
@@ -523,6 +531,11 @@ def test_workers_give_the_same_batches(tmp_path):
     b = [b["image"] for b in make_loader(ds, 2, seed=1, num_steps=3, num_workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 3
     assert all(np.array_equal(ds[i]["image"], ds[(i, i)]["image"]) for i in range(5))  # an index is its own seed
+    # reader_config.random_crop is read: seeds give several crops of a file, and without it the centre one
+    assert len({ds[(0, s)]["image"][0, 0, 0] for s in range(8)}) > 1
+    centre = build_dataset(str(tmp_path), ReaderConfig(image_size=16))
+    want = resize_crop(Image.open(tmp_path / "img0.png"), 16)  # (16, 16, 3) of the (19, 16) resize
+    assert all(np.array_equal(centre[(0, s)]["image"], want) for s in range(8))
 
 
 def test_precomputed_text_embeddings_are_padded_with_a_mask(tmp_path):

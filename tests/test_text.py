@@ -24,6 +24,8 @@ def _cfg(**kw):
 
 
 def test_class_labels_are_one_hot():
+    """One-hot (B, 1, classes) with a full mask, zeros as the null condition; a config with
+    categorical_conditioning > 0 builds this encoder (auto)."""
     enc = ClassLabelEncoder(10)
     cond, mask = enc.encode_labels([3, 0, 9], torch.device("cpu"))
     assert cond.shape == (3, 1, 10) and mask.shape == (3, 1)
@@ -38,6 +40,9 @@ def test_class_labels_are_one_hot():
     null, null_mask = enc.null(2, torch.device("cpu"))
     assert null.shape == (2, 1, 10) and null.abs().sum() == 0 and null_mask.sum() == 2
     assert isinstance(build_text_encoder(_cfg(categorical_conditioning=10)), ClassLabelEncoder)
+    # class labels come first, as in the public factory: precomputed embeddings set too do not matter
+    both = _cfg(categorical_conditioning=10, use_precomputed_text_embeddings=1)
+    assert isinstance(build_text_encoder(both), ClassLabelEncoder)
     cond2, _ = encode_prompts(enc, ["3", "0", "9"], torch.device("cpu"))
     assert torch.equal(cond, cond2)
     with pytest.raises(ValueError, match="class indices"):
