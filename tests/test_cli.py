@@ -88,13 +88,17 @@ def test_convert_ours_to_public_and_back_keeps_weights_and_ema(tmp_path, capsys)
     assert cfg["ema"] == a["ema"] and cfg["seed"] == a["seed"]  # the EMA's warm-up count and the seed too
     # weights that do not fit the config's model: an error naming the file and a mismatch, nothing written
     tiny(tmp_path / "wide", categorical_conditioning=12).to_yaml(tmp_path / "wide.yaml")  # another text width
-    public = tmp_path / "pub.pth"
-    for config, text_dim in (("wide.yaml", "0"), ("other.yaml", "12")):
-        assert main(["convert", str(public), str(tmp_path / "no.pt"), "--to", "ours", "--config",
+    for weights, config, text_dim in (("pub.pth", "wide.yaml", "0"), ("pub.pth", "other.yaml", "12"),
+                                      (src, "wide.yaml", "0")):  # src: a file whose text_dim is 10
+        assert main(["convert", str(tmp_path / weights), str(tmp_path / "no.pt"), "--to", "ours", "--config",
                      str(tmp_path / config), "--text-dim", text_dim]) == 2
         err = capsys.readouterr().err
-        assert f"{public}: its weights do not fit the model" in err and "size mismatch" in err
+        assert f"{tmp_path / weights}: its weights do not fit the model" in err and "size mismatch" in err
         assert not (tmp_path / "no.pt").exists()
+    # a text model of unknown width: the file's (10)
+    tiny(tmp_path / "t", categorical_conditioning=0, text_model="my/encoder").to_yaml(tmp_path / "unknown.yaml")
+    assert main(["convert", str(src), str(tmp_path / "t.pt"), "--to", "ours", "--config",
+                 str(tmp_path / "unknown.yaml")]) == 0
 
 
 def _public_file_with_args(path, state_dict):

@@ -1019,15 +1019,21 @@ def public_256_small_batch(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
 def test_gpu_golden_fp32(name, monkeypatch):
-    """fp32 as issue 7 asks, tight: cuDNN without tf32 (PyTorch's default for convolutions), so that an
-    error the size of a 10% slip in a time embedding's shift (6e-4 to 1e-3 here) fails."""
+    """fp32 as issue 7 asks, tight: cuDNN without tf32 (PyTorch's default for convolutions) and matmuls
+    without it (a Trainer built earlier in the session turns it on), so that an error the size of a 10% slip
+    in a time embedding's shift (6e-4 to 1e-3 here) fails."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()  # (torch.backends.cuda.matmul does not monkeypatch)
+    torch.set_float32_matmul_precision("highest")
     case, model = fast_golden(name, "auto")
     model.cuda()
     x_t, t, c, m = model_inputs(case)
     to = lambda v: [x.cuda() for x in v] if isinstance(v, list) else v.cuda()  # noqa: E731
-    with torch.no_grad():
-        out = as_list(model(to(x_t), to(t), to(c), to(m), {}))
+    try:
+        with torch.no_grad():
+            out = as_list(model(to(x_t), to(t), to(c), to(m), {}))
+    finally:
+        torch.set_float32_matmul_precision(precision)
     assert [o.shape for o in out] == [w.shape for w in case["outputs"]]
     for got, want in zip(out, case["outputs"]):
         assert (got.cpu() - want).abs().max().item() <= 1e-4  # accumulation order only

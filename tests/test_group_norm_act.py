@@ -148,10 +148,11 @@ def test_ref_channels_last_input_without_gradient(shape):
     backward crashes the process there (SIGSEGV); the ref backend must give the weights' gradients."""
     x, w, b, _, _ = _inputs(shape, 4, torch.float32, channels_last=True, scale_shift=False)
     w, b = w.requires_grad_(), b.requires_grad_()
-    got = torch.autograd.grad(group_norm_act(x, 4, w, b, impl="ref").sum(), (w, b))
     want = torch.autograd.grad(reference(x.contiguous(), 4, w, b).sum(), (w, b))
-    for g, r in zip(got, want):
-        torch.testing.assert_close(g, r)
+    for x_grad in (False, True):  # x frozen, or x's gradient not asked for
+        got = torch.autograd.grad(group_norm_act(x.requires_grad_(x_grad), 4, w, b, impl="ref").sum(), (w, b))
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r)
 
 
 def _force_split(monkeypatch) -> None:
@@ -622,6 +623,8 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
         group_norm_act(x, 2, None, None, impl="cuda")
     with pytest.raises(BackendUnavailable, match="float64"):
         group_norm_act(x.double(), 2, None, None, impl="triton")
+    with pytest.raises(BackendUnavailable, match=r"float64 .* shape \(2, 4, 3, 3, 1\)"):  # 5-D: x's own shape
+        group_norm_act(x.double()[..., None], 2, None, None, impl="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
         group_norm_act(x, 2, None, None, impl="triton")

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="to ours: the experiment YAML to store with the weights (which must fit the "
                    "model it builds)")
     c.add_argument("--text-dim", type=int, default=0,
-                   help="with --config: the text width (default: the file's, else from the config's text model)")
+                   help="with --config: the text width (default: the config's; the file's where the config's "
+                        "text model is of unknown width)")
     c.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     c.set_defaults(fn=cmd_convert)
 

@@ -50,10 +50,7 @@ def reference(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Option
               scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, act: Optional[str] = "silu") -> Tensor:
     """The public code's ops, unfused: ``F.silu(F.group_norm(x) * (1 + scale) + shift)``; 5-D x per frame."""
     if x.dim() == 5:
-        frames = x.shape[2]
-        y = reference(_frames_in_batch(x), num_groups, weight, bias, eps, _per_frame(scale, frames),
-                      _per_frame(shift, frames), act)
-        return _frames_back(y, x)
+        return _on_frames(reference, x, num_groups, weight, bias, eps, scale=scale, shift=shift, act=act)
     h = F.group_norm(x, num_groups, weight, bias, eps)
     if scale is not None:
         h = h * (1 + scale[:, :, None, None])  # (B, C) -> (B, C, 1, 1)
@@ -104,18 +101,32 @@ class _FramesInBatch(torch.autograd.Function):
         return _unfold_frames(grad, ctx.shape, ctx.memory_format)
 
 
-def _frames_in_batch(x: Tensor) -> Tensor:
-    return _FramesInBatch.apply(x)
-
-
-def _frames_back(y: Tensor, x: Tensor) -> Tensor:
-    """(B*T, C, H, W) -> x's (B, C, T, H, W) shape and memory format."""
-    return _unfold_frames(y, x.shape, _format(x))
-
-
 def _per_frame(t: Optional[Tensor], frames: int) -> Optional[Tensor]:
     """A sample's (B, C) scale or shift for each of its frames: (B*T, C)."""
     return None if t is None else t.repeat_interleave(frames, dim=0)
+
+
+def _on_frames(fn: Callable[..., Tensor], x: Tensor, *args, scale: Optional[Tensor], shift: Optional[Tensor],
+               **kwargs) -> Tensor:
+    """``fn`` (the op or the reference) on 5-D x with its frames in the batch, a sample's scale and shift
+    for each frame; the result in x's shape and memory format."""
+    frames = x.shape[2]
+    y = fn(_FramesInBatch.apply(x), *args, scale=_per_frame(scale, frames), shift=_per_frame(shift, frames),
+           **kwargs)  # (B*T, C, H, W)
+    return _unfold_frames(y, x.shape, _format(x))
+
+
+class _DenseCopy(torch.autograd.Function):
+    """``x.contiguous()`` whose gradient comes back in x's memory format (autograd's would be the copy's)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.memory_format = _format(x)
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous(memory_format=ctx.memory_format)
 
 
 def _group_stats(x: Tensor, num_groups: int, eps: float) -> Tuple[Tensor, Tensor]:
@@ -445,8 +456,10 @@ def _plain_reference(x, num_groups, weight, bias, eps, scale, shift, act, input_
     Under torch.compile the custom op (same numbers, traceable) runs instead."""
     acc = dispatch.accumulation_dtype(x.dtype)
     up = [None if t is None else t.to(acc) for t in (x, weight, bias, scale, shift)]
-    if x.device.type == "cpu" and not x.requires_grad:  # PyTorch's CPU group-norm backward crashes (SIGSEGV)
-        up[0] = up[0].contiguous()  # on channels_last x that needs no gradient when weight or bias does (2.13)
+    if x.device.type == "cpu" and _is_channels_last(x):
+        # PyTorch's CPU group-norm backward crashes (SIGSEGV, torch 2.13) on channels_last x when x's gradient
+        # is not wanted but the weights' are
+        up[0] = _DenseCopy.apply(up[0])
     y = reference(_plus_input_bias(up[0], input_bias), num_groups, up[1], up[2], eps, up[3], up[4], act)
     return y.to(x.dtype).contiguous(memory_format=_format(x))
 
@@ -465,11 +478,11 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     the triton backend then skips its statistics pass, the others ignore them.
     """
     _check(x, num_groups, weight, bias, eps, scale, shift, act, input_bias)
-    if x.dim() == 5:  # frames in the batch (moments are a channels_last 4-D producer's)
-        frames = x.shape[2]
-        y = group_norm_act(_frames_in_batch(x), num_groups, weight, bias, eps, _per_frame(scale, frames),
-                           _per_frame(shift, frames), act, impl, None, input_bias)
-        return _frames_back(y, x)
+    if x.dim() == 5:  # frames in the batch; moments are a channels_last 4-D producer's
+        # resolved on x itself: an explicit backend that cannot run names x's shape, not the folded one
+        backend = dispatch.resolve(OP, impl, x, weight, bias, scale, shift, input_bias)
+        return _on_frames(group_norm_act, x, num_groups, weight, bias, eps, scale=scale, shift=shift, act=act,
+                          impl=backend, input_bias=input_bias)
     if moments is not None and (not isinstance(moments, Tensor) or moments.dtype != torch.float32
                                 or moments.dim() != 4 or tuple(moments.shape[1:4:2]) != tuple(x.shape[:2])):
         got = f"{tuple(moments.shape)} {moments.dtype}" if isinstance(moments, Tensor) else type(moments).__name__

@@ -137,7 +137,10 @@ def parse_micro_conditioning(spec: str) -> Dict[str, float]:
 def unet_config_from_dict(model_name: str, d: Union[Dict[str, Any], UNetConfig], *, _where: str = "unet_config",
                           _inner: bool = False) -> UNetConfig:
     """The typed config of public model ``model_name`` from a YAML ``unet_config`` block, or from a config
-    object: ours or the public code's (``args.unet_config``, dataclasses of the same fields)."""
+    object: ours or the public code's (``args.unet_config``, dataclasses of the same fields). The public
+    UNet's constructor overwrites its config's ``conditioning_feature_dim`` with the projection width: a
+    config object a public model was built from needs the text width set back, as the public
+    ``generate_sample.py`` does."""
     if model_name not in MODEL_DEPTHS:
         raise ValueError(f"unknown model name {model_name!r}; expected one of {list(MODEL_DEPTHS)}")
     if dataclasses.is_dataclass(d) and not isinstance(d, type):

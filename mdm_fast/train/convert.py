@@ -23,8 +23,8 @@ _NUMERIC_EXTRAS = ("batch_num", "loss", "best_avg_loss", "exp_avg_loss", "exp_av
 def convert(src: str, dst: str, to: str, use_ema: bool = False, config: Optional[str] = None,
             trust_pickle: bool = False, text_dim: int = 0) -> Dict[str, Any]:
     """Convert ``src`` to format ``to`` ("ours" or "public") at ``dst``; returns a short report. With
-    ``config`` (to ours) the weights must fit the model it builds at ``text_dim`` (0: the file's text
-    width, else the config's)."""
+    ``config`` (to ours) the weights must fit the model it builds at ``text_dim`` (0: the config's text
+    width, else, where the config does not tell it, the file's)."""
     if to not in ("ours", "public"):
         raise ValueError(f"convert: --to must be 'ours' or 'public', got {to!r}")
     if use_ema and to == "ours":
@@ -54,21 +54,27 @@ def convert(src: str, dst: str, to: str, use_ema: bool = False, config: Optional
             from mdm_fast.config import load_experiment
 
             cfg = load_experiment(config)
-            _check_fits(cfg, out["state_dict"], Path(src), text_dim or int(ckpt.get("text_dim") or 0))
+            _check_fits(cfg, out["state_dict"], Path(src), text_dim, int(ckpt.get("text_dim") or 0))
             out["config"], out["model"] = cfg.to_yaml(), cfg.model
     save_atomic(out, Path(dst))
     return {"input": str(src), "output": str(dst), "to": to, "tensors": len(out["state_dict"]),
             "ema": bool(use_ema)}
 
 
-def _check_fits(cfg, state: Dict[str, Any], src: Path, text_dim: int) -> None:
+def _check_fits(cfg, state: Dict[str, Any], src: Path, text_dim: int, file_text_dim: int) -> None:
     """``state`` loads strictly into the model ``cfg`` builds (on the meta device: names and shapes only);
     else a ValueError naming ``src`` and the first mismatches, before anything is written."""
     from mdm_fast.config import text_width
     from mdm_fast.reference import build_model
 
+    try:
+        width = text_width(cfg, text_dim)
+    except ValueError:  # a text model of unknown width: the file's, which its trainer's encoder gave
+        if text_dim or not file_text_dim:
+            raise
+        width = file_text_dim
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.unet_dict(text_width(cfg, text_dim)))
+        model = build_model(cfg.model, cfg.unet_dict(width))
     with warnings.catch_warnings():  # copying into meta parameters is the no-op wanted here
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         load_weights(model, state, src)
