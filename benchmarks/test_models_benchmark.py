@@ -18,27 +18,34 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 VARIANTS = ["reference eager", "mdm_fast eager", "mdm_fast + CUDA graphs"]
 
 
-@pytest.fixture(scope="module", params=["256x256", "1024x1024"])
-def models(request):
+@pytest.fixture(scope="module")
+def models():
+    """stem -> (reference, fast copy), each model built once for the module."""
     from mdm_fast import optimize
 
-    ref = bm.build(request.param, fast=False)
-    yield request.param, ref, optimize(copy.deepcopy(ref))
-    del ref
+    built = {}
+
+    def get(stem):
+        if stem not in built:
+            ref = bm.build(stem, fast=False)
+            built[stem] = ref, optimize(copy.deepcopy(ref))
+        return built[stem]
+
+    yield get
+    built.clear()
     torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["forward", "train"])
-def test_model_step(benchmark, models, variant, kind):
-    stem, ref, fast = models
-    for wl in (w for w in bm.QUICK if w.model == stem and w.kind == kind):
-        step = bm.variants("quick", ref, fast, wl, bm.public_config(stem)[2])[variant]()
+@pytest.mark.parametrize("wl", bm.QUICK, ids=lambda w: f"{w.model}-{w.kind}-B{w.batch}")
+def test_model_step(benchmark, models, wl, variant):
+    """Every workload of the quick suite (``python -m benchmarks.models``), each variant."""
+    ref, fast = models(wl.model)
+    step = bm.variants("quick", ref, fast, wl, bm.public_config(wl.model)[2])[variant]()
 
-        def run():
-            step()
-            torch.cuda.synchronize()
+    def run():
+        step()
+        torch.cuda.synchronize()
 
-        benchmark.extra_info.update(workload=f"{stem} {kind} B={wl.batch}", card=torch.cuda.get_device_name())
-        benchmark.pedantic(run, warmup_rounds=2, rounds=10)
-        break
+    benchmark.extra_info.update(workload=f"{wl.model} {wl.kind} B={wl.batch}", card=torch.cuda.get_device_name())
+    benchmark.pedantic(run, warmup_rounds=2, rounds=10)

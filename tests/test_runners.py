@@ -173,6 +173,9 @@ def test_gpu_graph_replay_equals_eager_sampling():
 
 @pytest.mark.gpu
 def test_gpu_graphed_train_step_tracks_eager():
+    """Capture does not change results: the capture restores the CUDA generator after its warm-up, so
+    replay k draws the noise of eager step k from the same seed, and the loss curves agree step by step
+    (to float rounding, which Adam carries on); the optimizer counts no warm-up step."""
     losses = {}
     for capture in (False, True):
         model, diffusion, cond, mask = tiny_setup("cuda")
@@ -184,7 +187,7 @@ def test_gpu_graphed_train_step_tracks_eager():
         losses[capture] = torch.stack([step(images, cond, mask) for _ in range(30)]).cpu()
         # replay k is step k: the capture's warm-up steps left no count (nor moments) in the optimizer
         assert all(state["step"].item() == 30 for state in opt.state.values()), capture
-    # same data, independent noise draws: the curves agree in level and both go down
+    torch.testing.assert_close(losses[True][:10], losses[False][:10], rtol=1e-2, atol=1e-4)
     assert losses[True][-10:].mean() < losses[True][:5].mean()
     assert abs(losses[True][-10:].mean() - losses[False][-10:].mean()) < 0.5 * losses[False][:5].mean()
 
