@@ -43,11 +43,23 @@ def test_knob_restores_and_card_slug(monkeypatch):
 def test_time_ms_is_the_median_after_warmup(monkeypatch):
     """With a fake clock each call advancing it by the next duration: warm-up calls are not timed, the
     result is the median of the timed ones (ms)."""
-    durations = iter([9.0, 9.0, 0.001, 0.003, 0.005])  # seconds: 2 warm-up calls, 3 timed
+    durations = iter([9.0, 9.0, 0.001, 0.002, 0.009])  # seconds: 2 warm-up calls, 3 timed
     clock = [0.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
     ms = common.time_ms(lambda: clock.__setitem__(0, clock[0] + next(durations)), warmup=2, iters=3)
-    assert ms == pytest.approx(3.0) and next(durations, None) is None  # 2 + 3 calls, no more, no fewer
+    assert ms == pytest.approx(2.0)  # the median: the mean would be 4, the minimum 1
+    assert next(durations, None) is None  # 2 + 3 calls, no more, no fewer
+
+
+def test_forward_flops_are_every_levels():
+    """The models suite's FLOPs per image (its TFLOP/s and MFU) sum the summary's levels."""
+    from mdm_fast.reference import build_model
+    from mdm_fast.reference.summary import summarize
+    from test_fast_model import tiny_nested_config
+
+    model = build_model("nested_unet", tiny_nested_config())
+    levels = summarize(model, 16)
+    assert len(levels) > 1 and models.forward_flops_per_image(model, 16) == sum(level.flops for level in levels)
 
 
 def test_write_report_names_the_card_and_titles_sections(tmp_path):

@@ -121,6 +121,7 @@ def test_dispatch_reasons():
     ((torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3).long()), r"b must be a \(B, C, H, W\) float tensor"),
     ((torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 2)), "must share the batch, height, width"),
     ((torch.randn(2, 4, 3, 3), torch.randn(3, 4, 3, 3)), "must share the batch, height, width"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3, device="meta")), "device"),
 ])
 def test_bad_inputs_raise(args, match):
     with pytest.raises(ValueError, match=match):

@@ -191,6 +191,20 @@ def test_precompile_training_leaves_model_and_grads_untouched():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_precompile_training_runs_the_backward_under_no_grad(monkeypatch):
+    """A caller under no_grad (a sampler's set-up, an evaluation loop) still gets the backward's kernels."""
+    import torch
+
+    from mdm_fast.engine import precompile_training
+
+    calls, grad = [], torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    model, x = torch.nn.Linear(4, 1), torch.randn(3, 4)
+    with torch.no_grad():
+        precompile_training(lambda: model(x).square().mean(), model.parameters())
+    assert calls == [1]
+
+
 def test_a_failing_dry_run_is_skipped_with_a_warning(caplog):
     import torch
 

@@ -100,6 +100,17 @@ def test_derived_weights_are_kept_until_the_weight_changes(monkeypatch, impl):
     assert _max_err(y, ref) <= _tol(torch.float32, ref.abs().max().item())
 
 
+def test_the_two_torch_forms_keep_their_own_derived_weights(monkeypatch):
+    """One weight, the torch backend's two formulations taking turns: each reads its own derived weight
+    (the transposed one, the four phases), not the other's from a shared cache."""
+    x, w = _rand(1, 4, 3, 3), _rand(5, 4, 3, 3)
+    want = _public_upsample_conv(x, w, None)
+    with torch.no_grad():
+        for form in ("transposed", "phases", "transposed"):
+            monkeypatch.setattr(resample, "TORCH_FORM", form)
+            assert _max_err(upsample_conv3x3(x, w, impl="torch"), want) <= _tol(torch.float32, want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_derived_weights_sum_the_taps_in_fp32_and_round_once(dtype):
     """The sub-pixel weights of an fp16/bf16 weight are its tap sums rounded once to its dtype (fp32 sums of

@@ -39,6 +39,8 @@ def test_graphed_callable_reuses_static_buffers_per_signature():
     assert g.num_graphs == 2
     g([torch.ones(2), torch.zeros(3)], torch.tensor(1.0, dtype=torch.float64))  # another dtype: its own buffers
     assert g.num_graphs == 3
+    out = g([torch.ones(2, device="meta"), torch.zeros(3)], torch.tensor(1.0))  # another device: its own too
+    assert g.num_graphs == 4 and out[0].device.type == "meta"
 
 
 def test_graphed_callable_keys_on_constants_and_structure_and_clones_outputs():
@@ -120,9 +122,12 @@ def test_train_step_runner_without_capture_trains():
     step = GraphedTrainStep(model, opt, loss_fn_for(model, diffusion), max_grad_norm=1.0, capture=False)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     before = [p.detach().clone() for p in model.parameters()]
+    first = images.clone()
     loss = step(images, cond, mask)
     assert loss.shape == () and torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    step(torch.zeros_like(images), cond, mask)  # copied into the runner's own buffers, not into the first batch
+    assert torch.equal(images, first)
     with pytest.raises(ValueError, match="shapes"):
         step(images[:1], cond[:1], mask[:1])
 
