@@ -145,7 +145,7 @@ def test_update_ref_matches_public_formulas(kind, eta, clip):
 
 
 def _max_err(got, want):
-    return (got.double() - want.double()).abs().max().item()
+    return (got.double().cpu() - want.double().cpu()).abs().max().item()
 
 
 @pytest.mark.parametrize("impl", ["ref", "triton"])

@@ -193,7 +193,6 @@ def test_gpu_graphed_train_step_tracks_eager():
         # replay k is step k: the capture's warm-up steps left no count (nor moments) in the optimizer
         assert all(state["step"].item() == 30 for state in opt.state.values()), capture
     torch.testing.assert_close(losses[True][:10], losses[False][:10], rtol=1e-2, atol=1e-4)
-    assert losses[True][-10:].mean() < losses[True][:5].mean()
     assert abs(losses[True][-10:].mean() - losses[False][-10:].mean()) < 0.5 * losses[False][:5].mean()
 
 
