@@ -3,8 +3,10 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         9.4 minutes, under one call's 10; `more`, 8.9
-#                                                         minutes with the install, is a call of its own)
+#                                                         10.6 minutes, over one call's 10: a lease
+#                                                         runs `models` (8.2) and `ops` (3.4 with its
+#                                                         own install) as two calls;
+#                                                         `more`, 8.9 minutes with the install, is a third)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. The golden cases and public YAMLs (shared/reference, 36 MB) must be there:
@@ -73,7 +75,9 @@ if want models; then
   # compile ~270 kernels (104 s in one process on a 2-core CPU machine, compile only): split in four, its
   # matrix by dtype; the small ops' files run their CPU matrix on CUDA too (the device fixture): a group each
   gna=tests/test_group_norm_act.py att=tests/test_attention.py
-  tests gpu-tests 150 tests/test_fast_model.py tests/test_runners.py tests/test_precompile.py \
+  # 150 s cut two groups (the resample file, the attention layout/compile/fp32 group) when all of them ran
+  # side by side on the H200 of 2026-11-29; alone they took 134 and 118 s
+  tests gpu-tests 190 tests/test_fast_model.py tests/test_runners.py tests/test_precompile.py \
     "tests/test_train.py tests/test_cli.py tests/test_samplers.py" \
     "$gna::test_gpu_input_bias $gna::test_gpu_model_shapes $gna::test_gpu_runs_on_the_current_stream $gna::test_gpu_weight_none_and_split_path $gna::test_gpu_more_than_2_31_elements" \
     "$gna::test_gpu_matches_reference -k dtype0" "$gna::test_gpu_matches_reference -k dtype1" \
@@ -89,8 +93,8 @@ if want models; then
 fi
 if want ops; then
   # attention: the unmasked-text rows compile each kernel's 3-4 candidates a second time; the table is
-  # rewritten after each section
-  stage bench-attention 55 $PY -m benchmarks.attention --suite quick --out "$OUT"
+  # rewritten after each section (55 s ended it after level 1's forward on the H200 of 2026-11-29)
+  stage bench-attention 90 $PY -m benchmarks.attention --suite quick --out "$OUT"
   stage bench-group-norm 55 $PY -m benchmarks.group_norm --suite quick --out "$OUT"  # rewritten per section
 fi
 if want more; then  # what holds each step back first (the profiles against the floor, the train step's

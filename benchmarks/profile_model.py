@@ -34,8 +34,10 @@ from benchmarks.common import ceilings, markdown_table, time_ms, write_report
 UNFILED = "not filed (no operator above the launch)"
 FLOOR_NOTE = ("ms: the device time of the kernels (device copies and fills included) the profiler saw, per step, "
               "each filed under the outermost operator above its launch that has a kind in benchmarks.roofline "
-              f"(else '{roofline.OTHER}'). floor: that kind's floor in benchmarks.roofline's count of the same step "
-              "on fake tensors, at the ceilings measured in this run. '-': the profiled step ran no such kernel "
+              f"(else '{roofline.OTHER}'); mdm_fast's Triton kernels that no operator holds (the profiler may "
+              "link their launches to none), under their op's kind. floor: that kind's floor in "
+              "benchmarks.roofline's count of the same step on fake tensors, at the ceilings measured in this run. "
+              "'-': the profiled step ran no such kernel "
               f"(its total leaves that floor out). '{UNFILED}': kernel time with no operator above its launch "
               "(the total of the kernel table less the rows above it).")
 
@@ -79,7 +81,8 @@ def main(argv=None) -> None:
     write_report(f"profile-{args.model.split('x')[0]}-{args.kind}-b{args.batch}", {
         f"GPU time by operator kind against its floor, {title}": markdown_table(
             ["operator kind", "kernels per step", "ms per step", "floor ms", "floor / ms", "ms over floor"],
-            against_floor(by_kind(prof.events(), args.steps), tally.floor_ms, kernel_ms)) + "\n\n" + FLOOR_NOTE,
+            against_floor(by_kind(prof.events(), args.steps, kernels), tally.floor_ms, kernel_ms))
+        + "\n\n" + FLOOR_NOTE,
         f"Top kernels, {title}": markdown_table(["kernel", "calls per step", "ms per step", "share"],
                                                 _top(kernels, "self_device_time_total", args.steps, args.top)),
         f"Top operators by host time, {title}": markdown_table(
@@ -98,11 +101,14 @@ def kernel_entries(averages) -> list:
     return [e for e in averages if e.device_type != DeviceType.CPU and not e.is_user_annotation]
 
 
-def by_kind(events: Sequence, steps: int) -> Dict[str, Tuple[float, float]]:
+def by_kind(events: Sequence, steps: int, kernels: Sequence = ()) -> Dict[str, Tuple[float, float]]:
     """kind -> (kernels per step, ms per step) over a profile's events (``prof.events()``): every kernel
     once, under the kind (:func:`benchmarks.roofline.kind_of`) of the outermost operator above its launch
-    that has one, else ``roofline.OTHER``."""
+    that has one, else ``roofline.OTHER``. ``kernels``: the profile's kernel entries (:func:`kernel_entries`);
+    of those that are mdm_fast's Triton kernels, the calls no operator holds go to their op's kind
+    (:func:`benchmarks.roofline.triton_kernel_kinds`)."""
     out: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    held: Dict[str, List[float]] = collections.defaultdict(lambda: [0, 0.0])  # kernel name -> calls, us
     for e in events:
         if not e.kernels:
             continue
@@ -114,6 +120,16 @@ def by_kind(events: Sequence, steps: int) -> Dict[str, Tuple[float, float]]:
         kind = next((k for k in map(roofline.kind_of, reversed(chain)) if k), roofline.OTHER)
         out[kind][0] += len(e.kernels) / steps
         out[kind][1] += sum(k.duration for k in e.kernels) / steps / 1e3  # us -> ms
+        for k in e.kernels:
+            held[k.name][0] += 1
+            held[k.name][1] += k.duration
+    triton_kinds = roofline.triton_kernel_kinds()
+    for entry in kernels:
+        kind = triton_kinds.get(entry.key)
+        calls, us = entry.count - held[entry.key][0], entry.self_device_time_total - held[entry.key][1]
+        if kind is not None and calls > 0:
+            out[kind][0] += calls / steps
+            out[kind][1] += us / steps / 1e3
     return {k: (n, ms) for k, (n, ms) in out.items()}
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
+import importlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,28 @@ def kind_of(name: str) -> Optional[str]:
     alike), or None for one filed under OTHER."""
     name = name.replace("::", ".")
     return next((k for prefix, k in _KINDS if name.startswith(prefix)), None)
+
+
+# mdm_fast's Triton kernels, by the module that holds them: (their op's kind, the kind of those named _bwd*).
+# A profiler may link their launches (Triton's, through the driver API) to no operator: on the H200 with
+# torch 2.11 none of them was (the 23.6 ms 'not filed' of profile-256-forward-b32-nvidia-h200.md).
+_TRITON_MODULES = {"group_norm": ("group norm (fused)", "group norm backward"),
+                   "attention": ("attention (fused)", "attention backward"),
+                   "concat": ("concatenation (skips)",) * 2, "bias_add": ("conv bias (+ ResNet skip) adds",) * 2,
+                   "upsample_conv": ("upsample-conv (sub-pixel)",) * 2}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernel_kinds() -> Dict[str, str]:
+    """The kind of each Triton kernel (function name) of the modules in _TRITON_MODULES."""
+    import triton
+
+    kinds = {}
+    for module, (fwd, bwd) in _TRITON_MODULES.items():
+        for name, fn in vars(importlib.import_module(f"mdm_fast.kernels.{module}")).items():
+            if isinstance(fn, triton.runtime.KernelInterface):
+                kinds[name] = bwd if name.startswith("_bwd") else fwd
+    return kinds
 
 
 def _kind(name: str) -> str:

@@ -292,6 +292,31 @@ def test_profile_files_each_kernel_under_the_outermost_operator_with_a_kind():
     assert profile_model.by_kind(prof.events(), steps=1) == {}  # real events: on a CPU, no kernels
 
 
+def test_profile_files_triton_kernels_no_operator_holds_under_their_ops_kind():
+    """Triton's launches may be linked to no operator (all of mdm_fast's were, on the H200 with torch
+    2.11): the calls of an mdm_fast Triton kernel that no operator holds go to its op's kind by name, those
+    an operator holds stay counted once; other unheld kernels are left to the 'not filed' row."""
+    from types import SimpleNamespace
+
+    from torch.autograd.profiler_util import FunctionEvent
+
+    held = FunctionEvent(id=0, name="mdm_fast::group_norm_act_fwd", thread=0, start_us=0, end_us=1)
+    held.append_kernel("_fwd_partial", 0, 20.0)
+    entries = [SimpleNamespace(key=k, count=n, self_device_time_total=us) for k, n, us in
+               [("_fwd_partial", 3, 80.0), ("_bwd_dq_kernel", 2, 50.0), ("_concat_kernel", 1, 10.0),
+                ("sm90_gemm", 4, 40.0), ("_update_kernel", 1, 5.0)]]
+    got = profile_model.by_kind([held], steps=1, kernels=entries)
+    assert got == {"group norm (fused)": (3, pytest.approx(0.08)), "attention backward": (2, pytest.approx(0.05)),
+                   "concatenation (skips)": (1, pytest.approx(0.01))}
+    kinds = roofline.triton_kernel_kinds()
+    assert {k: kinds[k] for k in ("_fwd_split_apply", "_bwd_fused", "_fwd_kernel", "_bwd_dkdv_kernel",
+                                  "_bias_add_kernel", "_upsample_conv3x3_fwd")} == {
+        "_fwd_split_apply": "group norm (fused)", "_bwd_fused": "group norm backward",
+        "_fwd_kernel": "attention (fused)", "_bwd_dkdv_kernel": "attention backward",
+        "_bias_add_kernel": "conv bias (+ ResNet skip) adds", "_upsample_conv3x3_fwd": "upsample-conv (sub-pixel)"}
+    assert set(kinds.values()) <= {kind for _, kind in roofline._KINDS}  # each has a floor row to stand beside
+
+
 def test_profile_sets_each_kind_against_its_floor():
     """The kinds with the most ms over their floors first; a floor the step did not run ('-') last and
     left out of the total."""

@@ -4,7 +4,7 @@ tensors, optionally with the per-channel partial moments that group_norm's split
 channels_last stores each pixel's channels contiguously, so the concatenation is a row copy: row s of
 the output (C1 + C2 channels) is row s of a followed by row s of b. PyTorch's cat copies these rows at
 about 43% of the copy rate on an H200 (4.3 ms of the 256x256 forward at batch 32, where the decoder
-concatenates its skips; benchmarks/results/profile-256-forward-b32-nvidia-h200.md); here each program
+concatenates its skips; benchmarks/results/profile-256-forward-b32-nvidia-h200-66b5828.md); here each program
 streams whole rows of its part of a sample, with 16-byte accesses (:mod:`mdm_fast.kernels.rows`).
 
 The up path normalises every concatenation right away (the next ResNet's ``norm1``). With

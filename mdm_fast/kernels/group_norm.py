@@ -34,7 +34,7 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     two) so that each row of its tile is >= 64 contiguous bytes. Tensors whose fused second pass would
     miss L2 go to the split path over whole rows (all C channels: each program streams one contiguous
     stretch). Why: on the H200 (lease of 2026-11-28,
-    benchmarks/results/profile-256-forward-b32-nvidia-h200.md) the 256x256 forward at batch 32 spent
+    benchmarks/results/profile-256-forward-b32-nvidia-h200-66b5828.md) the 256x256 forward at batch 32 spent
     15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are large
     (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
     per row (GPB = 1) and re-read from DRAM (a program's groups times the programs resident exceed L2);
@@ -42,7 +42,11 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
   Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2), backward
   3 transfers (~80% of copy); the split path needs 3 (forward) and 5 (backward) transfers minus what L2
   keeps: ~60% / ~55% of copy in the reported units. The H200 measured 55% / 38% (fused, NCHW) and 60% /
-  47% (split, NCHW, the 1024 model's shapes); the whole-row channels_last split awaits a GPU.
+  47% (split, NCHW, the 1024 model's shapes). The whole-row channels_last split, first timed on the H200
+  of 2026-11-29 (benchmarks/results/group_norm-quick-nvidia-h200.md), is slower than the groups' split
+  it replaced at a power-of-two C/G: (32, 128, 128, 128) 0.178 -> 0.274 ms forward, 0.322 -> 0.460 ms
+  backward (23% / 21% of copy); at 6 channels per group, (32, 192, 128, 128), it runs at 12% / 10%.
+  Not yet known which of this design's parts costs it (the sweep's knobs time them one at a time).
 
 The input is seen as (B, C, S) with S the flattened spatial size (H*W or T*H*W) and one of two
 layouts, addressed through strides without copies:

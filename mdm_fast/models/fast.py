@@ -140,7 +140,7 @@ class FastConv2d(nn.Conv2d):
     """A 1x1 convolution on a channels_last input runs as the GEMM it is, over the (B*H*W, C) view, with
     the bias added in the GEMM's epilogue: cuDNN adds a convolution's bias in a separate broadcast pass
     (on an H200 the 256x256 forward at batch 32 spent 18 ms of 78 in those passes, 145 of its 212
-    convolutions being 1x1: benchmarks/results/profile-256-forward-b32-nvidia-h200.md). Any other
+    convolutions being 1x1: benchmarks/results/profile-256-forward-b32-nvidia-h200-66b5828.md). Any other
     convolution, or input layout, runs as nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
