@@ -488,6 +488,23 @@ def test_upsample_conv3x3_fp32_gpu(fmt):
     assert _max_err(upsample_conv3x3(x, w, b, impl="triton"), y64) <= _tol(torch.float32, y64.abs().max().item())
 
 
+def test_upsample_conv3x3_autotunes_fp32_on_its_own_tile():
+    """The GPU's autotune space (the interpreter has one tile of its own): fp32 inputs get the fp32 tile
+    alone (exact dots: a correctness path, one compile), 16-bit ones never get it, and their tiles much
+    wider than the layer are dropped."""
+    from mdm_fast.kernels import upsample_conv as kern
+
+    configs = [kern._config(s) for s in (*kern._HOPPER, kern._FP32)]
+
+    def tiles(dtype, cout):
+        kept = kern._prune(configs, {"X": torch.empty(0, dtype=dtype), "COUT": cout})
+        return [(*(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), c.num_warps, c.num_stages) for c in kept]
+
+    assert tiles(torch.float32, 80) == tiles(torch.float32, 768) == [kern._FP32]
+    assert tiles(torch.bfloat16, 768) == tiles(torch.float16, 80) == kern._HOPPER
+    assert tiles(torch.bfloat16, 32) == [(128, 32, 32, 4, 4)]
+
+
 @pytest.mark.gpu
 def test_upsample_conv3x3_compiles_gpu():
     x = _rand(2, 32, 8, 8, dtype=torch.bfloat16, fmt=CL, device="cuda")

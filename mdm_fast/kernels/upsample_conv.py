@@ -26,22 +26,36 @@ from mdm_fast.kernels.sizes import cdiv, next_power_of_2
 from mdm_fast.ops.dispatch import triton_interpreting
 
 
+# (M, N, K, warps, stages), chosen for H100/H200 (228 KB smem): wide N for 256-768 channels, narrow N for
+# the 32/64-channel outer levels of the 1024 model.
+_HOPPER = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 32, 4, 4)]
+# fp32 inputs: exact fp32 dots on the CUDA cores, a correctness path: one small tile. (Autotuned over the
+# tiles above, an 80-channel fp32 layer compiled and timed all four: 38-43 s in a GPU test on the H200 of
+# 2026-11-29, beside five other test processes.)
+_FP32 = (32, 32, 32, 4, 1)
+
+
+def _config(shape: tuple) -> triton.Config:
+    m, n, k, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+
+
 def _configs() -> list:
     """Autotune space; one small multi-tile config under the interpreter so CPU tests stay fast."""
     if triton_interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    # (M, N, K, warps, stages), chosen for H100/H200 (228 KB smem): wide N for 256-768 channels,
-    # narrow N for the 32/64-channel outer levels of the 1024 model.
-    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 32, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+        return [_config((16, 16, 16, 4, 1))]
+    return [_config(s) for s in (*_HOPPER, _FP32)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop channel tiles much wider than the layer (keep at least one config)."""
-    cout = named_args["COUT"]
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(cout))]
-    return kept or configs[:1]
+    """fp32 inputs: the fp32 tile alone; 16-bit ones: the other tiles, less those much wider than the
+    layer (at least one)."""
+    fp32 = str(_config(_FP32))
+    if named_args["X"].dtype == torch.float32:
+        return [c for c in configs if str(c) == fp32] or configs[:1]
+    tiles = [c for c in configs if str(c) != fp32]
+    kept = [c for c in tiles if c.kwargs["BLOCK_N"] <= max(32, next_power_of_2(named_args["COUT"]))]
+    return kept or tiles[:1]
 
 
 @triton.autotune(configs=_configs(), key=["B", "H", "W", "CIN", "COUT", "sxc", "syc"],
