@@ -181,13 +181,15 @@ SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD",
          ("fused min programs / SM", "FUSED_MIN_PROGRAMS_PER_SM", (2, 1000)),
          # 2**62: never whole rows (channels_last takes the fused path or the split path over GPB groups)
          ("NHWC whole rows from elements", "NHWC_WHOLE_ROWS_ELEMENTS", (1 << 22, 1 << 62)),
+         # 2**30: whole rows for every split plan of GPB groups too (C/G a power of two: 32-channel rows)
+         ("whole rows under channels / program", "WHOLE_ROWS_BELOW_CHANNELS", (32, 1 << 30)),
          # the L2 budget of a fused second pass, under which channels_last stays fused: 0 never, 2**40 always
          ("fused L2 bytes", "FUSED_L2_BYTES", (24 << 20, 0, 1 << 40)),
          ("whole-row part min rows", "WHOLE_ROWS_MIN_ROWS", (64, 16, 256)),
          # None: the compiler's register choice for the fused and statistics launches
          ("max registers / thread", "MAX_REGISTERS", (128, None))]
-NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "FUSED_L2_BYTES", "WHOLE_ROWS_MIN_ROWS",
-             "MAX_REGISTERS"}
+NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "WHOLE_ROWS_BELOW_CHANNELS", "FUSED_L2_BYTES",
+             "WHOLE_ROWS_MIN_ROWS", "MAX_REGISTERS"}
 
 
 def _plans(kern, b: int, c: int, p: int, cl: bool):

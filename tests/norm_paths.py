@@ -13,6 +13,6 @@ def force_whole_rows(monkeypatch, tile: int, max_split: int) -> None:
     in up to ``max_split`` parts per sample of tiles of ``tile`` elements."""
     small_tiles(monkeypatch, tile)
     monkeypatch.setattr(kern, "NHWC_WHOLE_ROWS_ELEMENTS", 0)
-    monkeypatch.setattr(kern, "_fused_rereads_from_l2", lambda *a: False)
+    monkeypatch.setattr(kern, "_whole_rows_pay", lambda *a: True)
     monkeypatch.setattr(kern, "WHOLE_ROWS_MIN_ROWS", 1)
     monkeypatch.setattr(kern, "MAX_SPLIT", max_split)

@@ -345,16 +345,24 @@ def test_triton_backward_writes_the_parameter_gradients_terms(monkeypatch, path,
 
 
 def test_channels_last_norms_the_fused_path_reads_twice_take_whole_rows(monkeypatch):
-    """The 256x256 model's large channels_last norms (sampling batch 32, training batch 16) read whole
-    rows; those whose groups fit a tile, or whose fused second pass finds them in L2, stay fused; NCHW
-    keeps its plans."""
-    whole = [(32, 192, 256 * 256), (32, 64, 256 * 256), (32, 768, 64 * 64), (8, 32, 1024 * 1024),
-             (32, 256, 64 * 64), (32, 384, 64 * 64), (16, 256, 64 * 64)]
-    for shape in whole:
+    """The public models' large channels_last norms (sampling batch 32 and 8, training batch 16) read
+    whole rows where the fused path would read them twice from DRAM or a split of GPB groups would read
+    rows of fewer than 32 channels (C/G = 3-24); a power-of-two C/G keeps the split of 32-channel rows
+    (faster on the H200); those whose groups fit a tile, or whose fused second pass finds them in L2, stay
+    fused; NCHW keeps its plans."""
+    whole = [(32, 192, 256 * 256), (32, 768, 64 * 64), (32, 384, 64 * 64), (32, 384, 128 * 128),
+             (8, 96, 512 * 512), (8, 192, 256 * 256), (32, 512, 64 * 64)]
+    groups = [(32, 64, 256 * 256), (32, 128, 128 * 128), (32, 256, 64 * 64), (16, 256, 64 * 64),
+              (8, 64, 1024 * 1024), (8, 128, 256 * 256), (8, 512, 64 * 64)]
+    for shape in whole + groups:
         p = kern.plan(*shape, 32, True)
-        assert (p.gpb, p.block_c) == (32, triton.next_power_of_2(shape[1])) and 1 < p.nsplit <= kern.MAX_SPLIT
-        assert p.rows >= kern.WHOLE_ROWS_MIN_ROWS
+        assert 1 < p.nsplit <= kern.MAX_SPLIT and p.rows >= kern.WHOLE_ROWS_MIN_ROWS, shape
+        if shape in whole:
+            assert (p.gpb, p.block_c) == (32, triton.next_power_of_2(shape[1])), shape
+        else:
+            assert p.gpb * shape[1] // 32 == p.block_c == kern.WHOLE_ROWS_BELOW_CHANNELS, shape
         assert kern.plan(*shape, 32, False).gpb == 1
+    assert kern.plan(8, 32, 1024 * 1024, 32, True).block_c == 32  # one channel per group: all of them either way
     # 1024 px x 64 B per program, 264 resident: 17 MB, in L2 (in backward, 8 per SM reading x and dy: not)
     assert kern.plan(32, 512, 32 * 32, 32, True).fused
     assert not kern.plan(32, 512, 32 * 32, 32, True, backward=True).fused

@@ -32,8 +32,8 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     same three launches (partial sums of dz and dz * xhat; per-channel sums and the group's c1, c2; dx).
   * channels_last: the fused path's programs take GPB whole groups (32 channels when C/G is a power of
     two) so that each row of its tile is >= 64 contiguous bytes. Tensors whose fused second pass would
-    miss L2 go to the split path over whole rows (all C channels: each program streams one contiguous
-    stretch). Why: on the H200 (lease of 2026-11-28,
+    miss L2, or whose split reads rows in pieces of fewer than 32 channels (C/G not a power of two), go
+    to the split path over whole rows (all C channels: each program streams one contiguous stretch). Why: on the H200 (lease of 2026-11-28,
     benchmarks/results/profile-256-forward-b32-nvidia-h200-66b5828.md) the 256x256 forward at batch 32 spent
     15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are large
     (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
@@ -43,10 +43,12 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
   3 transfers (~80% of copy); the split path needs 3 (forward) and 5 (backward) transfers minus what L2
   keeps: ~60% / ~55% of copy in the reported units. The H200 measured 55% / 38% (fused, NCHW) and 60% /
   47% (split, NCHW, the 1024 model's shapes). The whole-row channels_last split, first timed on the H200
-  of 2026-11-29 (benchmarks/results/group_norm-quick-nvidia-h200.md), is slower than the groups' split
-  it replaced at a power-of-two C/G: (32, 128, 128, 128) 0.178 -> 0.274 ms forward, 0.322 -> 0.460 ms
-  backward (23% / 21% of copy); at 6 channels per group, (32, 192, 128, 128), it runs at 12% / 10%.
-  Not yet known which of this design's parts costs it (the sweep's knobs time them one at a time).
+  of 2026-11-29 (benchmarks/results/group_norm-quick-nvidia-h200.md), was slower than the groups' split
+  it had replaced at a power-of-two C/G (see WHOLE_ROWS_BELOW_CHANNELS), which now keeps that split; at 6
+  channels per group, (32, 192, 128, 128), it runs at 12% / 10% of copy. Not yet known which of its parts
+  costs it (the sweep's knobs time them one at a time). A lead: its statistics tiles hold 128-256
+  channels of 32-64 rows, each reduced over rows across the 8 warps per tile (4 KB of shared memory,
+  kernel_report), where the groups' split reduces 32 channels (1 KB).
 
 The input is seen as (B, C, S) with S the flattened spatial size (H*W or T*H*W) and one of two
 layouts, addressed through strides without copies:
@@ -98,11 +100,17 @@ FINALIZE_MIN_CHANNELS = 16
 NHWC_MIN_CHANNELS = 32
 # channels_last tensors of at least this many elements (8 MB in bf16: enough work for the split path's
 # three launches) take the split path over whole rows, where each program reads one contiguous stretch of
-# all C channels whatever C/G is, unless the fused path reads them from DRAM once: its groups fit a tile,
-# or the groups of the programs resident at once (FUSED_RESIDENT_PER_SM per SM, forward / backward:
-# programs x tensors read twice) fit FUSED_L2_BYTES (half an H100/H200's 50 MB L2), where its second
-# pass finds them.
+# all C channels whatever C/G is, where the plan of GPB groups reads badly: on the fused path, unless it
+# reads them from DRAM once (its groups fit a tile, or the groups of the programs resident at once,
+# FUSED_RESIDENT_PER_SM per SM, forward / backward: programs x tensors read twice, fit FUSED_L2_BYTES,
+# half an H100/H200's 50 MB L2, where its second pass finds them); on the split path, where a program's
+# rows hold fewer than WHOLE_ROWS_BELOW_CHANNELS channels (C/G not a power of two: 3-24 channels).
+# On the H200 (group_norm-quick-nvidia-h200.md against its -66b5828.md) a split of GPB groups with 32
+# channels (C/G a power of two) ran (32, 128, 128, 128) in 0.178 / 0.322 ms, whole rows in 0.274 / 0.460
+# (forward / backward), and the 1024x1024 forward, whose large norms nearly all have such C/G, went from
+# 57.6 to 65.5 ms when they took whole rows.
 NHWC_WHOLE_ROWS_ELEMENTS = 1 << 22
+WHOLE_ROWS_BELOW_CHANNELS = 32
 FUSED_RESIDENT_PER_SM = {False: 2, True: 8}
 FUSED_L2_BYTES = 24 << 20
 # Registers per thread at most (Triton's maxnreg) of a channels_last launch that reduces over rows (fused,
@@ -617,23 +625,24 @@ def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, ba
     max_tile = TILE_BWD if backward else TILE_FWD
     base = _groups_plan(B, C, S, G, channels_last, sms, max_tile)
     if (channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS
-            and not _fused_rereads_from_l2(base, B, C, S, G, sms, backward, itemsize)):
+            and _whole_rows_pay(base, B, C, S, G, sms, backward, itemsize)):
         whole = _whole_rows_plan(B, C, S, G, sms, max_tile)
         if whole is not None:
             return whole
     return base
 
 
-def _fused_rereads_from_l2(p: Plan, B: int, C: int, S: int, G: int, sms: int, backward: bool,
-                           itemsize: int) -> bool:
-    """Whether the fused plan ``p`` reads its input from DRAM once: its groups fit one tile, or the
-    groups of the programs resident at once fit the L2 budget, where the second pass finds them."""
+def _whole_rows_pay(p: Plan, B: int, C: int, S: int, G: int, sms: int, backward: bool, itemsize: int) -> bool:
+    """Whether the channels_last plan ``p`` of GPB groups reads worse than whole rows: split, with rows of
+    fewer than WHOLE_ROWS_BELOW_CHANNELS channels per program; fused, reading its input twice from DRAM
+    (its groups span several tiles and the groups of the programs resident at once exceed the L2 budget,
+    where the second pass would find them)."""
     if not p.fused:
-        return False
+        return p.gpb * (C // G) < WHOLE_ROWS_BELOW_CHANNELS
     if p.single:
-        return True
+        return False
     resident = min(B * G // p.gpb, FUSED_RESIDENT_PER_SM[backward] * sms)  # programs x tensors read twice
-    return resident * p.gpb * (C // G) * S * itemsize <= FUSED_L2_BYTES
+    return resident * p.gpb * (C // G) * S * itemsize > FUSED_L2_BYTES
 
 
 def _groups_plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int, max_tile: int) -> Plan:
