@@ -33,12 +33,13 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
   * channels_last: the fused path's programs take GPB whole groups (32 channels when C/G is a power of
     two) so that each row of its tile is >= 64 contiguous bytes. Tensors whose fused second pass would
     miss L2, or whose split reads rows in pieces of fewer than 32 channels (C/G not a power of two), go
-    to the split path over whole rows (all C channels: each program streams one contiguous stretch). Why: on the H200 (lease of 2026-11-28,
-    benchmarks/results/profile-256-forward-b32-nvidia-h200-66b5828.md) the 256x256 forward at batch 32 spent
-    15.9 ms in this op's kernels against a 4.2 ms copy-rate floor. Its channels_last norms are large
-    (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused path read in 12-48-byte pieces
-    per row (GPB = 1) and re-read from DRAM (a program's groups times the programs resident exceed L2);
-    with C/G a power of two it read 64 B of each 128-256 B row (35% of copy at (32, 128, 128, 128)).
+    to the split path over whole rows (all C channels: each program streams one contiguous stretch).
+    Why: on the H200 (lease of 2026-11-28, benchmarks/results/profile-256-forward-b32-nvidia-h200-66b5828.md)
+    the 256x256 forward at batch 32 spent 15.9 ms in this op's kernels against a 4.2 ms copy-rate floor.
+    Its channels_last norms are large (up to 805 MB) and often have C/G = 6, 12 or 24, which the fused
+    path read in 12-48-byte pieces per row (GPB = 1) and re-read from DRAM (a program's groups times the
+    programs resident exceed L2); with C/G a power of two it read 64 B of each 128-256 B row (35% of copy
+    at (32, 128, 128, 128)).
   Predicted: forward 2 DRAM transfers on the fused path (~75-85% of copy for tensors above L2), backward
   3 transfers (~80% of copy); the split path needs 3 (forward) and 5 (backward) transfers minus what L2
   keeps: ~60% / ~55% of copy in the reported units. The H200 measured 55% / 38% (fused, NCHW) and 60% /
