@@ -108,8 +108,8 @@ NHWC_MIN_CHANNELS = 32
 # rows hold fewer than WHOLE_ROWS_BELOW_CHANNELS channels (C/G not a power of two: 3-24 channels).
 # On the H200 (group_norm-quick-nvidia-h200.md against its -66b5828.md) a split of GPB groups with 32
 # channels (C/G a power of two) ran (32, 128, 128, 128) in 0.178 / 0.322 ms, whole rows in 0.274 / 0.460
-# (forward / backward), and the 1024x1024 forward, whose large norms nearly all have such C/G, went from
-# 57.6 to 65.5 ms when they took whole rows.
+# (forward / backward); the 1024x1024 forward, whose large norms nearly all have such C/G, went from 57.6
+# to 65.5 ms between the runs before and after they took whole rows (among other changes).
 NHWC_WHOLE_ROWS_ELEMENTS = 1 << 22
 WHOLE_ROWS_BELOW_CHANNELS = 32
 FUSED_RESIDENT_PER_SM = {False: 2, True: 8}
