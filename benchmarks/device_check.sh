@@ -3,10 +3,10 @@
 # build csrc, run the GPU tests and the quick benchmarks, write everything under $OUT.
 #
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
-#                                                         10.6 minutes, over one call's 10: a lease
-#                                                         runs `models` (8.2) and `ops` (3.4 with its
-#                                                         own install) as two calls;
-#                                                         `more`, 8.9 minutes with the install, is a third)
+#                                                         10.6 minutes, over one call's 10, though the
+#                                                         H200 of 2026-11-29 ran `models` in 5.9 and
+#                                                         `ops` in 2.3; `more`, 8.9 minutes with the
+#                                                         install, is a call of its own)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. The golden cases and public YAMLs (shared/reference, 36 MB) must be there:
