@@ -5,8 +5,9 @@
 #   bash benchmarks/device_check.sh [models] [ops] [more]   (default: models ops, stage limits add up to
 #                                                         10.6 minutes, over one call's 10, though the
 #                                                         H200 of 2026-11-29 ran `models` in 5.9 and
-#                                                         `ops` in 2.3; `more`, 8.9 minutes with the
-#                                                         install, is a call of its own)
+#                                                         `ops` in 2.3 (attention cut at 55 s); `more`,
+#                                                         8.9 minutes with the install, is a call of
+#                                                         its own)
 #
 # Each stage has its own time limit so one slow stage cannot eat the lease; the summary at the end
 # says which stages passed. The golden cases and public YAMLs (shared/reference, 36 MB) must be there:
