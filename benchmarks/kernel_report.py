@@ -37,7 +37,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.common import TRITON_COMPILES, markdown_table, record_triton_compiles, write_atomic  # noqa: E402
+from benchmarks.common import (TRITON_COMPILES, markdown_table, record_triton_compiles, revision,  # noqa: E402
+                               write_atomic)
 from mdm_fast.engine.precompile import CompileOnlyDriver  # noqa: E402
 
 # H100/H200 (sm_90) limits per SM
@@ -300,7 +301,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(json.dumps(launch.summary()))
         return
     text = (f"# Triton kernels compiled for sm_{args.arch} (triton {triton.__version__}), static report\n\n"
-            f"Occupancy and waves assume {SMS} SMs (H100 SXM / H200). Compile seconds on this host.\n\n"
+            f"mdm_fast at {revision()}. Occupancy and waves assume {SMS} SMs (H100 SXM / H200). Compile "
+            "seconds on this host.\n\n"
             + report(launches) + "\n")
     print(text)
     if args.out:
