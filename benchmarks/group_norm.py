@@ -138,8 +138,8 @@ def run(suite: str, written: Callable[[Dict[str, str]], None] = lambda sections:
 
 
 # (batch, channels of x, channels of the skip, pixels): the 256x256 model's largest concatenation (6 channels
-# per group) and a deep one, at sampling batch 32
-DECODER = [(32, 128, 64, 256), (32, 768, 512, 32)]
+# per group), one at 64 px (its norm's parts of 64 rows) and a deep one, at sampling batch 32
+DECODER = [(32, 128, 64, 256), (32, 512, 256, 64), (32, 768, 512, 32)]
 
 
 def decoder(suite: str, copy_gbps: float) -> str:
@@ -162,7 +162,8 @@ def decoder(suite: str, copy_gbps: float) -> str:
                     "concat + norm": lambda: norm(concat_channels(x, skip, impl="triton")),
                     "concat with moments + norm": lambda: norm(*concat_channels_for_norm(x, skip, GROUPS, "triton")),
                     "torch.cat alone": lambda: torch.cat((x, skip), 1),
-                    "concat alone": lambda: concat_channels(x, skip, impl="triton")}
+                    "concat alone": lambda: concat_channels(x, skip, impl="triton"),
+                    "concat with moments alone": lambda: concat_channels_for_norm(x, skip, GROUPS, "triton")}
         nbytes = 2 * b * (c1 + c2) * p * p * 2  # the concatenation read + written once (bf16)
         with torch.no_grad():
             for name, fn in variants.items():
@@ -187,9 +188,11 @@ SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD",
          ("fused L2 bytes", "FUSED_L2_BYTES", (24 << 20, 0, 1 << 40)),
          ("whole-row part min rows", "WHOLE_ROWS_MIN_ROWS", (64, 16, 256)),
          # None: the compiler's register choice for the fused and statistics launches
-         ("max registers / thread", "MAX_REGISTERS", (128, None))]
+         ("max registers / thread", "MAX_REGISTERS", (128, None)),
+         # False: channels_last reductions over rows summed per tile, across the warps (the design before)
+         ("lane accumulators", "LANE_ACCUMULATORS", (True, False))]
 NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "WHOLE_ROWS_BELOW_CHANNELS", "FUSED_L2_BYTES",
-             "WHOLE_ROWS_MIN_ROWS", "MAX_REGISTERS"}
+             "WHOLE_ROWS_MIN_ROWS", "MAX_REGISTERS", "LANE_ACCUMULATORS"}
 
 
 def _plans(kern, b: int, c: int, p: int, cl: bool):

@@ -12,6 +12,8 @@ The cubin is read back with the ``cuobjdump`` that ships with Triton. Per kernel
 - resident programs per SM (limited by registers, shared memory, threads) and waves over the SMs;
 - the widths of the global loads and stores in the SASS (a 16-byte ``LDG.E.128`` is what a
   bandwidth-bound kernel wants; 2-byte accesses mean the compiler could not prove contiguity);
+- the barriers (``BAR.SYNC``) inside loops: a reduction across warps, or a layout change through shared
+  memory, on every iteration (a streaming kernel's loop wants none);
 - compile seconds (what the first step of a fresh process pays for that kernel).
 
 What it cannot tell: achieved bandwidth or FLOP/s (a lent GPU and the ``benchmarks`` suites do).
@@ -63,6 +65,7 @@ class Binary:
     loads: Counter = field(default_factory=Counter)  # access width in bytes -> count (LDG and cp.async)
     stores: Counter = field(default_factory=Counter)
     mma: str = "-"  # tensor-core instructions: "wgmma" (Hopper HGMMA), "mma" (HMMA), "-" none
+    loop_barriers: int = 0  # BAR.SYNC instructions inside loops (each stalls the program's warps per iteration)
 
 
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
@@ -77,6 +80,19 @@ def _widths(sass: str, op: str) -> Counter:
     return out
 
 
+def _loop_barriers(sass: str) -> int:
+    """BAR.SYNCs whose address lies in a loop: between a backward branch's target and the branch."""
+    loops, barriers = [], []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(BRA|BAR\.SYNC)\S*\s*(?:`?\(?(0x[0-9a-f]+))?",
+                         sass):
+        addr = int(m.group(1), 16)
+        if m.group(2) == "BAR.SYNC":
+            barriers.append(addr)
+        elif m.group(3) and int(m.group(3), 16) < addr:
+            loops.append((int(m.group(3), 16), addr))
+    return sum(any(lo <= a <= hi for lo, hi in loops) for a in barriers)
+
+
 def inspect_cubin(cubin: bytes) -> Binary:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -88,7 +104,8 @@ def inspect_cubin(cubin: bytes) -> Binary:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     mma = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "-"
-    return Binary(regs, local, _widths(sass, "LDG") + _widths(sass, "LDGSTS"), _widths(sass, "STG"), mma)
+    return Binary(regs, local, _widths(sass, "LDG") + _widths(sass, "LDGSTS"), _widths(sass, "STG"), mma,
+                  _loop_barriers(sass))
 
 
 @dataclass
@@ -123,7 +140,7 @@ class Launch:
         return dict(case=self.case, kernel=self.kernel, grid=self.grid, num_warps=self.num_warps, regs=b.regs,
                     spill_bytes=b.spill_bytes, shared=self.shared, per_sm=self.per_sm, waves=self.waves,
                     loads={str(k): v for k, v in b.loads.items()}, stores={str(k): v for k, v in b.stores.items()},
-                    mma=b.mma, compile_s=self.compile_s)
+                    mma=b.mma, loop_barriers=b.loop_barriers, compile_s=self.compile_s)
 
 
 class _Recorder:
@@ -245,9 +262,9 @@ def concat_cases():
     from mdm_fast.kernels import group_norm as gn
 
     # the 256x256 model's decoder at sampling batch 32: its largest concatenation (128 + 64 channels, 6
-    # per group) and a deep one (768 + 512 at 32 px), with the moments of the norm that follows where that
-    # norm takes its split path
-    for c1, c2, p in ((128, 64, 256), (768, 512, 32)):
+    # per group), one at 64 px (its norm on whole rows, parts of 64 rows) and a deep one (768 + 512 at 32
+    # px), with the moments of the norm that follows where that norm takes its split path
+    for c1, c2, p in ((128, 64, 256), (512, 256, 64), (768, 512, 32)):
         a, b = _empty(32, c1, p, p, channels_last=True), _empty(32, c2, p, p, channels_last=True)
         plan = gn.moments_plan((32, c1 + c2, p, p), 32, torch.device("cuda", 0), 2)
         label = "+ moments" if plan is not None else "(its norm is fused: no moments)"
@@ -279,10 +296,11 @@ def _fmt_widths(c: Counter) -> str:
 
 def report(launches: List[Launch]) -> str:
     header = ["case", "kernel", "grid", "warps", "regs", "spill B", "smem KB", "per SM", "waves",
-              "loads (width:count)", "stores", "tensor cores", "compile s"]
+              "loads (width:count)", "stores", "loop barriers", "tensor cores", "compile s"]
     rows = [[la.case, la.kernel, "x".join(map(str, la.grid)), la.num_warps, la.binary.regs, la.binary.spill_bytes,
              round(la.shared / 1024, 1), la.per_sm, round(la.waves, 2), _fmt_widths(la.binary.loads),
-             _fmt_widths(la.binary.stores), la.binary.mma, round(la.compile_s, 2)] for la in launches]
+             _fmt_widths(la.binary.stores), la.binary.loop_barriers, la.binary.mma, round(la.compile_s, 2)]
+            for la in launches]
     return markdown_table(header, rows)
 
 

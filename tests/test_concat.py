@@ -39,11 +39,16 @@ def test_copy_loops_over_tiles_and_parts(monkeypatch, device):
     assert torch.equal(concat_channels(a, b, impl="triton"), torch.cat((a, b), 1))
 
 
+@pytest.mark.parametrize("acc_rows", [None, 2])  # lanes of a row per tile (the tests' tiles), or of two folded
 @pytest.mark.parametrize("c1,c2,G,dtype", [(8, 4, 4, torch.float32), (10, 14, 6, torch.float32),
                                           (8, 8, 1, torch.float32), (16, 8, 24, torch.float16)])
-def test_moments_are_the_norms_partials(small_norm_parts, c1, c2, G, dtype, device):
+def test_moments_are_the_norms_partials(small_norm_parts, monkeypatch, acc_rows, c1, c2, G, dtype, device):
     """The moments equal those of the norm's own statistics launch, part by part, and the norm given them
-    equals the norm without them; offset data checks the shifted sums."""
+    equals the norm without them; offset data checks the shifted lane sums and their merge."""
+    from mdm_fast.kernels import rows
+
+    if acc_rows is not None:
+        monkeypatch.setattr(rows, "layout_rows", lambda block_s, *a: min(block_s, acc_rows))
     a, b = _pair(2, c1, c2, 9, 13, device, dtype, offset=50.0)
     out, moments = concat_channels_for_norm(a, b, G, impl="triton")
     plan = gn.moments_plan(out.shape, G, out.device, out.element_size())
