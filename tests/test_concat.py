@@ -48,7 +48,7 @@ def test_moments_are_the_norms_partials(small_norm_parts, monkeypatch, acc_rows,
     from mdm_fast.kernels import rows
 
     if acc_rows is not None:
-        monkeypatch.setattr(rows, "layout_rows", lambda block_s, *a: min(block_s, acc_rows))
+        monkeypatch.setattr(rows, "row_lanes", lambda block_s, *a: (min(block_s, acc_rows), 1))
     a, b = _pair(2, c1, c2, 9, 13, device, dtype, offset=50.0)
     out, moments = concat_channels_for_norm(a, b, G, impl="triton")
     plan = gn.moments_plan(out.shape, G, out.device, out.element_size())

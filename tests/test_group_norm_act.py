@@ -257,23 +257,23 @@ def test_triton_input_bias_matches_reference(monkeypatch, path, shape, G, dtype,
     _check_against_fp64(_with_input_bias(_inputs(shape, G, dtype, cl, ss, affine)), G, act, "triton")
 
 
-@pytest.mark.parametrize("path", ["looping", "split", "whole_rows"])
-@pytest.mark.parametrize("acc_rows", [1, 2, None])  # None: one lane per row of a tile
-@pytest.mark.parametrize("input_bias", [False, True])
-def test_triton_lane_accumulators(monkeypatch, path, acc_rows, input_bias):
-    """The channels_last reductions over rows in lanes of ACC_ROWS rows (LANE_ACCUMULATORS): lanes of
-    several rows per tile (2: each sums the tile's rows folded onto it), of one row per tile, and one
-    lane (the per-tile sum), on every looping path, forward and every gradient; offset data checks each
-    lane's shift and their merge."""
+@pytest.mark.parametrize("path,cl", [("looping", True), ("looping", False), ("split", True), ("split", False),
+                                     ("whole_rows", True)])
+@pytest.mark.parametrize("lanes", [(1, 1), (2, 1), (2, 2), None])  # None: the tile layout's (row_lanes)
+def test_triton_lane_accumulators(monkeypatch, path, cl, lanes):
+    """The reductions over rows in lanes (LANE_ACCUMULATORS): one lane (the per-tile sum), two lanes of
+    several rows per tile each, two lanes of two consecutive rows (NCHW's vectors) and the layout's own,
+    on every looping path and layout, forward and every gradient (with an input bias: every sum of the
+    backward); offset data checks each lane's shift and their merge."""
     _path(path, monkeypatch)
-    if acc_rows is not None:
-        monkeypatch.setattr(kern, "layout_rows", lambda block_s, *a: min(block_s, acc_rows))
-    shape, G = (2, 8, 9, 13), 4
-    p = _plan(shape, G, True)
-    assert p.rows > p.block_s and p.acc_rows == (p.block_s if acc_rows is None else acc_rows), p
-    inputs = _inputs(shape, G, torch.float32, channels_last=True)
-    inputs[0] = (inputs[0] + 300.0).contiguous(memory_format=torch.channels_last)
-    _check_against_fp64(_with_input_bias(inputs) if input_bias else inputs, G, "silu", "triton")
+    if lanes is not None:
+        monkeypatch.setattr(kern, "row_lanes", lambda block_s, *a: (min(block_s, lanes[0]), lanes[1]))
+    shape, G = (2, 8, 9, 15), 4  # 135 rows: last parts whose last lanes hold fewer rows
+    p = _plan(shape, G, cl)
+    assert p.rows > p.block_s and (lanes is None or (p.acc_rows, p.vec_rows) == lanes), p
+    inputs = _inputs(shape, G, torch.float32, channels_last=cl)
+    inputs[0] = inputs[0] + 300.0
+    _check_against_fp64(_with_input_bias(inputs), G, "silu", "triton")
 
 
 @pytest.mark.parametrize("path", ["single", "looping", "split", "whole_rows"])

@@ -9,7 +9,7 @@ decide a bandwidth-bound kernel's speed and can regress silently under the CPU i
     per-channel parameters);
   * the forward streaming kernels, and the channels_last kernels that reduce over rows, keep at least 16
     warps per SM (loads in flight);
-  * the channels_last reductions over rows have no barrier in their loops.
+  * the reductions over rows have no barrier in their loops.
 """
 import json
 import os
@@ -89,14 +89,13 @@ def test_channels_last_reducing_kernels_keep_16_warps_per_sm(launches):
 
 
 def test_reductions_over_rows_keep_their_loops_free_of_barriers(launches):
-    """The channels_last kernels that reduce over rows (fused, statistics, and the concatenation with
-    moments) sum each tile into per-lane accumulators within threads (group_norm.LANE_ACCUMULATORS): no
-    BAR.SYNC in their loops. A barrier there means a lane's rows span threads (sizes.layout_rows no
-    longer matches Triton's layout) and every tile crosses the warps again through shared memory (6
-    barriers per forward tile, 9 per backward tile with a sum per tile)."""
-    reducing = [r for r in launches if "NHWC" in r["case"] and r["kernel"] in (
-        "_fwd_fused", "_bwd_fused", "_fwd_partial", "_bwd_partial", "_concat_kernel")]
-    assert {r["kernel"] for r in reducing} >= {"_fwd_fused", "_bwd_fused", "_fwd_partial", "_bwd_partial",
-                                               "_concat_kernel"}
+    """The group-norm kernels that reduce over rows (fused, statistics; both layouts) and the
+    concatenation with moments sum each tile into per-lane accumulators within threads
+    (group_norm.LANE_ACCUMULATORS): no BAR.SYNC in their loops. A barrier there means a lane's rows span
+    threads (sizes.row_lanes no longer matches Triton's layout) and every tile crosses the warps again
+    through shared memory (6 barriers per forward tile, 9 per backward tile with a sum per tile)."""
+    kernels = {"_fwd_fused", "_bwd_fused", "_fwd_partial", "_bwd_partial", "_concat_kernel"}
+    reducing = [r for r in launches if r["kernel"] in kernels]
+    assert {r["kernel"] for r in reducing} == kernels and any("NHWC" not in r["case"] for r in reducing)
     with_barriers = [(r["case"], r["kernel"], r["loop_barriers"]) for r in reducing if r["loop_barriers"]]
     assert not with_barriers

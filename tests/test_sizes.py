@@ -1,7 +1,7 @@
 import numpy as np
 import triton
 
-from mdm_fast.kernels.sizes import cdiv, layout_rows, next_power_of_2
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2, row_lanes
 
 
 def test_the_launchers_integer_helpers_agree_with_tritons():
@@ -13,13 +13,17 @@ def test_the_launchers_integer_helpers_agree_with_tritons():
     assert next_power_of_2(np.int64(77)) == 128
 
 
-def test_lane_rows_follow_tritons_layout():
-    """sizes.layout_rows: rows of one repetition of the tile's layout (16-byte vectors, lanes, then
-    warps along the channels first), e.g. the forward's 32-channel bf16 tiles of 8 warps: 4 lanes x 8
-    channels per row, 8 rows per warp, 64 rows; whole rows of 1024 channels: 4 warps across a row.
-    Whether Triton lays the real tiles out so: test_kernel_report (no barrier in their loops)."""
-    assert layout_rows(256, 32, 2, 8) == 64
-    assert layout_rows(64, 128, 2, 8) == 16
-    assert layout_rows(8, 1024, 2, 8) == 2
-    assert layout_rows(64, 128, 4, 8) == 8
-    assert layout_rows(4, 32, 2, 8) == 4  # at most the tile's rows
+def test_row_lanes_follow_tritons_layout():
+    """sizes.row_lanes: the lanes of a tile's layout (16-byte vectors along its contiguous axis, then the
+    lanes, then the warps), e.g. channels_last, the forward's 32-channel bf16 tiles of 8 warps: 4 lanes
+    x 8 channels per row, 8 rows per warp, 64 rows; whole rows of 1024 channels: 4 warps across a row;
+    NCHW, 1024 rows of 8 channels: vectors of 8 rows, 32 lanes and 4 warps along the rows. Whether Triton
+    lays the real tiles out so: test_kernel_report (no barrier in their loops)."""
+    assert row_lanes(256, 32, 2, 8, True) == (64, 1)
+    assert row_lanes(64, 128, 2, 8, True) == (16, 1)
+    assert row_lanes(8, 1024, 2, 8, True) == (2, 1)
+    assert row_lanes(64, 128, 4, 8, True) == (8, 1)
+    assert row_lanes(4, 32, 2, 8, True) == (4, 1)  # at most the tile's rows
+    assert row_lanes(1024, 8, 2, 8, False) == (128, 8)
+    assert row_lanes(2048, 4, 4, 8, False) == (256, 4)
+    assert row_lanes(16, 2, 4, 2, False) == (4, 4)  # at most the tile's rows

@@ -23,12 +23,14 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     --ops group_norm`, sm_90); 4096-element tiles at 3-4 programs per SM measured slower on an H200. C/G
     is a compile-time constant, so the channel masks of channels_last tiles with 24 channels per group
     stay 16-byte vectorised.
-  * channels_last reductions over rows accumulate per lane (LANE_ACCUMULATORS): a tile's rows lie across
-    the warps, and a per-tile sum over them crossed the warps through shared memory on every tile (6
-    barriers per forward tile, 9 per backward tile in the sm_90 code); lanes of one layout repetition's
-    rows (8-16 fp32 registers per sum and thread, as the per-tile sums' replicated vectors took) are
-    summed within threads, and across the warps once per program. Not yet timed on a GPU (the sweep's
-    LANE_ACCUMULATORS row compares both).
+  * reductions over rows accumulate per lane (LANE_ACCUMULATORS): a tile's rows lie across the lanes and
+    warps, and a per-tile sum over them crossed the warps through shared memory on every tile (6
+    barriers per forward tile, 9 per backward tile in the sm_90 code); each thread now adds its rows of
+    the tile into its own lanes (channels_last: 8-16 fp32 registers per sum, as the per-tile sums'
+    replicated vectors took; NCHW: 1-4), and the lanes are merged across the warps once per program.
+    The NCHW kernels came out with fewer registers too (the fused forward at (32, 128, 128, 128) 101 to
+    80: 3 programs per SM instead of 2). Not yet timed on a GPU (the sweep's LANE_ACCUMULATORS row
+    compares both).
   * split path, where B*G/GPB programs cannot fill the card and groups are large (the 1024 model: 8 x 32
     groups of 1M pixels), and for channels_last tensors the fused path would read twice from DRAM (see
     NHWC_WHOLE_ROWS_ELEMENTS): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
@@ -80,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mdm_fast.kernels.sizes import cdiv, layout_rows, next_power_of_2
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2, row_lanes
 
 # Elements per loaded tile when a program loops over its rows, forward and backward, and the largest
 # group that is read once and kept in registers. Measured on an H200 (benchmarks/results/
@@ -130,12 +132,11 @@ FUSED_L2_BYTES = 24 << 20
 # them needs more, and under a cap the compiler takes all of it (kernels of 40-100 registers went to
 # 118-128, from 5-12 programs per SM to 4). None: the compiler's choice (the sweep times both).
 MAX_REGISTERS = 128
-# Reductions over rows (statistics, gradient sums) of channels_last tiles accumulate per lane: a row of
-# ACC_ROWS sums per channel (Plan.acc_rows, the rows of one repetition of the tile's layout,
-# sizes.layout_rows), each lane the sum of one thread's rows of the tile, so no data crosses threads
-# until the loop ends. False: every tile is reduced over all its rows, across the warps (through shared
-# memory: 3 barriers per sum per tile in the sm_90 PTX). NCHW tiles always reduce per tile (their rows
-# lie along the lanes; a lane accumulator there would be a whole tile of registers).
+# Reductions over rows (statistics, gradient sums) accumulate per lane: ACC_ROWS sums per channel
+# (Plan.acc_rows, sizes.row_lanes), lane j the sum of the tile's rows that one thread holds (channels_last:
+# rows j, j + ACC_ROWS, ...; NCHW: the VEC_ROWS consecutive rows of each of its vectors, Plan.vec_rows),
+# so no data crosses threads until the loop ends. False: every tile is reduced over all its rows across
+# the lanes and warps (through shared memory: 3 barriers per sum per tile in the sm_90 code).
 LANE_ACCUMULATORS = True
 # Rows a whole-row part holds at least: its partials (8 bytes per channel) stay under 7% of its bf16 data.
 WHOLE_ROWS_MIN_ROWS = 64
@@ -285,34 +286,44 @@ def _load_rows(P, base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S: tl.constex
 
 
 @triton.jit
-def lanes(t, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(BLOCK_S, BLOCK_C) tile -> (BLOCK_S // ACC_ROWS, ACC_ROWS, BLOCK_C): lane j (axis 1) holds rows j,
-    j + ACC_ROWS, ...; summing over axis 0 stays within threads where ACC_ROWS is the rows of one
-    repetition of the tile's layout (LANE_ACCUMULATORS)."""
-    return tl.reshape(t, [BLOCK_S // ACC_ROWS, ACC_ROWS, BLOCK_C])
+def lanes(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(BLOCK_S, BLOCK_C) tile -> (repetitions, ACC_ROWS, VEC_ROWS, BLOCK_C): row r is lane (r // VEC_ROWS)
+    % ACC_ROWS; axes 0 and 2 are within threads where the lanes follow the tile's layout (row_lanes)."""
+    return tl.reshape(t, [BLOCK_S // (ACC_ROWS * VEC_ROWS), ACC_ROWS, VEC_ROWS, BLOCK_C])
 
 
 @triton.jit
-def first_lanes(t, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The tile's first ACC_ROWS rows (ACC_ROWS, BLOCK_C) fp32, in the lanes' layout: each lane's shift."""
-    f = tl.arange(0, BLOCK_S // ACC_ROWS)[:, None, None]
-    return tl.sum(tl.where(f == 0, lanes(t.to(tl.float32), ACC_ROWS, BLOCK_S, BLOCK_C), 0.0), axis=0)
+def fold(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(BLOCK_S, BLOCK_C) -> (ACC_ROWS, BLOCK_C): each lane's sum of the tile's rows."""
+    return tl.sum(tl.sum(lanes(t, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C), axis=2), axis=0)
 
 
 @triton.jit
-def lane_sums(t1, t2, t, k, mask, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def first_lanes(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each lane's first row of the tile (ACC_ROWS, BLOCK_C) fp32: the lanes' shifts."""
+    f = tl.arange(0, BLOCK_S // (ACC_ROWS * VEC_ROWS))[:, None, None, None]
+    v = tl.arange(0, VEC_ROWS)[None, None, :, None]
+    first = tl.where((f == 0) & (v == 0), lanes(t.to(tl.float32), ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C), 0.0)
+    return tl.sum(tl.sum(first, axis=2), axis=0)
+
+
+@triton.jit
+def lane_sums(t1, t2, t, k, mask, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_C: tl.constexpr):
     """t1 + the lane sums of d = t - k over the masked tile, and t2 + those of d^2 ((ACC_ROWS, BLOCK_C) each)."""
-    d = tl.where(lanes(mask, ACC_ROWS, BLOCK_S, BLOCK_C),
-                 lanes(t.to(tl.float32), ACC_ROWS, BLOCK_S, BLOCK_C) - k[None, :, :], 0.0)
-    return t1 + tl.sum(d, axis=0), t2 + tl.sum(d * d, axis=0)
+    d = tl.where(lanes(mask, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C),
+                 lanes(t.to(tl.float32), ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C) - k[None, :, None, :], 0.0)
+    return (t1 + tl.sum(tl.sum(d, axis=2), axis=0), t2 + tl.sum(tl.sum(d * d, axis=2), axis=0))
 
 
 @triton.jit
-def lane_moments(k, t1, t2, n_rows, ACC_ROWS: tl.constexpr):
+def lane_moments(k, t1, t2, n_rows, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr):
     """Per-channel mean and M2 of n_rows rows from the lanes' sums t1, t2 of x - k (ACC_ROWS, BLOCK_C):
-    each lane's mean and M2, merged over the lanes (Chan's formula; lane j holds cdiv(n_rows - j,
-    ACC_ROWS) rows)."""
-    nj = ((tl.maximum(n_rows - tl.arange(0, ACC_ROWS), 0) + ACC_ROWS - 1) // ACC_ROWS).to(tl.float32)[:, None]
+    each lane's mean and M2, merged over the lanes (Chan's formula). Of n_rows rows from a tile's start,
+    lane j holds VEC_ROWS of every ACC_ROWS * VEC_ROWS, and of the rest those past j * VEC_ROWS."""
+    rem = n_rows % (ACC_ROWS * VEC_ROWS) - tl.arange(0, ACC_ROWS) * VEC_ROWS
+    nj = (n_rows // (ACC_ROWS * VEC_ROWS) * VEC_ROWS + tl.minimum(tl.maximum(rem, 0), VEC_ROWS))
+    nj = nj.to(tl.float32)[:, None]
     inv = 1.0 / tl.maximum(nj, 1.0)
     mean_j = k + t1 * inv
     mean = tl.sum(nj * mean_j, axis=0) / n_rows.to(tl.float32)
@@ -321,20 +332,20 @@ def lane_moments(k, t1, t2, n_rows, ACC_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+def _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel mean and M2 of rows [lo, hi): fp32 lane sums of x - K, K = the lane's first row.
     Each iteration issues the next tile's loads before it reduces the current one (prefetch)."""
     xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    k = first_lanes(xn, ACC_ROWS, BLOCK_S, BLOCK_C)
+    k = first_lanes(xn, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
     t1 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     t2 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     for r in range(lo, hi, BLOCK_S):
         x = xn
         xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
         _, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-        t1, t2 = lane_sums(t1, t2, x, k, mask, ACC_ROWS, BLOCK_S, BLOCK_C)
-    return lane_moments(k, t1, t2, hi - lo, ACC_ROWS)
+        t1, t2 = lane_sums(t1, t2, x, k, mask, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
+    return lane_moments(k, t1, t2, hi - lo, ACC_ROWS, VEC_ROWS)
 
 
 @triton.jit
@@ -365,7 +376,8 @@ def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT:
 def _fwd_fused(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, eps,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
-               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     xb = _input_bias(XB, c, cmask, HAS_XB)  # the channel means of x + xb are x's plus xb
@@ -382,7 +394,8 @@ def _fwd_fused(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, s
             z = _silu(z)
         tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
     else:  # pass 1 statistics, pass 2 re-reads the group (from L2) and writes
-        mean_c, m2_c = _chan_moments(X, base, c, cmask, 0, S, stride_c, stride_s, ACC_ROWS, BLOCK_S, BLOCK_C)
+        mean_c, m2_c = _chan_moments(X, base, c, cmask, 0, S, stride_c, stride_s, ACC_ROWS, VEC_ROWS, BLOCK_S,
+                                     BLOCK_C)
         mean, rstd = _group_moments(mean_c + xb, m2_c, cmask, n_c, CG, eps, GPB, CGP)
         a = rstd * k
         _fwd_apply_rows(X, Y, base, c, cmask, 0, S, stride_c, stride_s, a, d - (mean - xb) * a, ACT, BLOCK_S)
@@ -392,10 +405,12 @@ def _fwd_fused(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, s
 
 @triton.jit
 def _fwd_partial(X, PMEAN, PM2, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
-                 GPB: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                 GPB: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
-    mean_c, m2_c = _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS, BLOCK_S, BLOCK_C)
+    mean_c, m2_c = _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS, VEC_ROWS, BLOCK_S,
+                                 BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
     tl.store(PMEAN + out, mean_c, mask=cmask)
     tl.store(PM2 + out, m2_c, mask=cmask)
@@ -469,7 +484,8 @@ def _dz(x, dy, mask, mean, rstd, k, d, ACT: tl.constexpr):
 
 @triton.jit
 def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT: tl.constexpr,
-                    HAS_XB: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                    HAS_XB: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     """Per-channel sum dz, sum dz * xhat and (with an input bias, else zeros) sum xhat over rows [lo, hi)
     (next tiles prefetched; lane sums, see LANE_ACCUMULATORS)."""
     s1 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
@@ -483,10 +499,10 @@ def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rst
         dyn = _load_rows(DY, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
         _, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
-        s1 += tl.sum(lanes(dz, ACC_ROWS, BLOCK_S, BLOCK_C), axis=0)
-        s2 += tl.sum(lanes(dz * xhat, ACC_ROWS, BLOCK_S, BLOCK_C), axis=0)
+        s1 += fold(dz, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
+        s2 += fold(dz * xhat, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
         if HAS_XB:
-            s3 += tl.sum(lanes(xhat, ACC_ROWS, BLOCK_S, BLOCK_C), axis=0)
+            s3 += fold(xhat, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
     return tl.sum(s1, axis=0), tl.sum(s2, axis=0), tl.sum(s3, axis=0)
 
 
@@ -512,7 +528,8 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
                stride_s, BC,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
-               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
@@ -531,7 +548,7 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     else:
         s1, s2, s3 = _chan_grad_sums(X, DY, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, ACT,
-                                     HAS_XB, ACC_ROWS, BLOCK_S, BLOCK_C)
+                                     HAS_XB, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
         c1 = _group_total(k * s1, GPB, CGP) / n
         c2 = _group_total(k * s2, GPB, CGP) / n
         _bwd_apply_rows(X, DY, DX, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT,
@@ -545,13 +562,13 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
 def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, PS3, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                  ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                  HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, ACC_ROWS: tl.constexpr,
-                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                 VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
     s1, s2, s3 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
-                                 HAS_XB, ACC_ROWS, BLOCK_S, BLOCK_C)
+                                 HAS_XB, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
     tl.store(PS1 + out, s1, mask=cmask)
     tl.store(PS2 + out, s2, mask=cmask)
@@ -619,7 +636,8 @@ class Plan:
     nsplit: int  # programs per group block (1: the fused path)
     num_warps: int
     max_registers: Optional[int] = None  # per thread of the fused and statistics launches (Triton's maxnreg)
-    acc_rows: int = 1  # lanes of the reductions over rows (LANE_ACCUMULATORS); 1: a sum per tile
+    acc_rows: int = 1  # lanes of the reductions over rows (LANE_ACCUMULATORS); 1, 1: a sum per tile
+    vec_rows: int = 1  # consecutive rows per lane and layout repetition (NCHW's vectors)
 
     @property
     def fused(self) -> bool:
@@ -677,8 +695,9 @@ def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, ba
     if (channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS
             and _whole_rows_pay(p, B, C, S, G, sms, backward, itemsize)):
         p = _whole_rows_plan(B, C, S, G, sms, max_tile) or p
-    if channels_last and LANE_ACCUMULATORS:
-        p = dataclasses.replace(p, acc_rows=layout_rows(p.block_s, p.block_c, itemsize, p.num_warps))
+    if LANE_ACCUMULATORS:
+        acc_rows, vec_rows = row_lanes(p.block_s, p.block_c, itemsize, p.num_warps, channels_last)
+        p = dataclasses.replace(p, acc_rows=acc_rows, vec_rows=vec_rows)
     return p
 
 
@@ -713,10 +732,10 @@ def _groups_plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int, 
 
 def _compile_options(p: Plan, reduces: bool = True) -> dict:
     """Launch options of a launch of plan ``p``: ``reduces`` over rows (fused, statistics: with its lanes,
-    ACC_ROWS) or applies."""
+    ACC_ROWS, VEC_ROWS) or applies."""
     if not reduces:
         return dict(num_warps=p.num_warps)
-    return dict(num_warps=p.num_warps, maxnreg=p.max_registers, ACC_ROWS=p.acc_rows)
+    return dict(num_warps=p.num_warps, maxnreg=p.max_registers, ACC_ROWS=p.acc_rows, VEC_ROWS=p.vec_rows)
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> Tuple[int, int, int, int, int]:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from mdm_fast.kernels import group_norm as gn
-from mdm_fast.kernels.sizes import cdiv, layout_rows, next_power_of_2
+from mdm_fast.kernels.sizes import cdiv, next_power_of_2, row_lanes
 
 TILE = 8192  # elements per loaded tile: BLOCK_C channels of TILE // BLOCK_C rows
 BLOCK_C = 128  # channels per chunk at most (256-byte pieces of each bf16 row)
@@ -41,7 +41,7 @@ def stream_rows(SRC, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, cc, part_offset, 
     cmask = c < CS
     s = lo + tl.arange(0, BLOCK_S)
     vn = tl.load(SRC + (row0 + s)[:, None] * CS + c[None, :], mask=(s < hi)[:, None] & cmask[None, :], other=0.0)
-    k = gn.first_lanes(vn, ACC_ROWS, BLOCK_S, BLOCK_C)
+    k = gn.first_lanes(vn, ACC_ROWS, 1, BLOCK_S, BLOCK_C)
     t1 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     t2 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     for r in range(lo, hi, BLOCK_S):
@@ -53,9 +53,9 @@ def stream_rows(SRC, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, cc, part_offset, 
                      other=0.0)
         tl.store(OUT + (row0 + s)[:, None] * C + (c0 + c)[None, :], v, mask=mask)
         if HAS_MOMENTS:
-            t1, t2 = gn.lane_sums(t1, t2, v, k, mask, ACC_ROWS, BLOCK_S, BLOCK_C)
+            t1, t2 = gn.lane_sums(t1, t2, v, k, mask, ACC_ROWS, 1, BLOCK_S, BLOCK_C)
     if HAS_MOMENTS:
-        mean, m2 = gn.lane_moments(k, t1, t2, hi - lo, ACC_ROWS)
+        mean, m2 = gn.lane_moments(k, t1, t2, hi - lo, ACC_ROWS, 1)
         tl.store(PMEAN + part_offset + c0 + c, mean, mask=cmask)
         tl.store(PM2 + part_offset + c0 + c, m2, mask=cmask)
 
@@ -75,7 +75,7 @@ def blocks(channels: int, itemsize: int) -> dict:
     rows of BLOCK_C channels, and the lanes of its moments (ACC_ROWS)."""
     block_c = min(BLOCK_C, next_power_of_2(channels))
     block_s = max(1, TILE // block_c)
-    return dict(BLOCK_S=block_s, BLOCK_C=block_c, ACC_ROWS=layout_rows(block_s, block_c, itemsize, NUM_WARPS))
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, ACC_ROWS=row_lanes(block_s, block_c, itemsize, NUM_WARPS, True)[0])
 
 
 def parts(out: torch.Tensor, moments: Optional[gn.Plan], chunks: int,
