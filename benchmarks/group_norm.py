@@ -189,10 +189,13 @@ SWEEP = [("TILE_FWD", "TILE_FWD", (8192, 4096, 16384)), ("TILE_BWD", "TILE_BWD",
          ("whole-row part min rows", "WHOLE_ROWS_MIN_ROWS", (64, 16, 256)),
          # None: the compiler's register choice for the fused and statistics launches
          ("max registers / thread", "MAX_REGISTERS", (128, None)),
-         # False: channels_last reductions over rows summed per tile, across the warps (the design before)
-         ("lane accumulators", "LANE_ACCUMULATORS", (True, False))]
+         # False: reductions over rows summed per tile, across the warps (the design before)
+         ("lane accumulators", "LANE_ACCUMULATORS", (True, False)),
+         # 1: no pipelining (each tile awaited before its work); 2: one tile in flight, as the register
+         # prefetch before; 4: three
+         ("pipeline stages", "PIPELINE_STAGES", (3, 1, 2, 4))]
 NHWC_ONLY = {"NHWC_MIN_CHANNELS", "NHWC_WHOLE_ROWS_ELEMENTS", "WHOLE_ROWS_BELOW_CHANNELS", "FUSED_L2_BYTES",
-             "WHOLE_ROWS_MIN_ROWS", "MAX_REGISTERS", "LANE_ACCUMULATORS"}
+             "WHOLE_ROWS_MIN_ROWS", "MAX_REGISTERS"}
 
 
 def _plans(kern, b: int, c: int, p: int, cl: bool):

@@ -12,8 +12,9 @@ The cubin is read back with the ``cuobjdump`` that ships with Triton. Per kernel
 - resident programs per SM (limited by registers, shared memory, threads) and waves over the SMs;
 - the widths of the global loads and stores in the SASS (a 16-byte ``LDG.E.128`` is what a
   bandwidth-bound kernel wants; 2-byte accesses mean the compiler could not prove contiguity);
-- the barriers (``BAR.SYNC``) inside loops: a reduction across warps, or a layout change through shared
-  memory, on every iteration (a streaming kernel's loop wants none);
+- the barriers (``BAR.SYNC``) per loop iteration (the most in one loop): a software pipeline's own
+  (2 per loop for Triton's cp.async pipelining), a reduction across warps or a layout change through
+  shared memory on every iteration (a streaming kernel's loop wants no more than its pipeline's);
 - compile seconds (what the first step of a fresh process pays for that kernel).
 
 What it cannot tell: achieved bandwidth or FLOP/s (a lent GPU and the ``benchmarks`` suites do).
@@ -65,7 +66,7 @@ class Binary:
     loads: Counter = field(default_factory=Counter)  # access width in bytes -> count (LDG and cp.async)
     stores: Counter = field(default_factory=Counter)
     mma: str = "-"  # tensor-core instructions: "wgmma" (Hopper HGMMA), "mma" (HMMA), "-" none
-    loop_barriers: int = 0  # BAR.SYNC instructions inside loops (each stalls the program's warps per iteration)
+    loop_barriers: int = 0  # the most BAR.SYNC instructions in one loop (each stalls the program's warps)
 
 
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
@@ -81,7 +82,7 @@ def _widths(sass: str, op: str) -> Counter:
 
 
 def _loop_barriers(sass: str) -> int:
-    """BAR.SYNCs whose address lies in a loop: between a backward branch's target and the branch."""
+    """The most BAR.SYNCs in one loop (between a backward branch's target and the branch)."""
     loops, barriers = [], []
     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(BRA|BAR\.SYNC)\S*\s*(?:`?\(?(0x[0-9a-f]+))?",
                          sass):
@@ -90,7 +91,7 @@ def _loop_barriers(sass: str) -> int:
             barriers.append(addr)
         elif m.group(3) and int(m.group(3), 16) < addr:
             loops.append((int(m.group(3), 16), addr))
-    return sum(any(lo <= a <= hi for lo, hi in loops) for a in barriers)
+    return max((sum(lo <= a <= hi for a in barriers) for lo, hi in loops), default=0)
 
 
 def inspect_cubin(cubin: bytes) -> Binary:
@@ -296,7 +297,7 @@ def _fmt_widths(c: Counter) -> str:
 
 def report(launches: List[Launch]) -> str:
     header = ["case", "kernel", "grid", "warps", "regs", "spill B", "smem KB", "per SM", "waves",
-              "loads (width:count)", "stores", "loop barriers", "tensor cores", "compile s"]
+              "loads (width:count)", "stores", "barriers per loop", "tensor cores", "compile s"]
     rows = [[la.case, la.kernel, "x".join(map(str, la.grid)), la.num_warps, la.binary.regs, la.binary.spill_bytes,
              round(la.shared / 1024, 1), la.per_sm, round(la.waves, 2), _fmt_widths(la.binary.loads),
              _fmt_widths(la.binary.stores), la.binary.loop_barriers, la.binary.mma, round(la.compile_s, 2)]

@@ -30,18 +30,16 @@ from mdm_fast.kernels.sizes import cdiv
 
 @triton.jit
 def _concat_kernel(A, B, OUT, PMEAN, PM2, S, C1, C2, ROWS, CHUNKS1, HAS_MOMENTS: tl.constexpr,
-                   ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                   ACC_ROWS: tl.constexpr, STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program per (sample, part, chunk): rows [part * ROWS, min(S, (part + 1) * ROWS)) of the sample,
-    chunk < CHUNKS1 a's channels [chunk * BLOCK_C, +BLOCK_C), else b's (chunk - CHUNKS1)-th chunk."""
+    chunk < CHUNKS1 a's channels [chunk * BLOCK_C, +BLOCK_C), else b's (chunk - CHUNKS1)-th chunk (one
+    loop for both: one set of pipeline buffers)."""
     row0, lo, hi, part = rows.part_rows(S, ROWS)
     chunk = tl.program_id(2)
-    C = C1 + C2
-    if chunk < CHUNKS1:
-        rows.stream_rows(A, OUT, PMEAN, PM2, row0, lo, hi, C1, C, 0, chunk * BLOCK_C, part * C, HAS_MOMENTS,
-                         ACC_ROWS, BLOCK_S, BLOCK_C)
-    else:
-        rows.stream_rows(B, OUT, PMEAN, PM2, row0, lo, hi, C2, C, C1, (chunk - CHUNKS1) * BLOCK_C, part * C,
-                         HAS_MOMENTS, ACC_ROWS, BLOCK_S, BLOCK_C)
+    in_a = chunk < CHUNKS1
+    rows.stream_rows(tl.where(in_a, A, B), OUT, PMEAN, PM2, row0, lo, hi, tl.where(in_a, C1, C2), C1 + C2,
+                     tl.where(in_a, 0, C1), tl.where(in_a, chunk, chunk - CHUNKS1) * BLOCK_C, part * (C1 + C2),
+                     HAS_MOMENTS, ACC_ROWS, STAGES, BLOCK_S, BLOCK_C)
 
 
 def concat(a: torch.Tensor, b: torch.Tensor,

@@ -17,12 +17,16 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     applies scale/shift/SiLU and writes. Groups of at most SINGLE_TILE elements (768 ch at 16 px) are read
     once and kept in registers. Backward: one launch, pass 1 the per-channel sums of dz and dz * xhat
     (written once per (sample, channel): no atomics), pass 2 dx.
-  * every row loop issues the loads of its next tile before it works on the current one, so a program
-    always has a tile in flight; the forward's 8192-element tiles take 98-128 registers per thread, 2
-    programs of 8 warps per SM, ~64 KB of loads in flight per SM (`python -m benchmarks.kernel_report
-    --ops group_norm`, sm_90); 4096-element tiles at 3-4 programs per SM measured slower on an H200. C/G
-    is a compile-time constant, so the channel masks of channels_last tiles with 24 channels per group
-    stay 16-byte vectorised.
+  * every row loop's loads are pipelined by Triton (PIPELINE_STAGES = 3): the next two tiles are in
+    flight, copied asynchronously into shared memory (32 KB per 8-warp program of 8192-element bf16
+    tiles), while the program works on the current one. Before (measured on the H200 so), each loop
+    issued its next tile's loads into registers before working on the current tile: one tile in flight
+    per program, 98-128 registers per thread, 2 programs of 8 warps per SM, ~32 KB of loads in flight
+    per SM; 4096-element tiles at 3-4 programs per SM measured slower there. Pipelined, the NCHW
+    kernels need 32-80 registers (3-10 programs per SM), the channels_last ones 64-128 (`python -m
+    benchmarks.kernel_report --ops group_norm`, sm_90); not yet timed (the sweep's PIPELINE_STAGES
+    rows). C/G is a compile-time constant, so the channel masks of channels_last tiles with 24 channels
+    per group stay 16-byte vectorised.
   * reductions over rows accumulate per lane (LANE_ACCUMULATORS): a tile's rows lie across the lanes and
     warps, and a per-tile sum over them crossed the warps through shared memory on every tile (6
     barriers per forward tile, 9 per backward tile in the sm_90 code); each thread now adds its rows of
@@ -138,6 +142,12 @@ MAX_REGISTERS = 128
 # so no data crosses threads until the loop ends. False: every tile is reduced over all its rows across
 # the lanes and warps (through shared memory: 3 barriers per sum per tile in the sm_90 code).
 LANE_ACCUMULATORS = True
+# Every row loop's loads are software-pipelined by Triton (tl.range's num_stages): on sm_80/sm_90 the
+# loads of the next STAGES - 1 tiles are in flight (cp.async into shared memory) while the program works
+# on the current one; 1: none (each tile's loads are awaited before its work). Before, each loop held its
+# next tile in registers (one tile in flight per program, 98-128 registers per thread at 8192-element
+# tiles: 2 programs of 8 warps per SM, ~32 KB of loads in flight per SM); see the module notes.
+PIPELINE_STAGES = 3
 # Rows a whole-row part holds at least: its partials (8 bytes per channel) stay under 7% of its bf16 data.
 WHOLE_ROWS_MIN_ROWS = 64
 
@@ -279,13 +289,6 @@ def _group_moments(mean_c, m2_c, cmask, n_c, CG, eps, GPB: tl.constexpr, CGP: tl
 
 
 @triton.jit
-def _load_rows(P, base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S: tl.constexpr):
-    """The raw (BLOCK_S, BLOCK_C) tile of rows [r, min(r + BLOCK_S, hi)); rows past hi load nothing."""
-    offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-    return tl.load(P + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def lanes(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """(BLOCK_S, BLOCK_C) tile -> (repetitions, ACC_ROWS, VEC_ROWS, BLOCK_C): row r is lane (r // VEC_ROWS)
     % ACC_ROWS; axes 0 and 2 are within threads where the lanes follow the tile's layout (row_lanes)."""
@@ -333,17 +336,17 @@ def lane_moments(k, t1, t2, n_rows, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constex
 
 @triton.jit
 def _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel mean and M2 of rows [lo, hi): fp32 lane sums of x - K, K = the lane's first row.
-    Each iteration issues the next tile's loads before it reduces the current one (prefetch)."""
-    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    k = first_lanes(xn, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
+                  STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel mean and M2 of rows [lo, hi): fp32 lane sums of x - K, K = the lane's first row (taken
+    from the first tile, in registers). The loop's loads are pipelined (PIPELINE_STAGES)."""
+    k = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     t1 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     t2 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
-    for r in range(lo, hi, BLOCK_S):
-        x = xn
-        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
-        _, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+    for r in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):
+        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0)
+        if r == lo:
+            k = first_lanes(x, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
         t1, t2 = lane_sums(t1, t2, x, k, mask, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
     return lane_moments(k, t1, t2, hi - lo, ACC_ROWS, VEC_ROWS)
 
@@ -356,17 +359,12 @@ def _last_tile(lo, hi, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT: tl.constexpr,
+def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT: tl.constexpr, STAGES: tl.constexpr,
                     BLOCK_S: tl.constexpr):
     last = _last_tile(lo, hi, BLOCK_S)
-    xn = _load_rows(X, base, c, cmask, last, hi, stride_c, stride_s, BLOCK_S)
-    for i in range(0, tl.cdiv(hi - lo, BLOCK_S)):  # tiles last to first
-        r = last - i * BLOCK_S
-        x = xn
-        # prefetch the tile before (the first one again at the end: a wasted L2 hit, never out of range)
-        xn = _load_rows(X, base, c, cmask, tl.maximum(r - BLOCK_S, lo), hi, stride_c, stride_s, BLOCK_S)
-        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
-        z = x.to(tl.float32) * A[None, :] + D[None, :]
+    for i in tl.range(0, tl.cdiv(hi - lo, BLOCK_S), num_stages=STAGES):  # tiles last to first
+        offs, mask = _tile(base, c, cmask, last - i * BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * A[None, :] + D[None, :]
         if ACT:
             z = _silu(z)
         tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
@@ -376,8 +374,8 @@ def _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, A, D, ACT:
 def _fwd_fused(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, eps,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
-               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr,
+               STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     k, d = _channel_affine(W, Bi, SC, SH, b, c, cmask, C, HAS_W, HAS_B, HAS_SC, HAS_SH)
     xb = _input_bias(XB, c, cmask, HAS_XB)  # the channel means of x + xb are x's plus xb
@@ -394,23 +392,24 @@ def _fwd_fused(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, s
             z = _silu(z)
         tl.store(Y + offs, z.to(Y.dtype.element_ty), mask=mask)
     else:  # pass 1 statistics, pass 2 re-reads the group (from L2) and writes
-        mean_c, m2_c = _chan_moments(X, base, c, cmask, 0, S, stride_c, stride_s, ACC_ROWS, VEC_ROWS, BLOCK_S,
-                                     BLOCK_C)
+        mean_c, m2_c = _chan_moments(X, base, c, cmask, 0, S, stride_c, stride_s, ACC_ROWS, VEC_ROWS,
+                                     STAGES, BLOCK_S, BLOCK_C)
         mean, rstd = _group_moments(mean_c + xb, m2_c, cmask, n_c, CG, eps, GPB, CGP)
         a = rstd * k
-        _fwd_apply_rows(X, Y, base, c, cmask, 0, S, stride_c, stride_s, a, d - (mean - xb) * a, ACT, BLOCK_S)
+        _fwd_apply_rows(X, Y, base, c, cmask, 0, S, stride_c, stride_s, a, d - (mean - xb) * a, ACT, STAGES,
+                        BLOCK_S)
     tl.store(MEAN + grp, mean, mask=cmask)  # lanes of one group store the same value
     tl.store(RSTD + grp, rstd, mask=cmask)
 
 
 @triton.jit
 def _fwd_partial(X, PMEAN, PM2, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
-                 GPB: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 GPB: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr,
+                 STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
-    mean_c, m2_c = _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS, VEC_ROWS, BLOCK_S,
-                                 BLOCK_C)
+    mean_c, m2_c = _chan_moments(X, base, c, cmask, lo, hi, stride_c, stride_s, ACC_ROWS, VEC_ROWS,
+                                 STAGES, BLOCK_S, BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
     tl.store(PMEAN + out, mean_c, mask=cmask)
     tl.store(PM2 + out, m2_c, mask=cmask)
@@ -459,14 +458,14 @@ def _fwd_finalize(PMEAN, PM2, XB, MEAN, RSTD, C, S, G, CG, ROWS, eps,
 @triton.jit
 def _fwd_split_apply(X, Y, W, Bi, SC, SH, XB, MEAN, RSTD, C, S, G, CG: tl.constexpr, stride_c, stride_s, ROWS,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
-                     HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, BLOCK_S: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr,
+                     STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     _, lo, hi = _rows(S, ROWS, True)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
     a = rstd * k
-    _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, a, d - mean * a, ACT, BLOCK_S)
+    _fwd_apply_rows(X, Y, base, c, cmask, lo, hi, stride_c, stride_s, a, d - mean * a, ACT, STAGES, BLOCK_S)
 
 
 # ---- backward ------------------------------------------------------------------------------
@@ -484,20 +483,17 @@ def _dz(x, dy, mask, mean, rstd, k, d, ACT: tl.constexpr):
 
 @triton.jit
 def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT: tl.constexpr,
-                    HAS_XB: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+                    HAS_XB: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, STAGES: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel sum dz, sum dz * xhat and (with an input bias, else zeros) sum xhat over rows [lo, hi)
-    (next tiles prefetched; lane sums, see LANE_ACCUMULATORS)."""
+    (pipelined loads; lane sums, see LANE_ACCUMULATORS)."""
     s1 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     s2 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     s3 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
-    xn = _load_rows(X, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    dyn = _load_rows(DY, base, c, cmask, lo, hi, stride_c, stride_s, BLOCK_S)
-    for r in range(lo, hi, BLOCK_S):
-        x, dy = xn.to(tl.float32), dyn.to(tl.float32)
-        xn = _load_rows(X, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
-        dyn = _load_rows(DY, base, c, cmask, r + BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
-        _, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+    for r in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):
+        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
         s1 += fold(dz, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
         s2 += fold(dz * xhat, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
@@ -508,16 +504,12 @@ def _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rst
 
 @triton.jit
 def _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2,
-                    ACT: tl.constexpr, BLOCK_S: tl.constexpr):
+                    ACT: tl.constexpr, STAGES: tl.constexpr, BLOCK_S: tl.constexpr):
     last = _last_tile(lo, hi, BLOCK_S)
-    xn = _load_rows(X, base, c, cmask, last, hi, stride_c, stride_s, BLOCK_S)
-    dyn = _load_rows(DY, base, c, cmask, last, hi, stride_c, stride_s, BLOCK_S)
-    for i in range(0, tl.cdiv(hi - lo, BLOCK_S)):  # tiles last to first, as _fwd_apply_rows
-        r = last - i * BLOCK_S
-        x, dy = xn.to(tl.float32), dyn.to(tl.float32)
-        xn = _load_rows(X, base, c, cmask, tl.maximum(r - BLOCK_S, lo), hi, stride_c, stride_s, BLOCK_S)
-        dyn = _load_rows(DY, base, c, cmask, tl.maximum(r - BLOCK_S, lo), hi, stride_c, stride_s, BLOCK_S)
-        offs, mask = _tile(base, c, cmask, r, hi, stride_c, stride_s, BLOCK_S)
+    for i in tl.range(0, tl.cdiv(hi - lo, BLOCK_S), num_stages=STAGES):  # tiles last to first, as _fwd_apply_rows
+        offs, mask = _tile(base, c, cmask, last - i * BLOCK_S, hi, stride_c, stride_s, BLOCK_S)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         xhat, dz = _dz(x, dy, mask, mean, rstd, k, d, ACT)
         dx = rstd[None, :] * (dz * k[None, :] - c1[None, :] - xhat * c2[None, :])
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -528,8 +520,8 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
                stride_s, BC,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, CGP: tl.constexpr,
-               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+               SINGLE: tl.constexpr, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr,
+               STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
@@ -548,11 +540,11 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     else:
         s1, s2, s3 = _chan_grad_sums(X, DY, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, ACT,
-                                     HAS_XB, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
+                                     HAS_XB, ACC_ROWS, VEC_ROWS, STAGES, BLOCK_S, BLOCK_C)
         c1 = _group_total(k * s1, GPB, CGP) / n
         c2 = _group_total(k * s2, GPB, CGP) / n
         _bwd_apply_rows(X, DY, DX, base, c, cmask, 0, S, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT,
-                        BLOCK_S)
+                        STAGES, BLOCK_S)
     _store_param_grads(DSH, DSC, GS, W, Bi, SC, b, c, cmask, C, BC, s1, s2, HAS_W, HAS_B, HAS_SC)
     if HAS_XB:
         _store_input_bias_grad(GS, b, c, cmask, C, BC, rstd, k, s1, s3, c1, c2, S)
@@ -562,13 +554,13 @@ def _bwd_fused(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, DSH, DSC, GS, C, S, G, 
 def _bwd_partial(X, DY, W, Bi, SC, SH, XB, MEAN, RSTD, PS1, PS2, PS3, C, S, G, CG: tl.constexpr, stride_c, stride_s,
                  ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr, HAS_SH: tl.constexpr,
                  HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr, ACC_ROWS: tl.constexpr,
-                 VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                 VEC_ROWS: tl.constexpr, STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     part, lo, hi = _rows(S, ROWS, False)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
     s1, s2, s3 = _chan_grad_sums(X, DY, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, ACT,
-                                 HAS_XB, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
+                                 HAS_XB, ACC_ROWS, VEC_ROWS, STAGES, BLOCK_S, BLOCK_C)
     out = (b * tl.num_programs(1) + part) * C + c
     tl.store(PS1 + out, s1, mask=cmask)
     tl.store(PS2 + out, s2, mask=cmask)
@@ -612,14 +604,15 @@ def _bwd_finalize(PS1, PS2, PS3, RSTD, W, Bi, SC, SH, XB, DSH, DSC, GS, C1, C2, 
 def _bwd_split_apply(X, DY, DX, W, Bi, SC, SH, XB, MEAN, RSTD, C1, C2, C, S, G, CG: tl.constexpr, stride_c,
                      stride_s, ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
                      HAS_SH: tl.constexpr, HAS_XB: tl.constexpr, ACT: tl.constexpr, GPB: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                     STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b, c, cmask, grp, base = _program_channels(C, S, G, CG, GPB, BLOCK_C)
     _, lo, hi = _rows(S, ROWS, True)
     mean, rstd, k, d = _saved_stats_affine(MEAN, RSTD, W, Bi, SC, SH, XB, b, c, cmask, grp, C, HAS_W, HAS_B,
                                            HAS_SC, HAS_SH, HAS_XB)
     c1 = tl.load(C1 + grp, mask=cmask, other=0.0)
     c2 = tl.load(C2 + grp, mask=cmask, other=0.0)
-    _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT, BLOCK_S)
+    _bwd_apply_rows(X, DY, DX, base, c, cmask, lo, hi, stride_c, stride_s, mean, rstd, k, d, c1, c2, ACT, STAGES,
+                    BLOCK_S)
 
 
 # ---- launch plans and entry points ---------------------------------------------------------
@@ -638,6 +631,7 @@ class Plan:
     max_registers: Optional[int] = None  # per thread of the fused and statistics launches (Triton's maxnreg)
     acc_rows: int = 1  # lanes of the reductions over rows (LANE_ACCUMULATORS); 1, 1: a sum per tile
     vec_rows: int = 1  # consecutive rows per lane and layout repetition (NCHW's vectors)
+    stages: int = 1  # pipeline stages of the row loops (PIPELINE_STAGES)
 
     @property
     def fused(self) -> bool:
@@ -698,7 +692,7 @@ def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, ba
     if LANE_ACCUMULATORS:
         acc_rows, vec_rows = row_lanes(p.block_s, p.block_c, itemsize, p.num_warps, channels_last)
         p = dataclasses.replace(p, acc_rows=acc_rows, vec_rows=vec_rows)
-    return p
+    return dataclasses.replace(p, stages=PIPELINE_STAGES)
 
 
 def _whole_rows_pay(p: Plan, B: int, C: int, S: int, G: int, sms: int, backward: bool, itemsize: int) -> bool:
@@ -758,7 +752,7 @@ def _launch(x, weight, bias, scale, shift, input_bias, num_groups: int, channels
     flags = {f"HAS_{n}": t is not None for n, t in zip(("W", "B", "SC", "SH", "XB"), params)}
     ptrs = [t if t is not None else x for t in params]
     p = _plan_for(x, num_groups, channels_last, backward)
-    blocks = dict(GPB=p.gpb, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
+    blocks = dict(GPB=p.gpb, STAGES=p.stages, BLOCK_S=p.block_s, BLOCK_C=p.block_c)
     return B, C, S, stride_c, stride_s, ptrs, flags, p, blocks, (B * num_groups // p.gpb, p.nsplit)
 
 

@@ -32,27 +32,24 @@ NUM_WARPS = 8
 
 @triton.jit
 def stream_rows(SRC, OUT, PMEAN, PM2, row0, lo, hi, CS, C, c0, cc, part_offset, HAS_MOMENTS: tl.constexpr,
-                ACC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                ACC_ROWS: tl.constexpr, STAGES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[row, c0 + c] = src[row, c] for rows [lo, hi) of one sample (row0: its first row; src rows
     hold CS channels, out rows C) and the chunk's channels c in [cc, min(cc + BLOCK_C, CS)); with
     HAS_MOMENTS the per-channel mean and M2 of the stored values go to PMEAN / PM2 at part_offset + c0 +
-    c. The next tile's loads are issued before the current one is stored."""
+    c. The loop's loads are pipelined (group_norm.PIPELINE_STAGES)."""
     c = cc + tl.arange(0, BLOCK_C)
     cmask = c < CS
-    s = lo + tl.arange(0, BLOCK_S)
-    vn = tl.load(SRC + (row0 + s)[:, None] * CS + c[None, :], mask=(s < hi)[:, None] & cmask[None, :], other=0.0)
-    k = gn.first_lanes(vn, ACC_ROWS, 1, BLOCK_S, BLOCK_C)
+    k = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     t1 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
     t2 = tl.zeros([ACC_ROWS, BLOCK_C], tl.float32)
-    for r in range(lo, hi, BLOCK_S):
-        v = vn
+    for r in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):
         s = r + tl.arange(0, BLOCK_S)
         mask = (s < hi)[:, None] & cmask[None, :]  # (BLOCK_S, BLOCK_C)
-        sn = s + BLOCK_S
-        vn = tl.load(SRC + (row0 + sn)[:, None] * CS + c[None, :], mask=(sn < hi)[:, None] & cmask[None, :],
-                     other=0.0)
+        v = tl.load(SRC + (row0 + s)[:, None] * CS + c[None, :], mask=mask, other=0.0)
         tl.store(OUT + (row0 + s)[:, None] * C + (c0 + c)[None, :], v, mask=mask)
         if HAS_MOMENTS:
+            if r == lo:
+                k = gn.first_lanes(v, ACC_ROWS, 1, BLOCK_S, BLOCK_C)
             t1, t2 = gn.lane_sums(t1, t2, v, k, mask, ACC_ROWS, 1, BLOCK_S, BLOCK_C)
     if HAS_MOMENTS:
         mean, m2 = gn.lane_moments(k, t1, t2, hi - lo, ACC_ROWS, 1)
@@ -72,10 +69,11 @@ def part_rows(S, ROWS):
 
 def blocks(channels: int, itemsize: int) -> dict:
     """The tile of the row kernels for rows of ``channels`` channels (the narrowest source's): BLOCK_S
-    rows of BLOCK_C channels, and the lanes of its moments (ACC_ROWS)."""
+    rows of BLOCK_C channels, the lanes of its moments (ACC_ROWS) and the loop's pipeline stages."""
     block_c = min(BLOCK_C, next_power_of_2(channels))
     block_s = max(1, TILE // block_c)
-    return dict(BLOCK_S=block_s, BLOCK_C=block_c, ACC_ROWS=row_lanes(block_s, block_c, itemsize, NUM_WARPS, True)[0])
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, ACC_ROWS=row_lanes(block_s, block_c, itemsize, NUM_WARPS, True)[0],
+                STAGES=gn.PIPELINE_STAGES)
 
 
 def parts(out: torch.Tensor, moments: Optional[gn.Plan], chunks: int,
