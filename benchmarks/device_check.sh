@@ -104,7 +104,9 @@ if want more; then  # what holds each step back first (the profiles against the 
   stage profile-train 75 $PY -m benchmarks.profile_model --kind train --batch 16 --out "$OUT"
   stage profile-forward-b2 55 $PY -m benchmarks.profile_model --kind forward --batch 2 --out "$OUT"
   stage memory-train 45 $PY -m benchmarks.memory --gpu --out "$OUT"
-  stage sweep-group-norm 150 $PY -m benchmarks.group_norm --sweep --out "$OUT"
+  # the knobs changed since the last lease first (the rest: --sweep without --knobs)
+  stage sweep-group-norm 150 $PY -m benchmarks.group_norm --sweep --out "$OUT" \
+    --knobs PIPELINE_STAGES,LANE_ACCUMULATORS,WHOLE_ROWS_BELOW_CHANNELS,MAX_REGISTERS
   stage bench-resample 40 $PY -m benchmarks.resample --suite quick --out "$OUT"
   stage bench-diffusion-step 30 $PY -m benchmarks.diffusion_step --suite quick --out "$OUT"
 fi

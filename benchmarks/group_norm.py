@@ -15,7 +15,7 @@ sampling-batch cases (both layouts only at 128 and 1024 px), an up-path concaten
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -204,10 +204,11 @@ def _plans(kern, b: int, c: int, p: int, cl: bool):
     return tuple(kern.plan(b, c, p * p, GROUPS, cl, sms, backward) for backward in (False, True))
 
 
-def sweep(out_dir) -> None:
-    """Triton fwd/bwd ms of the quick shapes for each value of each plan knob (one knob at a time); a
-    value that plans this shape as the default does is not timed again. The table is written after each
-    shape, so a run cut short keeps what it measured."""
+def sweep(out_dir, knobs: Optional[Sequence[str]] = None) -> None:
+    """Triton fwd/bwd ms of the quick shapes for each value of each plan knob (one knob at a time; only
+    the module constants named in ``knobs`` if given); a value that plans this shape as the default does
+    is not timed again. The table is written after each shape, so a run cut short keeps what it
+    measured."""
     from mdm_fast.kernels import group_norm as kern
 
     copy = ceilings().copy_gbps
@@ -218,7 +219,7 @@ def sweep(out_dir) -> None:
         nbytes = args[0].numel() * args[0].element_size()
         default = _plans(kern, b, c, p, cl)
         for label, attr, values in SWEEP:
-            if attr in NHWC_ONLY and not cl:
+            if knobs and attr not in knobs or attr in NHWC_ONLY and not cl:
                 continue
             for k, value in enumerate(values):
                 with knob(kern, attr, value):
@@ -237,11 +238,17 @@ def sweep(out_dir) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="time the Triton plan's knobs instead of the backends")
+    p.add_argument("--knobs", default="", help="with --sweep: only these comma-separated knobs (module constants "
+                                               f"of mdm_fast.kernels.group_norm: {', '.join(k[1] for k in SWEEP)})")
     args = p.parse_args()
+    knobs = [k for k in args.knobs.split(",") if k]
+    unknown = set(knobs) - {k[1] for k in SWEEP}
+    if unknown:
+        raise SystemExit(f"--knobs: unknown {sorted(unknown)}; the knobs are {[k[1] for k in SWEEP]}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.group_norm needs a CUDA device")
     if args.sweep:
-        sweep(args.out)
+        sweep(args.out, knobs)
         return
     name = f"group_norm-{args.suite}"
     sections = run(args.suite, lambda done: write_report(name, done, args.out, echo=False))

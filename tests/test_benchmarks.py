@@ -132,6 +132,29 @@ def test_group_norm_decoder_traffic(monkeypatch):
         assert pct == pytest.approx(100 * traffic / (0.5e-3) / 1e9 / 1e-3), name
 
 
+def test_group_norm_sweep_times_the_named_knobs(monkeypatch, tmp_path):
+    """--sweep --knobs: each value of the named plan knobs (the default first, each knob back at its
+    default after), channels_last-only knobs on channels_last shapes only, no other knob."""
+    from mdm_fast.kernels import group_norm as kern
+
+    monkeypatch.setattr(group_norm, "QUICK", [(2, 64, 8, False), (2, 64, 8, True)])
+    monkeypatch.setattr(group_norm, "DEVICE", "cpu")
+    monkeypatch.setattr(group_norm, "ceilings", lambda: common.Ceilings(1e-3, 1.0))
+    monkeypatch.setattr(group_norm, "_plans", lambda k, b, c, p, cl: tuple(
+        k.plan(b, c, p * p, group_norm.GROUPS, cl, 132, bwd) for bwd in (False, True)))
+    timed = []
+    monkeypatch.setattr(group_norm, "_time_pair", lambda impl, args: timed.append(
+        (kern.PIPELINE_STAGES, kern.MAX_REGISTERS)) or (1.0, 2.0))
+    tables = _capture_tables(monkeypatch, group_norm)
+    group_norm.sweep(tmp_path, ["PIPELINE_STAGES", "MAX_REGISTERS"])
+    labels = [(row[1], row[2]) for row in tables[-1]]
+    stages = [f"pipeline stages = {v}" for v in (3, 1, 2, 4)]
+    registers = [f"max registers / thread = {v}" for v in (128, None)]  # channels_last only
+    assert labels == [("NCHW", k) for k in stages] + [("NHWC", k) for k in registers + stages]
+    assert timed == [(3, 128), (1, 128), (2, 128), (4, 128), (3, 128), (3, None), (3, 128), (1, 128), (2, 128),
+                     (4, 128)]
+
+
 def test_group_norm_full_suite_shapes_are_distinct():
     full = group_norm.shapes("full")
     assert len(set(full)) == len(full) == 2 * 2 * 5 + 2 * 2 * 3  # 5 + 3 levels, 2 batches, 2 layouts
