@@ -689,10 +689,8 @@ def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, ba
     if (channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS
             and _whole_rows_pay(p, B, C, S, G, sms, backward, itemsize)):
         p = _whole_rows_plan(B, C, S, G, sms, max_tile) or p
-    if LANE_ACCUMULATORS:
-        acc_rows, vec_rows = row_lanes(p.block_s, p.block_c, itemsize, p.num_warps, channels_last)
-        p = dataclasses.replace(p, acc_rows=acc_rows, vec_rows=vec_rows)
-    return dataclasses.replace(p, stages=PIPELINE_STAGES)
+    lanes = row_lanes(p.block_s, p.block_c, itemsize, p.num_warps, channels_last) if LANE_ACCUMULATORS else (1, 1)
+    return dataclasses.replace(p, acc_rows=lanes[0], vec_rows=lanes[1], stages=PIPELINE_STAGES)
 
 
 def _whole_rows_pay(p: Plan, B: int, C: int, S: int, G: int, sms: int, backward: bool, itemsize: int) -> bool:
