@@ -32,9 +32,9 @@ Notes (bf16 (32, 128, 128, 128), the ResNet's norm at 128 px, batch 32):
     barriers per forward tile, 9 per backward tile in the sm_90 code); each thread now adds its rows of
     the tile into its own lanes (channels_last: 8-16 fp32 registers per sum, as the per-tile sums'
     replicated vectors took; NCHW: 1-4), and the lanes are merged across the warps once per program.
-    The NCHW kernels came out with fewer registers too (the fused forward at (32, 128, 128, 128) 101 to
-    80: 3 programs per SM instead of 2). Not yet timed on a GPU (the sweep's LANE_ACCUMULATORS row
-    compares both).
+    The NCHW kernels came out with fewer registers too (before pipelining, the fused forward at (32,
+    128, 128, 128) went from 101 to 80: 3 programs per SM instead of 2). Not yet timed on a GPU (the
+    sweep's LANE_ACCUMULATORS row compares both).
   * split path, where B*G/GPB programs cannot fill the card and groups are large (the 1024 model: 8 x 32
     groups of 1M pixels), and for channels_last tensors the fused path would read twice from DRAM (see
     NHWC_WHOLE_ROWS_ELEMENTS): each group is cut into NSPLIT row ranges; launch 1 writes per-(sample,
@@ -689,8 +689,8 @@ def plan(B: int, C: int, S: int, G: int, channels_last: bool, sms: int = 132, ba
     if (channels_last and B * C * S >= NHWC_WHOLE_ROWS_ELEMENTS
             and _whole_rows_pay(p, B, C, S, G, sms, backward, itemsize)):
         p = _whole_rows_plan(B, C, S, G, sms, max_tile) or p
-    lanes = row_lanes(p.block_s, p.block_c, itemsize, p.num_warps, channels_last) if LANE_ACCUMULATORS else (1, 1)
-    return dataclasses.replace(p, acc_rows=lanes[0], vec_rows=lanes[1], stages=PIPELINE_STAGES)
+    acc, vec = row_lanes(p.block_s, p.block_c, itemsize, p.num_warps, channels_last) if LANE_ACCUMULATORS else (1, 1)
+    return dataclasses.replace(p, acc_rows=acc, vec_rows=vec, stages=PIPELINE_STAGES)
 
 
 def _whole_rows_pay(p: Plan, B: int, C: int, S: int, G: int, sms: int, backward: bool, itemsize: int) -> bool:
