@@ -82,7 +82,7 @@ if want models; then
     "tests/test_train.py tests/test_cli.py tests/test_samplers.py" \
     "$gna::test_gpu_input_bias $gna::test_gpu_model_shapes $gna::test_gpu_runs_on_the_current_stream $gna::test_gpu_weight_none_and_split_path $gna::test_gpu_more_than_2_31_elements" \
     "$gna::test_gpu_matches_reference -k dtype0" "$gna::test_gpu_matches_reference -k dtype1" \
-    "$gna::test_gpu_matches_reference -k dtype2" \
+    "$gna::test_gpu_matches_reference -k dtype2" "$gna::test_gpu_plan_knobs" \
     tests/test_concat.py tests/test_diffusion_ops.py tests/test_bias_add.py \
     tests/test_resample_ops.py \
     "$att::test_gpu_error_bounded_by_torch_lowprec -k dtype0" \

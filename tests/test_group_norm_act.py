@@ -751,6 +751,20 @@ def test_gpu_model_shapes(impl, shape, cl):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stages,lanes", [(1, True), (2, True), (4, True), (3, False)])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(16, 128, 128, 128), (8, 192, 128, 128), (16, 512, 32, 32)])
+def test_gpu_plan_knobs(monkeypatch, stages, lanes, cl, shape):
+    """The triton kernels under the sweep's other values of PIPELINE_STAGES and LANE_ACCUMULATORS (the
+    interpreter ignores the stages), so that a default the sweep flips is one already tested: split,
+    whole-row and fused paths."""
+    monkeypatch.setattr(kern, "PIPELINE_STAGES", stages)
+    monkeypatch.setattr(kern, "LANE_ACCUMULATORS", lanes)
+    inputs = _with_input_bias(_inputs(shape, 32, torch.bfloat16, cl, device="cuda"))
+    _check_against_pytorch_error(inputs, 32, "silu", "triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cl", [False, True])
