@@ -39,7 +39,8 @@ def test_copy_loops_over_tiles_and_parts(monkeypatch, device):
     assert torch.equal(concat_channels(a, b, impl="triton"), torch.cat((a, b), 1))
 
 
-@pytest.mark.parametrize("acc_rows", [None, 2])  # lanes of a row per tile (the tests' tiles), or of two folded
+# lanes of a row per tile (the tests' tiles), of two folded rows, or one lane (LANE_ACCUMULATORS off)
+@pytest.mark.parametrize("acc_rows", [None, 2, 1])
 @pytest.mark.parametrize("c1,c2,G,dtype", [(8, 4, 4, torch.float32), (10, 14, 6, torch.float32),
                                           (8, 8, 1, torch.float32), (16, 8, 24, torch.float16)])
 def test_moments_are_the_norms_partials(small_norm_parts, monkeypatch, acc_rows, c1, c2, G, dtype, device):
@@ -47,9 +48,12 @@ def test_moments_are_the_norms_partials(small_norm_parts, monkeypatch, acc_rows,
     equals the norm without them; offset data checks the shifted lane sums and their merge."""
     from mdm_fast.kernels import rows
 
-    if acc_rows is not None:
+    if acc_rows == 1:
+        monkeypatch.setattr(gn, "LANE_ACCUMULATORS", False)
+    elif acc_rows is not None:
         monkeypatch.setattr(rows, "row_lanes", lambda block_s, *a: (min(block_s, acc_rows), 1))
     a, b = _pair(2, c1, c2, 9, 13, device, dtype, offset=50.0)
+    assert acc_rows is None or rows.blocks(min(c1, c2), a.element_size())["ACC_ROWS"] == acc_rows
     out, moments = concat_channels_for_norm(a, b, G, impl="triton")
     plan = gn.moments_plan(out.shape, G, out.device, out.element_size())
     assert plan is not None and plan.nsplit > 1 and moments.shape == (2, 2, plan.nsplit, c1 + c2)

@@ -69,11 +69,12 @@ def part_rows(S, ROWS):
 
 def blocks(channels: int, itemsize: int) -> dict:
     """The tile of the row kernels for rows of ``channels`` channels (the narrowest source's): BLOCK_S
-    rows of BLOCK_C channels, the lanes of its moments (ACC_ROWS) and the loop's pipeline stages."""
+    rows of BLOCK_C channels, the lanes of its moments (ACC_ROWS) and the loop's pipeline stages, as
+    group_norm's knobs set them."""
     block_c = min(BLOCK_C, next_power_of_2(channels))
     block_s = max(1, TILE // block_c)
-    return dict(BLOCK_S=block_s, BLOCK_C=block_c, ACC_ROWS=row_lanes(block_s, block_c, itemsize, NUM_WARPS, True)[0],
-                STAGES=gn.PIPELINE_STAGES)
+    acc_rows = row_lanes(block_s, block_c, itemsize, NUM_WARPS, True)[0] if gn.LANE_ACCUMULATORS else 1
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, ACC_ROWS=acc_rows, STAGES=gn.PIPELINE_STAGES)
 
 
 def parts(out: torch.Tensor, moments: Optional[gn.Plan], chunks: int,
