@@ -296,9 +296,15 @@ def lanes(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constex
 
 
 @triton.jit
+def _lane_total(t4):
+    """(repetitions, ACC_ROWS, VEC_ROWS, BLOCK_C) in the lanes' view -> (ACC_ROWS, BLOCK_C): each lane's sum."""
+    return tl.sum(tl.sum(t4, axis=2), axis=0)
+
+
+@triton.jit
 def fold(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """(BLOCK_S, BLOCK_C) -> (ACC_ROWS, BLOCK_C): each lane's sum of the tile's rows."""
-    return tl.sum(tl.sum(lanes(t, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C), axis=2), axis=0)
+    return _lane_total(lanes(t, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C))
 
 
 @triton.jit
@@ -306,8 +312,8 @@ def first_lanes(t, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr, BLOCK_S: tl.c
     """Each lane's first row of the tile (ACC_ROWS, BLOCK_C) fp32: the lanes' shifts."""
     f = tl.arange(0, BLOCK_S // (ACC_ROWS * VEC_ROWS))[:, None, None, None]
     v = tl.arange(0, VEC_ROWS)[None, None, :, None]
-    first = tl.where((f == 0) & (v == 0), lanes(t.to(tl.float32), ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C), 0.0)
-    return tl.sum(tl.sum(first, axis=2), axis=0)
+    t4 = lanes(t.to(tl.float32), ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C)
+    return _lane_total(tl.where((f == 0) & (v == 0), t4, 0.0))
 
 
 @triton.jit
@@ -316,7 +322,7 @@ def lane_sums(t1, t2, t, k, mask, ACC_ROWS: tl.constexpr, VEC_ROWS: tl.constexpr
     """t1 + the lane sums of d = t - k over the masked tile, and t2 + those of d^2 ((ACC_ROWS, BLOCK_C) each)."""
     d = tl.where(lanes(mask, ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C),
                  lanes(t.to(tl.float32), ACC_ROWS, VEC_ROWS, BLOCK_S, BLOCK_C) - k[None, :, None, :], 0.0)
-    return (t1 + tl.sum(tl.sum(d, axis=2), axis=0), t2 + tl.sum(tl.sum(d * d, axis=2), axis=0))
+    return t1 + _lane_total(d), t2 + _lane_total(d * d)
 
 
 @triton.jit
